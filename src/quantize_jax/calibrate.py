@@ -1,0 +1,142 @@
+"""Scales and zero points from data: ``absmax``, ``minmax``, ``percentile``, ``mse``.
+
+For a group of values with range ``[lo, hi]`` (``lo <= 0 <= hi``):
+
+* symmetric formats: ``s = a / L`` with ``a = max(|lo|, |hi|)`` and ``L`` the
+  format's largest level magnitude (7 for ``int4``, 1 for ``nf4``, 6 for
+  ``fp4``), so ``+a`` maps to the top level and nothing is clipped;
+* ``uint4``: ``s = (hi - lo) / 15`` and ``z = clip(-round(lo / s), 0, 15)``,
+  so 0.0 is exactly representable.
+
+The methods choose the range: ``absmax`` (``[-max|x|, max|x|]``), ``minmax``
+(``[min(x, 0), max(x, 0)]``), ``percentile`` (the ``spec.percentile``-th
+percentile instead of the maximum) and ``mse`` (the absmax / minmax range
+shrunk by the ratio in ``[mse_min_ratio, 1]`` that minimises each group's
+squared quantization error; a vectorised, jit-able grid search).
+
+Scales are rounded to ``spec.scale_dtype`` and kept at least that dtype's
+smallest normal number, so an all-zero group gets a tiny positive scale and
+quantizes to exact zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from quantize_jax import _layout
+from quantize_jax.formats import dequantize_codes, quantize_to_codes
+from quantize_jax.spec import QuantSpec
+
+
+def compute_scale(x: jnp.ndarray, spec: QuantSpec | None = None):
+    """Calibrate the scale (and zero point) of ``x`` for ``spec``.
+
+    Args:
+      x: a floating-point array.
+      spec: the :class:`QuantSpec` (default ``QuantSpec()``: int4, one scale).
+
+    Returns:
+      ``(scale, zero_point)``. ``scale`` has ``x``'s shape with the reduced
+      axes kept as size 1, or, with ``group_size``, the number of groups on
+      the grouped axis; it has dtype ``spec.scale_dtype``. ``zero_point`` has
+      the same shape and dtype with integer values (``uint4``), or is ``None``
+      for symmetric formats.
+
+    Example:
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> w = jnp.array([[1.0, -2.0], [0.5, 7.0]])
+      >>> s, z = qj.compute_scale(w, qj.QuantSpec(axis=0))
+      >>> s.tolist(), z
+      ([[0.1428571492433548, 1.0]], None)
+    """
+    spec = QuantSpec() if spec is None else spec
+    x = check_float_array(x, "x", "compute_scale")
+    lay = _layout.layout(x.shape, spec, "x")
+    s, z = grouped_scale(_layout.to_groups(x.astype(jnp.float32), lay), lay, spec)
+    return _layout.scale_from_groups(s, lay), None if z is None else _layout.scale_from_groups(z, lay)
+
+
+def check_float_array(x, name: str, fn: str) -> jnp.ndarray:
+    """``x`` as a jax array, or a TypeError naming ``fn`` and ``name`` if it is not floating point."""
+    if not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(jnp.float32)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{fn}: {name} must be a floating-point array, got dtype {x.dtype} of shape {tuple(x.shape)}")
+    return jnp.asarray(x)
+
+
+def grouped_scale(xg: jnp.ndarray, lay: _layout.Layout, spec: QuantSpec):
+    """Scale and zero point in the grouped view (kept dims), from float32 ``xg``."""
+    fmt = spec.fmt
+    red = lay.reduced
+    if spec.method == "percentile":
+        lo, hi = _percentile_range(xg, lay, spec)
+    elif spec.method == "minmax" or (spec.method == "mse" and fmt.has_zero_point):
+        lo = jnp.minimum(jnp.min(xg, axis=red, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(xg, axis=red, keepdims=True), 0.0)
+    else:  # absmax; also where the symmetric mse search starts
+        hi = jnp.max(jnp.abs(xg), axis=red, keepdims=True)
+        lo = -hi
+    if spec.method == "mse":
+        return _mse_search(xg, lo, hi, red, spec)
+    return range_to_scale(lo, hi, spec)
+
+
+def range_to_scale(lo: jnp.ndarray, hi: jnp.ndarray, spec: QuantSpec):
+    """Scale (and zero point) that map ``[lo, hi]`` onto the format's levels."""
+    fmt = spec.fmt
+    dt = jnp.dtype(spec.scale_dtype)
+    if fmt.has_zero_point:
+        s = _clean_scale((hi - lo) / (fmt.qmax - fmt.qmin), dt)
+        z = jnp.clip(fmt.qmin - jnp.round(lo * (1.0 / s.astype(jnp.float32))), fmt.qmin, fmt.qmax)
+        return s, z.astype(dt)
+    a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return _clean_scale(a / fmt.max_abs_level, dt), None
+
+
+def _clean_scale(s: jnp.ndarray, dt) -> jnp.ndarray:
+    # At least the smallest normal number: 1 / s stays finite, and zero groups give zeros. NaN stays NaN.
+    return jnp.maximum(s.astype(dt), jnp.finfo(dt).tiny)
+
+
+def _percentile_range(xg, lay, spec):
+    red = lay.reduced
+    if lay.pad:  # padded elements must not count: mark them NaN and use nanquantile
+        n = lay.shape[lay.group_axis]
+        pos = lax.broadcasted_iota(jnp.int32, xg.shape, lay.group_axis) * lay.group_size
+        pos = pos + lax.broadcasted_iota(jnp.int32, xg.shape, lay.group_axis + 1)
+        xg = jnp.where(pos < n, xg, jnp.nan)
+    q = spec.percentile / 100.0
+    if spec.fmt.has_zero_point:
+        lo = jnp.nanquantile(xg, 1.0 - q, axis=red, keepdims=True)
+        hi = jnp.nanquantile(xg, q, axis=red, keepdims=True)
+        return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    a = jnp.nanquantile(jnp.abs(xg), q, axis=red, keepdims=True)
+    return -a, a
+
+
+def _mse_search(xg, lo, hi, red, spec):
+    """Grid search of the clipping ratio ``r``: keep, per group, the ``r * [lo, hi]``
+    with the smallest ``sum((fake_quant(x) - x) ** 2)``. Memory stays O(size of x)."""
+    fmt = spec.fmt
+    ratios = jnp.linspace(1.0, spec.mse_min_ratio, spec.mse_steps, dtype=jnp.float32)
+
+    def error(r):
+        s, z = range_to_scale(lo * r, hi * r, spec)
+        x_hat = dequantize_codes(quantize_to_codes(xg, s, z, fmt), s, z, fmt)
+        return jnp.sum(jnp.square(x_hat - xg), axis=red, keepdims=True), s, z
+
+    def step(carry, r):
+        best_err, best_s, best_z = carry
+        err, s, z = error(r)
+        better = err < best_err
+        best_z = None if z is None else jnp.where(better, z, best_z)
+        return (jnp.where(better, err, best_err), jnp.where(better, s, best_s), best_z), None
+
+    init = error(ratios[0])
+    (_, s, z), _ = lax.scan(step, init, ratios[1:])
+    return s, z
+

@@ -1,0 +1,197 @@
+"""``QArray``: a quantized array that really stores 4 bits per value.
+
+A QArray holds the packed codes (uint8, two codes per byte along the last
+axis), the scale and, for ``uint4``, the zero point. Its logical shape,
+original dtype and :class:`QuantSpec` are static metadata, so a QArray is a
+pytree that passes through ``jit``, ``vmap``, ``scan`` and ``jax.export``.
+
+Packing along the last axis is XLA's own packed int4 layout, so
+``lax.bitcast_convert_type(q.packed, jnp.int4)`` reshaped to ``q.shape`` gives
+the codes of an ``int4`` QArray as ``jnp.int4`` without moving a byte (see
+:meth:`QArray.as_int4`). Every other axis keeps its place, so a sharded weight
+stays sharded after quantization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from quantize_jax import _layout
+from quantize_jax.calibrate import check_float_array, grouped_scale
+from quantize_jax.formats import dequantize_codes, quantize_to_codes
+from quantize_jax.packing import pack_int4, unpack_int4
+from quantize_jax.spec import QuantSpec
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A 4-bit quantized array.
+
+    Attributes:
+      packed: uint8 codes, two per byte along the last axis; shape
+        ``shape[:-1] + (ceil(shape[-1] / 2),)``.
+      scale: the scales, shaped like ``compute_scale(x, spec)[0]``.
+      zero_point: the zero points (``uint4``), or ``None``.
+      shape: the logical shape (static).
+      dtype: the dtype ``dequantize`` returns by default (static).
+      spec: the :class:`QuantSpec` it was quantized with (static).
+    """
+
+    packed: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    shape: tuple[int, ...]
+    dtype: jnp.dtype
+    spec: QuantSpec
+
+    def tree_flatten(self):
+        return (self.packed, self.scale, self.zero_point), (self.shape, jnp.dtype(self.dtype).name, self.spec)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        shape, dtype, spec = aux
+        return cls(*children, shape=shape, dtype=jnp.dtype(dtype), spec=spec)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes really stored: packed codes + scale (+ zero point)."""
+        arrays = (self.packed, self.scale) if self.zero_point is None else (self.packed, self.scale, self.zero_point)
+        return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays)
+
+    @property
+    def bits_per_value(self) -> float:
+        """``8 * nbytes / size``: 4 plus the cost of the scales."""
+        return 8.0 * self.nbytes / max(self.size, 1)
+
+    def codes(self) -> jax.Array:
+        """The unpacked codes, of shape ``shape``: int8 in [-8, 7] for ``int4``,
+        else uint8 in [0, 15] (``uint4`` integers, ``nf4`` table indices,
+        ``fp4`` e2m1 bit patterns)."""
+        return unpack_int4(self.packed, axis=-1, signed=self.spec.fmt.signed_codes, length=self.shape[-1])
+
+    def as_int4(self) -> jax.Array:
+        """The codes as ``jnp.int4`` (``int4``) or ``jnp.uint4`` (other formats), by a
+        free bitcast of the packed bytes (XLA's packed layout). Needs an even last axis."""
+        if self.shape[-1] % 2:
+            raise ValueError(f"as_int4: the last axis of shape {self.shape} is odd; the bytes hold a padding nibble")
+        dt = jnp.int4 if self.spec.fmt.signed_codes else jnp.uint4
+        return lax.bitcast_convert_type(self.packed, dt).reshape(self.shape)
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """Same as :func:`dequantize`."""
+        return dequantize(self, dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, format={self.spec.format!r}, "
+            f"axis={self.spec.axis!r}, group_size={self.spec.group_size!r}, nbytes={self.nbytes})"
+        )
+
+
+def quantize(x: jax.Array, spec: QuantSpec | None = None) -> QArray:
+    """Quantize ``x`` to a packed 4-bit :class:`QArray`.
+
+    ``codes = clip(round(x * (1 / s)) + z, qmin, qmax)`` (or the nearest level
+    for ``nf4`` / ``fp4``) with ``s, z = compute_scale(x, spec)``, packed two
+    per byte along the last axis.
+
+    Args:
+      x: a floating-point array with at least one dimension.
+      spec: the :class:`QuantSpec` (default ``QuantSpec()``: int4, one scale).
+
+    Returns:
+      A :class:`QArray`; ``dequantize(quantize(x, spec))`` equals
+      ``fake_quant(x, spec)`` bit for bit.
+
+    Example:
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> w = jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64)
+      >>> q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=32))
+      >>> q.packed.shape, q.scale.shape, q.nbytes
+      ((64, 32), (2, 64), 2560)
+    """
+    spec = QuantSpec() if spec is None else spec
+    x = check_float_array(x, "x", "quantize")
+    if x.ndim == 0:
+        raise ValueError("quantize: x must have at least one dimension, got a scalar")
+    lay = _layout.layout(x.shape, spec, "x")
+    xg = _layout.to_groups(x.astype(jnp.float32), lay)
+    s, z = grouped_scale(xg, lay, spec)
+    codes = _layout.from_groups(quantize_to_codes(xg, s, z, spec.fmt), lay)
+    return QArray(
+        packed=pack_int4(codes, axis=-1),
+        scale=_layout.scale_from_groups(s, lay),
+        zero_point=None if z is None else _layout.scale_from_groups(z, lay),
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        spec=spec,
+    )
+
+
+def dequantize(q: QArray, dtype=None) -> jax.Array:
+    """The values a :class:`QArray` stands for: ``(q - z) * s`` (or ``level * s``).
+
+    Computed in float32, then cast to ``dtype`` (default: the dtype ``x`` had).
+
+    Example:
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> x = jnp.array([0.0, 0.5, -1.0, 7.0])
+      >>> qj.dequantize(qj.quantize(x)).tolist()
+      [0.0, 0.0, -1.0, 7.0]
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"dequantize: expected a QArray, got {type(q).__name__}")
+    lay = _layout.layout(q.shape, q.spec, "q")
+    sg = _layout.scale_to_groups(q.scale, lay)
+    zg = None if q.zero_point is None else _layout.scale_to_groups(q.zero_point, lay)
+    codes = _layout.to_groups(q.codes(), lay, pad_value=0)
+    x = _layout.from_groups(dequantize_codes(codes, sg, zg, q.spec.fmt), lay)
+    return x.astype(q.dtype if dtype is None else dtype)
+
+
+def _serialize_aux(aux) -> bytes:
+    shape, dtype, spec = aux
+    return json.dumps({"shape": list(shape), "dtype": dtype, "spec": spec_to_dict(spec)}).encode()
+
+
+def _deserialize_aux(data: bytes):
+    d = json.loads(data.decode())
+    return tuple(d["shape"]), d["dtype"], spec_from_dict(d["spec"])
+
+
+def spec_to_dict(spec: QuantSpec) -> dict:
+    """A JSON-ready dict of ``spec``'s fields (tuples become lists)."""
+    d = dataclasses.asdict(spec)
+    if isinstance(d["axis"], tuple):
+        d["axis"] = list(d["axis"])
+    return d
+
+
+def spec_from_dict(d: dict) -> QuantSpec:
+    """Inverse of :func:`spec_to_dict`."""
+    return QuantSpec(**d)
+
+
+jax.export.register_pytree_node_serialization(
+    QArray,
+    serialized_name="quantize_jax.QArray",
+    serialize_auxdata=_serialize_aux,
+    deserialize_auxdata=_deserialize_aux,
+)

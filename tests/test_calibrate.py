@@ -1,0 +1,98 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quantize_jax as qj
+
+from .conftest import FLOAT_DTYPES, FORMATS
+
+
+def test_absmax_golden_per_channel(maybe_jit):
+    w = jnp.array([[1.0, -2.0, 0.0], [-3.5, 7.0, 0.0]])
+    f = maybe_jit(qj.compute_scale, static_argnums=1)
+    s, z = f(w, qj.QuantSpec(axis=0))
+    assert z is None and s.shape == (1, 3) and s.dtype == jnp.float32
+    np.testing.assert_array_equal(s, np.array([[3.5 / 7, 7.0 / 7, np.finfo(np.float32).tiny]], np.float32))
+    s_fp4, _ = f(w, qj.QuantSpec(format="fp4", axis=1))
+    # XLA may divide by a constant as a multiply by its reciprocal: allow one ulp.
+    np.testing.assert_allclose(s_fp4, np.array([[2.0 / 6], [7.0 / 6]], np.float32), rtol=1.2e-7)
+    s_nf4, _ = f(w, qj.QuantSpec(format="nf4"))
+    assert s_nf4.shape == (1, 1) and float(s_nf4[0, 0]) == 7.0
+
+
+def test_minmax_golden_with_zero_point():
+    x = jnp.array([-1.0, 0.0, 2.0, 0.5])
+    s, z = qj.compute_scale(x, qj.QuantSpec(format="uint4"))
+    assert float(s[0]) == np.float32(3.0) / np.float32(15.0)
+    assert float(z[0]) == 5.0  # 0 - round(-1 / 0.2) = 5: 0.0 maps exactly to code 5
+    s_pos, z_pos = qj.compute_scale(jnp.array([1.0, 3.0]), qj.QuantSpec(format="uint4"))
+    assert float(z_pos[0]) == 0.0 and float(s_pos[0]) == np.float32(3.0) / np.float32(15.0)
+
+
+def test_grouped_shapes_including_a_short_last_group():
+    w = jnp.arange(2 * 10 * 3, dtype=jnp.float32).reshape(2, 10, 3)
+    s, _ = qj.compute_scale(w, qj.QuantSpec(axis=1, group_size=4))
+    assert s.shape == (2, 3, 3)  # groups of 4, 4 and 2
+    expect = np.abs(np.asarray(w)).reshape(2, 10, 3)
+    groups = [expect[:, 0:4], expect[:, 4:8], expect[:, 8:10]]
+    np.testing.assert_allclose(s, np.stack([g.max(1) for g in groups], 1).astype(np.float32) / 7, rtol=1.2e-7)
+
+
+def test_tuple_axes_reduce_together():
+    w = jax.random.normal(jax.random.key(0), (3, 4, 5))
+    s, _ = qj.compute_scale(w, qj.QuantSpec(axis=(0, 2)))
+    assert s.shape == (1, 4, 1)
+    np.testing.assert_allclose(s[0, :, 0], np.abs(np.asarray(w)).max(axis=(0, 2)) / 7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_all_zero_groups_give_positive_scale_and_exact_zeros(fmt):
+    x = jnp.zeros((4, 8)).at[0].set(jnp.arange(8.0))
+    spec = qj.QuantSpec(format=fmt, axis=1, method="mse")
+    s, z = qj.compute_scale(x, spec)
+    assert bool(jnp.all(s > 0)) and bool(jnp.all(jnp.isfinite(s)))
+    out = qj.dequantize(qj.quantize(x, spec))
+    assert bool(jnp.all(out[1:] == 0.0)) and not bool(jnp.any(jnp.isnan(out)))
+
+
+def test_nan_propagates_to_its_group():
+    x = jnp.array([[1.0, jnp.nan], [1.0, 2.0]])
+    out = qj.fake_quant(x, qj.QuantSpec(axis=1))
+    assert bool(jnp.all(jnp.isnan(out[0]))) and not bool(jnp.any(jnp.isnan(out[1])))
+
+
+def test_percentile_clips_outliers_and_ignores_group_padding():
+    x = jnp.concatenate([jnp.linspace(-1, 1, 999), jnp.array([50.0])])
+    s, _ = qj.compute_scale(x, qj.QuantSpec(method="percentile", percentile=99.0))
+    assert float(s[0]) < 2.0 / 7
+    # 5 elements in groups of 4: the second group holds one value; zero padding must not count.
+    y = jnp.array([1.0, 1.0, 1.0, 1.0, 3.0])
+    s2, _ = qj.compute_scale(y, qj.QuantSpec(axis=0, group_size=4, method="percentile", percentile=60.0))
+    np.testing.assert_allclose(float(s2[1]), 3.0 / 7.0, rtol=1.2e-7)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mse_beats_absmax_on_heavy_tailed_weights(fmt):
+    # Trained weights are heavy tailed; a Student-t sample stands in for them.
+    w = jnp.asarray(np.random.default_rng(0).standard_t(4, size=(512, 256)).astype(np.float32))
+    base = qj.QuantSpec(format=fmt, axis=0, group_size=128, method="absmax" if fmt != "uint4" else "minmax")
+    err = {}
+    for method in (base.method, "mse"):
+        spec = qj.QuantSpec(format=fmt, axis=0, group_size=128, method=method)
+        err[method] = float(jnp.mean((qj.fake_quant(w, spec) - w) ** 2))
+    assert err["mse"] < 0.93 * err[base.method], err
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_scale_dtype_is_respected_and_reproduces(dtype):
+    w = jax.random.normal(jax.random.key(1), (16, 32)).astype(dtype)
+    spec = qj.QuantSpec(axis=1, scale_dtype="bfloat16")
+    s, _ = qj.compute_scale(w, spec)
+    assert s.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(qj.fake_quant(w, spec), qj.fake_quant(w, spec, scale=s))
+
+
+def test_integer_input_is_refused():
+    with pytest.raises(TypeError, match=r"compute_scale: x must be a floating-point array, got dtype int32"):
+        qj.compute_scale(jnp.arange(4), qj.QuantSpec())
