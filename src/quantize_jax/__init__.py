@@ -20,6 +20,8 @@ from quantize_jax.qarray import QArray
 from quantize_jax.qarray import dequantize
 from quantize_jax.qarray import quantize
 from quantize_jax.spec import QuantSpec
+from quantize_jax.matmul import qdot
+from quantize_jax.matmul import qeinsum
 from quantize_jax.ste import fake_quant
 from quantize_jax.ste import round_ste
 from quantize_jax.ste import stochastic_round
@@ -46,6 +48,8 @@ __all__ = (
     "fake_quant",
     "get_format",
     "pack_int4",
+    "qdot",
+    "qeinsum",
     "quantize",
     "round_ste",
     "stochastic_round",

@@ -1,0 +1,385 @@
+"""``qdot`` and ``qeinsum``: matrix products whose weight is a packed 4-bit ``QArray``.
+
+Backends (``backend=``):
+
+* ``"xla"`` — the reference: ``x @ dequantize(q)`` in float32 at the highest
+  precision. Exact, and it materialises the float weight.
+* ``"chunked"`` — the CPU fast path: the weight is unpacked one cache-sized
+  block of K rows at a time inside a ``lax.scan``, the low and high nibbles
+  (even and odd output columns) each feeding a float32 dot, so the float
+  weight never exists in memory.
+* ``"native"`` — XLA's own int4: the packed bytes bitcast to ``jnp.int4``
+  (free), converted inside the dot (GPU, TPU). ``nf4`` / ``fp4`` decode by
+  table lookup instead.
+* ``"pallas"`` — the Pallas kernel of :mod:`quantize_jax.kernels.pallas_gpu`
+  (GPU; interpreted on CPU, for tests).
+* ``"auto"`` (default) — chosen per platform when lowering
+  (``lax.platform_dependent``): ``chunked`` on CPU, ``native`` on GPU and TPU,
+  so one jitted function exports for all of them.
+
+All backends compute ``sum_k x[m, k] * (q[k, n] - z) * s`` and agree with the
+reference up to float reassociation. ``act_quant="int8"`` selects W4A8: the
+activations are quantized per token (absmax over K) to int8, multiplied with
+the integer codes accumulating in int32 per scale group, and scaled after —
+it changes the numerics, so it is opt-in. Gradients flow to ``x`` (computed
+as ``g @ dequantize(q).T``); the weight gets none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from quantize_jax import _layout
+from quantize_jax.formats import Format
+from quantize_jax.kernels import pallas_gpu
+from quantize_jax.qarray import QArray, dequantize
+
+BACKENDS = ("auto", "xla", "chunked", "native", "pallas")
+ACT_QUANT = (None, "int8")
+_CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots
+
+
+class _Grid(NamedTuple):
+    """A 2-D weight's scales as one row per group of ``group_rows`` K rows: ``(G, N)``."""
+
+    scale: jax.Array
+    zero_point: jax.Array | None
+    group_rows: int
+
+
+def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | None = None) -> jax.Array:
+    """``x @ W`` for a 2-D weight ``QArray`` ``W`` of shape ``(K, N)``.
+
+    Contracts ``x``'s last axis with ``W``'s axis 0, like ``jnp.matmul``.
+
+    Args:
+      x: activations ``(..., K)``; integer inputs are promoted as
+        ``jnp.matmul`` would.
+      q: the quantized weight, a 2-D :class:`QArray`.
+      backend: ``"auto"``, ``"xla"``, ``"chunked"``, ``"native"`` or
+        ``"pallas"`` (see the module docstring).
+      act_quant: ``None`` (exact), or ``"int8"`` for W4A8 (``int4``,
+        ``uint4`` and ``fp4`` weights).
+
+    Returns:
+      ``(..., N)`` in ``jnp.result_type(x, q.dtype)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+      >>> q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=16))
+      >>> x = jnp.ones((2, 64))
+      >>> y = qj.qdot(x, q)
+      >>> bool(jnp.allclose(y, x @ qj.dequantize(q), atol=1e-4))
+      True
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"qdot: q must be a QArray, got {type(q).__name__}")
+    if q.ndim != 2:
+        raise ValueError(f"qdot: q must be a 2-D weight (K, N), got shape {q.shape}; use qeinsum for others")
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != q.shape[0]:
+        raise ValueError(f"qdot: x of shape {x.shape} does not contract with q of shape {q.shape} (K = {q.shape[0]})")
+    if backend not in BACKENDS:
+        raise ValueError(f"qdot: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"qdot: act_quant must be None or 'int8', got {act_quant!r}")
+    if act_quant == "int8" and q.spec.format == "nf4":
+        raise ValueError("qdot: act_quant='int8' needs integer levels; format 'nf4' has none (use int4, uint4 or fp4)")
+    out_dtype = jnp.result_type(x.dtype, q.dtype)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(out_dtype)
+    lead = x.shape[:-1]
+    y = _qdot2d(x.reshape(-1, q.shape[0]), q, backend, act_quant)
+    return y.reshape(lead + (q.shape[1],)).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qdot2d(x, q, backend, act_quant):
+    grid = _grid(q)
+    if act_quant == "int8":
+        return _w4a8(x, q, grid) if grid is not None else _reference(_fake_int8(x), q)
+    if grid is None or backend == "xla":
+        return _reference(x, q)
+    impl = {
+        "chunked": functools.partial(_chunked, grid=grid),
+        "native": functools.partial(_native, grid=grid),
+        "pallas": functools.partial(_pallas, grid=grid),
+    }
+    if backend != "auto":
+        return impl[backend](x, q)
+    return lax.platform_dependent(
+        x, q, cpu=impl["chunked"], cuda=impl["native"], rocm=impl["native"], tpu=impl["native"], default=_reference
+    )
+
+
+def _qdot2d_fwd(x, q, backend, act_quant):
+    return _qdot2d(x, q, backend, act_quant), (q, jnp.zeros((), x.dtype))  # a scalar carries x's dtype
+
+
+def _qdot2d_bwd(backend, act_quant, res, g):
+    q, x_like = res
+    gx = jnp.dot(g.astype(jnp.float32), dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
+    return gx.astype(x_like.dtype), jax.tree_util.tree_map(_zero_cotangent, q)
+
+
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+_qdot2d.defvjp(_qdot2d_fwd, _qdot2d_bwd)
+
+
+def _grid(q: QArray) -> _Grid | None:
+    """The weight's scales as ``(G, N)`` rows over K, or None where they vary along N in groups or per K row."""
+    lay = _layout.layout(q.shape, q.spec)
+    k, n = q.shape
+    if lay.group_axis == 0:
+        rows = lay.group_size
+    elif lay.group_axis is None and 0 in lay.reduced:
+        rows = k
+    else:
+        return None
+
+    def full(a):
+        return None if a is None else jnp.broadcast_to(a.astype(jnp.float32), (a.shape[0], n))
+
+    return _Grid(full(q.scale), full(q.zero_point), rows)
+
+
+def _reference(x, q):
+    return jnp.dot(x.astype(jnp.float32), dequantize(q, jnp.float32), precision=lax.Precision.HIGHEST)
+
+
+def _nibbles(packed, fmt: Format):
+    """Low and high nibbles of each byte: signed int8 for int4, else uint8."""
+    if fmt.signed_codes:
+        p8 = lax.bitcast_convert_type(packed, jnp.int8)
+        return (p8 << 4) >> 4, p8 >> 4
+    return packed & 0xF, packed >> 4
+
+
+def _even_odd(a, n):
+    """Split the columns of ``(..., n)`` into the even and odd ones (odd padded to ``ceil(n / 2)``)."""
+    if n % 2:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, 1)])
+    return a[..., 0::2], a[..., 1::2]
+
+
+def _interleave(even, odd, n):
+    out = jnp.stack([even, odd], axis=-1).reshape(even.shape[:-1] + (2 * even.shape[-1],))
+    return out[..., :n]
+
+
+def _chunked(x, q, *, grid: _Grid):
+    """CPU: unpack ``_CHUNK_ROWS`` rows at a time, two float32 dots per chunk (even / odd columns)."""
+    fmt = q.spec.fmt
+    k, n = q.shape
+    m = x.shape[0]
+    nh = q.packed.shape[1]
+    g = grid.scale.shape[0]
+    per_group = g > 1
+    rows = grid.group_rows * max(1, _CHUNK_ROWS // grid.group_rows) if per_group else _CHUNK_ROWS
+    rows = min(rows, k) if not per_group else rows
+    kp = -(-max(k, g * grid.group_rows if per_group else k) // rows) * rows
+    n_chunks = kp // rows
+    xs = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, kp - k))).reshape(m, n_chunks, rows).transpose(1, 0, 2)
+    ps = jnp.pad(q.packed, ((0, kp - k), (0, 0))).reshape(n_chunks, rows, nh)
+    per_chunk = rows // grid.group_rows if per_group else 1
+
+    def grouped(a, fill):  # (G, N) -> (chunks, groups per chunk, 1, N/2) for even and odd columns
+        a = jnp.pad(a, ((0, n_chunks * per_chunk - g), (0, 0)), constant_values=fill) if per_group else a
+        e, o = _even_odd(a, n)
+        shape = (n_chunks, per_chunk, 1, nh) if per_group else (1, 1, 1, nh)
+        return e.reshape(shape), o.reshape(shape)
+
+    se, so = grouped(grid.scale, 1.0)
+    ze, zo = grouped(grid.zero_point, 0.0) if grid.zero_point is not None else (None, None)
+
+    def decode(codes, z):
+        v = fmt.decode(codes, None).reshape(per_chunk, rows // per_chunk, nh)
+        return v if z is None else v - z
+
+    def body(acc, chunk):
+        xc, pc, i = chunk
+        lo, hi = _nibbles(pc, fmt)
+        pick = (lambda a: a[i]) if per_group else (lambda a: a[0])
+        we = decode(lo, None if ze is None else pick(ze))
+        wo = decode(hi, None if zo is None else pick(zo))
+        if per_group:
+            we, wo = we * pick(se), wo * pick(so)
+        dot = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
+        return (acc[0] + dot(xc, we.reshape(rows, nh)), acc[1] + dot(xc, wo.reshape(rows, nh))), None
+
+    zeros = jnp.zeros((m, nh), jnp.float32)
+    (ye, yo), _ = lax.scan(body, (zeros, zeros), (xs, ps, jnp.arange(n_chunks)))
+    if not per_group:
+        ye, yo = ye * se.reshape(1, nh), yo * so.reshape(1, nh)
+    return _interleave(ye, yo, n)
+
+
+def _grouped_codes(q: QArray, grid: _Grid, dtype):
+    """The decoded codes (without scale) as ``(G, group_rows, N)`` in ``dtype``; K padded with zeros."""
+    k, n = q.shape
+    g, rows = grid.scale.shape[0], grid.group_rows
+    packed = jnp.pad(q.packed, ((0, g * rows - k), (0, 0)))
+    fmt = q.spec.fmt
+    if fmt.is_integer and n % 2 == 0:
+        int4 = lax.bitcast_convert_type(packed, jnp.int4 if fmt.signed_codes else jnp.uint4).reshape(g * rows, n)
+        codes = lax.optimization_barrier(int4).astype(dtype)  # the barrier keeps XLA GPU's int4 dot fusion sound
+    else:
+        lo, hi = _nibbles(packed, fmt)
+        codes = _interleave(fmt.decode(lo), fmt.decode(hi), n).astype(dtype)
+    return codes.reshape(g, rows, n)
+
+
+def _native(x, q, *, grid: _Grid):
+    """XLA's int4: bitcast codes, converted to x's dtype inside a grouped dot, scales applied per group."""
+    k = q.shape[0]
+    g, rows = grid.scale.shape[0], grid.group_rows
+    dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) else jnp.float32
+    codes = _grouped_codes(q, grid, dtype)
+    xg = jnp.pad(x.astype(dtype), ((0, 0), (0, g * rows - k))).reshape(x.shape[0], g, rows)
+    part = jnp.einsum("mgk,gkn->mgn", xg, codes, preferred_element_type=jnp.float32)
+    if grid.zero_point is not None:
+        part = part - jnp.sum(xg.astype(jnp.float32), axis=-1, keepdims=True) * grid.zero_point[None]
+    return jnp.sum(part * grid.scale[None], axis=1)
+
+
+def _pallas(x, q, *, grid: _Grid):
+    interpret = jax.devices()[0].platform == "cpu"
+    return pallas_gpu.matmul(
+        x, q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt, group_size=grid.group_rows,
+        interpret=interpret,
+    )
+
+
+def _int8_tokens(x):
+    """Per-token (row) absmax int8 quantization: ``x ~ x_q * s`` with ``x_q`` in [-127, 127]."""
+    x32 = x.astype(jnp.float32)
+    s = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 127.0, jnp.finfo(jnp.float32).tiny)
+    return jnp.clip(jnp.round(x32 * (1.0 / s)), -127, 127).astype(jnp.int8), s
+
+
+def _fake_int8(x):
+    xq, s = _int8_tokens(x)
+    return xq.astype(jnp.float32) * s
+
+
+def _w4a8(x, q, grid: _Grid):
+    """int8 activations x 4-bit codes with int32 accumulation per scale group, scales applied after."""
+    fmt = q.spec.fmt
+    k = q.shape[0]
+    g, rows = grid.scale.shape[0], grid.group_rows
+    xq, sx = _int8_tokens(x)
+    scale = grid.scale
+    if fmt.is_integer:
+        codes = _grouped_codes(q, grid, jnp.int8)
+    else:  # fp4: twice every e2m1 level is an integer in [-12, 12]
+        codes = (_grouped_codes(q, grid, jnp.float32) * 2).astype(jnp.int8)
+        scale = scale * 0.5
+    xg = jnp.pad(xq, ((0, 0), (0, g * rows - k))).reshape(x.shape[0], g, rows)
+    acc = jnp.einsum("mgk,gkn->mgn", xg, codes, preferred_element_type=jnp.int32)
+    if grid.zero_point is not None:
+        acc = acc - jnp.sum(xg.astype(jnp.int32), axis=-1, keepdims=True) * grid.zero_point.astype(jnp.int32)[None]
+    return jnp.sum(acc.astype(jnp.float32) * scale[None], axis=1) * sx
+
+
+_EINSUM = re.compile(r"^\s*([a-zA-Z.]*)\s*,\s*([a-zA-Z]*)\s*->\s*([a-zA-Z.]*)\s*$")
+
+
+def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | None = None):
+    """``jnp.einsum(subscripts, x, W)`` with a ``QArray`` weight ``W`` as second operand.
+
+    When ``W``'s contracted axes come first and its kept axes last (the
+    layout of Flax's ``Einsum`` / ``DenseGeneral`` kernels), the product runs
+    as a :func:`qdot` on the flattened weight (a free reshape of the packed
+    bytes); otherwise, or for ``backend="xla"``, it is the reference
+    ``jnp.einsum`` over the dequantized weight.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> w = jax.random.normal(jax.random.key(0), (8, 2, 4))
+      >>> q = qj.quantize(w, qj.QuantSpec(axis=0))
+      >>> x = jnp.ones((3, 5, 8))
+      >>> y = qj.qeinsum("btd,dhk->bthk", x, q)
+      >>> y.shape, bool(jnp.allclose(y, jnp.einsum("btd,dhk->bthk", x, qj.dequantize(q)), atol=1e-4))
+      ((3, 5, 2, 4), True)
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"qeinsum: the second operand must be a QArray, got {type(q).__name__}")
+    match = _EINSUM.match(subscripts)
+    if match is None or "." in subscripts:
+        raise ValueError(f"qeinsum: subscripts must look like 'xy,yz->xz' (no ellipsis), got {subscripts!r}")
+    lhs, rhs, out = match.groups()
+    x = jnp.asarray(x)
+    if len(lhs) != x.ndim or len(rhs) != q.ndim:
+        raise ValueError(
+            f"qeinsum: {subscripts!r} does not fit x of shape {x.shape} and q of shape {q.shape}"
+        )
+    for letter in set(lhs) & set(rhs):
+        if x.shape[lhs.index(letter)] != q.shape[rhs.index(letter)]:
+            raise ValueError(
+                f"qeinsum: axis {letter!r} has size {x.shape[lhs.index(letter)]} in x of shape {x.shape} "
+                f"but {q.shape[rhs.index(letter)]} in q of shape {q.shape}"
+            )
+    contracted = [c for c in rhs if c in lhs and c not in out]
+    kept = rhs[len(contracted):]
+    flat = (
+        backend != "xla"
+        and rhs[: len(contracted)] == "".join(contracted)
+        and contracted
+        and all(c not in lhs and c in out for c in kept)
+        and all(c in out for c in lhs if c not in contracted)
+        and _flattenable(q, len(contracted))
+    )
+    if not flat:
+        w = dequantize(q, jnp.float32)
+        y = jnp.einsum(subscripts, x.astype(jnp.float32) if act_quant is None else _fake_int8(x), w,
+                       precision=lax.Precision.HIGHEST)
+        return y.astype(jnp.result_type(x.dtype, q.dtype))
+    free_x = [c for c in lhs if c not in contracted]
+    xt = jnp.transpose(x, [lhs.index(c) for c in free_x + contracted])
+    kk = len(contracted)
+    y = qdot(xt.reshape(xt.shape[: len(free_x)] + (-1,)), _flatten(q, kk), backend=backend, act_quant=act_quant)
+    y = y.reshape(xt.shape[: len(free_x)] + q.shape[kk:])
+    return jnp.transpose(y, [(free_x + list(kept)).index(c) for c in out])
+
+
+def _flattenable(q: QArray, n_contracted: int) -> bool:
+    """Whether ``q`` reshapes to 2-D ``(prod(contracted), prod(kept))`` with its bytes and scales as they are."""
+    kept = q.shape[n_contracted:]
+    if not kept or (len(kept) > 1 and kept[-1] % 2):
+        return False
+    lay = _layout.layout(q.shape, q.spec)
+    if lay.group_axis is not None:
+        return n_contracted == 1 and lay.group_axis == 0
+    return set(range(n_contracted)) <= set(lay.reduced) and (
+        set(lay.reduced) == set(range(n_contracted)) or set(lay.reduced) == set(range(q.ndim))
+    )
+
+
+def _flatten(q: QArray, n_contracted: int) -> QArray:
+    k = 1
+    for d in q.shape[:n_contracted]:
+        k *= d
+    n = q.size // k
+    lay = _layout.layout(q.shape, q.spec)
+    rows = lay.scale_shape[0] if lay.group_axis is not None else 1
+    cols = 1 if set(lay.reduced) == set(range(q.ndim)) else n
+    spec = q.spec if lay.group_axis is not None else dataclasses.replace(q.spec, axis=0 if cols > 1 else None)
+
+    def scales(a):
+        return None if a is None else a.reshape(rows, cols)
+
+    return QArray(q.packed.reshape(k, -1), scales(q.scale), scales(q.zero_point), (k, n), q.dtype, spec)

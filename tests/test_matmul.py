@@ -1,0 +1,116 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quantize_jax as qj
+
+from .conftest import FORMATS
+
+BACKENDS = ("xla", "chunked", "native", "pallas", "auto")
+
+
+def _reference(x, q):
+    return np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q, jnp.float32), np.float64)
+
+
+@settings(max_examples=12)
+@given(
+    m=st.integers(1, 9),
+    k=st.integers(1, 300),
+    n=st.integers(1, 70),
+    fmt=st.sampled_from(FORMATS),
+    group=st.sampled_from([None, 0, 32, 48, 64, 128, 256]),
+    backend=st.sampled_from(BACKENDS),
+)
+def test_every_backend_matches_the_reference(m, k, n, fmt, group, backend):
+    w = jax.random.normal(jax.random.key(k * 1000 + n), (k, n))
+    x = jax.random.normal(jax.random.key(m), (m, k))
+    if group is None:
+        spec = qj.QuantSpec(format=fmt)  # per tensor
+    elif group == 0:
+        spec = qj.QuantSpec(format=fmt, axis=0)  # per output channel
+    else:
+        spec = qj.QuantSpec(format=fmt, axis=0, group_size=group)
+    q = qj.quantize(w, spec)
+    y = jax.jit(lambda x, q: qj.qdot(x, q, backend=backend))(x, q)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, _reference(x, q), rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scales_along_other_axes_fall_back_exactly(backend):
+    w = jax.random.normal(jax.random.key(0), (40, 24))
+    x = jax.random.normal(jax.random.key(1), (3, 40))
+    for spec in (qj.QuantSpec(axis=1), qj.QuantSpec(axis=1, group_size=8)):
+        q = qj.quantize(w, spec)
+        np.testing.assert_allclose(qj.qdot(x, q, backend=backend), _reference(x, q), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "fp4"])
+def test_w4a8_equals_int8_activations_times_the_dequantized_weight(fmt):
+    w = jax.random.normal(jax.random.key(2), (200, 30))
+    x = jax.random.normal(jax.random.key(3), (5, 200)) * 3
+    q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=64))
+    sx = np.abs(np.asarray(x)).max(-1, keepdims=True) / 127
+    xq = np.clip(np.round(np.asarray(x) / sx), -127, 127) * sx
+    y = qj.qdot(x, q, act_quant="int8")
+    np.testing.assert_allclose(y, _reference(xq, q), rtol=1e-4, atol=1e-3)
+    rel = np.abs(np.asarray(y) - _reference(x, q)).max() / np.abs(_reference(x, q)).max()
+    assert 0 < rel < 0.03  # W4A8 changes the numerics, by little
+
+
+def test_batch_dims_dtype_promotion_and_gradient():
+    w = jax.random.normal(jax.random.key(4), (16, 8))
+    q = qj.quantize(w, qj.QuantSpec(axis=0))
+    x = jax.random.normal(jax.random.key(5), (2, 3, 16)).astype(jnp.bfloat16)
+    y = qj.qdot(x, q)
+    assert y.shape == (2, 3, 8) and y.dtype == jnp.float32  # promoted as jnp.matmul(bf16, f32)
+    assert qj.qdot(jnp.ones((2, 16), jnp.int32), q).dtype == jnp.float32
+    g = jax.grad(lambda x: qj.qdot(x, q).sum())(jnp.ones((3, 16)))
+    np.testing.assert_allclose(g, np.tile(np.asarray(qj.dequantize(q)).sum(1), (3, 1)), rtol=1e-5)
+
+
+def test_qeinsum_layouts():
+    w = jax.random.normal(jax.random.key(6), (8, 3, 4))
+    x = jax.random.normal(jax.random.key(7), (2, 5, 8))
+    for spec in (qj.QuantSpec(axis=0), qj.QuantSpec(axis=0, group_size=4), qj.QuantSpec(axis=2)):
+        q = qj.quantize(w, spec)
+        ref = jnp.einsum("btd,dhk->bthk", x, qj.dequantize(q))
+        np.testing.assert_allclose(qj.qeinsum("btd,dhk->bthk", x, q), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(qj.qeinsum("btd,dhk->hbtk", x, q), jnp.einsum("btd,dhk->hbtk", x, qj.dequantize(q)),
+                                   rtol=1e-5, atol=1e-5)
+    w2 = jax.random.normal(jax.random.key(8), (3, 8, 4))  # contracted axis in the middle: reference path
+    q2 = qj.quantize(w2, qj.QuantSpec(axis=1))
+    np.testing.assert_allclose(qj.qeinsum("btd,hdk->bthk", x, q2),
+                               jnp.einsum("btd,hdk->bthk", x, qj.dequantize(q2)), rtol=1e-5, atol=1e-5)
+
+
+def test_export_for_cpu_and_tpu_reproduces_on_cpu():
+    w = jax.random.normal(jax.random.key(9), (64, 32))
+    q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=32))
+    x = jax.random.normal(jax.random.key(10), (4, 64))
+    f = jax.jit(qj.qdot)
+    exp = jax.export.export(f, platforms=["cpu", "tpu"])(x, q)
+    back = jax.export.deserialize(exp.serialize())
+    np.testing.assert_array_equal(back.call(x, q), f(x, q))
+
+
+def test_bad_input_names_shapes_and_values():
+    q = qj.quantize(jnp.ones((16, 8)), qj.QuantSpec(axis=0))
+    with pytest.raises(ValueError, match=r"qdot: x of shape \(2, 15\) does not contract with q of shape \(16, 8\)"):
+        qj.qdot(jnp.ones((2, 15)), q)
+    with pytest.raises(ValueError, match=r"qdot: unknown backend 'cuda'"):
+        qj.qdot(jnp.ones((2, 16)), q, backend="cuda")
+    with pytest.raises(ValueError, match=r"qdot: act_quant must be None or 'int8', got 'int4'"):
+        qj.qdot(jnp.ones((2, 16)), q, act_quant="int4")
+    with pytest.raises(ValueError, match=r"format 'nf4' has none"):
+        qj.qdot(jnp.ones((2, 16)), qj.quantize(jnp.ones((16, 8)), qj.QuantSpec(format="nf4")), act_quant="int8")
+    with pytest.raises(ValueError, match=r"qdot: q must be a 2-D weight \(K, N\), got shape \(2, 8, 4\)"):
+        qj.qdot(jnp.ones((2, 2)), qj.quantize(jnp.ones((2, 8, 4))))
+    with pytest.raises(TypeError, match=r"qdot: q must be a QArray, got ArrayImpl"):
+        qj.qdot(jnp.ones((2, 16)), jnp.ones((16, 8)))
+    with pytest.raises(ValueError, match=r"qeinsum: axis 'd' has size 7 in x of shape \(2, 7\) but 16 in q"):
+        qj.qeinsum("bd,dn->bn", jnp.ones((2, 7)), q)
