@@ -16,7 +16,7 @@ def _demo(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="quantize-jax", description="4-bit quantization for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="quantize, pack and compare the four 4-bit formats on real data")
+    p = sub.add_parser("demo", help="int4 QAT on scikit-learn digits, then packed int4 serving")
     p.add_argument("--quick", action="store_true", help="a smaller run, for tests")
     p.set_defaults(func=_demo)
     args = parser.parse_args(argv)

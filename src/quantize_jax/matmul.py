@@ -106,7 +106,7 @@ def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | Non
 def _qdot2d(x, q, backend, act_quant):
     grid = _grid(q)
     if act_quant == "int8":
-        return _w4a8(x, q, grid) if grid is not None else _reference(_fake_int8(x), q)
+        return _w4a8(x, q, grid) if grid is not None else _reference(fake_int8_tokens(x), q)
     if grid is None or backend == "xla":
         return _reference(x, q)
     impl = {
@@ -271,9 +271,13 @@ def _int8_tokens(x):
     return jnp.clip(jnp.round(x32 * (1.0 / s)), -127, 127).astype(jnp.int8), s
 
 
-def _fake_int8(x):
+def fake_int8_tokens(x):
+    """Per-token int8 fake quantization with a straight-through gradient: the activations W4A8 multiplies.
+
+    ``round(x / s)`` clipped to [-127, 127], times ``s = max|x| / 127`` over the last axis, in ``x``'s dtype.
+    """
     xq, s = _int8_tokens(x)
-    return xq.astype(jnp.float32) * s
+    return x + jax.lax.stop_gradient((xq.astype(jnp.float32) * s).astype(x.dtype) - x)
 
 
 def _w4a8(x, q, grid: _Grid):
@@ -345,7 +349,7 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
     )
     if not flat:
         w = dequantize(q, jnp.float32)
-        y = jnp.einsum(subscripts, x.astype(jnp.float32) if act_quant is None else _fake_int8(x), w,
+        y = jnp.einsum(subscripts, x.astype(jnp.float32) if act_quant is None else fake_int8_tokens(x), w,
                        precision=lax.Precision.HIGHEST)
         return y.astype(jnp.result_type(x.dtype, q.dtype))
     free_x = [c for c in lhs if c not in contracted]

@@ -105,7 +105,7 @@ class QArray:
         )
 
 
-def quantize(x: jax.Array, spec: QuantSpec | None = None) -> QArray:
+def quantize(x: jax.Array, spec: QuantSpec | None = None, *, scale=None, zero_point=None) -> QArray:
     """Quantize ``x`` to a packed 4-bit :class:`QArray`.
 
     ``codes = clip(round(x * (1 / s)) + z, qmin, qmax)`` (or the nearest level
@@ -115,10 +115,13 @@ def quantize(x: jax.Array, spec: QuantSpec | None = None) -> QArray:
     Args:
       x: a floating-point array with at least one dimension.
       spec: the :class:`QuantSpec` (default ``QuantSpec()``: int4, one scale).
+      scale, zero_point: explicit (for example learned) scale and zero point,
+        shaped like ``compute_scale(x, spec)``'s; stored in
+        ``spec.scale_dtype`` (the zero point rounded).
 
     Returns:
-      A :class:`QArray`; ``dequantize(quantize(x, spec))`` equals
-      ``fake_quant(x, spec)`` bit for bit.
+      A :class:`QArray`; ``dequantize(quantize(x, spec, ...))`` equals
+      ``fake_quant(x, spec, ...)`` bit for bit.
 
     Example:
       >>> import jax.numpy as jnp, quantize_jax as qj
@@ -133,7 +136,12 @@ def quantize(x: jax.Array, spec: QuantSpec | None = None) -> QArray:
         raise ValueError("quantize: x must have at least one dimension, got a scalar")
     lay = _layout.layout(x.shape, spec, "x")
     xg = _layout.to_groups(x.astype(jnp.float32), lay)
-    s, z = grouped_scale(xg, lay, spec)
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("quantize: zero_point given without scale; pass both or neither")
+        s, z = grouped_scale(xg, lay, spec)
+    else:
+        s, z = _explicit_scale(scale, zero_point, lay, spec)
     codes = _layout.from_groups(quantize_to_codes(xg, s, z, spec.fmt), lay)
     return QArray(
         packed=pack_int4(codes, axis=-1),
@@ -143,6 +151,25 @@ def quantize(x: jax.Array, spec: QuantSpec | None = None) -> QArray:
         dtype=x.dtype,
         spec=spec,
     )
+
+
+def _explicit_scale(scale, zero_point, lay, spec: QuantSpec):
+    """An explicit scale (and zero point) in the grouped view, as fake_quant uses them."""
+    dt = jnp.dtype(spec.scale_dtype)
+    if spec.fmt.has_zero_point != (zero_point is not None):
+        raise ValueError(f"quantize: format {spec.format!r} {'needs' if spec.fmt.has_zero_point else 'takes no'} zero_point")
+    out = []
+    for v, name in ((scale, "scale"), (zero_point, "zero_point")):
+        if v is None:
+            out.append(None)
+            continue
+        _layout.check_scale_shape(v, lay, name)
+        v = jnp.broadcast_to(jnp.asarray(v), lay.scale_shape)
+        v = jnp.round(v.astype(jnp.float32)).astype(dt) if name == "zero_point" else v.astype(dt)
+        if name == "scale":
+            v = jnp.maximum(v, jnp.finfo(dt).tiny)
+        out.append(_layout.scale_to_groups(v, lay))
+    return out[0], out[1]
 
 
 def dequantize(q: QArray, dtype=None) -> jax.Array:
