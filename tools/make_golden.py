@@ -3,7 +3,7 @@
 The golden values are computed by PyTorch, not by quantize_jax, so the test
 that reads them checks our numerics against an independent implementation:
 
-    pip install torch && python tests/make_golden.py
+    pip install torch && python tools/make_golden.py
 """
 
 import json
@@ -47,7 +47,7 @@ def main():
         "scale": [v.hex() for v in scale.astype(float)],
         "cases": cases,
     }
-    path = pathlib.Path(__file__).parent / "data" / "golden_torch.json"
+    path = pathlib.Path(__file__).parent.parent / "tests" / "data" / "golden_torch.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", path)
 
