@@ -63,13 +63,13 @@ def test_serving_equals_qat_and_holds_no_float_weights(fmt, options):
 def test_rules_first_match_wins_and_errors_name_layers():
     model = qj.nnx.quantize_model(_mlp(), [("layers/2", None), (".*", qj.QuantSpec(axis=0))])
     assert type(model.layers[0]) is qj.nnx.QuantLinear and type(model.layers[2]) is nnx.Linear
-    with pytest.raises(ValueError, match=r"quantize_model: rule 'attention' matches no nnx.Linear layer"):
+    with pytest.raises(ValueError, match=r"quantize_model: rule 'attention' matches no Linear, Conv or Einsum layer"):
         qj.nnx.quantize_model(_mlp(), {"attention": qj.QuantSpec(axis=0)})
-    with pytest.raises(ValueError, match=r"layer 'layers/0': group_size 64 is larger than axis 0 of the kernel of shape \(16, 32\)"):
+    with pytest.raises(ValueError, match=r"layer 'layers/0': .*group_size 64 is larger than axis 0 of the kernel of shape \(16, 32\)"):
         qj.nnx.quantize_model(_mlp(), weight_spec=qj.QuantSpec(axis=0, group_size=64))
-    with pytest.raises(ValueError, match=r"axis 3 is out of range for layer 'layers/0' kernel of shape \(16, 32\)"):
+    with pytest.raises(ValueError, match=r"layer 'layers/0': axis: axis 3 is out of range for QuantLinear kernel of shape \(16, 32\)"):
         qj.nnx.quantize_model(_mlp(), weight_spec=qj.QuantSpec(axis=3))
-    with pytest.raises(ValueError, match=r"to_serving: the model holds no QuantLinear layer"):
+    with pytest.raises(ValueError, match=r"to_serving: the model holds no quantized layer"):
         qj.nnx.to_serving(_mlp())
 
 
@@ -83,14 +83,55 @@ def test_quantize_model_copies_unless_inplace():
 
 @pytest.mark.slow
 def test_digits_qat_reaches_float_accuracy_and_serves_identically():
-    rows = {r["model"]: r for r in demo.run(quick=True)}
-    float_acc = rows["float32"]["acc"]
-    assert rows["int4 QAT"]["acc"] >= float_acc - 0.005
-    assert rows["W4A8 QAT (int8 tokens)"]["acc"] >= float_acc - 0.01
-    for name in ("int4 QAT", "int4 QAT, learned scales", "W4A8 QAT (int8 tokens)"):
-        assert rows[name]["served_acc"] == rows[name]["acc"]
-        assert rows[name]["bytes"] * 7 < rows["float32"]["bytes"]
-    assert rows["int4 QAT"]["max_rel_diff"] <= 1e-6
-    # W4A8: a 1e-7 reassociation difference in one layer can move a next-layer activation across an int8
-    # rounding boundary (one level, 1/127 of its token's range), so serving equals QAT only that closely.
-    assert rows["W4A8 QAT (int8 tokens)"]["max_rel_diff"] <= 1e-2
+    rows = demo.run(quick=True)
+    for net in ("MLP", "CNN"):
+        by = {r["model"]: r for r in rows if r["net"] == net}
+        float_acc = by["float32"]["acc"]
+        assert by["int4 QAT"]["acc"] >= float_acc - 0.005, (net, by)
+        assert by["W4A8 QAT (int8 tokens)"]["acc"] >= float_acc - 0.01, (net, by)
+        for name in ("int4 QAT", "int4 QAT, learned scales", "W4A8 QAT (int8 tokens)"):
+            assert by[name]["served_acc"] == by[name]["acc"]
+            assert by[name]["bytes"] * 6 < by["float32"]["bytes"]
+        assert by["int4 QAT"]["max_rel_diff"] <= 1e-6
+        # W4A8: a 1e-7 reassociation difference in one layer can move a next-layer activation across an int8
+        # rounding boundary (one level, 1/127 of its token's range), so serving equals QAT only that closely.
+        assert by["W4A8 QAT (int8 tokens)"]["max_rel_diff"] <= 1e-2
+
+
+class _CNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.mix = nnx.Einsum("bhwc,cd->bhwd", (4, 6), (6,), rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.mix(nnx.relu(self.conv(x)))).mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("options", [{}, {"learn_scale": True}, {"act_spec": "int8"},
+                                     {"act_spec": qj.QuantSpec(format="int4"), "act_calibration": "static"}])
+def test_conv_and_einsum_qat_and_serving(options):
+    model = _CNN(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 1))
+    qat = qj.nnx.quantize_model(model, **options)
+    assert [type(m).__name__ for m in (qat.conv, qat.mix, qat.head)] == ["QuantConv", "QuantEinsum", "QuantLinear"]
+    assert qat.conv.weight_spec.axis == (0, 1, 2)  # one scale per output channel
+    grads = nnx.grad(lambda m: (m(x) ** 2).sum())(qat)
+    assert float(jnp.abs(grads["conv"]["kernel"][...]).sum()) > 0
+    qat.eval()
+    ref = qat(x)
+    served = qj.nnx.to_serving(qat)
+    assert [type(m).__name__ for m in (served.conv, served.mix, served.head)] == [
+        "ServingConv", "ServingEinsum", "ServingLinear"]
+    np.testing.assert_allclose(served(x), ref, rtol=1e-5, atol=1e-6)
+    # The conv kernel is stored packed: a QArray of uint8 codes, 4 bits per weight.
+    q = served.conv.qarray
+    assert q.packed.dtype == jnp.uint8 and q.shape == (3, 3, 1, 4)
+
+
+def test_standalone_layers_match_their_flax_twins():
+    conv = qj.nnx.QuantConv(2, 5, (3,), weight_spec=qj.QuantSpec(format="nf4", axis=(0, 1)), rngs=nnx.Rngs(0))
+    ref = nnx.Conv(2, 5, (3,), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (1, 7, 2))
+    ref.kernel[...] = qj.fake_quant(ref.kernel[...], conv.weight_spec)
+    np.testing.assert_array_equal(conv(x), ref(x))

@@ -1,9 +1,9 @@
 """The demo behind ``quantize-jax demo``: int4 QAT on scikit-learn's 8x8 digits, then packed serving.
 
-Trains an MLP in float, then compares int4 post-training rounding, int4 QAT
-(per channel), int4 QAT with learned scales and W4A8 QAT; each QAT model is
-converted to a packed int4 serving model and checked against it. Data: the
-1,797 digits that ship inside scikit-learn (no download).
+Trains an MLP and a small CNN in float, then compares int4 post-training
+rounding, int4 QAT (per channel), int4 QAT with learned scales and W4A8 QAT;
+each QAT model is converted to a packed int4 serving model and checked
+against it. Data: the 1,797 digits that ship inside scikit-learn (no download).
 """
 
 from __future__ import annotations
@@ -41,6 +41,18 @@ class MLP(nnx.Module):
         return self.out(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
 
 
+class CNN(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (3, 3), strides=(2, 2), rngs=rngs)
+        self.out = nnx.Linear(32 * 4 * 4, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.conv1(x.reshape(x.shape[:-1] + (8, 8, 1))))
+        h = nnx.relu(self.conv2(h))
+        return self.out(h.reshape(h.shape[0], -1))
+
+
 def train(model, data, *, epochs: int, lr: float, desc: str, batch: int = 64, seed: int = 0):
     """Adam on cross-entropy over minibatches; a tqdm bar per run. Returns the model."""
     (x, y), _ = data
@@ -74,50 +86,64 @@ def accuracy(model, data) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weight matrices (kernels or packed QArrays with scales), biases excluded."""
+    """Bytes of the weights (float kernels, or packed QArrays with their scales), biases excluded."""
     total = 0
     for _, m in nnx.iter_modules(model):
-        if isinstance(m, qj.nnx.ServingLinear):
-            total += m.weight.get_value().nbytes
-        elif isinstance(m, nnx.Linear):
-            total += m.kernel[...].nbytes
+        kernel = getattr(m, "kernel", None)
+        if isinstance(kernel, qj.nnx.QuantizedWeight):
+            total += kernel.get_value().nbytes
+        elif isinstance(kernel, nnx.Param):
+            total += kernel[...].nbytes
     return total
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Train, quantize, serve; print the table and return its rows."""
-    data = load_digits()
-    epochs, qat_epochs = (8, 3) if quick else (30, 10)
-    float_model = train(MLP(nnx.Rngs(0)), data, epochs=epochs, lr=2e-3, desc="float")
-    n_weights = sum(m.kernel.size for _, m in nnx.iter_modules(float_model) if isinstance(m, nnx.Linear))
-    rows = [{"model": "float32", "acc": accuracy(float_model, data), "bytes": weight_bytes(float_model)}]
+def _n_weights(model) -> int:
+    return sum(m.kernel.size for _, m in nnx.iter_modules(model) if isinstance(getattr(m, "kernel", None), nnx.Param))
 
-    spec = qj.QuantSpec(format="int4", axis=0)
-    ptq = qj.nnx.to_serving(qj.nnx.quantize_model(float_model, weight_spec=spec))
-    rows.append({"model": "int4 round-to-nearest (PTQ)", "acc": accuracy(ptq, data), "bytes": weight_bytes(ptq)})
 
+def compare(name: str, make, data, *, epochs: int, qat_epochs: int) -> list[dict]:
+    """Float training, PTQ and the QAT variants of one architecture; one row each."""
+    float_model = train(make(), data, epochs=epochs, lr=2e-3, desc=f"{name} float")
+    rows = [{"net": name, "model": "float32", "acc": accuracy(float_model, data), "bytes": weight_bytes(float_model),
+             "n_weights": _n_weights(float_model)}]
+    ptq = qj.nnx.to_serving(qj.nnx.quantize_model(float_model))
+    rows.append({"net": name, "model": "int4 round-to-nearest (PTQ)", "acc": accuracy(ptq, data),
+                 "bytes": weight_bytes(ptq), "n_weights": rows[0]["n_weights"]})
     variants = {
         "int4 QAT": {},
         "int4 QAT, learned scales": {"learn_scale": True},
         "W4A8 QAT (int8 tokens)": {"act_spec": "int8"},
     }
-    for name, kw in variants.items():
-        qat = train(qj.nnx.quantize_model(float_model, weight_spec=spec, **kw), data, epochs=qat_epochs,
-                    lr=5e-4, desc=name)
+    x_test = jnp.asarray(data[1][0])
+    for label, kw in variants.items():
+        qat = train(qj.nnx.quantize_model(float_model, **kw), data, epochs=qat_epochs, lr=5e-4,
+                    desc=f"{name} {label}")
         served = qj.nnx.to_serving(qat)
-        x_test = jnp.asarray(data[1][0])
         ref, out = qat(x_test), served(x_test)
         rows.append({
-            "model": name, "acc": accuracy(qat, data), "served_acc": accuracy(served, data),
+            "net": name, "model": label, "acc": accuracy(qat, data), "served_acc": accuracy(served, data),
             "max_rel_diff": float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))),
-            "bytes": weight_bytes(served),
+            "bytes": weight_bytes(served), "n_weights": rows[0]["n_weights"],
         })
-    print(f"\nMLP 64-128-128-10 on scikit-learn digits ({len(data[1][1])} test images), {n_weights} weights")
-    print(f"{'model':30} {'test acc':>8} {'served':>8} {'served vs QAT':>13} {'weight bytes':>12} {'bits/w':>6}")
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Train, quantize, serve both networks; print the table and return its rows.
+
+    Every layer is int4 with one scale per output channel.
+    """
+    data = load_digits()
+    epochs, qat_epochs = (8, 3) if quick else (30, 10)
+    rows = compare("MLP", lambda: MLP(nnx.Rngs(0)), data, epochs=epochs, qat_epochs=qat_epochs)
+    rows += compare("CNN", lambda: CNN(nnx.Rngs(0)), data, epochs=epochs, qat_epochs=qat_epochs)
+    print(f"\nscikit-learn digits, {len(data[1][1])} test images; int4 weights, one scale per output channel")
+    print(f"{'net':4} {'model':28} {'test acc':>8} {'served':>8} {'served vs QAT':>13} {'weight bytes':>12} {'bits/w':>6}")
     for r in rows:
         served = f"{r['served_acc']:8.4f}" if "served_acc" in r else f"{'':8}"
         diff = f"{r['max_rel_diff']:13.1e}" if "max_rel_diff" in r else f"{'':13}"
-        print(f"{r['model']:30} {r['acc']:8.4f} {served} {diff} {r['bytes']:12d} {8 * r['bytes'] / n_weights:6.2f}")
+        bits = 8 * r["bytes"] / r["n_weights"]
+        print(f"{r['net']:4} {r['model']:28} {r['acc']:8.4f} {served} {diff} {r['bytes']:12d} {bits:6.2f}")
     return rows
 
 

@@ -1,6 +1,7 @@
 """Flax NNX: quantization-aware training layers, model conversion, and QAT -> packed int4 serving.
 
-* :class:`QuantLinear` is a drop-in :class:`flax.nnx.Linear` (same arguments,
+* :class:`QuantLinear`, :class:`QuantConv`, :class:`QuantEinsum` are drop-ins for
+  ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` (same arguments,
   same ``kernel`` / ``bias`` parameters, so a float checkpoint loads as is)
   whose forward pass fake-quantizes the kernel (and optionally the inputs).
 * :func:`quantize_model` swaps the ``nnx.Linear`` layers of an existing model
@@ -31,19 +32,23 @@ from flax import nnx
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
-from quantize_jax.qarray import QArray, quantize
+from quantize_jax.qarray import QArray, dequantize, quantize
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
-
-DEFAULT_WEIGHT_SPEC = QuantSpec(format="int4", axis=0)
-
 
 class QuantStat(nnx.Variable):
     """Calibration statistics (an activation range): state, not a trainable parameter."""
 
 
 class QuantizedWeight(nnx.Variable):
-    """A packed 4-bit weight (a :class:`~quantize_jax.QArray`) of a serving layer."""
+    """A packed 4-bit weight (a :class:`~quantize_jax.QArray`) of a serving layer.
+
+    Indexing it (``w[...]``, as Flax layers read their kernel) gives the
+    dequantized values, so a Flax layer's own forward works over it.
+    """
+
+    def __getitem__(self, index):
+        return dequantize(self.get_value())[index]
 
 
 def _lsq_grad_scale(s, n_per_scale: int, qmax: float):
@@ -54,6 +59,10 @@ def _lsq_grad_scale(s, n_per_scale: int, qmax: float):
 
 class _ActQuant:
     """Activation fake-quant shared by the QAT and the serving layers."""
+
+    # Mixins add no slots and come after the Flax class in the bases, so that a Flax layer's object can be
+    # switched to its QAT or serving class (same memory layout); the layers call the Flax forward explicitly.
+    __slots__ = ()
 
     act_spec: QuantSpec | str | None
     act_calibration: str
@@ -88,36 +97,22 @@ class _ActQuant:
         return fake_quant(x, QuantSpec(format=spec.format), scale=s, zero_point=z)
 
 
-class QuantLinear(nnx.Linear, _ActQuant):
-    """``nnx.Linear`` with a fake-quantized 4-bit kernel, for quantization-aware training.
+class _QuantLayer(_ActQuant):
+    """QAT behaviour shared by the layers: the Flax layer's own forward, run with a fake-quantized kernel.
 
-    ``y = act(x) @ fake_quant(kernel, weight_spec) + bias``, with
-    straight-through gradients to the kernel (and LSQ gradients to a learned
-    scale).
-
-    Args:
-      in_features, out_features, **kwargs: as for ``nnx.Linear``.
-      weight_spec: how the kernel ``(in, out)`` is quantized; default int4 per
-        output channel (``axis=0``). ``group_size`` must not exceed ``in_features``.
-      act_spec: ``None``, ``"int8"`` or a 4-bit ``QuantSpec`` (module docstring).
-      act_calibration: ``"dynamic"`` or ``"static"``.
-      act_momentum: the moving-average momentum of the static observer.
-      learn_scale: learn the weight scale (and zero point) as ``nnx.Param`` s,
-        initialised from the kernel with ``weight_spec.method``.
-
-    Example:
-      >>> from flax import nnx
-      >>> import jax.numpy as jnp, quantize_jax as qj
-      >>> layer = qj.nnx.QuantLinear(8, 4, weight_spec=qj.QuantSpec(axis=0), rngs=nnx.Rngs(0))
-      >>> layer(jnp.ones((2, 8))).shape
-      (2, 4)
+    The kernel variable holds the float weight; for the duration of a call
+    its value is swapped for ``fake_quant(kernel)`` (a function of the float
+    value, so gradients reach it straight through) and restored after, so
+    the Flax layer's forward (padding, masks, einsum parsing, ...) is reused
+    as it is.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
-                 act_spec=None, act_calibration: str = "dynamic", act_momentum: float = 0.99,
-                 learn_scale: bool = False, **kwargs):
-        super().__init__(in_features, out_features, **kwargs)
-        _check_weight_spec(weight_spec, (in_features, out_features), type(self).__name__)
+    __slots__ = ()
+
+    def _init_quant(self, weight_spec, act_spec, act_calibration, act_momentum, learn_scale):
+        shape = tuple(self.kernel.shape)
+        weight_spec = self.default_weight_spec(shape) if weight_spec is None else weight_spec
+        _check_weight_spec(weight_spec, shape, type(self).__name__)
         self.weight_spec = weight_spec
         self._init_act(act_spec, act_calibration, act_momentum)
         self.learn_scale = learn_scale
@@ -125,6 +120,11 @@ class QuantLinear(nnx.Linear, _ActQuant):
         self.weight_zero_point = nnx.data(None)
         if learn_scale:
             self.init_scale_from_kernel()
+
+    @staticmethod
+    def default_weight_spec(kernel_shape) -> QuantSpec:
+        """int4, one scale per output channel: every kernel axis but the last is reduced."""
+        return QuantSpec(format="int4", axis=tuple(range(len(kernel_shape) - 1)) if len(kernel_shape) > 1 else None)
 
     def init_scale_from_kernel(self) -> None:
         """(Re)initialise the learned scale (and zero point) from the current kernel."""
@@ -148,48 +148,174 @@ class QuantLinear(nnx.Linear, _ActQuant):
         s, z = self._scale_and_zero()
         return fake_quant(self.kernel[...], self.weight_spec, scale=s, zero_point=z)
 
-    def __call__(self, inputs):
-        kernel = self.quantized_kernel()
-        bias = self.bias[...] if self.bias is not None else None
+    def _qat_call(self, flax_call, inputs, *args, **kwargs):
+        kernel_q = self.quantized_kernel()
         x = self._quant_act(inputs)
-        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
         if self.act_spec == "int8":
             x = matmul.fake_int8_tokens(x)
-        y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        if bias is not None:
-            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        original = self.kernel.get_value()
+        self.kernel.set_value(kernel_q)
+        try:
+            return flax_call(self, x, *args, **kwargs)
+        finally:
+            self.kernel.set_value(original)
 
 
-class ServingLinear(nnx.Module, _ActQuant):
-    """The serving form of :class:`QuantLinear`: a packed 4-bit weight used through ``qdot``.
+class QuantLinear(nnx.Linear, _QuantLayer):
+    """``nnx.Linear`` with a fake-quantized 4-bit kernel, for quantization-aware training.
 
-    Holds ``weight`` (a :class:`QuantizedWeight` wrapping a QArray) and
-    ``bias``; no float weight matrix.
+    ``y = act(x) @ fake_quant(kernel, weight_spec) + bias``, with
+    straight-through gradients to the kernel (and LSQ gradients to a learned
+    scale). The parameters are ``nnx.Linear``'s (plus ``weight_scale`` with
+    ``learn_scale``), so a float checkpoint loads as is.
+
+    Args:
+      in_features, out_features, **kwargs: as for ``nnx.Linear``.
+      weight_spec: how the kernel ``(in, out)`` is quantized; default int4 per
+        output channel (``axis=0``). ``group_size`` must not exceed ``in_features``.
+      act_spec: ``None``, ``"int8"`` or a 4-bit ``QuantSpec`` (module docstring).
+      act_calibration: ``"dynamic"`` or ``"static"``.
+      act_momentum: the moving-average momentum of the static observer.
+      learn_scale: learn the weight scale (and zero point) as ``nnx.Param`` s,
+        initialised from the kernel with ``weight_spec.method``.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> layer = qj.nnx.QuantLinear(8, 4, weight_spec=qj.QuantSpec(axis=0), rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 8))).shape
+      (2, 4)
     """
 
-    def __init__(self, layer: QuantLinear, backend: str = "auto"):
-        s, z = layer._scale_and_zero()
-        kernel = jax.lax.stop_gradient(layer.kernel[...])
-        self.weight = QuantizedWeight(quantize(kernel, layer.weight_spec, scale=s, zero_point=z))
-        self.bias = nnx.data(None) if layer.bias is None else nnx.Param(layer.bias[...])
-        self.dtype = layer.dtype
-        self.backend = backend
-        self.act_spec = layer.act_spec
-        self.act_calibration = layer.act_calibration
-        self.act_momentum = layer.act_momentum
-        self.use_running_average = True
-        self.act_range = nnx.data(None) if layer.act_range is None else QuantStat(layer.act_range[...])
+    __slots__ = ()
 
-    def __call__(self, inputs):
+    def __call__(self, inputs, *args, **kwargs):
+        return self._qat_call(nnx.Linear.__call__, inputs, *args, **kwargs)
+
+    def __init__(self, in_features: int, out_features: int, *, weight_spec: QuantSpec | None = None,
+                 act_spec=None, act_calibration: str = "dynamic", act_momentum: float = 0.99,
+                 learn_scale: bool = False, **kwargs):
+        nnx.Linear.__init__(self, in_features, out_features, **kwargs)
+        self._init_quant(weight_spec, act_spec, act_calibration, act_momentum, learn_scale)
+
+
+class QuantConv(nnx.Conv, _QuantLayer):
+    """``nnx.Conv`` with a fake-quantized 4-bit kernel; arguments as :class:`QuantLinear`.
+
+    The default ``weight_spec`` gives one scale per output channel (all
+    kernel axes but the last reduced).
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> conv = qj.nnx.QuantConv(3, 8, (3, 3), rngs=nnx.Rngs(0))
+      >>> conv(jnp.ones((1, 6, 6, 3))).shape
+      (1, 6, 6, 8)
+    """
+
+    __slots__ = ()
+
+    def __call__(self, inputs, *args, **kwargs):
+        return self._qat_call(nnx.Conv.__call__, inputs, *args, **kwargs)
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, *, weight_spec: QuantSpec | None = None,
+                 act_spec=None, act_calibration: str = "dynamic", act_momentum: float = 0.99,
+                 learn_scale: bool = False, **kwargs):
+        nnx.Conv.__init__(self, in_features, out_features, kernel_size, **kwargs)
+        self._init_quant(weight_spec, act_spec, act_calibration, act_momentum, learn_scale)
+
+
+class QuantEinsum(nnx.Einsum, _QuantLayer):
+    """``nnx.Einsum`` with a fake-quantized 4-bit kernel; arguments as :class:`QuantLinear`.
+
+    The default ``weight_spec`` reduces every kernel axis but the last.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> layer = qj.nnx.QuantEinsum("nta,hab->nthb", (8, 2, 4), (8, 4), rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((16, 11, 2))).shape
+      (16, 11, 8, 4)
+    """
+
+    __slots__ = ()
+
+    def __call__(self, inputs, *args, **kwargs):
+        return self._qat_call(nnx.Einsum.__call__, inputs, *args, **kwargs)
+
+    def __init__(self, einsum_str: str, kernel_shape, bias_shape=None, *, weight_spec: QuantSpec | None = None,
+                 act_spec=None, act_calibration: str = "dynamic", act_momentum: float = 0.99,
+                 learn_scale: bool = False, **kwargs):
+        nnx.Einsum.__init__(self, einsum_str, kernel_shape, bias_shape, **kwargs)
+        self._init_quant(weight_spec, act_spec, act_calibration, act_momentum, learn_scale)
+
+
+class _ServingLayer(_ActQuant):
+    """Serving behaviour: the kernel is a :class:`QuantizedWeight`, read as its dequantized value."""
+
+    __slots__ = ()
+
+    def _serving_call(self, flax_call, inputs, *args, **kwargs):
+        x = self._quant_act(inputs)
+        if self.act_spec == "int8":
+            x = matmul.fake_int8_tokens(x)
+        return flax_call(self, x, *args, **kwargs)
+
+    @property
+    def qarray(self) -> QArray:
+        """The packed weight."""
+        return self.kernel.get_value()
+
+
+class ServingLinear(nnx.Linear, _ServingLayer):
+    """The serving form of :class:`QuantLinear`: ``qdot`` over the packed weight, no float matrix."""
+
+    __slots__ = ()
+
+    def __call__(self, inputs, out_sharding=None):
         x = self._quant_act(inputs)
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        q: QArray = self.weight.get_value() if hasattr(self.weight, "get_value") else self.weight.value
-        y = matmul.qdot(x, q, backend=self.backend, act_quant="int8" if self.act_spec == "int8" else None)
+        y = matmul.qdot(x, self.qarray, backend=self.backend, act_quant="int8" if self.act_spec == "int8" else None)
         if self.bias is not None:
             y = y + jnp.reshape(self.bias[...], (1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
         return y
+
+
+class ServingConv(nnx.Conv, _ServingLayer):
+    """The serving form of :class:`QuantConv`: the packed kernel is dequantized inside the forward pass."""
+
+    __slots__ = ()
+
+    def __call__(self, inputs, *args, **kwargs):
+        return self._serving_call(nnx.Conv.__call__, inputs, *args, **kwargs)
+
+
+class ServingEinsum(nnx.Einsum, _ServingLayer):
+    """The serving form of :class:`QuantEinsum`: the packed kernel is dequantized inside the forward pass."""
+
+    __slots__ = ()
+
+    def __call__(self, inputs, *args, **kwargs):
+        return self._serving_call(nnx.Einsum.__call__, inputs, *args, **kwargs)
+
+
+_SERVING = {QuantLinear: ServingLinear, QuantConv: ServingConv, QuantEinsum: ServingEinsum}
+_FLAX_TO_QUANT = {nnx.Linear: QuantLinear, nnx.Conv: QuantConv, nnx.Einsum: QuantEinsum}
+
+
+def _serving_layer(layer: _QuantLayer, backend: str):
+    """A copy of ``layer`` turned into its serving class, its kernel replaced by the packed QArray."""
+    s, z = layer._scale_and_zero()
+    q = quantize(jax.lax.stop_gradient(layer.kernel[...]), layer.weight_spec, scale=s, zero_point=z)
+    served = nnx.clone(layer)
+    served.__class__ = _SERVING[type(layer)]
+    served.kernel = QuantizedWeight(q)
+    served.weight_scale = nnx.data(None)
+    served.weight_zero_point = nnx.data(None)
+    served.use_running_average = True
+    served.backend = backend
+    return served
 
 
 def _check_weight_spec(spec: QuantSpec, shape, where: str) -> None:
@@ -205,6 +331,7 @@ def _check_weight_spec(spec: QuantSpec, shape, where: str) -> None:
 
 
 Rules = Mapping[str, "QuantSpec | None"] | Sequence[tuple[str, "QuantSpec | None"]]
+"""Layer rules: regular expressions over layer paths -> a weight spec, or None to keep the layer float."""
 
 
 def _path_str(path) -> str:
@@ -212,8 +339,9 @@ def _path_str(path) -> str:
 
 
 def _rules(rules, weight_spec):
+    """Compiled ``(regex, spec, skip)`` triples; ``spec=None`` with ``skip=False`` means the layer default."""
     if rules is None:
-        rules = [(".*", weight_spec)]
+        return [(re.compile(".*"), weight_spec, False)]
     items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     out = []
     for item in items:
@@ -222,14 +350,19 @@ def _rules(rules, weight_spec):
         pattern, spec = item
         if spec is not None and spec != "skip" and not isinstance(spec, QuantSpec):
             raise ValueError(f"rules: rule {pattern!r} maps to {spec!r}; expected a QuantSpec, None or 'skip'")
-        out.append((re.compile(pattern), None if spec == "skip" else spec))
+        skip = spec is None or spec == "skip"
+        out.append((re.compile(pattern), None if skip else spec, skip))
     return out
 
 
-def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
-                   act_spec=None, act_calibration: str = "dynamic", learn_scale: bool = False,
-                   inplace: bool = False) -> nnx.Module:
-    """Replace the ``nnx.Linear`` layers of ``model`` by :class:`QuantLinear`, parameters copied.
+def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec: QuantSpec | None = None,
+                   act_spec=None, act_calibration: str = "dynamic", act_momentum: float = 0.99,
+                   learn_scale: bool = False, inplace: bool = False) -> nnx.Module:
+    """Replace the ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` layers of ``model`` by their QAT versions.
+
+    Each replaced layer keeps its configuration and its parameters (it is a
+    copy of the Flax layer, turned into :class:`QuantLinear`,
+    :class:`QuantConv` or :class:`QuantEinsum`).
 
     Args:
       model: an NNX model.
@@ -237,8 +370,10 @@ def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec
         paths (``"blocks/0/mlp"``); the first rule whose regex
         ``re.search``-es the path decides: a spec quantizes the layer with
         that weight spec, ``None`` leaves it float. Unmatched layers stay
-        float. Default: every Linear with ``weight_spec``.
-      weight_spec, act_spec, act_calibration, learn_scale: as for QuantLinear.
+        float. Default: every layer with ``weight_spec``.
+      weight_spec: the spec of the default rule; ``None``: int4 per output
+        channel for each layer.
+      act_spec, act_calibration, act_momentum, learn_scale: as for QuantLinear.
       inplace: modify ``model`` itself instead of a copy.
 
     Returns:
@@ -262,51 +397,55 @@ def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec
     used = [False] * len(compiled)
     targets = []
     for path, module in nnx.iter_modules(model):
-        if type(module) is not nnx.Linear:
+        if type(module) not in _FLAX_TO_QUANT:
             continue
         p = _path_str(path)
-        for i, (regex, spec) in enumerate(compiled):
+        for i, (regex, spec, skip) in enumerate(compiled):
             if regex.search(p):
                 used[i] = True
-                if spec is not None:
+                if not skip:
                     targets.append((path, module, spec))
                 break
-    for (regex, _), u in zip(compiled, used):
+    for (regex, _, _), u in zip(compiled, used):
         if not u:
-            raise ValueError(f"quantize_model: rule {regex.pattern!r} matches no nnx.Linear layer of the model")
-    for path, lin, spec in targets:
+            raise ValueError(f"quantize_model: rule {regex.pattern!r} matches no Linear, Conv or Einsum layer")
+    for path, layer, spec in targets:
+        new = nnx.clone(layer)
+        new.__class__ = _FLAX_TO_QUANT[type(layer)]
         try:
-            _check_weight_spec(spec, lin.kernel.shape, f"layer {_path_str(path)!r}")
+            new._init_quant(spec, act_spec, act_calibration, act_momentum, learn_scale)
         except ValueError as e:
-            raise ValueError(f"quantize_model: {e}") from None
-        new = QuantLinear(
-            lin.in_features, lin.out_features, use_bias=lin.use_bias, dtype=lin.dtype, param_dtype=lin.param_dtype,
-            precision=lin.precision, dot_general=lin.dot_general, rngs=nnx.Rngs(0), weight_spec=spec,
-            act_spec=act_spec, act_calibration=act_calibration, learn_scale=learn_scale,
-        )
-        new.kernel[...] = lin.kernel[...]
-        if lin.bias is not None:
-            new.bias[...] = lin.bias[...]
-        if learn_scale:
-            new.init_scale_from_kernel()  # from the copied kernel
+            raise ValueError(f"quantize_model: layer {_path_str(path)!r}: {e}") from None
         _replace(model, path, new)
     return model
 
 
 def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = False) -> nnx.Module:
-    """A QAT model -> a serving model: each :class:`QuantLinear` becomes a :class:`ServingLinear`
-    holding a packed QArray; outputs equal the QAT model's up to float reassociation.
+    """A QAT model -> a serving model whose weights are packed QArrays, no float weights left.
+
+    ``QuantLinear`` becomes :class:`ServingLinear` (``qdot`` over the packed
+    weight); ``QuantConv`` / ``QuantEinsum`` become :class:`ServingConv` /
+    :class:`ServingEinsum` (the packed kernel dequantized inside the forward
+    pass). Outputs equal the QAT model's up to float reassociation; learned
+    scales carry over.
+
+    Args:
+      model: a model holding QAT layers (or a single QAT layer).
+      backend: the ``qdot`` backend of the Linear layers.
+      inplace: convert ``model`` itself instead of a copy.
 
     Raises:
-      ValueError: the model holds no QuantLinear.
+      ValueError: the model holds no QAT layer.
     """
+    if isinstance(model, _QuantLayer):
+        return _serving_layer(model, backend)
     if not inplace:
         model = nnx.clone(model)
-    targets = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)]
+    targets = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, _QuantLayer)]
     if not targets:
-        raise ValueError("to_serving: the model holds no QuantLinear layer; quantize it with quantize_model first")
+        raise ValueError("to_serving: the model holds no quantized layer; quantize it with quantize_model first")
     for path, layer in targets:
-        _replace(model, path, ServingLinear(layer, backend=backend))
+        _replace(model, path, _serving_layer(layer, backend))
     return model
 
 
