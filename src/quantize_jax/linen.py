@@ -1,0 +1,176 @@
+"""Flax Linen: quantization-aware training and packed int4 serving.
+
+* :class:`QuantDense` — ``nn.Dense`` with a fake-quantized kernel (same
+  ``kernel`` / ``bias`` parameters). When its ``kernel`` parameter is a
+  :class:`~quantize_jax.QArray` (after :func:`to_serving_params`), the same
+  module serves: ``qdot`` over the packed weight.
+* :func:`quant_dot_general` / :func:`quant_conv_general_dilated` — functions
+  to inject into a stock ``nn.Dense(dot_general=...)``,
+  ``nn.DenseGeneral(dot_general=...)`` or
+  ``nn.Conv(conv_general_dilated=...)`` for QAT of existing Linen models.
+* :func:`to_serving_params` — QAT variables -> serving variables (packed
+  QArrays in place of the kernels, learned scales folded in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+from quantize_jax import matmul
+from quantize_jax.calibrate import compute_scale
+from quantize_jax.qarray import QArray, quantize
+from quantize_jax.spec import QuantSpec
+from quantize_jax.ste import fake_quant
+
+
+def quant_dot_general(weight_spec: QuantSpec, act_spec: QuantSpec | str | None = None):
+    """A ``lax.dot_general`` whose right operand (the kernel) is fake-quantized with ``weight_spec``.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, quantize_jax as qj
+      >>> dense = nn.Dense(4, dot_general=qj.linen.quant_dot_general(qj.QuantSpec(axis=0)))
+      >>> params = dense.init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> dense.apply(params, jnp.ones((1, 8))).shape
+      (1, 4)
+    """
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+        return lax.dot_general(_act(lhs, act_spec), fake_quant(rhs, weight_spec), dimension_numbers,
+                               precision=precision, preferred_element_type=preferred_element_type)
+
+    return dot_general
+
+
+def quant_conv_general_dilated(weight_spec: QuantSpec, act_spec: QuantSpec | str | None = None):
+    """A ``lax.conv_general_dilated`` whose kernel is fake-quantized with ``weight_spec``
+    (for ``nn.Conv(conv_general_dilated=...)``; HWIO kernels: ``axis=(0, 1, 2)`` is per output channel)."""
+
+    def conv(lhs, rhs, *args, **kwargs):
+        return lax.conv_general_dilated(_act(lhs, act_spec), fake_quant(rhs, weight_spec), *args, **kwargs)
+
+    return conv
+
+
+def _act(x, act_spec):
+    if act_spec is None:
+        return x
+    if act_spec == "int8":
+        return matmul.fake_int8_tokens(x)
+    return fake_quant(x, act_spec)
+
+
+class QuantDense(nn.Module):
+    """``nn.Dense`` for quantization-aware training and packed serving.
+
+    QAT: ``y = act(x) @ fake_quant(kernel, weight_spec) + bias`` with
+    straight-through (and, with ``learn_scale``, LSQ) gradients. Serving: when
+    the ``kernel`` parameter is a QArray (see :func:`to_serving_params`),
+    ``y = qdot(act(x), kernel) + bias`` — the same outputs.
+
+    Attributes:
+      features, use_bias, dtype, param_dtype, precision, kernel_init,
+        bias_init: as for ``nn.Dense`` (same parameter names and shapes).
+      weight_spec: default int4 per output channel (``axis=0``).
+      act_spec: ``None``, ``"int8"`` (W4A8, per token) or a 4-bit QuantSpec
+        (dynamic).
+      learn_scale: a ``weight_scale`` parameter (and ``weight_zero_point``
+        for uint4), initialised from the kernel.
+      backend: the ``qdot`` backend when serving.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> layer = qj.linen.QuantDense(4)
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> served = qj.linen.to_serving_params(layer, variables, jnp.ones((1, 8)))
+      >>> type(served["params"]["kernel"]).__name__
+      'QArray'
+      >>> bool(jnp.allclose(layer.apply(served, jnp.ones((1, 8))), layer.apply(variables, jnp.ones((1, 8)))))
+      True
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+    weight_spec: QuantSpec = QuantSpec(format="int4", axis=0)
+    act_spec: QuantSpec | str | None = None
+    learn_scale: bool = False
+    backend: str = "auto"
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if not isinstance(kernel, QArray):  # a packed kernel has no float shape to check against
+            kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x = inputs if self.dtype is None else inputs.astype(self.dtype)
+        if isinstance(kernel, QArray):  # serving parameters
+            x = x if self.act_spec in (None, "int8") else fake_quant(x, self.act_spec)
+            y = matmul.qdot(x, kernel, backend=self.backend, act_quant="int8" if self.act_spec == "int8" else None)
+        else:
+            s, z = self._scale_and_zero(kernel)
+            kernel_q = fake_quant(kernel, self.weight_spec, scale=s, zero_point=z)
+            if self.is_mutable_collection("qarrays") and not self.is_initializing():  # to_serving_params collects
+                self.put_variable("qarrays", "kernel", quantize(lax.stop_gradient(kernel), self.weight_spec,
+                                                                scale=s, zero_point=z))
+            x, kernel_q = (x, kernel_q) if self.dtype is None else (x, kernel_q.astype(self.dtype))
+            y = lax.dot_general(_act(x, self.act_spec), kernel_q, (((x.ndim - 1,), (0,)), ((), ())),
+                                precision=self.precision)
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
+        return y
+
+    def _scale_and_zero(self, kernel):
+        if not self.learn_scale:
+            return None, None
+        spec = self.weight_spec
+
+        def init(index):  # calibrated from the kernel, at init only
+            return lambda _: compute_scale(lax.stop_gradient(kernel), spec)[index].astype(jnp.float32)
+
+        s = self.param("weight_scale", init(0))
+        z = self.param("weight_zero_point", init(1)) if spec.fmt.has_zero_point else None
+        return s.astype(spec.scale_dtype), z
+
+
+def to_serving_params(module: nn.Module, variables, *args, **kwargs):
+    """QAT variables -> serving variables for the same ``module``.
+
+    Runs ``module`` once on sample ``args`` to collect, from every
+    :class:`QuantDense`, its kernel quantized to a packed QArray (with its
+    learned scale); returns ``variables`` with those QArrays in place of the
+    kernels and the learned scales removed. ``module.apply(serving, x)`` then
+    serves through ``qdot``.
+
+    Raises:
+      ValueError: the module holds no QuantDense.
+    """
+    _, state = module.apply(variables, *args, mutable=["qarrays"], **kwargs)
+    qarrays = state.get("qarrays", {})
+    if not qarrays:
+        raise ValueError("to_serving_params: the module holds no QuantDense layer to convert")
+    params = dict(variables["params"])
+    _merge(params, qarrays, path=())
+    out = dict(variables)
+    out["params"] = params
+    return out
+
+
+def _merge(params: dict, qarrays: dict, path) -> None:
+    for name, value in qarrays.items():
+        if isinstance(value, QArray):
+            params[name] = value
+            params.pop("weight_scale", None)
+            params.pop("weight_zero_point", None)
+        else:
+            if name not in params:
+                raise ValueError(f"to_serving_params: no parameters at {'/'.join(path + (name,))}")
+            params[name] = dict(params[name])
+            _merge(params[name], value, path + (name,))
