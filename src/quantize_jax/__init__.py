@@ -20,6 +20,9 @@ from quantize_jax.qarray import QArray
 from quantize_jax.qarray import dequantize
 from quantize_jax.qarray import quantize
 from quantize_jax.spec import QuantSpec
+from quantize_jax.io import CheckpointError
+from quantize_jax.io import load
+from quantize_jax.io import save
 from quantize_jax.matmul import qdot
 from quantize_jax.matmul import qeinsum
 from quantize_jax.ste import fake_quant
@@ -39,6 +42,7 @@ def __getattr__(name):
 
 
 __all__ = (
+    "CheckpointError",
     "FORMATS",
     "Format",
     "QArray",
@@ -47,11 +51,13 @@ __all__ = (
     "dequantize",
     "fake_quant",
     "get_format",
+    "load",
     "pack_int4",
     "qdot",
     "qeinsum",
     "quantize",
     "round_ste",
+    "save",
     "stochastic_round",
     "unpack_int4",
 )

@@ -1,0 +1,103 @@
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quantize_jax as qj
+
+from .conftest import FORMATS
+
+
+def _tree():
+    w = jax.random.normal(jax.random.key(0), (6, 7))
+    return {
+        "layers": [
+            {fmt: qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=4)) for fmt in FORMATS},
+            {"kernel": qj.quantize(w.astype(jnp.bfloat16), qj.QuantSpec(axis=(0, 1), scale_dtype="bfloat16")),
+             "bias": jnp.arange(3, dtype=jnp.bfloat16)},
+        ],
+        "step": 12,
+        "name": "mlp",
+        "extra": (jnp.ones((2,), jnp.int32), None, 0.5),
+    }
+
+
+def _assert_same(a, b):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        if hasattr(x, "dtype"):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+        else:
+            assert x == y
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    tree = _tree()
+    path = tmp_path / "ckpt.safetensors"
+    qj.save(path, tree)
+    back = qj.load(path)
+    _assert_same(tree, back)
+    assert back["layers"][0]["uint4"].spec == tree["layers"][0]["uint4"].spec
+    np.testing.assert_array_equal(qj.dequantize(back["layers"][0]["nf4"]), qj.dequantize(tree["layers"][0]["nf4"]))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # the temporary file was renamed
+
+
+def test_file_is_plain_safetensors_with_packed_codes(tmp_path):
+    from safetensors.numpy import load_file
+
+    path = tmp_path / "ckpt.safetensors"
+    qj.save(path, {"w": qj.quantize(jnp.ones((4, 8)), qj.QuantSpec(axis=0))})
+    raw = load_file(path)
+    assert raw["w.packed"].dtype == np.uint8 and raw["w.packed"].shape == (4, 4)
+    assert raw["w.scale"].shape == (1, 8)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    qj.save(path, _tree())
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(qj.CheckpointError, match=r"truncated"):
+        qj.load(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(qj.CheckpointError, match=r"not a readable safetensors file"):
+        qj.load(path)
+
+
+def test_altered_bytes_are_refused(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    qj.save(path, _tree())
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # one bit of the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(qj.CheckpointError, match=r"checksum mismatch: the file was altered"):
+        qj.load(path)
+
+
+def test_other_files_and_bad_trees_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"a": np.zeros(3, np.float32)}, other)
+    with pytest.raises(qj.CheckpointError, match=r"not a quantize_jax checkpoint"):
+        qj.load(other)
+    with pytest.raises(FileNotFoundError, match=r"no such file"):
+        qj.load(tmp_path / "missing.safetensors")
+    with pytest.raises(TypeError, match=r"save: unsupported leaf of type object at 'a'"):
+        qj.save(tmp_path / "x.safetensors", {"a": object()})
+
+
+def test_orbax_saves_and_restores_qarrays(tmp_path):
+    import orbax.checkpoint as ocp
+
+    tree = {"w": qj.quantize(jax.random.normal(jax.random.key(1), (8, 6)), qj.QuantSpec(format="uint4", axis=0))}
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "orbax", tree)
+    ckpt.wait_until_finished()
+    back = ckpt.restore(tmp_path / "orbax", jax.eval_shape(lambda: tree))
+    _assert_same(tree, back)
