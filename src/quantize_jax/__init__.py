@@ -16,6 +16,7 @@ from quantize_jax.formats import Format
 from quantize_jax.formats import get_format
 from quantize_jax.packing import pack_int4
 from quantize_jax.packing import unpack_int4
+from quantize_jax.ptq import quantize_params
 from quantize_jax.qarray import QArray
 from quantize_jax.qarray import dequantize
 from quantize_jax.qarray import quantize
@@ -54,6 +55,7 @@ __all__ = (
     "load",
     "pack_int4",
     "qdot",
+    "quantize_params",
     "qeinsum",
     "quantize",
     "round_ste",

@@ -1,0 +1,310 @@
+"""Post-training quantization of whole parameter trees, with a per-leaf report, and GPTQ.
+
+``quantize_params(params)`` walks any pytree (plain dicts, Flax Linen
+params, NNX state), quantizes the leaves chosen by rules into QArrays, one
+leaf at a time under ``jit`` (peak memory stays near the largest leaf), and
+reports per leaf: path, shape, spec, SQNR and bytes before and after.
+
+``gptq(w, x, spec)`` quantizes a ``(K, N)`` Dense kernel column by column
+with error compensation (Frantar et al., 2022, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers"): minimising
+``||x @ w - x @ w_hat||^2`` instead of ``||w - w_hat||^2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from quantize_jax import _layout
+from quantize_jax.calibrate import check_float_array, grouped_scale
+from quantize_jax.qarray import QArray, dequantize, quantize
+from quantize_jax.spec import QuantSpec
+from quantize_jax.formats import dequantize_codes, quantize_to_codes
+
+_SKIP_BY_DEFAULT = re.compile(r"(^|/)(bias|scale|norm|ln|layernorm|rmsnorm|embedding_norm)[^/]*$", re.I)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+    """What happened to one leaf: its path, shape, spec (None: kept as it was), SQNR and bytes."""
+
+    path: str
+    shape: tuple[int, ...]
+    spec: QuantSpec | None
+    sqnr_db: float | None
+    bytes_before: int
+    bytes_after: int
+    method: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQReport:
+    """The per-leaf report of :func:`quantize_params`; ``str()`` gives a table."""
+
+    leaves: tuple[LeafReport, ...]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.leaves)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.leaves)
+
+    @property
+    def quantized(self) -> tuple[LeafReport, ...]:
+        return tuple(r for r in self.leaves if r.spec is not None)
+
+    def __str__(self) -> str:
+        lines = [f"{'path':40} {'shape':>16} {'format':>6} {'group':>5} {'method':>10} {'SQNR dB':>8} "
+                 f"{'bytes before':>12} {'bytes after':>12}"]
+        for r in self.leaves:
+            fmt = r.spec.format if r.spec else "-"
+            group = str(r.spec.group_size or "-") if r.spec else "-"
+            sqnr = f"{r.sqnr_db:8.2f}" if r.sqnr_db is not None else f"{'-':>8}"
+            lines.append(f"{r.path[:40]:40} {str(r.shape):>16} {fmt:>6} {group:>5} {r.method or '-':>10} {sqnr} "
+                         f"{r.bytes_before:12d} {r.bytes_after:12d}")
+        ratio = self.bytes_before / max(self.bytes_after, 1)
+        lines.append(f"total: {len(self.quantized)} of {len(self.leaves)} leaves quantized, "
+                     f"{self.bytes_before} -> {self.bytes_after} bytes ({ratio:.2f}x smaller)")
+        return "\n".join(lines)
+
+
+def default_spec(shape) -> QuantSpec:
+    """int4 with the ``mse`` clipping search, one scale per output channel, groups of 128 along the input
+    axis of a 2-D kernel of at least 256 rows (kernels: inputs on the leading axes, outputs last)."""
+    if len(shape) == 2:
+        group = 128 if shape[0] >= 256 else None
+        return QuantSpec(format="int4", axis=0, group_size=group, method="mse")
+    return QuantSpec(format="int4", axis=tuple(range(len(shape) - 1)), method="mse")
+
+
+def path_str(path) -> str:
+    """``"layers/0/kernel"`` for a ``jax.tree_util`` key path."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(p for p in parts if p not in ("value", "raw_value"))
+
+
+def quantize_params(params, rules=None, *, min_size: int = 4096, calibration: Mapping | None = None,
+                    progress: bool = True):
+    """Quantize the float leaves of a parameter tree into QArrays.
+
+    Args:
+      params: any pytree of arrays (dicts, Linen params, NNX state).
+      rules: ``{regex: QuantSpec | None}`` or a list of pairs over the leaf
+        paths (``"layers/0/kernel"``); the first rule whose regex
+        ``re.search``-es the path decides (``None`` or ``"skip"`` keeps the
+        leaf). Leaves no rule matches get the default: float arrays with at
+        least 2 dimensions and ``min_size`` elements, not biases or norms, with
+        :func:`default_spec`.
+      min_size: the size below which the default leaves a leaf float.
+      calibration: ``{path: x}`` with calibration inputs ``x`` of shape
+        ``(n, K)`` for 2-D kernels ``(K, N)`` to quantize with :func:`gptq`
+        instead of rounding to nearest.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      ``(quantized_params, report)``: the same tree with QArray leaves, and a
+      :class:`PTQReport` (``print(report)`` gives the table).
+
+    Raises:
+      ValueError: a leaf chosen for quantization holds NaN or Inf (its path is
+        named), or a rule's spec does not fit its leaf.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (256, 64)), "bias": jnp.zeros(64)}}
+      >>> qparams, report = qj.quantize_params(params, progress=False)
+      >>> type(qparams["dense"]["kernel"]).__name__, report.quantized[0].spec.group_size
+      ('QArray', 128)
+    """
+    compiled = _compile(rules)
+    calibration = dict(calibration or {})
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda a: isinstance(a, QArray))
+    out, reports = [], []
+    iterator = leaves
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(leaves, desc="quantize_params", unit="leaf")
+    for key_path, leaf in iterator:
+        path = path_str(key_path)
+        spec = _choose(path, leaf, compiled, min_size)
+        nbytes = _nbytes(leaf)
+        if spec is None:
+            out.append(leaf)
+            reports.append(LeafReport(path, tuple(np.shape(leaf)), None, None, nbytes, nbytes))
+            continue
+        x = jnp.asarray(leaf)
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(f"quantize_params: leaf {path!r} of shape {x.shape} holds NaN or Inf; refusing to quantize")
+        try:
+            if path in calibration:
+                q = gptq(x, calibration.pop(path), spec)
+                method = "gptq"
+            else:
+                q = _quantize_jit(x, spec)
+                method = spec.method
+        except ValueError as e:
+            raise ValueError(f"quantize_params: leaf {path!r}: {e}") from None
+        out.append(q)
+        reports.append(LeafReport(path, tuple(x.shape), spec, _sqnr_db(x, q), nbytes, q.nbytes, method))
+    if calibration:
+        raise ValueError(f"quantize_params: calibration given for paths that were not quantized: {sorted(calibration)}")
+    return jax.tree_util.tree_unflatten(treedef, out), PTQReport(tuple(reports))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_jit(x, spec):
+    return quantize(x, spec)
+
+
+@jax.jit
+def _sqnr_jit(x, x_hat):
+    x = x.astype(jnp.float32)
+    err = jnp.sum(jnp.square(x - x_hat.astype(jnp.float32)))
+    return 10.0 * jnp.log10(jnp.sum(jnp.square(x)) / err)
+
+
+def _sqnr_db(x, q: QArray) -> float:
+    return float(_sqnr_jit(x, dequantize(q, jnp.float32)))
+
+
+def _nbytes(leaf) -> int:
+    if isinstance(leaf, QArray):
+        return leaf.nbytes
+    if hasattr(leaf, "nbytes"):
+        return int(leaf.nbytes)
+    return 0
+
+
+def _compile(rules):
+    if rules is None:
+        return []
+    items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+    out = []
+    for item in items:
+        if not (isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"rules: each rule is (regex, QuantSpec or None), got {item!r}")
+        pattern, spec = item
+        if spec is not None and spec != "skip" and not isinstance(spec, QuantSpec):
+            raise ValueError(f"rules: rule {pattern!r} maps to {spec!r}; expected a QuantSpec, None or 'skip'")
+        out.append((re.compile(pattern), None if spec == "skip" else spec))
+    return out
+
+
+def _choose(path, leaf, compiled, min_size):
+    if isinstance(leaf, QArray) or not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return None
+    for regex, spec in compiled:
+        if regex.search(path):
+            return spec
+    shape = tuple(leaf.shape)
+    if len(shape) < 2 or math.prod(shape) < min_size or _SKIP_BY_DEFAULT.search(path):
+        return None
+    return default_spec(shape)
+
+
+def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
+    """GPTQ: quantize a Dense kernel ``w`` ``(K, N)`` for inputs ``x`` ``(n, K)`` with error compensation.
+
+    Rows of ``w`` (input features) are quantized in order; after each, the
+    remaining rows absorb the error weighted by the inverse Hessian
+    ``H = x^T x / n + damp * mean(diag) * I`` (its upper Cholesky factor, as in
+    the paper). Group scales are fixed when the walk reaches their group,
+    from the weights as updated so far.
+
+    Args:
+      w: ``(K, N)`` float kernel.
+      x: ``(n, K)`` calibration inputs of the layer.
+      spec: scales along K: per output channel (``axis=0``) or groups along
+        axis 0; any format and method.
+      damp: the dampening, relative to the mean diagonal of ``H``.
+
+    Returns:
+      A QArray whose ``x @ dequantize(q)`` approximates ``x @ w`` better than
+      rounding to nearest.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> x = jax.random.normal(jax.random.key(0), (512, 64)) @ jax.random.normal(jax.random.key(1), (64, 64))
+      >>> w = jax.random.normal(jax.random.key(2), (64, 32))
+      >>> spec = qj.QuantSpec(axis=0, group_size=32)
+      >>> err = lambda q: float(jnp.sum((x @ w - x @ qj.dequantize(q)) ** 2))
+      >>> err(qj.ptq.gptq(w, x, spec)) < err(qj.quantize(w, spec))
+      True
+    """
+    w = check_float_array(w, "w", "gptq")
+    x = check_float_array(x, "x", "gptq")
+    if w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"gptq: expected w of shape (K, N) and x of shape (n, K), got w {w.shape} and x {x.shape}")
+    lay = _layout.layout(w.shape, spec, "w")
+    if not (lay.group_axis == 0 or (lay.group_axis is None and lay.reduced == (0,))):
+        raise ValueError(f"gptq: the spec must put scales along axis 0 (axis=0, optionally grouped), got axis={spec.axis!r}")
+    s, z, w_hat = _gptq_jit(w.astype(jnp.float32), x.astype(jnp.float32), spec, float(damp))
+    return quantize(w_hat, spec, scale=s, zero_point=z)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _gptq_jit(w, x, spec, damp):
+    k, n = w.shape
+    lay = _layout.layout(w.shape, spec)
+    gs = lay.group_size if lay.group_axis == 0 else k
+    groups = -(-k // gs)
+    h = x.T @ x / x.shape[0]
+    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
+    u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T  # upper factor: H^-1 = U^T U
+    wp = jnp.pad(w, ((0, groups * gs - k), (0, 0)))
+    one_group = QuantSpec(format=spec.format, axis=0, method=spec.method, scale_dtype=spec.scale_dtype,
+                          percentile=spec.percentile, mse_steps=spec.mse_steps, mse_min_ratio=spec.mse_min_ratio)
+    one_lay = _layout.layout((gs, n), one_group)
+    has_z = spec.fmt.has_zero_point
+    up = jnp.pad(u, ((0, groups * gs - k), (0, groups * gs - k)))
+
+    def row(i, carry):
+        wc, scales, zeros = carry
+        g = i // gs
+
+        def new_scale(c):
+            wc_, scales_, zeros_ = c
+            block = lax.dynamic_slice_in_dim(wc_, g * gs, gs, axis=0)
+            valid = (g * gs + jnp.arange(gs)) < k
+            s_g, z_g = grouped_scale(jnp.where(valid[:, None], block, 0.0), one_lay, one_group)
+            scales_ = lax.dynamic_update_slice_in_dim(scales_, s_g.astype(scales_.dtype), g, axis=0)
+            if has_z:
+                zeros_ = lax.dynamic_update_slice_in_dim(zeros_, z_g.astype(zeros_.dtype), g, axis=0)
+            return wc_, scales_, zeros_
+
+        wc, scales, zeros = lax.cond(i % gs == 0, new_scale, lambda c: c, (wc, scales, zeros))
+        s_row = scales[g]
+        z_row = zeros[g] if has_z else None
+        w_row = wc[i]
+        q_row = dequantize_codes(quantize_to_codes(w_row, s_row, z_row, spec.fmt), s_row, z_row, spec.fmt)
+        err = (w_row - q_row) / up[i, i]
+        wc = wc - up[i][:, None] * err[None, :]
+        wc = wc.at[i].set(q_row)
+        return wc, scales, zeros
+
+    sdt = jnp.dtype(spec.scale_dtype)
+    scales0 = jnp.ones((groups, n), sdt)
+    zeros0 = jnp.zeros((groups, n), sdt)
+    wq, scales, zeros = lax.fori_loop(0, k, row, (wp, scales0, zeros0))
+    s_pub = scales if lay.group_axis == 0 else scales[:1]
+    z_pub = (zeros if lay.group_axis == 0 else zeros[:1]) if has_z else None
+    return s_pub, z_pub, wq[:k]
