@@ -1,0 +1,35 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import quantize_jax as qj
+
+
+def _served_mlp():
+    model = nnx.Sequential(nnx.Linear(32, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+    return qj.nnx.to_serving(qj.nnx.quantize_model(model, weight_spec=qj.QuantSpec(axis=0, group_size=16)))
+
+
+@pytest.mark.parametrize("weights", ["inputs", "constants"])
+def test_nnx_serving_model_exports_for_cpu_and_tpu_and_reproduces(weights):
+    served = _served_mlp()
+    x = jax.random.normal(jax.random.key(0), (3, 32))
+    blob, params = qj.export.export_nnx(served, x, platforms=["cpu", "tpu"], weights=weights)
+    exported = jax.export.deserialize(bytearray(blob))
+    assert exported.platforms == ("cpu", "tpu")
+    run = qj.export.load_serving(blob)
+    out = run(params, x) if weights == "inputs" else run(x)
+    np.testing.assert_allclose(out, served(x), rtol=1e-6, atol=1e-6)
+    if weights == "inputs":  # the packed weights are inputs: 4-bit bytes, not float matrices
+        assert jnp.dtype(jnp.uint8) in {a.dtype for a in exported.in_avals}
+        assert not [a for a in exported.in_avals if a.dtype == jnp.float32 and len(a.shape) == 2 and a.shape[0] > 3]
+
+
+def test_bad_arguments():
+    q = qj.quantize(jnp.ones((8, 4)), qj.QuantSpec(axis=0))
+    with pytest.raises(ValueError, match=r"platforms must be a non-empty subset"):
+        qj.export.export_serving(lambda p, x: qj.qdot(x, p), q, jnp.ones((1, 8)), platforms=["metal"])
+    with pytest.raises(ValueError, match=r"weights must be 'inputs' or 'constants', got 'both'"):
+        qj.export.export_serving(lambda p, x: qj.qdot(x, p), q, jnp.ones((1, 8)), weights="both")
