@@ -88,7 +88,7 @@ def load(path, *, verify: bool = True):
         checkpoint; the message says which.
     """
     tensors, meta_json, digest = read_raw(path)
-    if verify and _digest(meta_json, tensors) != digest:
+    if verify and not checksum_matches(tensors, meta_json, digest):
         raise CheckpointError(f"load: {path}: checksum mismatch: the file was altered after it was written")
     meta = json.loads(meta_json)
     if meta.get("version") != FORMAT_VERSION:
@@ -118,6 +118,11 @@ def read_raw(path):
     if _META_KEY not in metadata or "sha256" not in metadata:
         raise CheckpointError(f"load: {path}: not a quantize_jax checkpoint (no '{_META_KEY}' metadata)")
     return tensors, metadata[_META_KEY], metadata["sha256"]
+
+
+def checksum_matches(tensors, meta_json: str, digest: str) -> bool:
+    """Whether the tensors and metadata of :func:`read_raw` still have the digest written by :func:`save`."""
+    return _digest(meta_json, tensors) == digest
 
 
 def _digest(meta_json: str, tensors: dict[str, np.ndarray]) -> str:

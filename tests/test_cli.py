@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import quantize_jax as qj
+from quantize_jax.cli import main
+
+
+@pytest.fixture
+def weights(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"fc.weight": rng.normal(size=(64, 256)).astype(np.float32), "fc.bias": np.zeros(64, np.float32)}
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "in.safetensors"
+    save_file(tensors, path)
+    np.savez(tmp_path / "in.npz", **tensors)
+    return tmp_path, tensors
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "npz"])
+def test_quantize_then_inspect(weights, capsys, suffix):
+    tmp, tensors = weights
+    out = tmp / "out.safetensors"
+    rc = main(["quantize", str(tmp / f"in.{suffix}"), str(out), "--format", "nf4", "--group-size", "64",
+               "--axis", "1", "--method", "mse", "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "fc.weight" in printed and "total: 1 of 2 leaves quantized" in printed
+    tree = qj.load(out)
+    q = tree["fc.weight"]
+    assert q.spec == qj.QuantSpec(format="nf4", axis=1, group_size=64, method="mse") and q.shape == (64, 256)
+    np.testing.assert_array_equal(tree["fc.bias"], tensors["fc.bias"])
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "checksum OK" in text and "qarray" in text and "nf4" in text
+
+
+def test_errors_are_one_line_with_nonzero_status(weights, capsys):
+    tmp, tensors = weights
+    assert main(["quantize", str(tmp / "missing.npz"), str(tmp / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "quantize-jax quantize: error: no such file" in err
+    bad = dict(tensors)
+    bad["fc.weight"] = bad["fc.weight"].copy()
+    bad["fc.weight"][0, 0] = np.nan
+    np.savez(tmp / "nan.npz", **bad)
+    assert main(["quantize", str(tmp / "nan.npz"), str(tmp / "o.safetensors"), "--quiet"]) == 1
+    assert "leaf 'fc.weight' of shape (64, 256) holds NaN or Inf" in capsys.readouterr().err
+    (tmp / "junk.safetensors").write_bytes(b"not a file")
+    assert main(["quantize", str(tmp / "junk.safetensors"), str(tmp / "o.safetensors")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["inspect", str(tmp / "in.safetensors")]) == 1
+    assert "not a quantize_jax checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "a", "b", "--format", "int3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'int3'" in err
+
+
+def test_inspect_reports_an_altered_file(weights, capsys):
+    tmp, _ = weights
+    out = tmp / "out.safetensors"
+    assert main(["quantize", str(tmp / "in.npz"), str(out), "--quiet"]) == 0
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 1
+    out.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_console_entry_point_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "quantize_jax", "inspect", "/nonexistent.safetensors"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "no such file" in proc.stderr
