@@ -1,0 +1,251 @@
+"""Write and execute the notebooks in notebooks/ (their outputs are committed so readers see results).
+
+    python tools/build_notebooks.py            # all
+    python tools/build_notebooks.py 02         # the ones whose name starts with 02
+
+Each notebook's cells are the lists below; edit them here, not in the .ipynb.
+"""
+
+import pathlib
+import sys
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = pathlib.Path(__file__).parent.parent / "notebooks"
+
+BASICS = [
+    ("md", """# int4 basics: formats, scales, rounding, packing
+
+quantize_jax stores every value as a 4-bit **code** and one **scale** per group of values:
+`x ≈ decode(code) * scale`. This notebook shows the four formats, the calibration methods, the
+straight-through gradient, and what packing two codes per byte does to memory."""),
+    ("code", """import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+import quantize_jax as qj
+
+for name, fmt in qj.FORMATS.items():
+    print(f"{name:6}", sorted(set(np.round(fmt.levels, 3).tolist())))"""),
+    ("md", """## The 16 levels of each format, scaled to the same largest magnitude
+
+`int4` and `uint4` are uniform; `nf4` (QLoRA) puts more levels near zero, where normally distributed
+weights are dense; `fp4` (e2m1) is a tiny float with levels that double in spacing."""),
+    ("code", """fig, ax = plt.subplots(figsize=(8, 2.6))
+for i, (name, fmt) in enumerate(qj.FORMATS.items()):
+    lv = np.array(fmt.levels)
+    lv = lv - 7.5 if name == "uint4" else lv   # uint4 with zero point 7.5 for the picture
+    ax.scatter(lv / np.abs(lv).max(), np.full(16, i), marker="|", s=300)
+ax.set_yticks(range(4), list(qj.FORMATS)); ax.set_xlabel("level / largest level"); ax.set_title("4-bit levels")
+plt.tight_layout(); plt.show()"""),
+    ("md", """## Calibration methods side by side
+
+Heavy-tailed weights (a Student-t sample stands in for trained weights), int4 with groups of 128.
+`mse` searches, per group, the clipping ratio that minimises the squared error."""),
+    ("code", """w = jnp.asarray(np.random.default_rng(0).standard_t(4, size=(1024, 512)).astype(np.float32))
+
+def sqnr(x, x_hat):
+    return float(10 * jnp.log10(jnp.sum(x**2) / jnp.sum((x - x_hat) ** 2)))
+
+rows = []
+for fmt in ("int4", "uint4", "nf4", "fp4"):
+    for method in ("absmax", "minmax", "percentile", "mse"):
+        if method == "minmax" and fmt != "uint4":
+            continue
+        spec = qj.QuantSpec(format=fmt, axis=0, group_size=128, method=method)
+        rows.append((fmt, method, sqnr(w, qj.fake_quant(w, spec))))
+for fmt, method, db in rows:
+    print(f"{fmt:6} {method:10} SQNR {db:6.2f} dB")"""),
+    ("code", """spec_a = qj.QuantSpec(axis=0, group_size=128, method="absmax")
+spec_m = qj.QuantSpec(axis=0, group_size=128, method="mse")
+err_a = np.asarray(qj.fake_quant(w, spec_a) - w).ravel()
+err_m = np.asarray(qj.fake_quant(w, spec_m) - w).ravel()
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.hist(err_a, bins=200, range=(-0.6, 0.6), alpha=0.6, label="absmax")
+ax.hist(err_m, bins=200, range=(-0.6, 0.6), alpha=0.6, label="mse")
+ax.set_yscale("log"); ax.set_xlabel("quantization error"); ax.legend(); ax.set_title("int4 error distribution")
+plt.tight_layout(); plt.show()"""),
+    ("md", """## SQNR against group size and bits per weight
+
+Smaller groups track the data better but store more scales: the bits per weight include them
+(float32 scales)."""),
+    ("code", """groups = [16, 32, 64, 128, 256, 512, None]
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for fmt in ("int4", "nf4", "fp4"):
+    bits, dbs = [], []
+    for g in groups:
+        spec = qj.QuantSpec(format=fmt, axis=0, group_size=g, method="mse")
+        q = qj.quantize(w, spec)
+        bits.append(q.bits_per_value); dbs.append(sqnr(w, qj.dequantize(q)))
+    ax.plot(bits, dbs, "o-", label=fmt)
+ax.set_xlabel("bits per weight (codes + float32 scales)"); ax.set_ylabel("SQNR (dB)")
+ax.set_title("group size 16 ... per channel, mse calibration"); ax.legend(); plt.tight_layout(); plt.show()"""),
+    ("md", """## Rounding and the straight-through gradient
+
+`fake_quant` rounds half to even in the forward pass; its gradient for `x` is 1 inside the range and 0
+where the code was clipped (PyTorch's mask). A learned scale gets the LSQ gradient."""),
+    ("code", """x = jnp.linspace(-1.5, 1.5, 601)
+spec = qj.QuantSpec()
+y = qj.fake_quant(x, spec, scale=0.125)
+g = jax.vmap(jax.grad(lambda v: qj.fake_quant(v, spec, scale=0.125)))(x)
+fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+axes[0].plot(x, y); axes[0].set_title("forward: int4, scale 0.125")
+axes[1].plot(x, g); axes[1].set_title("d fake_quant / dx (straight through, clipped)")
+plt.tight_layout(); plt.show()"""),
+    ("md", """## Packing: two codes per byte
+
+Even elements go to the low nibble, odd ones to the high nibble: XLA's own `jnp.int4` layout, so the
+packed bytes bitcast to `jnp.int4` for free."""),
+    ("code", """codes = jnp.array([[1, -2, 3, -8], [7, 0, -1, 5]], jnp.int8)
+packed = qj.pack_int4(codes)
+print("packed bytes:", [[hex(b) for b in row] for row in packed.tolist()])
+print("unpacked:    ", qj.unpack_int4(packed).tolist())
+q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
+print(f"float32: {w.nbytes:,} bytes; QArray: {q.nbytes:,} bytes ({w.nbytes / q.nbytes:.2f}x smaller)")
+print("as jnp.int4:", q.as_int4().dtype, q.as_int4().shape)"""),
+]
+
+QAT = [
+    ("md", """# Quantization-aware training with Flax NNX on digits
+
+Train a small MLP on scikit-learn's 8x8 digits (shipped with scikit-learn, no download) in float, then
+compare int4 round-to-nearest, int4 QAT and QAT with learned scales, convert to a packed int4 serving
+model, and look at memory."""),
+    ("code", """import jax, jax.numpy as jnp, numpy as np, optax
+import matplotlib.pyplot as plt
+from flax import nnx
+import quantize_jax as qj
+from quantize_jax.demo import MLP, load_digits, accuracy, weight_bytes
+
+data = load_digits()
+(x_train, y_train), (x_test, y_test) = data
+print(x_train.shape, x_test.shape)"""),
+    ("code", """def fit(model, epochs, lr, batch=64, seed=0):
+    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, xb, yb):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    rng, curve = np.random.default_rng(seed), []
+    for _ in range(epochs):
+        perm = rng.permutation(len(x_train))
+        losses = [step(model, opt, x_train[perm[i:i + batch]], y_train[perm[i:i + batch]])
+                  for i in range(0, len(perm) - batch + 1, batch)]
+        curve.append(float(np.mean(losses)))
+    return curve
+
+float_model = MLP(nnx.Rngs(0))
+float_curve = fit(float_model, epochs=30, lr=2e-3)
+print("float accuracy", accuracy(float_model, data))"""),
+    ("code", """rtn = qj.nnx.to_serving(qj.nnx.quantize_model(float_model))
+print("int4 round-to-nearest accuracy", accuracy(rtn, data))
+
+curves, models = {}, {}
+for name, kw in {"int4 QAT": {}, "int4 QAT + learned scales": {"learn_scale": True}}.items():
+    models[name] = qj.nnx.quantize_model(float_model, **kw)
+    curves[name] = fit(models[name], epochs=10, lr=5e-4)
+    print(name, "accuracy", accuracy(models[name], data))"""),
+    ("code", """fig, ax = plt.subplots(figsize=(7, 3))
+ax.plot(range(1, 31), float_curve, label="float (from scratch)")
+for name, c in curves.items():
+    ax.plot(range(31, 31 + len(c)), c, label=name + " (fine-tune)")
+ax.set_yscale("log"); ax.set_xlabel("epoch"); ax.set_ylabel("training loss"); ax.legend()
+plt.tight_layout(); plt.show()"""),
+    ("md", """## Convert to serving and compare
+
+`to_serving` replaces each `QuantLinear` by a `ServingLinear` holding a packed `QArray`; the forward pass
+uses `qdot`. The outputs equal the QAT model's, and no float weight matrix is left."""),
+    ("code", """qat = models["int4 QAT"]
+served = qj.nnx.to_serving(qat)
+ref, out = qat(jnp.asarray(x_test)), served(jnp.asarray(x_test))
+print("max relative difference served vs QAT:", float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))))
+print("served accuracy", accuracy(served, data), "QAT accuracy", accuracy(qat, data))
+sizes = {"float32": weight_bytes(float_model), "int4 served": weight_bytes(served)}
+print(sizes)
+fig, ax = plt.subplots(figsize=(5, 2.5))
+ax.barh(list(sizes), list(sizes.values())); ax.set_xlabel("weight bytes"); plt.tight_layout(); plt.show()"""),
+]
+
+DEPLOY = [
+    ("md", """# From trained parameters to a TPU artifact
+
+Post-training quantization of a parameter tree with a report, `mse` and GPTQ against round-to-nearest,
+a checksummed checkpoint, and `jax.export` for TPU — all on a CPU."""),
+    ("code", """import os, tempfile
+import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+import quantize_jax as qj
+
+key = jax.random.key(0)
+params = {f"layer{i}": {"kernel": jax.random.normal(jax.random.fold_in(key, i), (512, 512)) / 512**0.5,
+                        "bias": jnp.zeros(512)} for i in range(4)}
+params["head"] = {"kernel": jax.random.normal(key, (512, 10)) / 512**0.5, "bias": jnp.zeros(10)}
+qparams, report = qj.quantize_params(params, progress=False)
+print(report)"""),
+    ("md", "## Round to nearest, `mse` clipping, and GPTQ on a layer with correlated inputs"),
+    ("code", """x = jax.random.normal(jax.random.key(1), (2048, 512)) @ jax.random.normal(jax.random.key(2), (512, 512)) / 512**0.5
+w = params["layer0"]["kernel"]
+out_err = lambda q: float(jnp.sum((x @ w - x @ qj.dequantize(q)) ** 2) / jnp.sum((x @ w) ** 2))
+results = {
+    "absmax RTN": qj.quantize(w, qj.QuantSpec(axis=0, group_size=128)),
+    "mse RTN": qj.quantize(w, qj.QuantSpec(axis=0, group_size=128, method="mse")),
+    "GPTQ": qj.ptq.gptq(w, x, qj.QuantSpec(axis=0, group_size=128)),
+}
+for name, q in results.items():
+    print(f"{name:11} relative output error {out_err(q):.5f}")"""),
+    ("md", "## Save, load, verify"),
+    ("code", """path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+qj.save(path, qparams)
+back = qj.load(path)
+same = all(bool((a == b).all()) for a, b in zip(jax.tree_util.tree_leaves(qparams), jax.tree_util.tree_leaves(back)))
+print("bytes on disk:", os.path.getsize(path), "| round trip bit-exact:", same)
+data = bytearray(open(path, "rb").read()); data[-1] ^= 1; open(path, "wb").write(data)
+try:
+    qj.load(path)
+except qj.CheckpointError as e:
+    print("altered file refused:", e)"""),
+    ("md", "## Export the serving function for CPU and TPU"),
+    ("code", """def serve(p, x):
+    h = x
+    for i in range(4):
+        h = jax.nn.relu(qj.qdot(h, p[f"layer{i}"]["kernel"]) + p[f"layer{i}"]["bias"])
+    return qj.qdot(h, p["head"]["kernel"]) + p["head"]["bias"]
+
+x_example = jnp.ones((8, 512))
+blob = qj.export.export_serving(serve, qparams, x_example, platforms=["cpu", "tpu"])
+exported = jax.export.deserialize(bytearray(blob))
+print("platforms:", exported.platforms, "| artifact bytes:", len(blob))
+run = qj.export.load_serving(blob)
+print("CPU artifact reproduces:", bool(jnp.allclose(run(qparams, x_example), jax.jit(serve)(qparams, x_example))))"""),
+    ("code", """names = [r.path for r in report.leaves if r.path.endswith("kernel")]
+before = [r.bytes_before for r in report.leaves if r.path.endswith("kernel")]
+after = [r.bytes_after for r in report.leaves if r.path.endswith("kernel")]
+pos = np.arange(len(names))
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.bar(pos - 0.2, before, 0.4, label="float32"); ax.bar(pos + 0.2, after, 0.4, label="int4 QArray")
+ax.set_xticks(pos, names, rotation=20); ax.set_ylabel("bytes"); ax.legend(); ax.set_title("bytes per layer")
+plt.tight_layout(); plt.show()"""),
+]
+
+NOTEBOOKS = {"01_int4_basics.ipynb": BASICS, "02_qat_nnx_digits.ipynb": QAT, "03_params_to_tpu.ipynb": DEPLOY}
+
+
+def build(name, cells):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+                for kind, src in cells]
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    nbformat.write(nb, ROOT / name)
+    print("wrote", ROOT / name)
+
+
+if __name__ == "__main__":
+    prefix = sys.argv[1] if len(sys.argv) > 1 else ""
+    for name, cells in NOTEBOOKS.items():
+        if name.startswith(prefix):
+            build(name, cells)
