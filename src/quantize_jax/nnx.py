@@ -436,6 +436,16 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
 
     Raises:
       ValueError: the model holds no QAT layer.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> qat = qj.nnx.quantize_model(nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0))))
+      >>> served = qj.nnx.to_serving(qat)
+      >>> type(served.layers[0]).__name__, served.layers[0].qarray.packed.dtype
+      ('ServingLinear', dtype('uint8'))
+      >>> bool(jnp.allclose(served(jnp.ones((2, 8))), qat(jnp.ones((2, 8))), rtol=1e-6))
+      True
     """
     if isinstance(model, _QuantLayer):
         return _serving_layer(model, backend)
