@@ -29,10 +29,12 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.qarray import QArray, dequantize, quantize
+from quantize_jax.sharding import qarray_shardings
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
 
@@ -44,7 +46,9 @@ class QuantizedWeight(nnx.Variable):
     """A packed 4-bit weight (a :class:`~quantize_jax.QArray`) of a serving layer.
 
     Indexing it (``w[...]``, as Flax layers read their kernel) gives the
-    dequantized values, so a Flax layer's own forward works over it.
+    dequantized values, so a Flax layer's own forward works over it. The
+    float kernel's logical sharding annotation, if it had one, is kept as
+    the metadata ``weight_sharding`` (see :func:`quantize_jax.sharding.partition_specs`).
     """
 
     def __getitem__(self, index):
@@ -307,10 +311,15 @@ _FLAX_TO_QUANT = {nnx.Linear: QuantLinear, nnx.Conv: QuantConv, nnx.Einsum: Quan
 def _serving_layer(layer: _QuantLayer, backend: str):
     """A copy of ``layer`` turned into its serving class, its kernel replaced by the packed QArray."""
     s, z = layer._scale_and_zero()
-    q = quantize(jax.lax.stop_gradient(layer.kernel[...]), layer.weight_spec, scale=s, zero_point=z)
+    kernel = jax.lax.stop_gradient(layer.kernel[...])
+    q = quantize(kernel, layer.weight_spec, scale=s, zero_point=z)
+    placement = getattr(kernel, "sharding", None)
+    if isinstance(placement, NamedSharding) and any(p is not None for p in placement.spec):
+        q = jax.device_put(q, qarray_shardings(q.shape, q.spec, placement, q.dtype))  # each device keeps its share
+    names = layer.kernel.get_metadata().get("out_sharding")
     served = nnx.clone(layer)
     served.__class__ = _SERVING[type(layer)]
-    served.kernel = QuantizedWeight(q)
+    served.kernel = QuantizedWeight(q, weight_sharding=tuple(names)) if names else QuantizedWeight(q)
     served.weight_scale = nnx.data(None)
     served.weight_zero_point = nnx.data(None)
     served.use_running_average = True

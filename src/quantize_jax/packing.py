@@ -51,8 +51,11 @@ def pack_int4(codes: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
         widths = [(0, 0)] * u.ndim
         widths[ax] = (0, 1)
         u = jnp.pad(u, widths)
-    lo = lax.slice_in_dim(u, 0, None, 2, ax)
-    hi = lax.slice_in_dim(u, 1, None, 2, ax)
+    # Pairs as a reshape (n) -> (n / 2, 2), not strided slices: a sharded axis stays sharded, with no
+    # communication, whenever each shard holds whole bytes.
+    pairs = u.reshape(u.shape[:ax] + (u.shape[ax] // 2, 2) + u.shape[ax + 1 :])
+    lo = lax.index_in_dim(pairs, 0, ax + 1, keepdims=False)
+    hi = lax.index_in_dim(pairs, 1, ax + 1, keepdims=False)
     return lo | (hi << 4)
 
 

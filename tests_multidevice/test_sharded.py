@@ -1,0 +1,165 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import quantize_jax as qj
+
+
+def _per_device_bytes(a):
+    return {s.device: s.data.nbytes for s in a.addressable_shards}
+
+
+@pytest.mark.parametrize("pspec, spec", [
+    (P(None, "model"), qj.QuantSpec(axis=0)),
+    (P(None, "model"), qj.QuantSpec(axis=0, group_size=64)),
+    (P("model", None), qj.QuantSpec(axis=0, group_size=64)),
+    (P("data", "model"), qj.QuantSpec(format="uint4", axis=0, group_size=32)),
+])
+def test_quantize_keeps_the_sharding_without_gathering(mesh, pspec, spec):
+    w = jax.random.normal(jax.random.key(0), (256, 128))
+    sharding = NamedSharding(mesh, pspec)
+    ws = jax.device_put(w, sharding)
+    q = qj.sharding.quantize_sharded(ws, spec)
+    assert q.packed.sharding.spec == pspec
+    n_shards = np.prod([mesh.shape[a] for a in pspec if a is not None])
+    assert set(_per_device_bytes(q.packed).values()) == {q.packed.nbytes // n_shards}
+    ref = qj.quantize(w, spec)
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_array_equal(a, b)
+    hlo = jax.jit(qj.quantize, static_argnums=1, out_shardings=qj.sharding.qarray_shardings(w.shape, spec, sharding)
+                  ).lower(ws, spec).compile().as_text()
+    if pspec[0] is None:  # nothing reduced across devices: no communication at all
+        assert "all-gather" not in hlo and "all-reduce" not in hlo and "collective-permute" not in hlo
+    else:  # a scale reduced over a sharded axis needs a max across devices, never a gather of the weight
+        assert "all-gather" not in hlo
+
+
+def test_shard_boundaries_that_split_bytes_or_groups_are_refused(mesh):
+    with pytest.raises(ValueError, match=r"axis 1 of length 12 over 4 shards \('model'\) gives 3 elements per shard; "
+                                         r"a shard boundary would split a byte"):
+        qj.sharding.qarray_partition_specs((8, 12), qj.QuantSpec(axis=0), P(None, "model"), mesh)
+    with pytest.raises(ValueError, match=r"axis 0 of length 256 over 4 shards \('model'\) gives 64 elements per shard; "
+                                         r"a shard boundary would split a group of 128"):
+        qj.sharding.qarray_partition_specs((256, 8), qj.QuantSpec(axis=0, group_size=128), P("model", None), mesh)
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla"])
+def test_qdot_tensor_parallel_and_contraction_sharded_equal_one_device(mesh, backend):
+    w = jax.random.normal(jax.random.key(1), (256, 128))
+    x = jax.random.normal(jax.random.key(2), (16, 256))
+    spec = qj.QuantSpec(axis=0, group_size=64)
+    ref = qj.qdot(x, qj.quantize(w, spec), backend=backend)
+    f = jax.jit(lambda x, q: qj.qdot(x, q, backend=backend))
+    # tensor parallel: output axis sharded
+    q_tp = qj.sharding.quantize_sharded(jax.device_put(w, NamedSharding(mesh, P(None, "model"))), spec)
+    x_dp = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    np.testing.assert_allclose(f(x_dp, q_tp), ref, rtol=1e-5, atol=1e-4)
+    # contraction axis sharded: partial sums reduced across devices
+    q_k = qj.sharding.quantize_sharded(jax.device_put(w, NamedSharding(mesh, P("model", None))), spec)
+    x_k = jax.device_put(x, NamedSharding(mesh, P("data", "model")))
+    np.testing.assert_allclose(f(x_k, q_k), ref, rtol=1e-5, atol=1e-4)
+
+
+class _MLP(nnx.Module):
+    def __init__(self, rngs):
+        init = nnx.initializers.lecun_normal()
+        self.up = nnx.Linear(32, 64, kernel_init=nnx.with_partitioning(init, (None, "model")), rngs=rngs)
+        self.down = nnx.Linear(64, 8, kernel_init=nnx.with_partitioning(init, ("model", None)), rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(nnx.relu(self.up(x)))
+
+
+def _nnx_step(model, x, y):
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        opt.update(model, grads)
+        return loss
+
+    loss = step(model, opt, x, y)
+    return loss, model
+
+
+def test_nnx_qat_step_data_and_model_parallel_equals_one_device(mesh):
+    x = jax.random.normal(jax.random.key(3), (16, 32))
+    y = jax.random.normal(jax.random.key(4), (16, 8))
+    spec = qj.QuantSpec(axis=0, group_size=16)
+    with jax.set_mesh(mesh):
+        sharded = qj.nnx.quantize_model(_MLP(nnx.Rngs(0)), weight_spec=spec, learn_scale=True)
+        assert sharded.up.kernel[...].sharding.spec == P(None, "model")
+        xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+        ys = jax.device_put(y, NamedSharding(mesh, P("data", None)))
+        loss_s, sharded = _nnx_step(sharded, xs, ys)
+    auto = jax.sharding.AxisType.Auto
+    one = jax.make_mesh((1, 1), ("data", "model"), axis_types=(auto, auto), devices=jax.devices()[:1])
+    with jax.set_mesh(one):
+        single = qj.nnx.quantize_model(_MLP(nnx.Rngs(0)), weight_spec=spec, learn_scale=True)
+        loss_1, single = _nnx_step(single, x, y)
+    np.testing.assert_allclose(loss_s, loss_1, rtol=1e-5)
+    np.testing.assert_allclose(sharded.up.kernel[...], single.up.kernel[...], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sharded.down.weight_scale[...], single.down.weight_scale[...], rtol=1e-5, atol=1e-7)
+    assert sharded.up.kernel[...].sharding.spec == P(None, "model")
+
+    # serving: packed weights keep the kernel's sharding, outputs equal, save / load onto a sharding
+    with jax.set_mesh(mesh):
+        served = qj.nnx.to_serving(sharded)
+        q = served.up.qarray
+        assert q.packed.sharding.spec == P(None, "model") and len(set(_per_device_bytes(q.packed).values())) == 1
+        assert served.up.kernel.get_metadata()["weight_sharding"] == (None, "model")
+        np.testing.assert_allclose(served(xs), sharded(xs), rtol=1e-5, atol=1e-6)
+        specs = qj.sharding.partition_specs(nnx.state(served))
+    assert specs["up"]["kernel"].packed == P(None, "model")
+    assert specs["down"]["kernel"].scale == P("model", None)  # groups of 16 along the sharded input axis
+
+
+def test_save_and_load_onto_a_sharding(mesh, tmp_path):
+    w = jax.random.normal(jax.random.key(5), (128, 64))
+    spec = qj.QuantSpec(axis=0, group_size=32)
+    sharding = NamedSharding(mesh, P("data", "model"))
+    q = qj.sharding.quantize_sharded(jax.device_put(w, sharding), spec)
+    qj.save(tmp_path / "w.safetensors", {"w": q})
+    back = qj.sharding.shard_qarray(qj.load(tmp_path / "w.safetensors")["w"], sharding)
+    assert back.packed.sharding.spec == P("data", "model") and back.scale.sharding.spec == P("data", "model")
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_linen_qat_step_data_parallel_equals_one_device(mesh):
+    model = qj.linen.QuantDense(8, weight_spec=qj.QuantSpec(axis=0, group_size=16))
+    x = jax.random.normal(jax.random.key(6), (16, 32))
+    y = jax.random.normal(jax.random.key(7), (16, 8))
+    params = model.init(jax.random.key(0), x)
+
+    def step(params, x, y):
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
+        return loss, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, g)
+
+    replicated = NamedSharding(mesh, P())
+    ps = jax.device_put(params, replicated)
+    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "model"), None)))
+    ys = jax.device_put(y, NamedSharding(mesh, P(("data", "model"), None)))
+    loss_s, new_s = jax.jit(step)(ps, xs, ys)
+    loss_1, new_1 = jax.jit(step)(params, x, y)
+    np.testing.assert_allclose(loss_s, loss_1, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(new_s), jax.tree_util.tree_leaves(new_1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_sharded_example_runs():
+    import pathlib
+    import subprocess
+    import sys
+
+    example = pathlib.Path(__file__).parent.parent / "examples" / "sharded.py"
+    proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "packed sharding: P(None, 'model')" in proc.stdout and "QAT step 2" in proc.stdout
