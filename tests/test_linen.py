@@ -85,5 +85,33 @@ def test_nnx_and_linen_agree_on_the_same_weights():
 def test_conversion_without_quant_layers_is_refused():
     dense = nn.Dense(3)
     v = dense.init(jax.random.key(0), jnp.ones((1, 4)))
-    with pytest.raises(ValueError, match=r"to_serving_params: the module holds no QuantDense layer"):
+    with pytest.raises(ValueError, match=r"to_serving_params: the module holds no quantize_jax layer"):
         qj.linen.to_serving_params(dense, v, jnp.ones((1, 4)))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: qj.linen.QuantConv(6, (3, 3)), (2, 6, 6, 3)),
+    (lambda: qj.linen.QuantConv(6, (3, 3), weight_spec=qj.QuantSpec(format="nf4", axis=(0, 1, 2)),
+                                act_spec="int8"), (2, 6, 6, 3)),
+    (lambda: qj.linen.QuantDenseGeneral((2, 4)), (3, 8)),
+    (lambda: qj.linen.QuantEinsum((8, 2, 4), "btd,dhk->bthk"), (2, 5, 8)),
+])
+def test_conv_densegeneral_einsum_qat_serving_and_params(make, shape):
+    layer = make()
+    x = jax.random.normal(jax.random.key(8), shape)
+    v = layer.init(jax.random.key(0), x)
+    base = {qj.linen.QuantConv: nn.Conv, qj.linen.QuantDenseGeneral: nn.DenseGeneral,
+            qj.linen.QuantEinsum: nn.Einsum}[type(layer)]
+    fields = {f: getattr(layer, f) for f in ("features", "kernel_size", "shape", "einsum_str", "axis")
+              if hasattr(layer, f) and f in base.__dataclass_fields__}
+    ref_layer = base(**fields)
+    ref_v = ref_layer.init(jax.random.key(0), x)
+    assert jax.tree_util.tree_structure(ref_v) == jax.tree_util.tree_structure(v)
+    kernel = v["params"]["kernel"]
+    spec = layer.weight_spec or qj.QuantSpec(axis=tuple(range(kernel.ndim - 1)))
+    fq = {"params": {**v["params"], "kernel": qj.fake_quant(kernel, spec)}}
+    x_in = qj.matmul.fake_int8_tokens(x) if layer.act_spec == "int8" else x
+    np.testing.assert_allclose(layer.apply(v, x), ref_layer.apply(fq, x_in), rtol=1e-6, atol=1e-6)
+    served = qj.linen.to_serving_params(layer, v, x)
+    assert isinstance(served["params"]["kernel"], qj.QArray)
+    np.testing.assert_allclose(layer.apply(served, x), layer.apply(v, x), rtol=1e-6, atol=1e-6)

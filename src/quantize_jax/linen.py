@@ -4,6 +4,9 @@
   ``kernel`` / ``bias`` parameters). When its ``kernel`` parameter is a
   :class:`~quantize_jax.QArray` (after :func:`to_serving_params`), the same
   module serves: ``qdot`` over the packed weight.
+* :class:`QuantConv`, :class:`QuantDenseGeneral`, :class:`QuantEinsum` — the
+  same for ``nn.Conv``, ``nn.DenseGeneral`` and ``nn.Einsum`` (serving
+  dequantizes the packed kernel inside the forward pass).
 * :func:`quant_dot_general` / :func:`quant_conv_general_dilated` — functions
   to inject into a stock ``nn.Dense(dot_general=...)``,
   ``nn.DenseGeneral(dot_general=...)`` or
@@ -22,7 +25,7 @@ from jax import lax
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
-from quantize_jax.qarray import QArray, quantize
+from quantize_jax.qarray import QArray, dequantize, quantize
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
 
@@ -144,18 +147,20 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     """QAT variables -> serving variables for the same ``module``.
 
     Runs ``module`` once on sample ``args`` to collect, from every
-    :class:`QuantDense`, its kernel quantized to a packed QArray (with its
-    learned scale); returns ``variables`` with those QArrays in place of the
-    kernels and the learned scales removed. ``module.apply(serving, x)`` then
-    serves through ``qdot``.
+    quantize_jax Linen layer (:class:`QuantDense`, :class:`QuantConv`,
+    :class:`QuantDenseGeneral`, :class:`QuantEinsum`), its kernel quantized to
+    a packed QArray (with its learned scale); returns ``variables`` with those
+    QArrays in place of the kernels and the learned scales removed.
+    ``module.apply(serving, x)`` then serves: ``QuantDense`` through ``qdot``,
+    the others by dequantizing the packed kernel inside the forward pass.
 
     Raises:
-      ValueError: the module holds no QuantDense.
+      ValueError: the module holds no quantize_jax layer.
     """
     _, state = module.apply(variables, *args, mutable=["qarrays"], **kwargs)
     qarrays = state.get("qarrays", {})
     if not qarrays:
-        raise ValueError("to_serving_params: the module holds no QuantDense layer to convert")
+        raise ValueError("to_serving_params: the module holds no quantize_jax layer to convert")
     params = dict(variables["params"])
     _merge(params, qarrays, path=())
     out = dict(variables)
@@ -174,3 +179,54 @@ def _merge(params: dict, qarrays: dict, path) -> None:
                 raise ValueError(f"to_serving_params: no parameters at {'/'.join(path + (name,))}")
             params[name] = dict(params[name])
             _merge(params[name], value, path + (name,))
+
+
+class _QuantKernel:
+    """Mixin for Flax Linen layers: their ``kernel`` parameter is read fake-quantized (QAT), or, when the
+    parameter is a QArray (serving variables from :func:`to_serving_params`), dequantized; the layer's
+    own forward is otherwise untouched. Inputs are quantized first when ``act_spec`` is set."""
+
+    def param(self, name, init_fn, *init_args, **init_kwargs):
+        if name != "kernel":
+            return super().param(name, init_fn, *init_args, **init_kwargs)
+        if self.has_variable("params", "kernel"):
+            stored = self.get_variable("params", "kernel")
+            if isinstance(stored, QArray):
+                return dequantize(stored, stored.dtype)
+        kernel = super().param(name, init_fn, *init_args, **init_kwargs)
+        spec = self.weight_spec or QuantSpec(axis=tuple(range(kernel.ndim - 1)) if kernel.ndim > 1 else None)
+        if self.is_mutable_collection("qarrays") and not self.is_initializing():
+            self.put_variable("qarrays", "kernel", quantize(lax.stop_gradient(kernel), spec))
+        return fake_quant(kernel, spec)
+
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(_act(inputs, self.act_spec), *args, **kwargs)
+
+
+class QuantConv(_QuantKernel, nn.Conv):
+    """``nn.Conv`` with a fake-quantized kernel (default: int4 per output channel); serves from QArray params.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> conv = qj.linen.QuantConv(8, (3, 3))
+      >>> v = conv.init(jax.random.key(0), jnp.ones((1, 6, 6, 3)))
+      >>> conv.apply(v, jnp.ones((1, 6, 6, 3))).shape
+      (1, 6, 6, 8)
+    """
+
+    weight_spec: QuantSpec | None = None
+    act_spec: QuantSpec | str | None = None
+
+
+class QuantDenseGeneral(_QuantKernel, nn.DenseGeneral):
+    """``nn.DenseGeneral`` with a fake-quantized kernel (default: one scale per last kernel axis entry)."""
+
+    weight_spec: QuantSpec | None = None
+    act_spec: QuantSpec | str | None = None
+
+
+class QuantEinsum(_QuantKernel, nn.Einsum):
+    """``nn.Einsum`` with a fake-quantized kernel (default: one scale per last kernel axis entry)."""
+
+    weight_spec: QuantSpec | None = None
+    act_spec: QuantSpec | str | None = None
