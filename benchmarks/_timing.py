@@ -10,7 +10,7 @@ import time
 import jax
 
 
-def median_seconds(fn, *args, repeats: int = 7, warmup: int = 2) -> float:
+def median_seconds(fn, *args, repeats: int = 21, warmup: int = 3) -> float:
     """Median wall time of ``fn(*args)`` with its outputs blocked on, after ``warmup`` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
