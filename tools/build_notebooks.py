@@ -114,29 +114,13 @@ model, and look at memory."""),
 import matplotlib.pyplot as plt
 from flax import nnx
 import quantize_jax as qj
-from quantize_jax.demo import MLP, load_digits, accuracy, weight_bytes
+from quantize_jax.demo import MLP, load_digits, accuracy, train, weight_bytes
 
 data = load_digits()
 (x_train, y_train), (x_test, y_test) = data
 print(x_train.shape, x_test.shape)"""),
-    ("code", """def fit(model, epochs, lr, batch=64, seed=0):
-    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, xb, yb):
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
-    rng, curve = np.random.default_rng(seed), []
-    for _ in range(epochs):
-        perm = rng.permutation(len(x_train))
-        losses = [step(model, opt, x_train[perm[i:i + batch]], y_train[perm[i:i + batch]])
-                  for i in range(0, len(perm) - batch + 1, batch)]
-        curve.append(float(np.mean(losses)))
-    return curve
+    ("code", """def fit(model, epochs, lr):
+    return train(model, data, epochs=epochs, lr=lr, progress=False)   # Adam, minibatches of 64; loss per epoch
 
 float_model = MLP(nnx.Rngs(0))
 float_curve = fit(float_model, epochs=30, lr=2e-3)

@@ -53,8 +53,9 @@ class CNN(nnx.Module):
         return self.out(h.reshape(h.shape[0], -1))
 
 
-def train(model, data, *, epochs: int, lr: float, desc: str, batch: int = 64, seed: int = 0):
-    """Adam on cross-entropy over minibatches; a tqdm bar per run. Returns the model."""
+def train(model, data, *, epochs: int, lr: float, desc: str = "train", batch: int = 64, seed: int = 0,
+          progress: bool = True) -> list[float]:
+    """Adam on cross-entropy over minibatches, in place; a tqdm bar per run. Returns the mean loss per epoch."""
     (x, y), _ = data
     opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
 
@@ -69,15 +70,18 @@ def train(model, data, *, epochs: int, lr: float, desc: str, batch: int = 64, se
 
     rng = np.random.default_rng(seed)
     n = len(x) // batch
-    with tqdm(total=epochs * n, desc=desc, leave=False) as bar:
+    curve = []
+    with tqdm(total=epochs * n, desc=desc, leave=False, disable=not progress) as bar:
         for _ in range(epochs):
             perm = rng.permutation(len(x))
+            losses = []
             for i in range(n):
                 idx = perm[i * batch : (i + 1) * batch]
-                loss = step(model, opt, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+                losses.append(step(model, opt, jnp.asarray(x[idx]), jnp.asarray(y[idx])))
                 bar.update()
-            bar.set_postfix(loss=float(loss))
-    return model
+            curve.append(float(np.mean(losses)))
+            bar.set_postfix(loss=curve[-1])
+    return curve
 
 
 def accuracy(model, data) -> float:
@@ -103,7 +107,8 @@ def _n_weights(model) -> int:
 
 def compare(name: str, make, data, *, epochs: int, qat_epochs: int) -> list[dict]:
     """Float training, PTQ and the QAT variants of one architecture; one row each."""
-    float_model = train(make(), data, epochs=epochs, lr=2e-3, desc=f"{name} float")
+    float_model = make()
+    train(float_model, data, epochs=epochs, lr=2e-3, desc=f"{name} float")
     rows = [{"net": name, "model": "float32", "acc": accuracy(float_model, data), "bytes": weight_bytes(float_model),
              "n_weights": _n_weights(float_model)}]
     ptq = qj.nnx.to_serving(qj.nnx.quantize_model(float_model))
@@ -116,8 +121,8 @@ def compare(name: str, make, data, *, epochs: int, qat_epochs: int) -> list[dict
     }
     x_test = jnp.asarray(data[1][0])
     for label, kw in variants.items():
-        qat = train(qj.nnx.quantize_model(float_model, **kw), data, epochs=qat_epochs, lr=5e-4,
-                    desc=f"{name} {label}")
+        qat = qj.nnx.quantize_model(float_model, **kw)
+        train(qat, data, epochs=qat_epochs, lr=5e-4, desc=f"{name} {label}")
         served = qj.nnx.to_serving(qat)
         ref, out = qat(x_test), served(x_test)
         rows.append({

@@ -24,7 +24,6 @@ Activation quantization (``act_spec``):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.qarray import QArray, dequantize, quantize
+from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -339,9 +339,6 @@ def _check_weight_spec(spec: QuantSpec, shape, where: str) -> None:
             )
 
 
-Rules = Mapping[str, "QuantSpec | None"] | Sequence[tuple[str, "QuantSpec | None"]]
-"""Layer rules: regular expressions over layer paths -> a weight spec, or None to keep the layer float."""
-
 
 def _path_str(path) -> str:
     return "/".join(str(p) for p in path)
@@ -351,17 +348,7 @@ def _rules(rules, weight_spec):
     """Compiled ``(regex, spec, skip)`` triples; ``spec=None`` with ``skip=False`` means the layer default."""
     if rules is None:
         return [(re.compile(".*"), weight_spec, False)]
-    items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
-    out = []
-    for item in items:
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise ValueError(f"rules: each rule is (regex, QuantSpec or None), got {item!r}")
-        pattern, spec = item
-        if spec is not None and spec != "skip" and not isinstance(spec, QuantSpec):
-            raise ValueError(f"rules: rule {pattern!r} maps to {spec!r}; expected a QuantSpec, None or 'skip'")
-        skip = spec is None or spec == "skip"
-        out.append((re.compile(pattern), None if skip else spec, skip))
-    return out
+    return [(regex, spec, spec is None) for regex, spec in compile_rules(rules)]
 
 
 def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec: QuantSpec | None = None,

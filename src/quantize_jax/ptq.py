@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from jax import lax
 from quantize_jax import _layout
 from quantize_jax.calibrate import check_float_array, grouped_scale
 from quantize_jax.qarray import QArray, dequantize, quantize
+from quantize_jax.rules import compile_rules
 from quantize_jax.spec import QuantSpec
 from quantize_jax.formats import dequantize_codes, quantize_to_codes
 
@@ -134,7 +135,7 @@ def quantize_params(params, rules=None, *, min_size: int = 4096, calibration: Ma
       >>> type(qparams["dense"]["kernel"]).__name__, report.quantized[0].spec.group_size
       ('QArray', 128)
     """
-    compiled = _compile(rules)
+    compiled = compile_rules(rules) if rules is not None else []
     calibration = dict(calibration or {})
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda a: isinstance(a, QArray))
     out, reports = [], []
@@ -192,21 +193,6 @@ def _nbytes(leaf) -> int:
     if hasattr(leaf, "nbytes"):
         return int(leaf.nbytes)
     return 0
-
-
-def _compile(rules):
-    if rules is None:
-        return []
-    items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
-    out = []
-    for item in items:
-        if not (isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], str)):
-            raise ValueError(f"rules: each rule is (regex, QuantSpec or None), got {item!r}")
-        pattern, spec = item
-        if spec is not None and spec != "skip" and not isinstance(spec, QuantSpec):
-            raise ValueError(f"rules: rule {pattern!r} maps to {spec!r}; expected a QuantSpec, None or 'skip'")
-        out.append((re.compile(pattern), None if spec == "skip" else spec))
-    return out
 
 
 def _choose(path, leaf, compiled, min_size):
