@@ -40,7 +40,8 @@ def main():
     nbytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
     spec = qj.QuantSpec(axis=0, group_size=128, method=args.method)
     rules = [("kernel", spec)]
-    qj.quantize_params({"w": params["block0"]["up"]["kernel"]}, rules=[("w", spec)], progress=False)  # compile
+    warm = {"up": params["block0"]["up"]["kernel"], "down": params["block0"]["down"]["kernel"]}
+    qj.quantize_params(warm, rules=[(".*", spec)], progress=False)  # compile for both shapes
     base = _rss_mb()
     t0 = time.perf_counter()
     q, report = qj.quantize_params(params, rules, progress=False)

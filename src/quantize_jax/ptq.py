@@ -153,38 +153,46 @@ def quantize_params(params, rules=None, *, min_size: int = 4096, calibration: Ma
             reports.append(LeafReport(path, tuple(np.shape(leaf)), None, None, nbytes, nbytes))
             continue
         x = jnp.asarray(leaf)
-        if not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError(f"quantize_params: leaf {path!r} of shape {x.shape} holds NaN or Inf; refusing to quantize")
         try:
             if path in calibration:
+                if not bool(jnp.all(jnp.isfinite(x))):
+                    raise _NonFinite
                 q = gptq(x, calibration.pop(path), spec)
-                method = "gptq"
+                sqnr, method = float(_sqnr_jit(x, dequantize(q, jnp.float32))), "gptq"
             else:
-                q = _quantize_jit(x, spec)
-                method = spec.method
+                q, finite, sqnr = _quantize_and_measure(x, spec)  # one pass, one host sync per leaf
+                if not bool(finite):
+                    raise _NonFinite
+                sqnr, method = float(sqnr), spec.method
+        except _NonFinite:
+            raise ValueError(f"quantize_params: leaf {path!r} of shape {x.shape} holds NaN or Inf; refusing to quantize")
         except ValueError as e:
             raise ValueError(f"quantize_params: leaf {path!r}: {e}") from None
         out.append(q)
-        reports.append(LeafReport(path, tuple(x.shape), spec, _sqnr_db(x, q), nbytes, q.nbytes, method))
+        reports.append(LeafReport(path, tuple(x.shape), spec, sqnr, nbytes, q.nbytes, method))
     if calibration:
         raise ValueError(f"quantize_params: calibration given for paths that were not quantized: {sorted(calibration)}")
     return jax.tree_util.tree_unflatten(treedef, out), PTQReport(tuple(reports))
 
 
+class _NonFinite(Exception):
+    pass
+
+
 @functools.partial(jax.jit, static_argnums=1)
-def _quantize_jit(x, spec):
-    return quantize(x, spec)
+def _quantize_and_measure(x, spec):
+    """The QArray, whether ``x`` is all finite, and the SQNR (dB) of its dequantized values."""
+    q = quantize(x, spec)
+    return q, jnp.all(jnp.isfinite(x)), _sqnr(x, dequantize(q, jnp.float32))
 
 
-@jax.jit
-def _sqnr_jit(x, x_hat):
+def _sqnr(x, x_hat):
     x = x.astype(jnp.float32)
     err = jnp.sum(jnp.square(x - x_hat.astype(jnp.float32)))
     return 10.0 * jnp.log10(jnp.sum(jnp.square(x)) / err)
 
 
-def _sqnr_db(x, q: QArray) -> float:
-    return float(_sqnr_jit(x, dequantize(q, jnp.float32)))
+_sqnr_jit = jax.jit(_sqnr)
 
 
 def _nbytes(leaf) -> int:
