@@ -67,13 +67,17 @@ def test_qdot_tensor_parallel_and_contraction_sharded_equal_one_device(mesh, bac
 
 
 class _MLP(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, explicit=False):
         init = nnx.initializers.lecun_normal()
         self.up = nnx.Linear(32, 64, kernel_init=nnx.with_partitioning(init, (None, "model")), rngs=rngs)
         self.down = nnx.Linear(64, 8, kernel_init=nnx.with_partitioning(init, ("model", None)), rngs=rngs)
+        self.explicit = explicit
 
     def __call__(self, x):
-        return self.down(nnx.relu(self.up(x)))
+        # On an explicit-sharding mesh a product over a sharded contraction axis needs its output
+        # sharding named (Flax's own layers too, float or not).
+        kw = {"out_sharding": P("data", None)} if self.explicit else {}
+        return self.down(nnx.relu(self.up(x)), **kw)
 
 
 def _nnx_step(model, x, y):
@@ -93,8 +97,9 @@ def test_nnx_qat_step_data_and_model_parallel_equals_one_device(mesh):
     x = jax.random.normal(jax.random.key(3), (16, 32))
     y = jax.random.normal(jax.random.key(4), (16, 8))
     spec = qj.QuantSpec(axis=0, group_size=16)
+    explicit = mesh.axis_types[0] == jax.sharding.AxisType.Explicit
     with jax.set_mesh(mesh):
-        sharded = qj.nnx.quantize_model(_MLP(nnx.Rngs(0)), weight_spec=spec, learn_scale=True)
+        sharded = qj.nnx.quantize_model(_MLP(nnx.Rngs(0), explicit), weight_spec=spec, learn_scale=True)
         assert sharded.up.kernel[...].sharding.spec == P(None, "model")
         xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
         ys = jax.device_put(y, NamedSharding(mesh, P("data", None)))

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from quantize_jax import _layout
 from quantize_jax.formats import Format
@@ -100,8 +101,36 @@ def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | Non
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(out_dtype)
     lead = x.shape[:-1]
-    y = _qdot2d(x.reshape(-1, q.shape[0]), q, backend, act_quant)
-    return y.reshape(lead + (q.shape[1],)).astype(out_dtype)
+
+    def product(x, q):
+        y = _qdot2d(x.reshape(-1, q.shape[0]), q, backend, act_quant)
+        return y.reshape(lead + (q.shape[1],)).astype(out_dtype)
+
+    explicit = _explicit_out_spec(x, q)
+    if explicit is None:
+        return product(x, q)
+    # Explicit-sharding mesh: compute with GSPMD-propagated (auto) axes inside, hand back the natural
+    # sharding: x's leading axes, and the weight's output axis.
+    mesh, out_spec = explicit
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(product, out_sharding=out_spec)(x, q)
+
+
+def _explicit_out_spec(x, q):
+    """``(abstract mesh, output PartitionSpec)`` when x or the weight lives on an explicit-sharding mesh, else None."""
+    try:
+        xs, ws = jax.typeof(x).sharding, jax.typeof(q.packed).sharding
+    except AttributeError:
+        return None
+    mesh = xs.mesh if not xs.mesh.empty else ws.mesh
+    if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        return None
+    x_spec = tuple(xs.spec) + (None,) * (x.ndim - len(tuple(xs.spec)))
+    w_spec = tuple(ws.spec) + (None,) * (2 - len(tuple(ws.spec)))
+    used = {a for entry in x_spec[:-1] if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))}
+    n_entry = w_spec[1]
+    n_axes = () if n_entry is None else (n_entry if isinstance(n_entry, tuple) else (n_entry,))
+    return mesh, PartitionSpec(*x_spec[:-1], None if used & set(n_axes) else n_entry)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
