@@ -70,7 +70,8 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     mix = jax.random.normal(key, (128, 128))
     x = jax.random.normal(jax.random.key(4), (1024, 128)) @ mix  # correlated features
     w = jax.random.normal(jax.random.key(5), (128, 64))
-    for spec in (qj.QuantSpec(axis=0), qj.QuantSpec(format="uint4", axis=0, group_size=32)):
+    for spec in (qj.QuantSpec(axis=0), qj.QuantSpec(format="uint4", axis=0, group_size=32),
+                 qj.QuantSpec(format="nf4", axis=0, group_size=48)):  # 128 rows: a short last group
         err = lambda q: float(jnp.sum((x @ w - x @ qj.dequantize(q)) ** 2))
         g = qj.ptq.gptq(w, x, spec)
         assert g.spec == spec and g.scale.shape == qj.quantize(w, spec).scale.shape

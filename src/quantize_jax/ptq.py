@@ -257,48 +257,58 @@ def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _gptq_jit(w, x, spec, damp):
+    """GPTQ with lazy batch updates: rows are quantized one by one inside a block (a scale group, or
+    128 rows per channel), and the block's accumulated errors reach the later rows in one matmul."""
     k, n = w.shape
     lay = _layout.layout(w.shape, spec)
-    gs = lay.group_size if lay.group_axis == 0 else k
-    groups = -(-k // gs)
+    grouped = lay.group_axis == 0
+    block = lay.group_size if grouped else min(128, k)
+    n_blocks = -(-k // block)
+    kp = n_blocks * block
     h = x.T @ x / x.shape[0]
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
     u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T  # upper factor: H^-1 = U^T U
-    wp = jnp.pad(w, ((0, groups * gs - k), (0, 0)))
+    pad = kp - k
+    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(kp) >= k).astype(u.dtype))  # padded rows: inert
+    wp = jnp.pad(w, ((0, pad), (0, 0)))
     one_group = QuantSpec(format=spec.format, axis=0, method=spec.method, scale_dtype=spec.scale_dtype,
                           percentile=spec.percentile, mse_steps=spec.mse_steps, mse_min_ratio=spec.mse_min_ratio)
-    one_lay = _layout.layout((gs, n), one_group)
-    has_z = spec.fmt.has_zero_point
-    up = jnp.pad(u, ((0, groups * gs - k), (0, groups * gs - k)))
-
-    def row(i, carry):
-        wc, scales, zeros = carry
-        g = i // gs
-
-        def new_scale(c):
-            wc_, scales_, zeros_ = c
-            block = lax.dynamic_slice_in_dim(wc_, g * gs, gs, axis=0)
-            valid = (g * gs + jnp.arange(gs)) < k
-            s_g, z_g = grouped_scale(jnp.where(valid[:, None], block, 0.0), one_lay, one_group)
-            scales_ = lax.dynamic_update_slice_in_dim(scales_, s_g.astype(scales_.dtype), g, axis=0)
-            if has_z:
-                zeros_ = lax.dynamic_update_slice_in_dim(zeros_, z_g.astype(zeros_.dtype), g, axis=0)
-            return wc_, scales_, zeros_
-
-        wc, scales, zeros = lax.cond(i % gs == 0, new_scale, lambda c: c, (wc, scales, zeros))
-        s_row = scales[g]
-        z_row = zeros[g] if has_z else None
-        w_row = wc[i]
-        q_row = dequantize_codes(quantize_to_codes(w_row, s_row, z_row, spec.fmt), s_row, z_row, spec.fmt)
-        err = (w_row - q_row) / up[i, i]
-        wc = wc - up[i][:, None] * err[None, :]
-        wc = wc.at[i].set(q_row)
-        return wc, scales, zeros
-
+    fmt = spec.fmt
     sdt = jnp.dtype(spec.scale_dtype)
-    scales0 = jnp.ones((groups, n), sdt)
-    zeros0 = jnp.zeros((groups, n), sdt)
-    wq, scales, zeros = lax.fori_loop(0, k, row, (wp, scales0, zeros0))
-    s_pub = scales if lay.group_axis == 0 else scales[:1]
-    z_pub = (zeros if lay.group_axis == 0 else zeros[:1]) if has_z else None
-    return s_pub, z_pub, wq[:k]
+    if grouped:  # a block is a group: its scale is fixed when the walk reaches it
+        scales0, zeros0 = jnp.ones((n_blocks, n), sdt), jnp.zeros((n_blocks, n), sdt)
+    else:  # per channel: one scale from the weights as they are
+        s0, z0 = grouped_scale(w, _layout.layout((k, n), one_group), one_group)
+        scales0, zeros0 = s0.astype(sdt), (jnp.zeros_like(s0) if z0 is None else z0).astype(sdt)
+    block_lay = _layout.layout((block, n), one_group)
+
+    def run_block(b, carry):
+        wc, scales, zeros = carry
+        i0 = b * block
+        wb = lax.dynamic_slice_in_dim(wc, i0, block, axis=0)
+        if grouped:
+            valid = (i0 + jnp.arange(block)) < k
+            s_g, z_g = grouped_scale(jnp.where(valid[:, None], wb, 0.0), block_lay, one_group)
+            scales = lax.dynamic_update_slice_in_dim(scales, s_g.astype(sdt), b, axis=0)
+            if z_g is not None:
+                zeros = lax.dynamic_update_slice_in_dim(zeros, z_g.astype(sdt), b, axis=0)
+        g = b if grouped else 0
+        s_row, z_row = scales[g], (zeros[g] if fmt.has_zero_point else None)
+        ub = lax.dynamic_slice(u, (i0, i0), (block, block))
+
+        def row(r, c):
+            wb, errs = c
+            w_r = wb[r]
+            q_r = dequantize_codes(quantize_to_codes(w_r, s_row, z_row, fmt), s_row, z_row, fmt)
+            e = (w_r - q_r) / ub[r, r]
+            wb = (wb - ub[r][:, None] * e[None, :]).at[r].set(q_r)
+            return wb, errs.at[r].set(e)
+
+        wb, errs = lax.fori_loop(0, block, row, (wb, jnp.zeros((block, n), wc.dtype)))
+        wc = lax.dynamic_update_slice_in_dim(wc, wb, i0, axis=0)
+        later = (jnp.arange(kp) >= i0 + block).astype(u.dtype)
+        u_rows = lax.dynamic_slice_in_dim(u, i0, block, axis=0) * later[None, :]
+        return wc - u_rows.T @ errs, scales, zeros
+
+    wq, scales, zeros = lax.fori_loop(0, n_blocks, run_block, (wp, scales0, zeros0))
+    return scales, (zeros if fmt.has_zero_point else None), wq[:k]
