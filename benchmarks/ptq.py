@@ -56,16 +56,18 @@ def main():
     }
     bf16 = qj.quantize(params["block0"]["up"]["kernel"], qj.QuantSpec(axis=0, group_size=128, scale_dtype="bfloat16"))
     result["bits_per_weight_bf16_scales_2d"] = bf16.bits_per_value
-    # GPTQ vs round to nearest: a 1024x1024 layer with correlated inputs.
-    x = jax.random.normal(jax.random.key(7), (2048, d)) @ jax.random.normal(jax.random.key(8), (d, d)) / d**0.5
-    w = params["block0"]["down"]["kernel"][:d]
-    for fmt in ("int4", "nf4"):
-        s = qj.QuantSpec(format=fmt, axis=0, group_size=128)
-        err = lambda qa: float(jnp.sum((x @ w - x @ qj.dequantize(qa)) ** 2))  # noqa: E731
-        t0 = time.perf_counter()
-        g = qj.ptq.gptq(w, x, s)
-        result[f"gptq_{fmt}_seconds"] = time.perf_counter() - t0
-        result[f"gptq_{fmt}_output_error_vs_rtn"] = err(g) / err(qj.quantize(w, s))
+    # GPTQ vs round to nearest: d x d layers with correlated inputs (2048 calibration rows).
+    for size in (d, 4 * d):
+        x = jax.random.normal(jax.random.key(7), (2048, size)) @ jax.random.normal(jax.random.key(8), (size, size))
+        w = jax.random.normal(jax.random.key(9), (size, size))
+        for fmt in ("int4", "nf4"):
+            s = qj.QuantSpec(format=fmt, axis=0, group_size=128)
+            err = lambda qa: float(jnp.sum((x @ w - x @ qj.dequantize(qa)) ** 2))  # noqa: E731
+            jax.block_until_ready(qj.ptq.gptq(w[:256, :256], x[:, :256], s))  # compile the small case away
+            t0 = time.perf_counter()
+            g = jax.block_until_ready(qj.ptq.gptq(w, x, s))
+            result[f"gptq_{fmt}_{size}x{size}_seconds"] = time.perf_counter() - t0
+            result[f"gptq_{fmt}_{size}x{size}_output_error_vs_rtn"] = err(g) / err(qj.quantize(w, s))
     for k, v in result.items():
         print(f"{k:36} {v:.4g}" if isinstance(v, float) else f"{k:36} {v}")
     write_json(args.out, result)
