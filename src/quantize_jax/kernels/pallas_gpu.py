@@ -40,12 +40,14 @@ def _decode(codes_u8, fmt: Format, zero_point):
     return out
 
 
-def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_rows: int, per_group: bool,
-            has_zero: bool):
+def _kernel(x_ref, p_ref, se_ref, so_ref, *rest, fmt: Format, bk: int, nk: int, group_rows: int,
+            per_group: bool, has_zero: bool):
+    # Scales and zero points arrive split into even- and odd-column arrays, so the kernel only loads
+    # whole blocks from refs and never slices a loaded value (Triton cannot).
     if has_zero:
-        z_ref, oe_ref, oo_ref = rest
+        ze_ref, zo_ref, oe_ref, oo_ref = rest
     else:
-        z_ref = None
+        ze_ref = zo_ref = None
         oe_ref, oo_ref = rest
     split = pl.program_id(2)
     bm = x_ref.shape[0]
@@ -57,29 +59,23 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         p = p_ref[pl.ds(k * bk, bk), :]
         if fmt.signed_codes:
             p8 = p.astype(jnp.int8)
-            lo, hi = lax.shift_right_arithmetic(lax.shift_left(p8, jnp.int8(4)), jnp.int8(4)), (
-                lax.shift_right_arithmetic(p8, jnp.int8(4))
-            )
+            lo = lax.shift_right_arithmetic(lax.shift_left(p8, jnp.int8(4)), jnp.int8(4))
+            hi = lax.shift_right_arithmetic(p8, jnp.int8(4))
         else:
             lo, hi = p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4))
         g = (split * nk + k) * bk // group_rows if per_group else 0
-        z = z_ref[pl.ds(g, 1), :] if has_zero else None
-        ze = None if z is None else z[:, :bnh]
-        zo = None if z is None else z[:, bnh:]
-        we = _decode(lo, fmt, ze).astype(x.dtype)
-        wo = _decode(hi, fmt, zo).astype(x.dtype)
-        de = jnp.dot(x, we, preferred_element_type=jnp.float32)
-        do = jnp.dot(x, wo, preferred_element_type=jnp.float32)
+        ze = ze_ref[pl.ds(g, 1), :] if has_zero else None
+        zo = zo_ref[pl.ds(g, 1), :] if has_zero else None
+        de = jnp.dot(x, _decode(lo, fmt, ze).astype(x.dtype), preferred_element_type=jnp.float32)
+        do = jnp.dot(x, _decode(hi, fmt, zo).astype(x.dtype), preferred_element_type=jnp.float32)
         if per_group:
-            s = s_ref[pl.ds(g, 1), :]
-            de, do = de * s[:, :bnh], do * s[:, bnh:]
+            de, do = de * se_ref[pl.ds(g, 1), :], do * so_ref[pl.ds(g, 1), :]
         return acc_e + de, acc_o + do
 
     zeros = jnp.zeros((bm, bnh), jnp.float32)
     acc_e, acc_o = lax.fori_loop(0, nk, body, (zeros, zeros))
     if not per_group:
-        s = s_ref[...]
-        acc_e, acc_o = acc_e * s[:, :bnh], acc_o * s[:, bnh:]
+        acc_e, acc_o = acc_e * se_ref[...], acc_o * so_ref[...]
     oe_ref[...] = acc_e
     oo_ref[...] = acc_o
 
@@ -125,20 +121,21 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     pp = jnp.pad(packed, ((0, kp - k), (0, nhp - nh)))
     groups = pl.cdiv(kp, group_size) if per_group else 1
 
-    def columns(a, fill):  # (G, n) -> (G, 2 * nhp) as [even columns | odd columns] per N block
+    def even_odd(a, fill):  # (G, n) -> even and odd columns, each (groups, nhp)
         a = jnp.pad(a.astype(jnp.float32), ((0, groups - a.shape[0]), (0, 2 * nhp - n)), constant_values=fill)
-        a = a.reshape(groups, nhp // bnh, bnh, 2)
-        return jnp.concatenate([a[..., 0], a[..., 1]], axis=-1).reshape(groups, 2 * nhp)
+        return a[:, 0::2], a[:, 1::2]
 
-    operands = [xp, pp, columns(scale, 1.0)]
+    row_block = pl.BlockSpec((groups, bnh), lambda i, j, s: (0, j))
+    operands = [xp, pp, *even_odd(scale, 1.0)]
     in_specs = [
         pl.BlockSpec((bm, kp // split_k), lambda i, j, s: (i, s)),
         pl.BlockSpec((kp // split_k, bnh), lambda i, j, s: (s, j)),
-        pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j)),
+        row_block,
+        row_block,
     ]
     if zero_point is not None:
-        operands.append(columns(zero_point, 0.0))
-        in_specs.append(pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j)))
+        operands += even_odd(zero_point, 0.0)
+        in_specs += [row_block, row_block]
     kernel = functools.partial(
         _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
         has_zero=zero_point is not None,
