@@ -122,3 +122,13 @@ def test_bad_input_is_named():
         qj.quantize(jnp.float32(1.0))
     with pytest.raises(TypeError, match=r"dequantize: expected a QArray, got ArrayImpl"):
         qj.dequantize(jnp.ones(3))
+
+
+def test_import_does_not_load_flax_until_asked():
+    import subprocess
+    import sys
+
+    code = ("import sys, quantize_jax as qj; a = 'flax' in sys.modules; qj.nnx; qj.linen; "
+            "print(a, 'flax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
