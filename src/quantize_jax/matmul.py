@@ -228,9 +228,12 @@ def _chunked(x, q, *, grid: _Grid):
     nh = q.packed.shape[1]
     g = grid.scale.shape[0]
     per_group = g > 1
-    rows = grid.group_rows * max(1, _CHUNK_ROWS // grid.group_rows) if per_group else _CHUNK_ROWS
-    rows = min(rows, k) if not per_group else rows
-    kp = -(-max(k, g * grid.group_rows if per_group else k) // rows) * rows
+    if per_group:  # whole groups per chunk, K padded to whole groups
+        rows = grid.group_rows * max(1, _CHUNK_ROWS // grid.group_rows)
+        kp = -(-(g * grid.group_rows) // rows) * rows
+    else:
+        rows = min(_CHUNK_ROWS, k)
+        kp = -(-k // rows) * rows
     n_chunks = kp // rows
     xs = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, kp - k))).reshape(m, n_chunks, rows).transpose(1, 0, 2)
     ps = jnp.pad(q.packed, ((0, kp - k), (0, 0))).reshape(n_chunks, rows, nh)
@@ -284,15 +287,19 @@ def _grouped_codes(q: QArray, grid: _Grid, dtype):
 
 def _native(x, q, *, grid: _Grid):
     """XLA's int4: bitcast codes, converted to x's dtype inside a grouped dot, scales applied per group."""
-    k = q.shape[0]
-    g, rows = grid.scale.shape[0], grid.group_rows
     dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) else jnp.float32
-    codes = _grouped_codes(q, grid, dtype)
-    xg = jnp.pad(x.astype(dtype), ((0, 0), (0, g * rows - k))).reshape(x.shape[0], g, rows)
-    part = jnp.einsum("mgk,gkn->mgn", xg, codes, preferred_element_type=jnp.float32)
-    if grid.zero_point is not None:
-        part = part - jnp.sum(xg.astype(jnp.float32), axis=-1, keepdims=True) * grid.zero_point[None]
+    part = _group_products(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
     return jnp.sum(part * grid.scale[None], axis=1)
+
+
+def _group_products(x, codes, grid: _Grid, acc_dtype):
+    """``sum_k x[m, k] * (codes[g, k, n] - z[g, n])`` over each group's rows: ``(M, G, N)`` in ``acc_dtype``."""
+    g, rows = codes.shape[0], codes.shape[1]
+    xg = jnp.pad(x, ((0, 0), (0, g * rows - x.shape[1]))).reshape(x.shape[0], g, rows)
+    part = jnp.einsum("mgk,gkn->mgn", xg, codes, preferred_element_type=acc_dtype)
+    if grid.zero_point is not None:
+        part = part - jnp.sum(xg.astype(acc_dtype), axis=-1, keepdims=True) * grid.zero_point.astype(acc_dtype)[None]
+    return part
 
 
 def _pallas(x, q, *, grid: _Grid):
@@ -331,8 +338,6 @@ def _w4a8_cpu(x, q, *, grid: _Grid):
 def _w4a8(x, q, grid: _Grid):
     """int8 activations x 4-bit codes with int32 accumulation per scale group, scales applied after."""
     fmt = q.spec.fmt
-    k = q.shape[0]
-    g, rows = grid.scale.shape[0], grid.group_rows
     xq, sx = _int8_tokens(x)
     scale = grid.scale
     if fmt.is_integer:
@@ -340,10 +345,7 @@ def _w4a8(x, q, grid: _Grid):
     else:  # fp4: twice every e2m1 level is an integer in [-12, 12]
         codes = (_grouped_codes(q, grid, jnp.float32) * 2).astype(jnp.int8)
         scale = scale * 0.5
-    xg = jnp.pad(xq, ((0, 0), (0, g * rows - k))).reshape(x.shape[0], g, rows)
-    acc = jnp.einsum("mgk,gkn->mgn", xg, codes, preferred_element_type=jnp.int32)
-    if grid.zero_point is not None:
-        acc = acc - jnp.sum(xg.astype(jnp.int32), axis=-1, keepdims=True) * grid.zero_point.astype(jnp.int32)[None]
+    acc = _group_products(xq, codes, grid, jnp.int32)
     return jnp.sum(acc.astype(jnp.float32) * scale[None], axis=1) * sx
 
 

@@ -113,9 +113,8 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     bnh = min(block_n, max(16, pl.next_power_of_2(nh)))
     if split_k is None:
         split_k = max(1, min(8, k // (4 * bk))) if m <= 64 else 1
-    kp = pl.cdiv(k, bk * split_k) * bk * split_k
-    if per_group:  # whole groups: pad K to a multiple of the group size first
-        kp = pl.cdiv(max(kp, pl.cdiv(k, group_size) * group_size), bk * split_k) * bk * split_k
+    k_whole = pl.cdiv(k, group_size) * group_size if per_group else k  # whole groups first
+    kp = pl.cdiv(k_whole, bk * split_k) * bk * split_k
     mp, nhp = pl.cdiv(m, bm) * bm, pl.cdiv(nh, bnh) * bnh
     xp = jnp.pad(x, ((0, mp - m), (0, kp - k)))
     pp = jnp.pad(packed, ((0, kp - k), (0, nhp - nh)))
