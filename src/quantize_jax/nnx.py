@@ -84,10 +84,15 @@ class _ActQuant:
         self.use_running_average = False
         self.act_range = QuantStat(jnp.zeros((2,), jnp.float32)) if act_calibration == "static" else nnx.data(None)
 
+    def _quant_inputs(self, x):
+        """The layer's inputs as its product sees them: ``_quant_act``, then per-token int8 for W4A8."""
+        x = self._quant_act(x)
+        return matmul.fake_int8_tokens(x) if self.act_spec == "int8" else x
+
     def _quant_act(self, x):
         spec = self.act_spec
         if spec is None or spec == "int8":
-            return x  # int8 is applied inside the product (qdot's act_quant), identically in QAT and serving
+            return x  # int8 is per token, inside the product: qdot's act_quant, or _quant_inputs
         if self.act_calibration == "dynamic":
             return fake_quant(x, spec)
         if not self.use_running_average:
@@ -154,9 +159,7 @@ class _QuantLayer(_ActQuant):
 
     def _qat_call(self, flax_call, inputs, *args, **kwargs):
         kernel_q = self.quantized_kernel()
-        x = self._quant_act(inputs)
-        if self.act_spec == "int8":
-            x = matmul.fake_int8_tokens(x)
+        x = self._quant_inputs(inputs)
         original = self.kernel.get_value()
         self.kernel.set_value(kernel_q)
         try:
@@ -260,10 +263,7 @@ class _ServingLayer(_ActQuant):
     __slots__ = ()
 
     def _serving_call(self, flax_call, inputs, *args, **kwargs):
-        x = self._quant_act(inputs)
-        if self.act_spec == "int8":
-            x = matmul.fake_int8_tokens(x)
-        return flax_call(self, x, *args, **kwargs)
+        return flax_call(self, self._quant_inputs(inputs), *args, **kwargs)
 
     @property
     def qarray(self) -> QArray:
