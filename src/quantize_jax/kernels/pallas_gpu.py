@@ -1,15 +1,24 @@
 """A Pallas kernel for ``x @ W`` with a packed 4-bit weight (Triton on GPU; ``interpret=True`` on CPU).
 
-The kernel reads the packed uint8 weight, unpacks each byte into its two
-codes in registers, decodes them (``q - z`` or a codebook level), and
-accumulates ``x @ codes`` in float32 one K block at a time; each group's
-partial product is multiplied by that group's scale (``bk`` divides the group
-size, so a K block never straddles two groups). The even and odd output
-columns are accumulated separately, because the low and high nibbles of a
-byte hold columns ``2j`` and ``2j + 1``, and interleaved by XLA afterwards.
+The kernel reads the packed uint8 weight ``(K, ceil(N / 2))`` block by
+block, splits each byte into its two codes in registers and interleaves them
+back into column order (a Triton ``join``), converts the codes to the
+activations' dtype and accumulates ``x @ codes`` in float32, one K block at a
+time. Per K block (``block_k`` divides the group size, so a block never
+straddles two groups)::
+
+    acc += (x_blk @ u_blk - rowsum(x_blk) * c_g) * s_g
+
+where ``u`` are the unsigned nibbles, ``c = z`` for ``uint4`` and ``c = 8 + z``
+for ``int4`` (whose nibbles are flipped by ``^ 0x88`` so that ``u = q + 8``),
+and ``s_g``, ``z_g`` the group's scale and zero point. So integer codes cost
+one mask or shift and one convert each; ``nf4`` / ``fp4`` decode by a select
+chain (Triton has no table lookups).
 
 Small M is a GEMV: the K axis is split over ``split_k`` program instances,
-whose partial sums XLA adds, so that a 1-row product still fills the GPU.
+whose partial sums XLA adds, so a 1-row product still fills the GPU; with
+``gemv=True`` the product is a broadcast multiply and sum instead of a
+``tl.dot`` (whose smallest tile has 16 rows).
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
@@ -24,75 +33,86 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from quantize_jax.formats import Format
 
 
-def _decode(codes_u8, fmt: Format, zero_point):
-    """Codes (uint8 nibble values 0..15, or int8 for signed) -> float32 levels, without gathers."""
+def _levels(codes, fmt: Format, dtype):
+    """Codes ``0..15`` -> ``dtype``: the unsigned integer itself, or the format's level (a select chain)."""
     if fmt.is_integer:
-        v = codes_u8.astype(jnp.float32)
-        return v - zero_point if zero_point is not None else v
-    out = jnp.zeros(codes_u8.shape, jnp.float32)
-    for code, level in enumerate(fmt.levels):  # a select chain: Triton has no table lookups
+        return codes.astype(dtype)
+    out = jnp.zeros(codes.shape, jnp.float32)
+    for code, level in enumerate(fmt.levels):
         if level != 0.0:
-            out = jnp.where(codes_u8 == code, jnp.float32(level), out)
-    return out
+            out = jnp.where(codes == code, jnp.float32(level), out)
+    return out.astype(dtype)
 
 
-def _kernel(x_ref, p_ref, se_ref, so_ref, *rest, fmt: Format, bk: int, nk: int, group_rows: int,
-            per_group: bool, has_zero: bool):
-    # Scales and zero points arrive split into even- and odd-column arrays, so the kernel only loads
-    # whole blocks from refs and never slices a loaded value (Triton cannot).
-    if has_zero:
-        ze_ref, zo_ref, oe_ref, oo_ref = rest
+def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_rows: int, per_group: bool,
+            offset: str, gemv: bool):
+    # offset: "none", "const" (8, signed int4), "zero" (z) or "const+zero" (8 + z), per column.
+    if offset in ("zero", "const+zero"):
+        z_ref, o_ref = rest
     else:
-        ze_ref = zo_ref = None
-        oe_ref, oo_ref = rest
+        z_ref, (o_ref,) = None, rest
     split = pl.program_id(2)
     bm = x_ref.shape[0]
     bnh = p_ref.shape[1]
+    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
-    def body(k, carry):
-        acc_e, acc_o = carry
+    def body(k, acc):
         x = x_ref[:, pl.ds(k * bk, bk)]
         p = p_ref[pl.ds(k * bk, bk), :]
         if fmt.signed_codes:
-            p8 = p.astype(jnp.int8)
-            lo = lax.shift_right_arithmetic(lax.shift_left(p8, jnp.int8(4)), jnp.int8(4))
-            hi = lax.shift_right_arithmetic(p8, jnp.int8(4))
+            p = p ^ jnp.uint8(0x88)  # two's complement nibble q -> q + 8, unsigned
+        lo, hi = p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4))
+        codes = jnp.concatenate([lo[..., None], hi[..., None]], axis=-1).reshape(bk, 2 * bnh)
+        w = _levels(codes, fmt, x.dtype)
+        if gemv:
+            part = jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1)
         else:
-            lo, hi = p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4))
+            part = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
         g = (split * nk + k) * bk // group_rows if per_group else 0
-        ze = ze_ref[pl.ds(g, 1), :] if has_zero else None
-        zo = zo_ref[pl.ds(g, 1), :] if has_zero else None
-        de = jnp.dot(x, _decode(lo, fmt, ze).astype(x.dtype), preferred_element_type=jnp.float32)
-        do = jnp.dot(x, _decode(hi, fmt, zo).astype(x.dtype), preferred_element_type=jnp.float32)
+        if offset != "none":
+            c = jnp.float32(8.0) if offset == "const" else z_ref[pl.ds(g, 1), :]
+            c = c + 8.0 if offset == "const+zero" else c
+            part = part - jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True) * c
         if per_group:
-            de, do = de * se_ref[pl.ds(g, 1), :], do * so_ref[pl.ds(g, 1), :]
-        return acc_e + de, acc_o + do
+            part = part * s_ref[pl.ds(g, 1), :]
+        return acc + part
 
-    zeros = jnp.zeros((bm, bnh), jnp.float32)
-    acc_e, acc_o = lax.fori_loop(0, nk, body, (zeros, zeros))
+    acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, 2 * bnh), jnp.float32))
     if not per_group:
-        acc_e, acc_o = acc_e * se_ref[...], acc_o * so_ref[...]
-    oe_ref[...] = acc_e
-    oo_ref[...] = acc_o
+        acc = acc * s_ref[...]
+    o_ref[...] = acc
+
+
+def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
+    """Tile sizes for an ``(m, k)`` input: ``block_m, block_n, block_k, split_k``."""
+    bk = math.gcd(group_size, 128) if per_group else 128
+    if m <= 16:
+        return dict(block_m=16, block_n=256, block_k=bk, split_k=max(1, min(8, k // (4 * bk))))
+    return dict(block_m=64, block_n=128, block_k=bk, split_k=1)
 
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
-           block_n: int = 128, block_k: int | None = None, split_k: int | None = None, interpret: bool = False):
+           block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+           gemv: bool = False, num_warps: int | None = None, num_stages: int | None = None,
+           interpret: bool = False):
     """``x @ W`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``.
 
     Args:
       x: ``(M, K)`` activations (their dtype is the dot's input dtype).
-      packed: uint8 codes, two per byte along the last axis.
+      packed: uint8 codes, two per byte along the last axis (low nibble first).
       scale, zero_point: ``(G, n)`` float32, one row per group of
         ``group_size`` rows of ``W`` (``G = 1`` for per-channel); zero_point
         may be ``None``.
       fmt: the 4-bit format of the codes.
-      block_m, block_n, block_k, split_k: tile sizes (``block_n`` counts
-        packed columns, so ``2 * block_n`` outputs); defaults suit decode.
+      block_m, block_n, block_k, split_k: tile sizes (``block_n`` output
+        columns, even); ``None`` takes :func:`default_blocks`.
+      gemv: multiply and sum instead of ``tl.dot`` (for a few rows).
+      num_warps, num_stages: Triton compiler parameters (``None``: Triton's).
       interpret: run the kernel in Pallas' interpreter (CPU tests).
 
     Returns:
@@ -100,54 +120,53 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     """
     m, k = x.shape
     per_group = scale.shape[0] > 1
-    if per_group:
-        bk = block_k or math.gcd(group_size, 128)
-        if group_size % bk:
-            raise ValueError(f"pallas: block_k {bk} must divide group_size {group_size}")
-    else:
-        bk = block_k or 128
-    if not interpret and bk < 16:
+    blocks = default_blocks(m, k, group_size, per_group)
+    bm = block_m or (pl.next_power_of_2(m) if gemv else blocks["block_m"])
+    bk = block_k or blocks["block_k"]
+    split_k = split_k or blocks["split_k"]
+    bn = block_n or blocks["block_n"]
+    if per_group and group_size % bk:
+        raise ValueError(f"pallas: block_k {bk} must divide group_size {group_size}")
+    if not (interpret or gemv) and bk < 16:
         raise ValueError(f"pallas: the K block must be at least 16 for the GPU dot; group_size {group_size} is too small")
-    bm = block_m or max(16, min(64, pl.next_power_of_2(m)))
     nh = (n + 1) // 2
-    bnh = min(block_n, max(16, pl.next_power_of_2(nh)))
-    if split_k is None:
-        split_k = max(1, min(8, k // (4 * bk))) if m <= 64 else 1
+    bnh = min(bn // 2, max(8, pl.next_power_of_2(nh)))
     k_whole = pl.cdiv(k, group_size) * group_size if per_group else k  # whole groups first
     kp = pl.cdiv(k_whole, bk * split_k) * bk * split_k
     mp, nhp = pl.cdiv(m, bm) * bm, pl.cdiv(nh, bnh) * bnh
-    xp = jnp.pad(x, ((0, mp - m), (0, kp - k)))
-    pp = jnp.pad(packed, ((0, kp - k), (0, nhp - nh)))
     groups = pl.cdiv(kp, group_size) if per_group else 1
 
-    def even_odd(a, fill):  # (G, n) -> even and odd columns, each (groups, nhp)
-        a = jnp.pad(a.astype(jnp.float32), ((0, groups - a.shape[0]), (0, 2 * nhp - n)), constant_values=fill)
-        return a[:, 0::2], a[:, 1::2]
+    def pad(a, rows, cols, fill=0):
+        return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=fill)
 
-    row_block = pl.BlockSpec((groups, bnh), lambda i, j, s: (0, j))
-    operands = [xp, pp, *even_odd(scale, 1.0)]
+    operands = [pad(x, mp, kp), pad(packed, kp, nhp), pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
+    row_block = pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j))
     in_specs = [
         pl.BlockSpec((bm, kp // split_k), lambda i, j, s: (i, s)),
         pl.BlockSpec((kp // split_k, bnh), lambda i, j, s: (s, j)),
         row_block,
-        row_block,
     ]
     if zero_point is not None:
-        operands += even_odd(zero_point, 0.0)
-        in_specs += [row_block, row_block]
+        operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
+        in_specs.append(row_block)
+    offset = {(False, False): "none", (True, False): "const", (False, True): "zero", (True, True): "const+zero"}[
+        (fmt.signed_codes, zero_point is not None)
+    ]
     kernel = functools.partial(
         _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
-        has_zero=zero_point is not None,
+        offset=offset, gemv=gemv,
     )
-    out_block = pl.BlockSpec((None, bm, bnh), lambda i, j, s: (s, i, j))
-    even, odd = pl.pallas_call(
+    params = {}
+    if not interpret:  # name Triton explicitly, whichever GPU backend this JAX defaults to
+        params["compiler_params"] = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((split_k, mp, nhp), jnp.float32)] * 2,
+        out_shape=jax.ShapeDtypeStruct((split_k, mp, 2 * nhp), jnp.float32),
         grid=(mp // bm, nhp // bnh, split_k),
         in_specs=in_specs,
-        out_specs=[out_block, out_block],
+        out_specs=pl.BlockSpec((None, bm, 2 * bnh), lambda i, j, s: (s, i, j)),
         interpret=interpret,
         name="qdot_int4",
+        **params,
     )(*operands)
-    out = jnp.stack([even.sum(0), odd.sum(0)], axis=-1).reshape(mp, 2 * nhp)
-    return out[:m, :n]
+    return out.sum(0)[:m, :n]

@@ -1,0 +1,253 @@
+"""int4 matmul on a GPU: every backend checked on the device, the Pallas kernel's tiles swept, and timings
+against bf16 x bf16, XLA-native int4 and Qwix, all in one process.
+
+    python benchmarks/matmul_gpu.py --out benchmarks/results/matmul_gpu.json [--budget 300]
+
+Timing: a product is timed inside one jit that runs it over distinct activations and 4 rotating weights
+(4 x 33.5 MB of int4 do not fit the 50 MB L2), every output reduced so none is dead code. The time per
+product is the difference between a 16- and a 4-product program, divided by 12: dispatch and the host
+sync cancel. The reduction (one max per product) stays in, for every method alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import quantize_jax as qj
+from _timing import machine, median_seconds, print_table, write_json
+from quantize_jax.kernels import pallas_gpu
+from quantize_jax.matmul import _grid, fake_int8_tokens
+
+N_WEIGHTS = 4
+
+
+def per_product_us(fn, xs, ws, few: int = 1) -> float:
+    """Device microseconds per ``fn(x, w)``: (time of len(xs) x len(ws) products - time of few x len(ws)) / difference."""
+
+    def program(xs, ws):
+        total = jnp.zeros((), jnp.float32)
+        for x in xs:
+            for w in ws:
+                total = total + jnp.max(fn(x, w)).astype(jnp.float32)
+        return total
+
+    f = jax.jit(program)
+    t_few = median_seconds(f, xs[:few], ws, repeats=15, warmup=2)
+    t_all = median_seconds(f, xs, ws, repeats=15, warmup=2)
+    return (t_all - t_few) / ((len(xs) - few) * len(ws)) * 1e6
+
+
+def rel_err(y, ref) -> float:
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def reference(x, q):
+    return np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(qj.dequantize(q, jnp.float32), np.float64)
+
+
+def kernel_fn(**blocks):
+    """``x, q -> x @ q`` through the Pallas kernel with the given tiles."""
+    interpret = jax.default_backend() == "cpu"  # a dry run of this script on a CPU
+
+    def fn(x, q):
+        g = _grid(q)
+        return pallas_gpu.matmul(x, q.packed, g.scale, g.zero_point, n=q.shape[1], fmt=q.spec.fmt,
+                                 group_size=g.group_rows, interpret=interpret, **blocks)
+
+    return fn
+
+
+def checks(log):
+    """Every backend against a float64 reference on this device: formats, groups, ragged shapes, dtypes."""
+    rows = []
+    cases = [(1, 200, 37, 64), (16, 256, 96, 128), (33, 384, 50, None)]
+    for fmt in ("int4", "uint4", "nf4", "fp4"):
+        for m, k, n, group in cases:
+            w = jax.random.normal(jax.random.key(k + n), (k, n))
+            spec = qj.QuantSpec(format=fmt, axis=0, group_size=group)
+            q = qj.quantize(w, spec)
+            for dtype in (jnp.float32, jnp.bfloat16):
+                x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
+                ref = reference(x, q)
+                for backend in ("pallas", "native", "auto"):
+                    row = dict(fmt=fmt, shape=f"{m}x{k}x{n}", group=group or "channel", dtype=dtype.__name__,
+                               backend=backend)
+                    try:
+                        y = jax.jit(functools.partial(qj.qdot, backend=backend))(x, q)
+                        row["rel_err"] = rel_err(y, ref)
+                    except Exception as e:  # reported, so one failure does not hide the rest
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        log(traceback.format_exc())
+                    rows.append(row)
+    for m in (1, 4):  # the GEMV variant (no tl.dot)
+        w = jax.random.normal(jax.random.key(5), (512, 256))
+        q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
+        x = jax.random.normal(jax.random.key(6), (m, 512)).astype(jnp.bfloat16)
+        row = dict(fmt="int4", shape=f"{m}x512x256", group=128, dtype="bfloat16", backend="pallas gemv")
+        try:
+            row["rel_err"] = rel_err(jax.jit(kernel_fn(gemv=True, split_k=2))(x, q), reference(x, q))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(traceback.format_exc())
+        rows.append(row)
+    x = jax.random.normal(jax.random.key(7), (16, 512)).astype(jnp.bfloat16)  # W4A8 on the device
+    w = jax.random.normal(jax.random.key(8), (512, 256))
+    q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
+    row = dict(fmt="int4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto W4A8")
+    try:
+        xq = fake_int8_tokens(x.astype(jnp.float32))
+        row["rel_err"] = rel_err(jax.jit(functools.partial(qj.qdot, act_quant="int8"))(x, q), reference(xq, q))
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    rows.append(row)
+    return rows
+
+
+def sweep_configs(m: int):
+    """Tiles to try, the likeliest first (the sweep stops when its share of the budget is spent)."""
+    if m <= 16:
+        configs = [dict(block_n=bn, block_k=128, split_k=s) for s in (8, 4, 16, 2) for bn in (256, 512, 128)]
+        configs += [dict(block_n=bn, block_k=64, split_k=8) for bn in (256, 512)]
+        if m == 1:
+            configs += [dict(gemv=True, block_n=bn, block_k=64, split_k=s) for s in (8, 4) for bn in (128, 256)]
+            configs += [dict(gemv=True, block_n=256, block_k=32, split_k=8)]
+        configs += [dict(block_n=256, block_k=128, split_k=8, num_warps=w) for w in (2, 8)]
+        return configs
+    return [dict(block_m=bm, block_n=bn, block_k=bk, split_k=1) for bm in (64, 128) for bn in (128, 256)
+            for bk in (64, 128)] + [dict(block_m=128, block_n=bn, block_k=64, split_k=1, num_warps=8)
+                                    for bn in (128, 256)]
+
+
+def make_weights(k, n, spec):
+    ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.float32) for i in range(N_WEIGHTS)]
+    qs = [jax.jit(functools.partial(qj.quantize, spec=spec))(w) for w in ws]
+    bfs = [w.astype(jnp.bfloat16) for w in ws]
+    del ws
+    return qs, bfs
+
+
+def activations(m, k, count=4):
+    return [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(count)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kn", type=int, default=8192)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 1024])
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run; the sweep stops early")
+    ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
+    ap.add_argument("--no-llama", action="store_true", help="skip the Llama-like shapes")
+    ap.add_argument("--out", default="benchmarks/results/matmul_gpu.json")
+    args = ap.parse_args()
+    start = time.time()
+    log_path = args.out.replace(".json", ".log")
+    log_file = open(log_path, "w")
+
+    def log(text):
+        log_file.write(text + "\n")
+        log_file.flush()
+
+    result = {"machine": machine(), "group_size": 128, "timing": __doc__.split("Timing: ", 1)[1].strip()}
+    print(result["machine"], flush=True)
+    result["checks"] = checks(log)
+    bad = [r for r in result["checks"] if "error" in r or r["rel_err"] > 2e-3]
+    print(f"checks: {len(result['checks'])} cases, {len(bad)} failing ({time.time() - start:.0f} s)", flush=True)
+    for r in bad:
+        print("  FAIL", r, flush=True)
+    write_json(args.out, result)
+
+    def timed(fn, xs, ws):
+        try:
+            return round(per_product_us(fn, xs, ws), 1)
+        except Exception as e:
+            log(traceback.format_exc())
+            return f"error: {type(e).__name__}: {str(e)[:200]}"
+
+    k = n = args.kn
+    spec = qj.QuantSpec(axis=0, group_size=128)
+    qs, bfs = make_weights(k, n, spec)
+    bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    table, sweep, best = [], [], {}
+    for i, m in enumerate(args.m):
+        sweep_until = start + args.budget * (0.25 + 0.55 * (i + 1) / len(args.m))
+        xs = activations(m, k)
+        row = {"M": m, "bf16_us": timed(bf16_dot, xs, bfs)}
+        for backend in ("native", "auto", "pallas"):
+            row[f"{backend}_us"] = timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs)
+        row["w4a8_auto_us"] = timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs)
+        try:
+            import qwix
+
+            qw = [jax.jit(lambda w: qwix.quantize(w, jnp.int4, channelwise_axes=(1,), tiled_axes={0: 128}))(w)
+                  for w in bfs]
+            row["qwix_us"] = timed(qwix.dot, xs, qw)
+        except Exception as e:
+            row["qwix_us"] = f"unavailable: {type(e).__name__}"
+        ref = reference(xs[0], qs[0])
+        if not args.no_sweep:
+            for blocks in sweep_configs(m):
+                if time.time() > sweep_until:
+                    log(f"budget: sweep stopped at M={m} before {blocks}")
+                    break
+                entry = {"M": m, **blocks}
+                fn = kernel_fn(**blocks)
+                try:
+                    entry["rel_err"] = rel_err(jax.jit(fn)(xs[0], qs[0]), ref)
+                    entry["us"] = timed(fn, xs, qs) if entry["rel_err"] < 2e-3 else "wrong"
+                except Exception as e:
+                    entry["us"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                    log(traceback.format_exc())
+                sweep.append(entry)
+                log(str(entry))
+            ok = [e for e in sweep if e["M"] == m and isinstance(e.get("us"), float)]
+            if ok:
+                best[m] = min(ok, key=lambda e: e["us"])
+                row["pallas_best_us"] = best[m]["us"]
+                row["best_tiles"] = {a: v for a, v in best[m].items() if a not in ("M", "us", "rel_err")}
+        if isinstance(row["bf16_us"], float):
+            for key in [c for c in row if c.endswith("_us") and c != "bf16_us" and isinstance(row[c], float)]:
+                row[key.replace("_us", "_x_faster")] = round(row["bf16_us"] / row[key], 2)
+        table.append(row)
+        print(row, flush=True)
+        result.update(table=table, sweep=sweep)
+        write_json(args.out, result)
+    del qs, bfs
+
+    llama = []
+    for k, n in () if args.no_llama else ((4096, 14336), (14336, 4096)):
+        if time.time() - start > args.budget:
+            break
+        qs, bfs = make_weights(k, n, spec)
+        for m in (1, 16):
+            xs = activations(m, k)
+            row = {"K": k, "N": n, "M": m, "bf16_us": timed(bf16_dot, xs, bfs),
+                   "native_us": timed(lambda x, q: qj.qdot(x, q, backend="native"), xs, qs),
+                   "pallas_us": timed(lambda x, q: qj.qdot(x, q, backend="pallas"), xs, qs)}
+            if m in best:
+                tiles = row["best_tiles_of_8192"] = {a: v for a, v in best[m].items() if a not in ("M", "us", "rel_err")}
+                row["pallas_best_tiles_us"] = timed(kernel_fn(**tiles), xs, qs)
+            llama.append(row)
+            print(row, flush=True)
+        del qs, bfs
+        result["llama"] = llama
+        write_json(args.out, result)
+
+    print(f"\nK=N={args.kn}, bf16 activations, int4 group 128, microseconds per product, on {result['machine']}")
+    print_table(table, [c for c in table[0] if c != "best_tiles"])
+    for m, b in best.items():
+        print(f"best tiles M={m}: {b}")
+    if llama:
+        print_table(llama, [c for c in llama[0] if c != "best_tiles_of_8192"])
+    print(f"total {time.time() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The Pallas kernel itself, in interpret mode on CPU: every format, tile option and ragged shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quantize_jax as qj
+from quantize_jax.kernels import pallas_gpu
+from quantize_jax.matmul import _grid
+
+from .conftest import FORMATS
+
+
+def _run(x, q, **blocks):
+    grid = _grid(q)
+    return pallas_gpu.matmul(
+        x, q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt, group_size=grid.group_rows,
+        interpret=True, **blocks,
+    )
+
+
+def _reference(x, q):
+    return np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "m, k, n, group, blocks",
+    [
+        (1, 200, 37, 64, dict(split_k=2, gemv=True)),
+        (3, 256, 64, 32, dict(block_n=16, split_k=4)),
+        (20, 130, 50, None, dict(block_m=16, block_n=32, block_k=32)),
+        (5, 96, 18, 48, dict()),
+    ],
+)
+def test_kernel_matches_the_reference(fmt, m, k, n, group, blocks):
+    w = jax.random.normal(jax.random.key(k + n), (k, n))
+    x = jax.random.normal(jax.random.key(m), (m, k))
+    spec = qj.QuantSpec(format=fmt, axis=0, group_size=group)
+    q = qj.quantize(w, spec)
+    y = _run(x, q, **blocks)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, _reference(x, q), rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_bfloat16_activations_multiply_in_bfloat16():
+    w = jax.random.normal(jax.random.key(0), (256, 64))
+    q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
+    x = jax.random.normal(jax.random.key(1), (4, 256)).astype(jnp.bfloat16)
+    ref = _reference(np.asarray(x.astype(jnp.float32)), q)  # bf16 x is exact in f32; codes are small integers
+    np.testing.assert_allclose(_run(x, q), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_block_k_must_divide_the_group():
+    q = qj.quantize(jnp.ones((128, 8)), qj.QuantSpec(axis=0, group_size=64))
+    with pytest.raises(ValueError, match="block_k 128 must divide group_size 64"):
+        _run(jnp.ones((1, 128)), q, block_k=128)
