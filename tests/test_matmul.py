@@ -9,7 +9,7 @@ import quantize_jax as qj
 
 from .conftest import FORMATS
 
-BACKENDS = ("xla", "chunked", "native", "pallas", "auto")
+BACKENDS = ("xla", "chunked", "native", "dequant", "pallas", "auto")
 
 
 def _reference(x, q):

@@ -11,6 +11,10 @@ Backends (``backend=``):
 * ``"native"`` — XLA's own int4: the packed bytes bitcast to ``jnp.int4``
   (free), converted inside the dot (GPU, TPU). ``nf4`` / ``fp4`` decode by
   table lookup instead.
+* ``"dequant"`` — the weight decoded and scaled to x's dtype (bf16, f16 or
+  f32), then one dot, which XLA fuses into its GEMM where it can: for large M
+  on GPU, where the product is compute-bound. With bf16 / f16 activations
+  the scaled weight is rounded to that dtype (as in a bf16 model).
 * ``"pallas"`` — the Pallas kernel of :mod:`quantize_jax.kernels.pallas_gpu`
   (GPU; interpreted on CPU, for tests).
 * ``"auto"`` (default) — chosen per platform when lowering
@@ -45,7 +49,7 @@ from quantize_jax.formats import Format
 from quantize_jax.kernels import pallas_gpu
 from quantize_jax.qarray import QArray, dequantize
 
-BACKENDS = ("auto", "xla", "chunked", "native", "pallas")
+BACKENDS = ("auto", "xla", "chunked", "native", "dequant", "pallas")
 ACT_QUANT = (None, "int8")
 _CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots
 
@@ -67,8 +71,8 @@ def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | Non
       x: activations ``(..., K)``; integer inputs are promoted as
         ``jnp.matmul`` would.
       q: the quantized weight, a 2-D :class:`QArray`.
-      backend: ``"auto"``, ``"xla"``, ``"chunked"``, ``"native"`` or
-        ``"pallas"`` (see the module docstring).
+      backend: ``"auto"``, ``"xla"``, ``"chunked"``, ``"native"``,
+        ``"dequant"`` or ``"pallas"`` (see the module docstring).
       act_quant: ``None`` (exact), or ``"int8"`` for W4A8 (``int4``,
         ``uint4`` and ``fp4`` weights).
 
@@ -139,7 +143,7 @@ def _qdot2d(x, q, backend, act_quant):
     if act_quant == "int8":
         if grid is None:
             return _reference(fake_int8_tokens(x), q)
-        if backend in ("xla", "native", "pallas"):
+        if backend in ("xla", "native", "dequant", "pallas"):
             return _w4a8(x, q, grid)
         cpu = functools.partial(_w4a8_cpu, grid=grid)
         if backend == "chunked":
@@ -151,6 +155,7 @@ def _qdot2d(x, q, backend, act_quant):
     impl = {
         "chunked": functools.partial(_chunked, grid=grid),
         "native": functools.partial(_native, grid=grid),
+        "dequant": functools.partial(_dequant, grid=grid),
         "pallas": functools.partial(_pallas, grid=grid),
     }
     if backend != "auto":
@@ -290,6 +295,17 @@ def _native(x, q, *, grid: _Grid):
     dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) else jnp.float32
     part = _group_products(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
     return jnp.sum(part * grid.scale[None], axis=1)
+
+
+def _dequant(x, q, *, grid: _Grid):
+    """The scaled weight in x's dtype, one dot accumulating in float32."""
+    dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    codes = _grouped_codes(q, grid, jnp.float32)
+    if grid.zero_point is not None:
+        codes = codes - grid.zero_point[:, None, :]
+    w = (codes * grid.scale[:, None, :]).astype(dtype).reshape(-1, q.shape[1])[: q.shape[0]]
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jnp.dot(x.astype(dtype), w, preferred_element_type=jnp.float32, precision=precision)
 
 
 def _group_products(x, codes, grid: _Grid, acc_dtype):
