@@ -275,9 +275,8 @@ def main():
         for m in (1, 16):
             xs = activations(m, k)
             row = {"K": k, "N": n, "M": m, "bf16_us": timed(bf16_dot, xs, bfs),
-                   "native_us": timed(lambda x, q: qj.qdot(x, q, backend="native"), xs, qs),
-                   "dequant_us": timed(lambda x, q: qj.qdot(x, q, backend="dequant"), xs, qs),
-                   "pallas_us": timed(lambda x, q: qj.qdot(x, q, backend="pallas"), xs, qs)}
+                   **{f"{b}_us": timed(lambda x, q, b=b: qj.qdot(x, q, backend=b), xs, qs)
+                      for b in ("native", "dequant", "auto")}}
             if m in best:
                 tiles = row["best_tiles_of_8192"] = {a: v for a, v in best[m].items() if a not in ("M", "us", "rel_err")}
                 row["pallas_best_tiles_us"] = timed(kernel_fn(**tiles), xs, qs)

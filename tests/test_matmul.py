@@ -98,6 +98,39 @@ def test_export_for_cpu_and_tpu_reproduces_on_cpu():
     np.testing.assert_array_equal(back.call(x, q), f(x, q))
 
 
+_TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+
+@pytest.mark.parametrize("act_quant", [None, "int8"])
+def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(act_quant):
+    w = jax.random.normal(jax.random.key(13), (256, 48))
+    q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
+    f = jax.jit(lambda x, q: qj.qdot(x, q, act_quant=act_quant))
+    for m, kernel in ((2, True), (64, False)):  # decode-sized M runs the Triton kernel on CUDA
+        x = jax.random.normal(jax.random.key(m), (m, 256)).astype(jnp.bfloat16)
+        exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"], disabled_checks=[_TRITON])(x, q)
+        assert ("xla.gpu.triton" in exp.mlir_module()) == kernel
+        np.testing.assert_array_equal(exp.call(x, q), f(x, q))  # the CPU branch, here
+
+
+def test_pallas_backend_names_the_platform_it_cannot_serve():
+    q = qj.quantize(jnp.ones((32, 8)), qj.QuantSpec(axis=0))
+    with pytest.raises(NotImplementedError, match=r"backend='pallas' has no kernel for platform 'tpu'"):
+        jax.export.export(jax.jit(lambda x, q: qj.qdot(x, q, backend="pallas")), platforms=["tpu"])(jnp.ones((1, 32)), q)
+
+
+def test_vmap_over_activations_and_over_stacked_weights():
+    spec = qj.QuantSpec(axis=0, group_size=16)
+    q = qj.quantize(jax.random.normal(jax.random.key(14), (64, 30)), spec)
+    xs = jax.random.normal(jax.random.key(15), (4, 3, 64))
+    np.testing.assert_array_equal(jax.vmap(lambda x: qj.qdot(x, q), in_axes=1, out_axes=1)(xs), qj.qdot(xs, q))
+    qs = jax.vmap(lambda w: qj.quantize(w, spec))(jax.random.normal(jax.random.key(16), (4, 64, 30)))
+    ys = jax.vmap(qj.qdot)(xs, qs)
+    for i in range(4):
+        qi = jax.tree.map(lambda a: a[i], qs)
+        np.testing.assert_allclose(ys[i], _reference(xs[i], qi), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_names_shapes_and_values():
     q = qj.quantize(jnp.ones((16, 8)), qj.QuantSpec(axis=0))
     with pytest.raises(ValueError, match=r"qdot: x of shape \(2, 15\) does not contract with q of shape \(16, 8\)"):

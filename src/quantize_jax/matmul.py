@@ -17,9 +17,10 @@ Backends (``backend=``):
   the scaled weight is rounded to that dtype (as in a bf16 model).
 * ``"pallas"`` — the Pallas kernel of :mod:`quantize_jax.kernels.pallas_gpu`
   (GPU; interpreted on CPU, for tests).
-* ``"auto"`` (default) — chosen per platform when lowering
-  (``lax.platform_dependent``): ``chunked`` on CPU, ``native`` on GPU and TPU,
-  so one jitted function exports for all of them.
+* ``"auto"`` (default) — chosen per platform when lowering: ``chunked`` on
+  CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows and ``dequant``
+  above; ``native`` on TPU and ROCm. Each platform's code is lowered for
+  that platform only, so one jitted function exports for all of them.
 
 All backends compute ``sum_k x[m, k] * (q[k, n] - z) * s`` and agree with the
 reference up to float reassociation. ``act_quant="int8"`` selects W4A8: the
@@ -42,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
 from quantize_jax import _layout
@@ -51,6 +54,7 @@ from quantize_jax.qarray import QArray, dequantize
 
 BACKENDS = ("auto", "xla", "chunked", "native", "dequant", "pallas")
 ACT_QUANT = (None, "int8")
+PALLAS_MAX_M = 16  # rows up to which auto uses the Pallas kernel on NVIDIA GPUs (measured on an H100)
 _CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots
 
 
@@ -140,28 +144,86 @@ def _explicit_out_spec(x, q):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _qdot2d(x, q, backend, act_quant):
     grid = _grid(q)
+    if grid is None:
+        return _reference(x if act_quant is None else fake_int8_tokens(x), q)
+    if backend == "auto" or (backend == "pallas" and act_quant is None):
+        return _per_platform(x, q, backend, act_quant)
     if act_quant == "int8":
-        if grid is None:
-            return _reference(fake_int8_tokens(x), q)
-        if backend in ("xla", "native", "dequant", "pallas"):
-            return _w4a8(x, q, grid)
-        cpu = functools.partial(_w4a8_cpu, grid=grid)
-        if backend == "chunked":
-            return cpu(x, q)
-        integer = functools.partial(_w4a8, grid=grid)
-        return lax.platform_dependent(x, q, cpu=cpu, default=integer)
-    if grid is None or backend == "xla":
+        return _w4a8_cpu(x, q, grid=grid) if backend == "chunked" else _w4a8(x, q, grid)
+    if backend == "xla":
         return _reference(x, q)
-    impl = {
-        "chunked": functools.partial(_chunked, grid=grid),
-        "native": functools.partial(_native, grid=grid),
-        "dequant": functools.partial(_dequant, grid=grid),
-        "pallas": functools.partial(_pallas, grid=grid),
-    }
-    if backend != "auto":
-        return impl[backend](x, q)
-    return lax.platform_dependent(
-        x, q, cpu=impl["chunked"], cuda=impl["native"], rocm=impl["native"], tpu=impl["native"], default=_reference
+    return {"chunked": _chunked, "native": _native, "dequant": _dequant}[backend](x, q, grid=grid)
+
+
+def _choose(platform: str, backend: str, act_quant, m: int, grid: _Grid):
+    """The implementation ``(x, q, *, grid) -> y`` that ``backend`` (``auto`` or ``pallas``) means on ``platform``."""
+    gpu = platform in ("cuda", "rocm")
+    if backend == "pallas":
+        if not gpu and platform != "cpu":
+            raise NotImplementedError(f"qdot: backend='pallas' has no kernel for platform {platform!r}; use 'auto'")
+        return functools.partial(_pallas_kernel, interpret=not gpu)
+    if platform == "cpu":
+        return _w4a8_cpu if act_quant else _chunked
+    small = m <= PALLAS_MAX_M and _pallas_fits(grid)
+    if platform == "cuda" and act_quant:
+        return _w4a8_cuda if small else _w4a8
+    if platform == "cuda":  # decode-sized M is bound by the weight's bytes, larger M by the arithmetic
+        return functools.partial(_pallas_kernel, interpret=False) if small else _dequant
+    return _w4a8 if act_quant else _native
+
+
+_per_platform_p = jex_core.Primitive("qdot_per_platform")
+
+
+def _per_platform(x, q, backend, act_quant):
+    """Binds the primitive whose lowering picks the implementation per platform. Unlike
+    ``lax.platform_dependent``, each platform's code is lowered for that platform only, so the
+    Triton kernel can sit beside the CPU path in one multi-platform export."""
+    zero_point = q.zero_point if q.zero_point is not None else jnp.zeros((0,), jnp.float32)
+    return _per_platform_p.bind(
+        x, q.packed, q.scale, zero_point, shape=q.shape, dtype=np.dtype(q.dtype), spec=q.spec,
+        has_zero=q.zero_point is not None, backend=backend, act_quant=act_quant,
+    )
+
+
+def _per_platform_impl(platform, x, packed, scale, zero_point, *, shape, dtype, spec, has_zero, backend, act_quant):
+    q = QArray(packed, scale, zero_point if has_zero else None, shape, dtype, spec)
+    grid = _grid(q)
+    return _choose(platform, backend, act_quant, x.shape[0], grid)(x, q, grid=grid)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_bind(**params):
+    return jax.jit(functools.partial(_per_platform_p.bind, **params))
+
+
+def _per_platform_batch(args, dims, **params):
+    """vmap: a batch of activations folds into M; batched weights run one at a time (``lax.map``)."""
+    if all(d is None for d in dims[1:]):
+        x = jnp.moveaxis(args[0], dims[0], 0)
+        y = _per_platform_p.bind(x.reshape(-1, x.shape[-1]), *args[1:], **params)
+        return y.reshape(x.shape[:2] + y.shape[-1:]), 0
+    moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+    mapped = [i for i, d in enumerate(dims) if d is not None]
+
+    def one(sliced):
+        full = list(moved)
+        for i, a in zip(mapped, sliced):
+            full[i] = a
+        return _per_platform_p.bind(*full, **params)
+
+    return lax.map(one, [moved[i] for i in mapped]), 0
+
+
+_per_platform_p.def_impl(lambda *args, **params: _jitted_bind(**params)(*args))
+_per_platform_p.def_abstract_eval(
+    lambda x, *_, shape, **__: jax.core.ShapedArray((x.shape[0], shape[1]), jnp.float32)
+)
+batching.primitive_batchers[_per_platform_p] = _per_platform_batch
+for _platform in ("cpu", "cuda", "rocm", "tpu"):  # "tpu" is also the rule for any other platform
+    mlir.register_lowering(
+        _per_platform_p, mlir.lower_fun(functools.partial(_per_platform_impl, _platform), multiple_results=False),
+        platform=None if _platform == "tpu" else _platform,
     )
 
 
@@ -318,12 +380,17 @@ def _group_products(x, codes, grid: _Grid, acc_dtype):
     return part
 
 
-def _pallas(x, q, *, grid: _Grid):
-    interpret = jax.devices()[0].platform == "cpu"
+def _pallas_kernel(x, q, *, grid: _Grid, interpret: bool):
+    """The Pallas kernel: compiled by Triton on GPU, interpreted on the CPU (tests)."""
     return pallas_gpu.matmul(
         x, q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt, group_size=grid.group_rows,
         interpret=interpret,
     )
+
+
+def _pallas_fits(grid: _Grid) -> bool:
+    """Whether the kernel's K block (which divides the group) reaches the 16 rows a GPU dot needs."""
+    return grid.scale.shape[0] == 1 or np.gcd(grid.group_rows, 128) >= 16
 
 
 def _int8_tokens(x):
@@ -349,6 +416,15 @@ def _w4a8_cpu(x, q, *, grid: _Grid):
     with groups the scaled partial sums round like any float32 sum."""
     xq, sx = _int8_tokens(x)
     return _chunked(xq.astype(jnp.float32), q, grid=grid) * sx
+
+
+def _w4a8_cuda(x, q, *, grid: _Grid):
+    """W4A8 on an NVIDIA GPU: for decode-sized M the integer-valued int8 tokens, exact in bf16, go
+    through the Pallas kernel (exact products, float32 sums, as on the CPU); else the int32 path."""
+    if x.shape[0] <= PALLAS_MAX_M and _pallas_fits(grid):
+        xq, sx = _int8_tokens(x)
+        return _pallas_kernel(xq.astype(jnp.bfloat16), q, grid=grid, interpret=False) * sx
+    return _w4a8(x, q, grid)
 
 
 def _w4a8(x, q, grid: _Grid):

@@ -91,8 +91,8 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
 def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
     """Tile sizes for an ``(m, k)`` input: ``block_m, block_n, block_k, split_k``."""
     bk = math.gcd(group_size, 128) if per_group else 128
-    if m <= 16:
-        return dict(block_m=16, block_n=256, block_k=bk, split_k=max(1, min(8, k // (4 * bk))))
+    if m <= 16:  # the best decode tiles of the sweep in benchmarks/matmul_gpu.py (H100)
+        return dict(block_m=16, block_n=128, block_k=bk, split_k=max(1, min(8, k // (4 * bk))))
     return dict(block_m=64, block_n=128, block_k=bk, split_k=1)
 
 
