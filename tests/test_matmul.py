@@ -106,7 +106,7 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
     w = jax.random.normal(jax.random.key(13), (256, 48))
     q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
     f = jax.jit(lambda x, q: qj.qdot(x, q, act_quant=act_quant))
-    for m, kernel in ((2, True), (64, False)):  # decode-sized M runs the Triton kernel on CUDA
+    for m, kernel in ((2, True), (16, False), (64, False)):  # decode-sized M: the Triton kernel on CUDA
         x = jax.random.normal(jax.random.key(m), (m, 256)).astype(jnp.bfloat16)
         exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"], disabled_checks=[_TRITON])(x, q)
         assert ("xla.gpu.triton" in exp.mlir_module()) == kernel
@@ -117,6 +117,19 @@ def test_pallas_backend_names_the_platform_it_cannot_serve():
     q = qj.quantize(jnp.ones((32, 8)), qj.QuantSpec(axis=0))
     with pytest.raises(NotImplementedError, match=r"backend='pallas' has no kernel for platform 'tpu'"):
         jax.export.export(jax.jit(lambda x, q: qj.qdot(x, q, backend="pallas")), platforms=["tpu"])(jnp.ones((1, 32)), q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_activations_on_every_backend(backend):
+    q = qj.quantize(jax.random.normal(jax.random.key(17), (96, 20)), qj.QuantSpec(axis=0, group_size=32))
+    x = jax.random.normal(jax.random.key(18), (16, 96)).astype(jnp.bfloat16)
+    y = qj.qdot(x, q, backend=backend)
+    assert y.dtype == jnp.float32
+    ref = _reference(x.astype(jnp.float32), q)  # bf16 x is exact in float32
+    if backend == "dequant":  # rounds the scaled weight to bf16: about 2**-9 relative per weight
+        assert 0 < np.linalg.norm(y - ref) / np.linalg.norm(ref) < 5e-3
+    else:
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_vmap_over_activations_and_over_stacked_weights():

@@ -18,8 +18,8 @@ Backends (``backend=``):
 * ``"pallas"`` — the Pallas kernel of :mod:`quantize_jax.kernels.pallas_gpu`
   (GPU; interpreted on CPU, for tests).
 * ``"auto"`` (default) — chosen per platform when lowering: ``chunked`` on
-  CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows and ``dequant``
-  above; ``native`` on TPU and ROCm. Each platform's code is lowered for
+  CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows, ``native`` up
+  to ``NATIVE_MAX_M`` and ``dequant`` above; ``native`` on TPU and ROCm. Each platform's code is lowered for
   that platform only, so one jitted function exports for all of them.
 
 All backends compute ``sum_k x[m, k] * (q[k, n] - z) * s`` and agree with the
@@ -54,7 +54,11 @@ from quantize_jax.qarray import QArray, dequantize
 
 BACKENDS = ("auto", "xla", "chunked", "native", "dequant", "pallas")
 ACT_QUANT = (None, "int8")
-PALLAS_MAX_M = 16  # rows up to which auto uses the Pallas kernel on NVIDIA GPUs (measured on an H100)
+# Rows up to which auto uses the Pallas kernel, then XLA's int4 (``native``), on NVIDIA GPUs. On an H100
+# (benchmarks/RESULTS.md) the kernel beat native 3x at M = 1 and lost to it at M = 16; dequant beat
+# native 6x at M = 1024. Only M = 1, 16 and 1024 were measured: the bounds between are estimates.
+PALLAS_MAX_M = 8
+NATIVE_MAX_M = 32
 _CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots
 
 
@@ -146,29 +150,35 @@ def _qdot2d(x, q, backend, act_quant):
     grid = _grid(q)
     if grid is None:
         return _reference(x if act_quant is None else fake_int8_tokens(x), q)
-    if backend == "auto" or (backend == "pallas" and act_quant is None):
+    if backend in ("auto", "native") or (backend == "pallas" and act_quant is None):
         return _per_platform(x, q, backend, act_quant)
     if act_quant == "int8":
         return _w4a8_cpu(x, q, grid=grid) if backend == "chunked" else _w4a8(x, q, grid)
     if backend == "xla":
         return _reference(x, q)
-    return {"chunked": _chunked, "native": _native, "dequant": _dequant}[backend](x, q, grid=grid)
+    return {"chunked": _chunked, "dequant": _dequant}[backend](x, q, grid=grid)
 
 
 def _choose(platform: str, backend: str, act_quant, m: int, grid: _Grid):
-    """The implementation ``(x, q, *, grid) -> y`` that ``backend`` (``auto`` or ``pallas``) means on ``platform``."""
+    """The implementation ``(x, q, *, grid) -> y`` that ``backend`` (auto, pallas, native) means on ``platform``."""
     gpu = platform in ("cuda", "rocm")
     if backend == "pallas":
         if not gpu and platform != "cpu":
             raise NotImplementedError(f"qdot: backend='pallas' has no kernel for platform {platform!r}; use 'auto'")
         return functools.partial(_pallas_kernel, interpret=not gpu)
+    if backend == "native":
+        if act_quant:
+            return _w4a8
+        # XLA's CPU runtime has no bf16 x bf16 -> f32 batched dot: float32 there.
+        return functools.partial(_native, dtype=jnp.float32) if platform == "cpu" else _native
     if platform == "cpu":
         return _w4a8_cpu if act_quant else _chunked
-    small = m <= PALLAS_MAX_M and _pallas_fits(grid)
-    if platform == "cuda" and act_quant:
-        return _w4a8_cuda if small else _w4a8
-    if platform == "cuda":  # decode-sized M is bound by the weight's bytes, larger M by the arithmetic
-        return functools.partial(_pallas_kernel, interpret=False) if small else _dequant
+    if platform == "cuda":
+        if m <= PALLAS_MAX_M and _pallas_fits(grid):  # bound by the weight's bytes
+            return _w4a8_cuda if act_quant else functools.partial(_pallas_kernel, interpret=False)
+        if act_quant or m <= NATIVE_MAX_M:
+            return _w4a8 if act_quant else _native
+        return _dequant  # bound by the arithmetic: XLA's GEMM
     return _w4a8 if act_quant else _native
 
 
@@ -352,9 +362,10 @@ def _grouped_codes(q: QArray, grid: _Grid, dtype):
     return codes.reshape(g, rows, n)
 
 
-def _native(x, q, *, grid: _Grid):
-    """XLA's int4: bitcast codes, converted to x's dtype inside a grouped dot, scales applied per group."""
-    dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) else jnp.float32
+def _native(x, q, *, grid: _Grid, dtype=None):
+    """XLA's int4: bitcast codes, converted to x's dtype (or ``dtype``) inside a grouped dot, scales
+    applied per group."""
+    dtype = dtype or (x.dtype if x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) else jnp.float32)
     part = _group_products(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
     return jnp.sum(part * grid.scale[None], axis=1)
 
@@ -419,12 +430,10 @@ def _w4a8_cpu(x, q, *, grid: _Grid):
 
 
 def _w4a8_cuda(x, q, *, grid: _Grid):
-    """W4A8 on an NVIDIA GPU: for decode-sized M the integer-valued int8 tokens, exact in bf16, go
-    through the Pallas kernel (exact products, float32 sums, as on the CPU); else the int32 path."""
-    if x.shape[0] <= PALLAS_MAX_M and _pallas_fits(grid):
-        xq, sx = _int8_tokens(x)
-        return _pallas_kernel(xq.astype(jnp.bfloat16), q, grid=grid, interpret=False) * sx
-    return _w4a8(x, q, grid)
+    """W4A8 on an NVIDIA GPU for decode-sized M: the integer-valued int8 tokens, exact in bf16, go
+    through the Pallas kernel (exact products, float32 sums, as on the CPU)."""
+    xq, sx = _int8_tokens(x)
+    return _pallas_kernel(xq.astype(jnp.bfloat16), q, grid=grid, interpret=False) * sx
 
 
 def _w4a8(x, q, grid: _Grid):
