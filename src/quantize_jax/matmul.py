@@ -23,7 +23,9 @@ Backends (``backend=``):
   that platform only, so one jitted function exports for all of them.
 
 All backends compute ``sum_k x[m, k] * (q[k, n] - z) * s`` and agree with the
-reference up to float reassociation. ``act_quant="int8"`` selects W4A8: the
+reference up to float reassociation, except ``dequant`` with bf16 / f16
+activations (the scaled weight rounded to that dtype; ``auto`` takes it on
+NVIDIA GPUs above ``NATIVE_MAX_M`` rows). ``act_quant="int8"`` selects W4A8: the
 activations are quantized per token (absmax over K) to int8, multiplied with
 the integer codes accumulating in int32 per scale group, and scaled after —
 it changes the numerics, so it is opt-in. On CPU (``auto`` / ``chunked``)
