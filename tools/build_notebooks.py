@@ -215,7 +215,82 @@ ax.set_xticks(pos, names, rotation=20); ax.set_ylabel("bytes"); ax.legend(); ax.
 plt.tight_layout(); plt.show()"""),
 ]
 
-NOTEBOOKS = {"01_int4_basics.ipynb": BASICS, "02_qat_nnx_digits.ipynb": QAT, "03_params_to_tpu.ipynb": DEPLOY}
+SPEED = [
+    ("md", """# Speed: where int4 matmuls stand
+
+Int4 stores a weight in 4.25 bits (group 128 with float32 scales) instead of 16 for bf16. At decode batch
+sizes a matmul reads every weight byte once and does little arithmetic, so reading 3.8x fewer bytes could
+make it up to 3.8x faster; at large batch the arithmetic dominates and the bytes matter less. This
+notebook plots the measurements committed under `benchmarks/results/` (an H100 lent for one session) and
+times the CPU path on the machine running it."""),
+    ("code", """import json, pathlib, time
+import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+import quantize_jax as qj
+
+RESULTS = pathlib.Path("..") / "benchmarks" / "results"
+gpu = {name: json.loads((RESULTS / f"{name}.json").read_text())
+       for name in ("matmul_gpu_sweep_h100", "matmul_gpu_h100")}
+print(gpu["matmul_gpu_h100"]["machine"])"""),
+    ("md", """## H100, K = N = 8192, bf16 activations, int4 group 128
+
+Microseconds per product (lower is better), two runs of the same script. `native` is XLA's own
+`jnp.int4` dot, `dequant` the weight dequantized into XLA's GEMM, `pallas` this package's Triton kernel
+with its default tiles. The dashed line marks what reading 4.25-bit weights at about 3 TB/s would take."""),
+    ("code", """methods = [("bf16_us", "bf16 x bf16"), ("native_us", "native int4"), ("dequant_us", "dequant"),
+           ("pallas_us", "pallas kernel"), ("qwix_us", "Qwix int4 dot")]
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+for ax, m in zip(axes, (1, 16, 1024)):
+    for r, (name, run) in enumerate(gpu.items()):
+        row = next(t for t in run["table"] if t["M"] == m)
+        vals = [row[k] if isinstance(row.get(k), float) else np.nan for k, _ in methods]
+        ax.bar(np.arange(len(methods)) + 0.4 * r - 0.2, vals, 0.4, label=f"run {r + 2}")
+    if m <= 16:
+        ax.axhline(8192 * 8192 * 4.25 / 8 / 3e12 * 1e6, ls="--", c="k", lw=1, label="int4 bytes at 3 TB/s")
+    ax.set_yscale("log"); ax.set_title(f"M = {m}"); ax.set_xticks(range(len(methods)), [l for _, l in methods], rotation=35)
+axes[0].set_ylabel("us per product"); axes[0].legend(); plt.tight_layout(); plt.show()"""),
+    ("md", """## The kernel's tile sweep at M = 1
+
+Each point is one tile configuration (run 2). The load-only probes run the kernel's grid and loads with
+no decode and no dot: they bound what this grid reaches, and show that the grid, not the arithmetic, is
+the first thing to fix."""),
+    ("code", """sweep = [e for e in gpu["matmul_gpu_sweep_h100"]["sweep"] if e["M"] == 1 and isinstance(e["us"], float)]
+kinds = {"tl.dot": lambda e: not e.get("gemv") and not e.get("probe"), "gemv": lambda e: e.get("gemv"),
+         "load-only probe": lambda e: e.get("probe")}
+fig, ax = plt.subplots(figsize=(8, 3.2))
+for label, keep in kinds.items():
+    pts = [e for e in sweep if keep(e)]
+    ax.scatter([e["block_n"] for e in pts], [e["us"] for e in pts], label=label, s=30)
+ax.axhline(next(t for t in gpu["matmul_gpu_sweep_h100"]["table"] if t["M"] == 1)["bf16_us"], c="k", lw=1, label="bf16")
+ax.set_xscale("log", base=2); ax.set_xlabel("block_n (output columns per program)"); ax.set_ylabel("us")
+ax.legend(loc="center left", bbox_to_anchor=(1, 0.5)); ax.set_title("M = 1, K = N = 8192: tiles")
+plt.tight_layout(); plt.show()"""),
+    ("md", """## The CPU path, measured here and now
+
+`auto` on the CPU unpacks 512 rows of the weight at a time into two float32 dots (even and odd
+columns), so the float weight never exists whole. Timed on this machine (median of 15):"""),
+    ("code", """def median_ms(f, *args, n=15):
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter(); jax.block_until_ready(f(*args)); ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+k = n = 2048
+w = jax.random.normal(jax.random.key(0), (k, n))
+x = jax.random.normal(jax.random.key(1), (8, k))
+q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
+rows = {"float32 matmul": median_ms(jax.jit(jnp.matmul), x, w)}
+for backend in ("auto", "xla"):
+    rows[f"qdot {backend}"] = median_ms(jax.jit(lambda x, q, b=backend: qj.qdot(x, q, backend=b)), x, q)
+rows["qdot auto W4A8"] = median_ms(jax.jit(lambda x, q: qj.qdot(x, q, act_quant="int8")), x, q)
+for name, ms in rows.items():
+    print(f"{name:18} {ms:7.3f} ms  ({ms / rows['float32 matmul']:.2f}x float32)")
+print(f"weight bytes: float32 {w.nbytes:,}, int4 QArray {q.nbytes:,}")"""),
+]
+
+NOTEBOOKS = {"01_int4_basics.ipynb": BASICS, "02_qat_nnx_digits.ipynb": QAT, "03_params_to_tpu.ipynb": DEPLOY,
+             "04_speed.ipynb": SPEED}
 
 
 def build(name, cells):
