@@ -132,6 +132,13 @@ def test_bfloat16_activations_on_every_backend(backend):
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows_give_an_empty_product(backend):
+    q = qj.quantize(jnp.ones((64, 8)), qj.QuantSpec(axis=0, group_size=32))
+    y = qj.qdot(jnp.ones((2, 0, 64)), q, backend=backend)
+    assert y.shape == (2, 0, 8) and y.dtype == jnp.float32
+
+
 def test_vmap_over_activations_and_over_stacked_weights():
     spec = qj.QuantSpec(axis=0, group_size=16)
     q = qj.quantize(jax.random.normal(jax.random.key(14), (64, 30)), spec)

@@ -150,6 +150,8 @@ def _explicit_out_spec(x, q):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _qdot2d(x, q, backend, act_quant):
     grid = _grid(q)
+    if x.shape[0] == 0:  # no rows: nothing for a kernel to tile
+        return jnp.zeros((0, q.shape[1]), jnp.float32)
     if grid is None:
         return _reference(x if act_quant is None else fake_int8_tokens(x), q)
     if backend in ("auto", "native") or (backend == "pallas" and act_quant is None):
