@@ -28,9 +28,10 @@ activations (the scaled weight rounded to that dtype; ``auto`` takes it on
 NVIDIA GPUs above ``NATIVE_MAX_M`` rows). ``act_quant="int8"`` selects W4A8: the
 activations are quantized per token (absmax over K) to int8, multiplied with
 the integer codes accumulating in int32 per scale group, and scaled after —
-it changes the numerics, so it is opt-in. On CPU (``auto`` / ``chunked``)
-the integer products run through the chunked float32 path instead, exact
-where the int32 sums fit float32's 24-bit mantissa. Gradients flow to ``x`` (computed
+it changes the numerics, so it is opt-in. With ``auto`` on CPU (and
+``chunked``) the integer products run through the chunked float32 path
+instead, and on NVIDIA GPUs through the Pallas kernel (int8 values are exact
+in bf16), both exact where the sums fit float32's 24-bit mantissa. Gradients flow to ``x`` (computed
 as ``g @ dequantize(q).T``); the weight gets none.
 """
 
