@@ -169,10 +169,11 @@ def test_bad_input_names_shapes_and_values():
         qj.qeinsum("bd,dn->bn", jnp.ones((2, 7)), q)
 
 
-def test_cpu_w4a8_equals_the_int32_path_per_channel():
+def test_w4a8_float_paths_equal_the_int32_path_per_channel():
     w = jax.random.normal(jax.random.key(11), (300, 40))
     x = jax.random.normal(jax.random.key(12), (6, 300))
     q = qj.quantize(w, qj.QuantSpec(axis=0))
     integer = qj.qdot(x, q, backend="xla", act_quant="int8")  # int8 x int8 -> int32
     np.testing.assert_array_equal(qj.qdot(x, q, backend="chunked", act_quant="int8"), integer)
     np.testing.assert_array_equal(qj.qdot(x, q, act_quant="int8"), integer)  # auto on CPU
+    np.testing.assert_array_equal(qj.qdot(x, q, backend="pallas", act_quant="int8"), integer)  # the kernel

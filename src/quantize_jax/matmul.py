@@ -19,20 +19,25 @@ Backends (``backend=``):
   (GPU; interpreted on CPU, for tests).
 * ``"auto"`` (default) — chosen per platform when lowering: ``chunked`` on
   CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows, ``native`` up
-  to ``NATIVE_MAX_M`` and ``dequant`` above; ``native`` on TPU and ROCm. Each platform's code is lowered for
-  that platform only, so one jitted function exports for all of them.
+  to ``NATIVE_MAX_M`` and ``dequant`` above; ``native`` on TPU and ROCm.
+  Each platform's code is lowered for that platform only, so one jitted
+  function exports for all of them.
 
 All backends compute ``sum_k x[m, k] * (q[k, n] - z) * s`` and agree with the
 reference up to float reassociation, except ``dequant`` with bf16 / f16
 activations (the scaled weight rounded to that dtype; ``auto`` takes it on
-NVIDIA GPUs above ``NATIVE_MAX_M`` rows). ``act_quant="int8"`` selects W4A8: the
-activations are quantized per token (absmax over K) to int8, multiplied with
-the integer codes accumulating in int32 per scale group, and scaled after —
-it changes the numerics, so it is opt-in. With ``auto`` on CPU (and
-``chunked``) the integer products run through the chunked float32 path
-instead, and on NVIDIA GPUs through the Pallas kernel (int8 values are exact
-in bf16), both exact where the sums fit float32's 24-bit mantissa. Gradients flow to ``x`` (computed
-as ``g @ dequantize(q).T``); the weight gets none.
+NVIDIA GPUs above ``NATIVE_MAX_M`` rows).
+
+``act_quant="int8"`` selects W4A8: the activations are quantized per token
+(absmax over K) to int8, multiplied with the integer codes accumulating in
+int32 per scale group, and scaled after — it changes the numerics, so it is
+opt-in. With ``auto`` on CPU (and ``chunked``) the integer products run
+through the chunked float32 path instead, and on NVIDIA GPUs (and with
+``pallas``) through the Pallas kernel (int8 values are exact in bf16): exact
+where the sums fit float32's 24-bit mantissa.
+
+Gradients flow to ``x`` (computed as ``g @ dequantize(q).T``); the weight
+gets none.
 """
 
 from __future__ import annotations
@@ -155,9 +160,9 @@ def _qdot2d(x, q, backend, act_quant):
         return jnp.zeros((0, q.shape[1]), jnp.float32)
     if grid is None:
         return _reference(x if act_quant is None else fake_int8_tokens(x), q)
-    if backend in ("auto", "native") or (backend == "pallas" and act_quant is None):
+    if backend in ("auto", "native", "pallas"):
         return _per_platform(x, q, backend, act_quant)
-    if act_quant == "int8":
+    if act_quant == "int8":  # xla, chunked, dequant
         return _w4a8_cpu(x, q, grid=grid) if backend == "chunked" else _w4a8(x, q, grid)
     if backend == "xla":
         return _reference(x, q)
@@ -170,7 +175,7 @@ def _choose(platform: str, backend: str, act_quant, m: int, grid: _Grid):
     if backend == "pallas":
         if not gpu and platform != "cpu":
             raise NotImplementedError(f"qdot: backend='pallas' has no kernel for platform {platform!r}; use 'auto'")
-        return functools.partial(_pallas_kernel, interpret=not gpu)
+        return functools.partial(_w4a8_kernel if act_quant else _pallas_kernel, interpret=not gpu)
     if backend == "native":
         if act_quant:
             return _w4a8
@@ -179,7 +184,7 @@ def _choose(platform: str, backend: str, act_quant, m: int, grid: _Grid):
     if platform == "cpu":
         return _w4a8_cpu if act_quant else _chunked
     if platform == "cuda" and act_quant:  # the kernel at any M: 610-633 us at M = 1024, int32 path 1665
-        return _w4a8_cuda if _pallas_fits(grid) else _w4a8
+        return functools.partial(_w4a8_kernel, interpret=False) if _pallas_fits(grid) else _w4a8
     if platform == "cuda":
         if m <= PALLAS_MAX_M and _pallas_fits(grid):  # bound by the weight's bytes
             return functools.partial(_pallas_kernel, interpret=False)
@@ -434,11 +439,11 @@ def _w4a8_cpu(x, q, *, grid: _Grid):
     return _chunked(xq.astype(jnp.float32), q, grid=grid) * sx
 
 
-def _w4a8_cuda(x, q, *, grid: _Grid):
-    """W4A8 on an NVIDIA GPU: the integer-valued int8 tokens, exact in bf16, go through the Pallas
-    kernel (exact products, float32 sums, as on the CPU)."""
+def _w4a8_kernel(x, q, *, grid: _Grid, interpret: bool):
+    """W4A8 through the Pallas kernel: the integer-valued int8 tokens are exact in bf16, so the
+    products are exact and the sums float32, as on the CPU."""
     xq, sx = _int8_tokens(x)
-    return _pallas_kernel(xq.astype(jnp.bfloat16), q, grid=grid, interpret=False) * sx
+    return _pallas_kernel(xq.astype(jnp.bfloat16), q, grid=grid, interpret=interpret) * sx
 
 
 def _w4a8(x, q, grid: _Grid):
