@@ -13,7 +13,8 @@ where ``u`` are the unsigned nibbles, ``c = z`` for ``uint4`` and ``c = 8 + z``
 for ``int4`` (whose nibbles are flipped by ``^ 0x88`` so that ``u = q + 8``),
 and ``s_g``, ``z_g`` the group's scale and zero point. So integer codes cost
 one mask or shift and one convert each; ``nf4`` / ``fp4`` decode by a select
-chain (Triton has no table lookups).
+chain (Triton has no table lookups). Codes and ``fp4`` levels are exact in
+bf16; ``nf4`` levels are rounded to the activations' dtype.
 
 Small M is a GEMV: the K axis is split over ``split_k`` program instances,
 whose partial sums XLA adds, so a 1-row product still fills the GPU; with
