@@ -159,6 +159,35 @@ def test_linen_qat_step_data_parallel_equals_one_device(mesh):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_linen_qat_step_model_parallel_equals_one_device(mesh):
+    model = qj.linen.QuantDense(16, weight_spec=qj.QuantSpec(axis=0, group_size=16), learn_scale=True)
+    x = jax.random.normal(jax.random.key(8), (8, 32))
+    y = jax.random.normal(jax.random.key(9), (8, 16))
+    params = model.init(jax.random.key(1), x)["params"]
+    shardings = {"kernel": P(None, "model"), "bias": P("model"), "weight_scale": P(None, "model")}
+    assert set(params) == set(shardings)
+
+    def step(params, x, y):
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2))(params)
+        return loss, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, g)
+
+    with jax.set_mesh(mesh):
+        ps = {k: jax.device_put(v, NamedSharding(mesh, shardings[k])) for k, v in params.items()}
+        loss_s, new_s = jax.jit(step)(ps, x, y)
+    loss_1, new_1 = jax.jit(step)(params, x, y)
+    np.testing.assert_allclose(loss_s, loss_1, rtol=1e-5)
+    for k in params:
+        np.testing.assert_allclose(new_s[k], new_1[k], rtol=1e-5, atol=1e-6)
+    assert new_s["kernel"].sharding.spec == P(None, "model")
+    assert len(set(_per_device_bytes(new_s["kernel"]).values())) == 1  # each device holds its quarter
+
+    with jax.set_mesh(mesh):  # serving: the packed kernel stays on the kernel's sharding
+        served = qj.linen.to_serving_params(model, {"params": new_s}, x)
+        q = served["params"]["kernel"]
+        assert q.packed.sharding.spec == P(None, "model") and len(set(_per_device_bytes(q.packed).values())) == 1
+        np.testing.assert_allclose(model.apply(served, x), model.apply({"params": new_s}, x), rtol=1e-5, atol=1e-6)
+
+
 def test_the_sharded_example_runs():
     import pathlib
     import subprocess
