@@ -48,6 +48,11 @@ def save(path, tree) -> None:
       tree: nested dicts (string keys), lists and tuples of arrays, QArrays,
         Python scalars, strings and None.
 
+    In a multi-process run, when an array spans devices of several
+    processes, every process must call ``save``: the arrays are gathered,
+    process 0 writes the file, and all return once it is written. (For
+    checkpoints too large to gather, use Orbax.)
+
     Example:
       >>> import os, tempfile, jax, jax.numpy as jnp, quantize_jax as qj
       >>> tree = {"w": qj.quantize(jnp.ones((4, 8)), qj.QuantSpec(axis=0)), "b": jnp.zeros(8)}
@@ -56,10 +61,24 @@ def save(path, tree) -> None:
       >>> qj.load(path)["w"].shape
       (4, 8)
     """
-    from safetensors.numpy import save_file
-
+    spans_processes = any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in jax.tree.leaves(tree))
     tensors: dict[str, np.ndarray] = {}
     structure = _encode(tree, (), tensors)
+    if spans_processes:
+        from jax.experimental import multihost_utils
+
+        try:
+            if jax.process_index() == 0:
+                _write(path, structure, tensors)
+        finally:  # the others wait for the file, and are released even if writing fails
+            multihost_utils.sync_global_devices(f"quantize_jax.save {path}")
+    else:
+        _write(path, structure, tensors)
+
+
+def _write(path, structure, tensors) -> None:
+    from safetensors.numpy import save_file
+
     meta = {"version": FORMAT_VERSION, "nibble_order": "even-low", "tree": structure}
     meta_json = json.dumps(meta, sort_keys=True)
     metadata = {_META_KEY: meta_json, "sha256": _digest(meta_json, tensors)}
@@ -139,6 +158,10 @@ def _key(path) -> str:
 
 
 def _put(tensors, name, array) -> dict:
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:  # collective: every process is here
+        from jax.experimental import multihost_utils
+
+        array = multihost_utils.process_allgather(array, tiled=True)
     a = np.asarray(array)
     dtype = jnp.dtype(a.dtype).name
     if dtype in _VIEW_AS:
