@@ -411,8 +411,8 @@ def _pallas_kernel(x, q, *, grid: _Grid, interpret: bool):
 
 
 def _pallas_fits(grid: _Grid) -> bool:
-    """Whether the kernel's K block (which divides the group) reaches the 16 rows a GPU dot needs."""
-    return grid.scale.shape[0] == 1 or np.gcd(grid.group_rows, 128) >= 16
+    """Whether the kernel's K block (which divides the group) reaches the rows a GPU dot needs."""
+    return pallas_gpu.default_block_k(grid.group_rows, grid.scale.shape[0] > 1) >= pallas_gpu.MIN_BLOCK_K
 
 
 def _int8_tokens(x):

@@ -51,12 +51,8 @@ def _levels(codes, fmt: Format, dtype):
 
 
 def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_rows: int, per_group: bool,
-            offset: str, gemv: bool):
-    # offset: "none", "const" (8, signed int4), "zero" (z) or "const+zero" (8 + z), per column.
-    if offset in ("zero", "const+zero"):
-        z_ref, o_ref = rest
-    else:
-        z_ref, (o_ref,) = None, rest
+            has_zero: bool, gemv: bool):
+    z_ref, o_ref = rest if has_zero else (None, *rest)
     split = pl.program_id(2)
     bm = x_ref.shape[0]
     bnh = p_ref.shape[1]
@@ -75,9 +71,9 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         else:
             part = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
         g = (split * nk + k) * bk // group_rows if per_group else 0
-        if offset != "none":
-            c = jnp.float32(8.0) if offset == "const" else z_ref[pl.ds(g, 1), :]
-            c = c + 8.0 if offset == "const+zero" else c
+        if fmt.signed_codes or has_zero:  # the per-column offset c of the nibbles: 8 for int4, plus z
+            c = z_ref[pl.ds(g, 1), :] if has_zero else jnp.float32(0.0)
+            c = c + 8.0 if fmt.signed_codes else c
             part = part - jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True) * c
         if per_group:
             part = part * s_ref[pl.ds(g, 1), :]
@@ -89,9 +85,17 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
     o_ref[...] = acc
 
 
+MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
+
+
+def default_block_k(group_size: int, per_group: bool) -> int:
+    """The K block: 128 rows, or the largest divisor of the group up to 128."""
+    return math.gcd(group_size, 128) if per_group else 128
+
+
 def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
     """Tile sizes for an ``(m, k)`` input: ``block_m, block_n, block_k, split_k``."""
-    bk = math.gcd(group_size, 128) if per_group else 128
+    bk = default_block_k(group_size, per_group)
     if m <= 16:  # the best decode tiles of the sweep in benchmarks/matmul_gpu.py (H100)
         return dict(block_m=16, block_n=128, block_k=bk, split_k=max(1, min(8, k // (4 * bk))))
     return dict(block_m=64, block_n=128, block_k=bk, split_k=1)
@@ -128,8 +132,10 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     bn = block_n or blocks["block_n"]
     if per_group and group_size % bk:
         raise ValueError(f"pallas: block_k {bk} must divide group_size {group_size}")
-    if not (interpret or gemv) and bk < 16:
-        raise ValueError(f"pallas: the K block must be at least 16 for the GPU dot; group_size {group_size} is too small")
+    if not (interpret or gemv) and bk < MIN_BLOCK_K:
+        raise ValueError(
+            f"pallas: the K block must be at least {MIN_BLOCK_K} for the GPU dot; group_size {group_size} is too small"
+        )
     nh = (n + 1) // 2
     bnh = min(bn // 2, max(8, pl.next_power_of_2(nh)))
     k_whole = pl.cdiv(k, group_size) * group_size if per_group else k  # whole groups first
@@ -150,12 +156,9 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     if zero_point is not None:
         operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
         in_specs.append(row_block)
-    offset = {(False, False): "none", (True, False): "const", (False, True): "zero", (True, True): "const+zero"}[
-        (fmt.signed_codes, zero_point is not None)
-    ]
     kernel = functools.partial(
         _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
-        offset=offset, gemv=gemv,
+        has_zero=zero_point is not None, gemv=gemv,
     )
     params = {}
     if not interpret:  # name Triton explicitly, whichever GPU backend this JAX defaults to
