@@ -24,8 +24,7 @@ import numpy as np
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
-from quantize_jax.kernels import pallas_gpu
-from quantize_jax.matmul import _grid, fake_int8_tokens
+from quantize_jax.matmul import _grid, _pallas_kernel, fake_int8_tokens
 
 N_PAIRS = 16
 
@@ -68,9 +67,7 @@ def kernel_fn(**blocks):
     interpret = jax.default_backend() == "cpu"  # a dry run of this script on a CPU
 
     def fn(x, q):
-        g = _grid(q)
-        return pallas_gpu.matmul(x, q.packed, g.scale, g.zero_point, n=q.shape[1], fmt=q.spec.fmt,
-                                 group_size=g.group_rows, interpret=interpret, **blocks)
+        return _pallas_kernel(x, q, grid=_grid(q), interpret=interpret, **blocks)
 
     return fn
 
@@ -78,46 +75,38 @@ def kernel_fn(**blocks):
 def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "native", "dequant", "auto")):
     """Backends against a float64 reference on this device: formats, groups, ragged shapes, dtypes."""
     rows = []
+
+    def check(row, product, ref):
+        """Record ``product()``'s relative error, or its failure, so one failure does not hide the rest."""
+        try:
+            row["rel_err"] = rel_err(product(), ref())
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(traceback.format_exc())
+        rows.append(row)
+
     cases = [(1, 200, 37, 64), (16, 256, 96, 128), (33, 384, 50, None)]
     for fmt in formats:
         for m, k, n, group in cases:
             w = jax.random.normal(jax.random.key(k + n), (k, n))
-            spec = qj.QuantSpec(format=fmt, axis=0, group_size=group)
-            q = qj.quantize(w, spec)
+            q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group))
             for dtype in (jnp.float32, jnp.bfloat16):
                 x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
                 ref = reference(x, q)
                 for backend in backends:
                     row = dict(fmt=fmt, shape=f"{m}x{k}x{n}", group=group or "channel", dtype=dtype.__name__,
                                backend=backend)
-                    try:
-                        y = jax.jit(functools.partial(qj.qdot, backend=backend))(x, q)
-                        row["rel_err"] = rel_err(y, ref)
-                    except Exception as e:  # reported, so one failure does not hide the rest
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                        log(traceback.format_exc())
-                    rows.append(row)
+                    check(row, lambda: jax.jit(functools.partial(qj.qdot, backend=backend))(x, q), lambda: ref)
+    q = qj.quantize(jax.random.normal(jax.random.key(5), (512, 256)), qj.QuantSpec(axis=0, group_size=128))
     for m in (1, 4):  # the GEMV variant (no tl.dot)
-        w = jax.random.normal(jax.random.key(5), (512, 256))
-        q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
         x = jax.random.normal(jax.random.key(6), (m, 512)).astype(jnp.bfloat16)
         row = dict(fmt="int4", shape=f"{m}x512x256", group=128, dtype="bfloat16", backend="pallas gemv")
-        try:
-            row["rel_err"] = rel_err(jax.jit(kernel_fn(gemv=True, split_k=2))(x, q), reference(x, q))
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            log(traceback.format_exc())
-        rows.append(row)
+        check(row, lambda: jax.jit(kernel_fn(gemv=True, split_k=2))(x, q), lambda: reference(x, q))
     x = jax.random.normal(jax.random.key(7), (16, 512)).astype(jnp.bfloat16)  # W4A8 on the device
-    w = jax.random.normal(jax.random.key(8), (512, 256))
-    q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
+    q = qj.quantize(jax.random.normal(jax.random.key(8), (512, 256)), qj.QuantSpec(axis=0, group_size=128))
     row = dict(fmt="int4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto W4A8")
-    try:
-        xq = fake_int8_tokens(x.astype(jnp.float32))
-        row["rel_err"] = rel_err(jax.jit(functools.partial(qj.qdot, act_quant="int8"))(x, q), reference(xq, q))
-    except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    rows.append(row)
+    check(row, lambda: jax.jit(functools.partial(qj.qdot, act_quant="int8"))(x, q),
+          lambda: reference(fake_int8_tokens(x.astype(jnp.float32)), q))
     return rows
 
 

@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 
 import quantize_jax as qj
-from quantize_jax.kernels import pallas_gpu
-from quantize_jax.matmul import _grid
+from quantize_jax.matmul import _grid, _pallas_kernel
 
 from .conftest import FORMATS
 
 
 def _run(x, q, **blocks):
-    grid = _grid(q)
-    return pallas_gpu.matmul(
-        x, q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt, group_size=grid.group_rows,
-        interpret=True, **blocks,
-    )
+    return _pallas_kernel(x, q, grid=_grid(q), interpret=True, **blocks)
 
 
 def _reference(x, q):

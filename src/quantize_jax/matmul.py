@@ -373,17 +373,22 @@ def _grouped_codes(q: QArray, grid: _Grid, dtype):
     return codes.reshape(g, rows, n)
 
 
+def _dot_dtype(x):
+    """The dtype a GPU/TPU dot takes x in: bf16 and f16 stay, anything else is float32."""
+    return x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+
 def _native(x, q, *, grid: _Grid, dtype=None):
     """XLA's int4: bitcast codes, converted to x's dtype (or ``dtype``) inside a grouped dot, scales
     applied per group."""
-    dtype = dtype or (x.dtype if x.dtype in (jnp.bfloat16, jnp.float16, jnp.float32) else jnp.float32)
+    dtype = dtype or _dot_dtype(x)
     part = _group_products(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
     return jnp.sum(part * grid.scale[None], axis=1)
 
 
 def _dequant(x, q, *, grid: _Grid):
     """The scaled weight in x's dtype, one dot accumulating in float32."""
-    dtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    dtype = _dot_dtype(x)
     codes = _grouped_codes(q, grid, jnp.float32)
     if grid.zero_point is not None:
         codes = codes - grid.zero_point[:, None, :]
@@ -402,11 +407,12 @@ def _group_products(x, codes, grid: _Grid, acc_dtype):
     return part
 
 
-def _pallas_kernel(x, q, *, grid: _Grid, interpret: bool):
-    """The Pallas kernel: compiled by Triton on GPU, interpreted on the CPU (tests)."""
+def _pallas_kernel(x, q, *, grid: _Grid, interpret: bool, **blocks):
+    """The Pallas kernel: compiled by Triton on GPU, interpreted on the CPU (tests); ``blocks`` are
+    :func:`pallas_gpu.matmul`'s tile arguments."""
     return pallas_gpu.matmul(
         x, q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt, group_size=grid.group_rows,
-        interpret=interpret,
+        interpret=interpret, **blocks,
     )
 
 
