@@ -161,9 +161,9 @@ def _qdot2d(x, q, backend, act_quant):
         return jnp.zeros((0, q.shape[1]), jnp.float32)
     if grid is None:
         return _reference(x if act_quant is None else fake_int8_tokens(x), q)
-    if backend in ("auto", "native", "pallas"):
+    if backend in ("auto", "pallas") or (backend == "native" and act_quant is None):
         return _per_platform(x, q, backend, act_quant)
-    if act_quant == "int8":  # xla, chunked, dequant
+    if act_quant == "int8":  # xla, chunked, native, dequant
         return _w4a8_cpu(x, q, grid=grid) if backend == "chunked" else _w4a8(x, q, grid)
     if backend == "xla":
         return _reference(x, q)
@@ -177,10 +177,7 @@ def _choose(platform: str, backend: str, act_quant, m: int, grid: _Grid):
         if not gpu and platform != "cpu":
             raise NotImplementedError(f"qdot: backend='pallas' has no kernel for platform {platform!r}; use 'auto'")
         return functools.partial(_w4a8_kernel if act_quant else _pallas_kernel, interpret=not gpu)
-    if backend == "native":
-        if act_quant:
-            return _w4a8
-        # XLA's CPU runtime has no bf16 x bf16 -> f32 batched dot: float32 there.
+    if backend == "native":  # XLA's CPU runtime has no bf16 x bf16 -> f32 batched dot: float32 there
         return functools.partial(_native, dtype=jnp.float32) if platform == "cpu" else _native
     if platform == "cpu":
         return _w4a8_cpu if act_quant else _chunked
