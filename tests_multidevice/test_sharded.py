@@ -138,16 +138,22 @@ def test_save_and_load_onto_a_sharding(mesh, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def _linen_sgd_step(model):
+    """One jittable SGD step of a Linen model on a squared error: ``(variables, x, y) -> (loss, variables)``."""
+
+    def step(variables, x, y):
+        loss, g = jax.value_and_grad(lambda v: jnp.mean((model.apply(v, x) - y) ** 2))(variables)
+        return loss, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, variables, g)
+
+    return step
+
+
 def test_linen_qat_step_data_parallel_equals_one_device(mesh):
     model = qj.linen.QuantDense(8, weight_spec=qj.QuantSpec(axis=0, group_size=16))
     x = jax.random.normal(jax.random.key(6), (16, 32))
     y = jax.random.normal(jax.random.key(7), (16, 8))
     params = model.init(jax.random.key(0), x)
-
-    def step(params, x, y):
-        loss, g = jax.value_and_grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))(params)
-        return loss, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, g)
-
+    step = _linen_sgd_step(model)
     replicated = NamedSharding(mesh, P())
     ps = jax.device_put(params, replicated)
     xs = jax.device_put(x, NamedSharding(mesh, P(("data", "model"), None)))
@@ -166,15 +172,12 @@ def test_linen_qat_step_model_parallel_equals_one_device(mesh):
     params = model.init(jax.random.key(1), x)["params"]
     shardings = {"kernel": P(None, "model"), "bias": P("model"), "weight_scale": P(None, "model")}
     assert set(params) == set(shardings)
-
-    def step(params, x, y):
-        loss, g = jax.value_and_grad(lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2))(params)
-        return loss, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, g)
-
+    step = _linen_sgd_step(model)
     with jax.set_mesh(mesh):
         ps = {k: jax.device_put(v, NamedSharding(mesh, shardings[k])) for k, v in params.items()}
-        loss_s, new_s = jax.jit(step)(ps, x, y)
-    loss_1, new_1 = jax.jit(step)(params, x, y)
+        loss_s, new_s = jax.jit(step)({"params": ps}, x, y)
+    loss_1, new_1 = jax.jit(step)({"params": params}, x, y)
+    new_s, new_1 = new_s["params"], new_1["params"]
     np.testing.assert_allclose(loss_s, loss_1, rtol=1e-5)
     for k in params:
         np.testing.assert_allclose(new_s[k], new_1[k], rtol=1e-5, atol=1e-6)
