@@ -40,6 +40,15 @@ def test_every_backend_matches_the_reference(m, k, n, fmt, group, backend):
     np.testing.assert_allclose(y, _reference(x, q), rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group", [0, 96, 384, 1024])  # per channel; several groups, one, part of one per chunk
+def test_cpu_chunks_cover_long_k(fmt, group):
+    w = jax.random.normal(jax.random.key(21), (1100, 19))  # K over three 512-row chunks, not a multiple of them
+    x = jax.random.normal(jax.random.key(22), (4, 1100))
+    q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group or None))
+    np.testing.assert_allclose(qj.qdot(x, q, backend="chunked"), _reference(x, q), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scales_along_other_axes_fall_back_exactly(backend):
     w = jax.random.normal(jax.random.key(0), (40, 24))
@@ -169,11 +178,27 @@ def test_bad_input_names_shapes_and_values():
         qj.qeinsum("bd,dn->bn", jnp.ones((2, 7)), q)
 
 
-def test_w4a8_float_paths_equal_the_int32_path_per_channel():
-    w = jax.random.normal(jax.random.key(11), (300, 40))
-    x = jax.random.normal(jax.random.key(12), (6, 300))
-    q = qj.quantize(w, qj.QuantSpec(axis=0))
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "fp4"])
+def test_w4a8_cpu_paths_equal_the_int32_path_per_channel(fmt):
+    w = jax.random.normal(jax.random.key(11), (1100, 41))  # K over two CPU chunks, N odd
+    x = jax.random.normal(jax.random.key(12), (6, 1100))
+    q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0))
     integer = qj.qdot(x, q, backend="xla", act_quant="int8")  # int8 x int8 -> int32
     np.testing.assert_array_equal(qj.qdot(x, q, backend="chunked", act_quant="int8"), integer)
     np.testing.assert_array_equal(qj.qdot(x, q, act_quant="int8"), integer)  # auto on CPU
-    np.testing.assert_array_equal(qj.qdot(x, q, backend="pallas", act_quant="int8"), integer)  # the kernel
+    np.testing.assert_array_equal(qj.qdot(x[2], q, act_quant="int8"), integer[2])  # one row (padded to two)
+    if fmt == "int4":  # the kernel: exact products, but split-K scales each split's float32 sum
+        y = qj.qdot(x, q, backend="pallas", act_quant="int8")
+        np.testing.assert_allclose(y, integer, rtol=1e-6, atol=1e-6 * np.abs(integer).max())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "fp4"])
+@pytest.mark.parametrize("group", [64, 128, 384])  # float32 dots below 128 rows, int8 dots per group above
+def test_w4a8_cpu_paths_match_the_int32_path_with_groups(fmt, group):
+    w = jax.random.normal(jax.random.key(19), (1000, 37))  # K not a multiple of the group or the chunk
+    x = jax.random.normal(jax.random.key(20), (3, 1000)) * 5
+    q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group))
+    integer = qj.qdot(x, q, backend="xla", act_quant="int8")
+    for backend in ("chunked", "auto"):  # float32 sums of scaled groups: rounding only
+        y = qj.qdot(x, q, backend=backend, act_quant="int8")
+        np.testing.assert_allclose(y, integer, rtol=1e-5, atol=1e-5 * np.abs(integer).max())

@@ -32,10 +32,12 @@ NVIDIA GPUs above ``NATIVE_MAX_M`` rows) and for ``nf4`` in ``native`` and
 ``act_quant="int8"`` selects W4A8: the activations are quantized per token
 (absmax over K) to int8, multiplied with the integer codes accumulating in
 int32 per scale group, and scaled after — it changes the numerics, so it is
-opt-in. With ``auto`` on CPU (and ``chunked``) the integer products run
-through the chunked float32 path instead, and on NVIDIA GPUs (and with
-``pallas``) through the Pallas kernel (int8 values are exact in bf16): exact
-where the sums fit float32's 24-bit mantissa.
+opt-in. With ``auto`` on CPU (and ``chunked``) the int8 codes are unpacked
+one chunk of K rows at a time, as in ``chunked``, into int8 dots (XLA's
+YNNPACK kernels; per channel bit for bit the int32 result), or for groups
+under 128 rows into float32 dots (exact products). On NVIDIA GPUs (and with
+``pallas``) they run through the Pallas kernel (int8 values are exact in
+bf16): exact where the sums fit float32's 24-bit mantissa.
 
 Gradients flow to ``x`` (computed as ``g @ dequantize(q).T``); the weight
 gets none.
@@ -69,6 +71,9 @@ ACT_QUANT = (None, "int8")
 PALLAS_MAX_M = 8
 NATIVE_MAX_M = 32
 _CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots
+# Scale groups below this many rows take CPU W4A8 through float32 dots: one int8 dot per group costs
+# more there (benchmarks/RESULTS.md).
+_INT8_MIN_GROUP_ROWS = 128
 
 
 class _Grid(NamedTuple):
@@ -305,54 +310,76 @@ def _interleave(even, odd, n):
     return out[..., :n]
 
 
-def _chunked(x, q, *, grid: _Grid):
-    """CPU: unpack ``_CHUNK_ROWS`` rows at a time, two float32 dots per chunk (even / odd columns)."""
-    fmt = q.spec.fmt
+def _pad_k(x, kp: int):
+    """Zero-pads the last (contracted) axis of the ``(M, K)`` activations to ``kp``."""
+    return jnp.pad(x, ((0, 0), (0, kp - x.shape[-1])))
+
+
+class _Chunks(NamedTuple):
+    """x and the packed weight cut along K into ``n`` chunks of whole scale groups (zero-padded); per
+    channel, the one group is cut into chunks of ``_CHUNK_ROWS`` rows."""
+
+    xs: jax.Array  # (n, M, groups per chunk, group rows)
+    packed: jax.Array  # (n, groups per chunk, group rows, N / 2)
+    scale: tuple  # even and odd columns' scales, each (n, groups per chunk, 1, N / 2)
+    zero_point: tuple | None  # as scale
+    grouped: bool  # False: one scale for all K rows (the same in every chunk)
+
+
+def _cut(x, q: QArray, grid: _Grid) -> _Chunks:
     k, n = q.shape
-    m = x.shape[0]
-    nh = q.packed.shape[1]
+    m, nh = x.shape[0], q.packed.shape[1]
     g = grid.scale.shape[0]
-    per_group = g > 1
-    if per_group:  # whole groups per chunk, K padded to whole groups
-        rows = grid.group_rows * max(1, _CHUNK_ROWS // grid.group_rows)
-        kp = -(-(g * grid.group_rows) // rows) * rows
+    if g > 1:
+        per_chunk, group_rows = max(1, _CHUNK_ROWS // grid.group_rows), grid.group_rows
+        n_chunks = -(-g // per_chunk)
     else:
-        rows = min(_CHUNK_ROWS, k)
-        kp = -(-k // rows) * rows
-    n_chunks = kp // rows
-    xs = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, kp - k))).reshape(m, n_chunks, rows).transpose(1, 0, 2)
-    ps = jnp.pad(q.packed, ((0, kp - k), (0, 0))).reshape(n_chunks, rows, nh)
-    per_chunk = rows // grid.group_rows if per_group else 1
+        per_chunk, group_rows = 1, min(_CHUNK_ROWS, k)
+        n_chunks = -(-k // group_rows)
+    kp = n_chunks * per_chunk * group_rows
+    xs = _pad_k(x, kp).reshape(m, n_chunks, per_chunk, group_rows).transpose(1, 0, 2, 3)
+    ps = jnp.pad(q.packed, ((0, kp - k), (0, 0))).reshape(n_chunks, per_chunk, group_rows, nh)
 
-    def grouped(a, fill):  # (G, N) -> (chunks, groups per chunk, 1, N/2) for even and odd columns
-        a = jnp.pad(a, ((0, n_chunks * per_chunk - g), (0, 0)), constant_values=fill) if per_group else a
-        e, o = _even_odd(a, n)
-        shape = (n_chunks, per_chunk, 1, nh) if per_group else (1, 1, 1, nh)
-        return e.reshape(shape), o.reshape(shape)
+    def split(a, fill):
+        if a is None:
+            return None
+        a = jnp.pad(a, ((0, n_chunks * per_chunk - g), (0, 0)), constant_values=fill) if g > 1 else a
+        return tuple(jnp.broadcast_to(h.reshape(-1, per_chunk, 1, nh), (n_chunks, per_chunk, 1, nh))
+                     for h in _even_odd(a, n))
 
-    se, so = grouped(grid.scale, 1.0)
-    ze, zo = grouped(grid.zero_point, 0.0) if grid.zero_point is not None else (None, None)
+    return _Chunks(xs, ps, split(grid.scale, 1.0), split(grid.zero_point, 0.0), g > 1)
 
-    def decode(codes, z):
-        v = fmt.decode(codes, None).reshape(per_chunk, rows // per_chunk, nh)
-        return v if z is None else v - z
+
+def _scan_halves(body, c: _Chunks, acc_dtype):
+    """``lax.scan`` of ``body(acc, (x, packed, (s_even, s_odd), (z_even, z_odd) or None))`` over the
+    chunks, with ``acc`` the even and odd output columns' sums."""
+    zeros = jnp.zeros((c.xs.shape[1], c.packed.shape[-1]), acc_dtype)
+    zero_point = c.zero_point if c.zero_point is not None else (None, None)
+    (even, odd), _ = lax.scan(body, (zeros, zeros), (c.xs, c.packed, c.scale, zero_point))
+    return even, odd
+
+
+def _chunked(x, q, *, grid: _Grid):
+    """CPU: unpack ``_CHUNK_ROWS`` rows at a time into two float32 dots (even / odd columns); group
+    scales multiply the decoded chunk, a per-channel scale the sums."""
+    fmt, c = q.spec.fmt, _cut(x.astype(jnp.float32), q, grid)
+    m, rows = x.shape[0], c.packed.shape[1] * c.packed.shape[2]
+
+    def half(xc, codes, s, z):
+        w = fmt.decode(codes) if z is None else fmt.decode(codes) - z
+        w = w * s if c.grouped else w
+        return jnp.dot(xc.reshape(m, rows), w.reshape(rows, -1), precision=lax.Precision.HIGHEST)
 
     def body(acc, chunk):
-        xc, pc, i = chunk
+        xc, pc, s, z = chunk
+        z = z if z is not None else (None, None)
         lo, hi = _nibbles(pc, fmt)
-        pick = (lambda a: a[i]) if per_group else (lambda a: a[0])
-        we = decode(lo, None if ze is None else pick(ze))
-        wo = decode(hi, None if zo is None else pick(zo))
-        if per_group:
-            we, wo = we * pick(se), wo * pick(so)
-        dot = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
-        return (acc[0] + dot(xc, we.reshape(rows, nh)), acc[1] + dot(xc, wo.reshape(rows, nh))), None
+        return (acc[0] + half(xc, lo, s[0], z[0]), acc[1] + half(xc, hi, s[1], z[1])), None
 
-    zeros = jnp.zeros((m, nh), jnp.float32)
-    (ye, yo), _ = lax.scan(body, (zeros, zeros), (xs, ps, jnp.arange(n_chunks)))
-    if not per_group:
-        ye, yo = ye * se.reshape(1, nh), yo * so.reshape(1, nh)
-    return _interleave(ye, yo, n)
+    even, odd = _scan_halves(body, c, jnp.float32)
+    if not c.grouped:
+        even, odd = even * c.scale[0][0, 0], odd * c.scale[1][0, 0]
+    return _interleave(even, odd, q.shape[1])
 
 
 def _grouped_codes(q: QArray, grid: _Grid, dtype):
@@ -397,7 +424,7 @@ def _dequant(x, q, *, grid: _Grid):
 def _group_products(x, codes, grid: _Grid, acc_dtype):
     """``sum_k x[m, k] * (codes[g, k, n] - z[g, n])`` over each group's rows: ``(M, G, N)`` in ``acc_dtype``."""
     g, rows = codes.shape[0], codes.shape[1]
-    xg = jnp.pad(x, ((0, 0), (0, g * rows - x.shape[1]))).reshape(x.shape[0], g, rows)
+    xg = _pad_k(x, g * rows).reshape(x.shape[0], g, rows)
     part = jnp.einsum("mgk,gkn->mgn", xg, codes, preferred_element_type=acc_dtype)
     if grid.zero_point is not None:
         part = part - jnp.sum(xg.astype(acc_dtype), axis=-1, keepdims=True) * grid.zero_point.astype(acc_dtype)[None]
@@ -435,12 +462,45 @@ def fake_int8_tokens(x):
 
 
 def _w4a8_cpu(x, q, *, grid: _Grid):
-    """W4A8 on CPU, where XLA's int8 dot is slower than its float32 one: the integer-valued int8
-    tokens go through the chunked float32 path. Every product and, per output channel, every sum
-    below 2**24 is exact in float32 (K <= 16512), so per-channel results equal the int32 ones;
-    with groups the scaled partial sums round like any float32 sum."""
+    """W4A8 on CPU: the int8 tokens times ``_CHUNK_ROWS`` rows of int8 codes at a time, one int32 dot
+    per scale group and half (even / odd columns), each group's sum scaled in float32; zero points
+    subtracted as ``sum_g rowsum_g(x) (z s)_g`` after. Per channel the int32 sums run over all of K
+    (zero point included), so the result equals :func:`_w4a8`'s bit for bit. Groups under
+    ``_INT8_MIN_GROUP_ROWS`` rows take the tokens through the float32 :func:`_chunked` instead."""
+    fmt = q.spec.fmt
+    if x.shape[0] == 1:  # YNNPACK takes no vectors: two rows run its int8 kernel, one XLA's slower loop
+        return _w4a8_cpu(jnp.pad(x, ((0, 1), (0, 0))), q, grid=grid)[:1]
     xq, sx = _int8_tokens(x)
-    return _chunked(xq.astype(jnp.float32), q, grid=grid) * sx
+    if grid.scale.shape[0] > 1 and grid.group_rows < _INT8_MIN_GROUP_ROWS:
+        return _chunked(xq.astype(jnp.float32), q, grid=grid) * sx
+    code_scale = 1.0 if fmt.is_integer else 0.5  # fp4: twice every e2m1 level is an integer in [-12, 12]
+    c = _cut(xq, q, grid._replace(scale=grid.scale * code_scale))
+
+    def int8_codes(nibbles):
+        return nibbles.astype(jnp.int8) if fmt.is_integer else (fmt.decode(nibbles) * 2).astype(jnp.int8)
+
+    def half(xc, codes, s):
+        parts = [lax.dot(xc[:, j], codes[j], preferred_element_type=jnp.int32) for j in range(codes.shape[0])]
+        return sum(p.astype(jnp.float32) * s[j] for j, p in enumerate(parts)) if c.grouped else parts[0]
+
+    def body(acc, chunk):
+        xc, pc, s, _ = chunk
+        lo, hi = _nibbles(pc, fmt)
+        return (acc[0] + half(xc, int8_codes(lo), s[0]), acc[1] + half(xc, int8_codes(hi), s[1])), None
+
+    even, odd = _scan_halves(body, c, jnp.float32 if c.grouped else jnp.int32)
+    if c.grouped:
+        y = _interleave(even, odd, q.shape[1])
+        if grid.zero_point is not None:
+            g = grid.scale.shape[0]
+            rowsums = jnp.sum(_pad_k(xq, g * grid.group_rows).reshape(-1, g, grid.group_rows), -1, jnp.int32)
+            y = y - jnp.dot(rowsums.astype(jnp.float32), grid.zero_point * grid.scale, precision=lax.Precision.HIGHEST)
+        return y * sx
+    if grid.zero_point is not None:  # integer zero points: sum x (c - z) in int32
+        rowsum = jnp.sum(xq, axis=-1, keepdims=True, dtype=jnp.int32)
+        even, odd = (h - rowsum * z[0, 0].astype(jnp.int32) for h, z in zip((even, odd), c.zero_point))
+    even, odd = (h.astype(jnp.float32) * s[0, 0] for h, s in zip((even, odd), c.scale))
+    return _interleave(even, odd, q.shape[1]) * sx
 
 
 def _w4a8_kernel(x, q, *, grid: _Grid, interpret: bool):
