@@ -35,7 +35,7 @@ int32 per scale group, and scaled after — it changes the numerics, so it is
 opt-in. With ``auto`` on CPU (and ``chunked``) the int8 codes are unpacked
 one chunk of K rows at a time, as in ``chunked``, into int8 dots (XLA's
 YNNPACK kernels; per channel bit for bit the int32 result), or for groups
-under 128 rows into float32 dots (exact products). On NVIDIA GPUs (and with
+under 64 rows into float32 dots (exact products). On NVIDIA GPUs (and with
 ``pallas``) they run through the Pallas kernel (int8 values are exact in
 bf16): exact where the sums fit float32's 24-bit mantissa.
 
@@ -73,7 +73,7 @@ NATIVE_MAX_M = 32
 _CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots
 # Scale groups below this many rows take CPU W4A8 through float32 dots: one int8 dot per group costs
 # more there (benchmarks/RESULTS.md).
-_INT8_MIN_GROUP_ROWS = 128
+_INT8_MIN_GROUP_ROWS = 64
 
 
 class _Grid(NamedTuple):
@@ -317,7 +317,7 @@ def _pad_k(x, kp: int):
 
 class _Chunks(NamedTuple):
     """x and the packed weight cut along K into ``n`` chunks of whole scale groups (zero-padded); per
-    channel, the one group is cut into chunks of ``_CHUNK_ROWS`` rows."""
+    channel, the one group is cut into chunks of ``rows`` rows."""
 
     xs: jax.Array  # (n, M, groups per chunk, group rows)
     packed: jax.Array  # (n, groups per chunk, group rows, N / 2)
@@ -326,15 +326,16 @@ class _Chunks(NamedTuple):
     grouped: bool  # False: one scale for all K rows (the same in every chunk)
 
 
-def _cut(x, q: QArray, grid: _Grid) -> _Chunks:
+def _cut(x, q: QArray, grid: _Grid, rows: int = _CHUNK_ROWS) -> _Chunks:
+    """Chunks of about ``rows`` K rows: as many whole groups as fit (at least one), or per channel ``rows``."""
     k, n = q.shape
     m, nh = x.shape[0], q.packed.shape[1]
     g = grid.scale.shape[0]
     if g > 1:
-        per_chunk, group_rows = max(1, _CHUNK_ROWS // grid.group_rows), grid.group_rows
+        per_chunk, group_rows = max(1, rows // grid.group_rows), grid.group_rows
         n_chunks = -(-g // per_chunk)
     else:
-        per_chunk, group_rows = 1, min(_CHUNK_ROWS, k)
+        per_chunk, group_rows = 1, min(rows, k)
         n_chunks = -(-k // group_rows)
     kp = n_chunks * per_chunk * group_rows
     xs = _pad_k(x, kp).reshape(m, n_chunks, per_chunk, group_rows).transpose(1, 0, 2, 3)
@@ -462,34 +463,34 @@ def fake_int8_tokens(x):
 
 
 def _w4a8_cpu(x, q, *, grid: _Grid):
-    """W4A8 on CPU: the int8 tokens times ``_CHUNK_ROWS`` rows of int8 codes at a time, one int32 dot
-    per scale group and half (even / odd columns), each group's sum scaled in float32; zero points
-    subtracted as ``sum_g rowsum_g(x) (z s)_g`` after. Per channel the int32 sums run over all of K
-    (zero point included), so the result equals :func:`_w4a8`'s bit for bit. Groups under
-    ``_INT8_MIN_GROUP_ROWS`` rows take the tokens through the float32 :func:`_chunked` instead."""
+    """W4A8 on CPU: the int8 tokens times int8 codes unpacked one scale group (or, per channel,
+    ``_CHUNK_ROWS`` rows) at a time, one int32 dot per group and half (even / odd columns), each
+    group's sum scaled in float32; zero points subtracted as ``sum_g rowsum_g(x) (z s)_g`` after. Per
+    channel the int32 sums run over all of K (zero point included), so the result equals
+    :func:`_w4a8`'s bit for bit. Groups under ``_INT8_MIN_GROUP_ROWS`` rows take the tokens through
+    the float32 :func:`_chunked` instead."""
     fmt = q.spec.fmt
     if x.shape[0] == 1:  # YNNPACK takes no vectors: two rows run its int8 kernel, one XLA's slower loop
         return _w4a8_cpu(jnp.pad(x, ((0, 1), (0, 0))), q, grid=grid)[:1]
     xq, sx = _int8_tokens(x)
-    if grid.scale.shape[0] > 1 and grid.group_rows < _INT8_MIN_GROUP_ROWS:
+    grouped = grid.scale.shape[0] > 1
+    if grouped and grid.group_rows < _INT8_MIN_GROUP_ROWS:
         return _chunked(xq.astype(jnp.float32), q, grid=grid) * sx
     code_scale = 1.0 if fmt.is_integer else 0.5  # fp4: twice every e2m1 level is an integer in [-12, 12]
-    c = _cut(xq, q, grid._replace(scale=grid.scale * code_scale))
+    c = _cut(xq, q, grid._replace(scale=grid.scale * code_scale), rows=grid.group_rows if grouped else _CHUNK_ROWS)
 
-    def int8_codes(nibbles):
-        return nibbles.astype(jnp.int8) if fmt.is_integer else (fmt.decode(nibbles) * 2).astype(jnp.int8)
-
-    def half(xc, codes, s):
-        parts = [lax.dot(xc[:, j], codes[j], preferred_element_type=jnp.int32) for j in range(codes.shape[0])]
-        return sum(p.astype(jnp.float32) * s[j] for j, p in enumerate(parts)) if c.grouped else parts[0]
+    def half(xc, nibbles, s):
+        codes = nibbles.astype(jnp.int8) if fmt.is_integer else (fmt.decode(nibbles) * 2).astype(jnp.int8)
+        acc = lax.dot(xc[:, 0], codes[0], preferred_element_type=jnp.int32)
+        return acc.astype(jnp.float32) * s[0] if grouped else acc
 
     def body(acc, chunk):
         xc, pc, s, _ = chunk
         lo, hi = _nibbles(pc, fmt)
-        return (acc[0] + half(xc, int8_codes(lo), s[0]), acc[1] + half(xc, int8_codes(hi), s[1])), None
+        return (acc[0] + half(xc, lo, s[0]), acc[1] + half(xc, hi, s[1])), None
 
-    even, odd = _scan_halves(body, c, jnp.float32 if c.grouped else jnp.int32)
-    if c.grouped:
+    even, odd = _scan_halves(body, c, jnp.float32 if grouped else jnp.int32)
+    if grouped:
         y = _interleave(even, odd, q.shape[1])
         if grid.zero_point is not None:
             g = grid.scale.shape[0]
