@@ -25,6 +25,8 @@ def _reference(x, q):
     [
         (1, 200, 37, 64, dict(split_k=2, gemv=True)),
         (3, 256, 64, 32, dict(block_n=16, split_k=4)),
+        (2, 300, 21, None, dict(split_k=3, atomic=True)),  # the splits add into the output atomically
+        (1, 256, 40, 128, dict(split_k=2, gemv=True, atomic=True)),
         (20, 130, 50, None, dict(block_m=16, block_n=32, block_k=32)),
         (5, 96, 18, 48, dict()),
     ],

@@ -17,9 +17,12 @@ chain (Triton has no table lookups). Codes and ``fp4`` levels are exact in
 bf16; ``nf4`` levels are rounded to the activations' dtype.
 
 Small M is a GEMV: the K axis is split over ``split_k`` program instances,
-whose partial sums XLA adds, so a 1-row product still fills the GPU; with
-``gemv=True`` the product is a broadcast multiply and sum instead of a
-``tl.dot`` (whose smallest tile has 16 rows).
+whose partial sums XLA adds (or, with ``atomic=True``, each adds into the
+output with a float32 atomic add: no partials array and no second pass, but
+the order of the adds, and so the last bits, vary from run to run), so a
+1-row product still fills the GPU; with ``gemv=True`` the product is a
+broadcast multiply and sum instead of a ``tl.dot`` (whose smallest tile has
+16 rows).
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
@@ -51,8 +54,8 @@ def _levels(codes, fmt: Format, dtype):
 
 
 def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_rows: int, per_group: bool,
-            has_zero: bool, gemv: bool):
-    z_ref, o_ref = rest if has_zero else (None, *rest)
+            has_zero: bool, gemv: bool, atomic: bool):
+    z_ref, o_ref = rest[0] if has_zero else None, rest[-1]  # (an atomic kernel's zeros input in between)
     split = pl.program_id(2)
     bm = x_ref.shape[0]
     bnh = p_ref.shape[1]
@@ -82,7 +85,10 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
     acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, 2 * bnh), jnp.float32))
     if not per_group:
         acc = acc * s_ref[...]
-    o_ref[...] = acc
+    if atomic:
+        pl_triton.atomic_add(o_ref, (slice(None), slice(None)), acc)
+    else:
+        o_ref[...] = acc
 
 
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
@@ -103,8 +109,8 @@ def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-           gemv: bool = False, num_warps: int | None = None, num_stages: int | None = None,
-           interpret: bool = False):
+           gemv: bool = False, atomic: bool = False, num_warps: int | None = None,
+           num_stages: int | None = None, interpret: bool = False):
     """``x @ W`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``.
 
     Args:
@@ -117,6 +123,8 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
       block_m, block_n, block_k, split_k: tile sizes (``block_n`` output
         columns, even); ``None`` takes :func:`default_blocks`.
       gemv: multiply and sum instead of ``tl.dot`` (for a few rows).
+      atomic: the K splits add into the output atomically instead of
+        writing partial sums for XLA to add (not bit-reproducible).
       num_warps, num_stages: Triton compiler parameters (``None``: Triton's).
       interpret: run the kernel in Pallas' interpreter (CPU tests).
 
@@ -158,19 +166,28 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         in_specs.append(row_block)
     kernel = functools.partial(
         _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
-        has_zero=zero_point is not None, gemv=gemv,
+        has_zero=zero_point is not None, gemv=gemv, atomic=atomic,
     )
     params = {}
     if not interpret:  # name Triton explicitly, whichever GPU backend this JAX defaults to
         params["compiler_params"] = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    if atomic:  # every split adds into one zero-initialised output
+        out_block = pl.BlockSpec((bm, 2 * bnh), lambda i, j, s: (i, j))
+        operands.append(jnp.zeros((mp, 2 * nhp), jnp.float32))
+        in_specs.append(out_block)
+        params["input_output_aliases"] = {len(operands) - 1: 0}
+        out_shape = jax.ShapeDtypeStruct((mp, 2 * nhp), jnp.float32)
+    else:
+        out_block = pl.BlockSpec((None, bm, 2 * bnh), lambda i, j, s: (s, i, j))
+        out_shape = jax.ShapeDtypeStruct((split_k, mp, 2 * nhp), jnp.float32)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((split_k, mp, 2 * nhp), jnp.float32),
+        out_shape=out_shape,
         grid=(mp // bm, nhp // bnh, split_k),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, bm, 2 * bnh), lambda i, j, s: (s, i, j)),
+        out_specs=out_block,
         interpret=interpret,
         name="qdot_int4",
         **params,
     )(*operands)
-    return out.sum(0)[:m, :n]
+    return (out if atomic else out.sum(0))[:m, :n]
