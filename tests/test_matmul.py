@@ -49,6 +49,17 @@ def test_cpu_chunks_cover_long_k(fmt, group):
     np.testing.assert_allclose(qj.qdot(x, q, backend="chunked"), _reference(x, q), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("group", [0, 64, 128])
+def test_cpu_column_blocks_cover_wide_weights(group):
+    w = jax.random.normal(jax.random.key(23), (130, 4099))  # 2050 packed columns: three tiles, the last 2 wide
+    x = jax.random.normal(jax.random.key(24), (3, 130))
+    q = qj.quantize(w, qj.QuantSpec(format="uint4", axis=0, group_size=group or None))
+    np.testing.assert_allclose(qj.qdot(x, q, backend="chunked"), _reference(x, q), rtol=1e-5, atol=1e-4)
+    integer = qj.qdot(x, q, backend="xla", act_quant="int8")
+    y = qj.qdot(x, q, backend="chunked", act_quant="int8")
+    np.testing.assert_allclose(y, integer, rtol=1e-5, atol=1e-5 * np.abs(integer).max())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scales_along_other_axes_fall_back_exactly(backend):
     w = jax.random.normal(jax.random.key(0), (40, 24))

@@ -70,7 +70,8 @@ ACT_QUANT = (None, "int8")
 # native 6x at M = 1024. Only M = 1, 16 and 1024 were measured: the bounds between are estimates.
 PALLAS_MAX_M = 8
 NATIVE_MAX_M = 32
-_CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots
+_CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots ...
+_COL_BLOCK = 1024  # ... and, in the float32 path, of a weight over 2 x this many bytes wide, this many
 # Scale groups below this many rows take CPU W4A8 through float32 dots: one int8 dot per group costs
 # more there (benchmarks/RESULTS.md).
 _INT8_MIN_GROUP_ROWS = 64
@@ -351,13 +352,53 @@ def _cut(x, q: QArray, grid: _Grid, rows: int = _CHUNK_ROWS) -> _Chunks:
     return _Chunks(xs, ps, split(grid.scale, 1.0), split(grid.zero_point, 0.0), g > 1)
 
 
-def _scan_halves(body, c: _Chunks, acc_dtype):
-    """``lax.scan`` of ``body(acc, (x, packed, (s_even, s_odd), (z_even, z_odd) or None))`` over the
-    chunks, with ``acc`` the even and odd output columns' sums."""
-    zeros = jnp.zeros((c.xs.shape[1], c.packed.shape[-1]), acc_dtype)
-    zero_point = c.zero_point if c.zero_point is not None else (None, None)
-    (even, odd), _ = lax.scan(body, (zeros, zeros), (c.xs, c.packed, c.scale, zero_point))
-    return even, odd
+def _scan_halves(half, c: _Chunks, fmt: Format, acc_dtype, width: int | None = None):
+    """Sums ``half(x chunk, nibbles, scales, zero points or None)`` over the chunks, for the even (low
+    nibble) and the odd (high nibble) output columns.
+
+    With ``width`` under the packed row's bytes, the scan runs over tiles of ``width`` columns of each
+    chunk instead (every chunk of a column block, then the next), slicing its operands: a whole decoded
+    row block of a wide weight outgrows the cache (float32, 4096 x 14336: 0.82-0.91x of the float32
+    matmul tiled, 1.28-1.40x whole). Where whole rows fit, scanning over the chunks themselves measured
+    faster (W4A8 group 128: 0.43-0.45x against 0.81-0.85x).
+    """
+    n_chunks, nh = c.packed.shape[0], c.packed.shape[-1]
+    width = min(width or nh, nh)
+    n_blocks = -(-nh // width)
+
+    def padded(a, fill):  # whole tiles
+        pad = n_blocks * width - nh
+        return None if a is None else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)], constant_values=fill)
+
+    packed = padded(c.packed, 0)
+    scale = tuple(padded(a, 1.0) for a in c.scale)
+    zero_point = (None, None) if c.zero_point is None else tuple(padded(a, 0.0) for a in c.zero_point)
+
+    def add(acc, xc, pc, s, z, block=0):
+        out = []
+        for a, nibbles, s, z in zip(acc, _nibbles(pc, fmt), s, z):
+            part = half(xc, nibbles, s, z)
+            now = lax.dynamic_slice_in_dim(a, block * width, width, axis=-1)
+            out.append(lax.dynamic_update_slice_in_dim(a, now + part, block * width, axis=-1))
+        return tuple(out), None
+
+    def tiles(acc, step):
+        block, chunk = step // n_chunks, step % n_chunks
+
+        def tile(a):  # (chunks, ..., columns) -> this step's (..., width)
+            a = lax.dynamic_index_in_dim(a, chunk, 0, keepdims=False)
+            return lax.dynamic_slice_in_dim(a, block * width, width, axis=-1)
+
+        xc = lax.dynamic_index_in_dim(c.xs, chunk, 0, keepdims=False)
+        zs = [None if z is None else tile(z) for z in zero_point]
+        return add(acc, xc, tile(packed), [tile(s) for s in scale], zs, block)
+
+    zeros = jnp.zeros((c.xs.shape[1], n_blocks * width), acc_dtype)
+    if n_blocks == 1:
+        (even, odd), _ = lax.scan(lambda acc, chunk: add(acc, *chunk), (zeros, zeros), (c.xs, packed, scale, zero_point))
+    else:
+        (even, odd), _ = lax.scan(tiles, (zeros, zeros), jnp.arange(n_blocks * n_chunks))
+    return even[:, :nh], odd[:, :nh]
 
 
 def _chunked(x, q, *, grid: _Grid):
@@ -371,13 +412,8 @@ def _chunked(x, q, *, grid: _Grid):
         w = w * s if c.grouped else w
         return jnp.dot(xc.reshape(m, rows), w.reshape(rows, -1), precision=lax.Precision.HIGHEST)
 
-    def body(acc, chunk):
-        xc, pc, s, z = chunk
-        z = z if z is not None else (None, None)
-        lo, hi = _nibbles(pc, fmt)
-        return (acc[0] + half(xc, lo, s[0], z[0]), acc[1] + half(xc, hi, s[1], z[1])), None
-
-    even, odd = _scan_halves(body, c, jnp.float32)
+    wide = c.packed.shape[-1] > 2 * _COL_BLOCK
+    even, odd = _scan_halves(half, c, fmt, jnp.float32, width=_COL_BLOCK if wide else None)
     if not c.grouped:
         even, odd = even * c.scale[0][0, 0], odd * c.scale[1][0, 0]
     return _interleave(even, odd, q.shape[1])
@@ -479,17 +515,12 @@ def _w4a8_cpu(x, q, *, grid: _Grid):
     code_scale = 1.0 if fmt.is_integer else 0.5  # fp4: twice every e2m1 level is an integer in [-12, 12]
     c = _cut(xq, q, grid._replace(scale=grid.scale * code_scale), rows=grid.group_rows if grouped else _CHUNK_ROWS)
 
-    def half(xc, nibbles, s):
+    def half(xc, nibbles, s, _):  # zero points: after the loop
         codes = nibbles.astype(jnp.int8) if fmt.is_integer else (fmt.decode(nibbles) * 2).astype(jnp.int8)
         acc = lax.dot(xc[:, 0], codes[0], preferred_element_type=jnp.int32)
         return acc.astype(jnp.float32) * s[0] if grouped else acc
 
-    def body(acc, chunk):
-        xc, pc, s, _ = chunk
-        lo, hi = _nibbles(pc, fmt)
-        return (acc[0] + half(xc, lo, s[0]), acc[1] + half(xc, hi, s[1])), None
-
-    even, odd = _scan_halves(body, c, jnp.float32 if grouped else jnp.int32)
+    even, odd = _scan_halves(half, c, fmt, jnp.float32 if grouped else jnp.int32)
     if grouped:
         y = _interleave(even, odd, q.shape[1])
         if grid.zero_point is not None:
