@@ -1,6 +1,6 @@
 """int4 matmul speed on the CPU: quantize_jax's backends against float, XLA-native int4 and Qwix, in one process.
 
-    python benchmarks/matmul.py                 # M = 8, K = N = 4096, float32 activations
+    python benchmarks/matmul.py      # M = 8, K = N = 4096, float32 activations; then 4096x14336, 14336x4096
 
 The GPU benchmark is ``benchmarks/matmul_gpu.py``.
 """
@@ -16,42 +16,58 @@ import quantize_jax as qj
 from _timing import interleaved_seconds, machine, print_table, write_json
 
 
-def _qwix_dot():
-    try:
-        import qwix
-    except ImportError:
-        return None
-    return lambda x, w: qwix.dot(x, qwix.quantize(w, jnp.int4, channelwise_axes=(1,), tiled_axes={0: 128}))
+SPECS = {"per-channel": qj.QuantSpec(axis=0), "group 128": qj.QuantSpec(axis=0, group_size=128)}
+
+
+def _qdot(backend, act_quant):
+    return jax.jit(lambda x, q: qj.qdot(x, q, backend=backend, act_quant=act_quant))
+
+
+def fast_paths(m, k, n, rounds):
+    """The float32 matmul and ``auto`` (exact and W4A8) at ``(m, k) @ (k, n)``, interleaved: name -> seconds."""
+    w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
+    fns = {"float32 x float32": (jax.jit(jnp.matmul), (x, w))}
+    for label, spec in SPECS.items():
+        q = qj.quantize(w, spec)
+        fns[f"qdot {label} backend=auto"] = (_qdot("auto", None), (x, q))
+        fns[f"qdot {label} backend=auto W4A8"] = (_qdot("auto", "int8"), (x, q))
+    return interleaved_seconds(fns, rounds=rounds), (x, w)
 
 
 def cpu(args):
-    """Two groups, each timed in interleaved rounds: the float32 matmul and the fast paths, then the slow
-    references, apart (on this VM, 20-50 ms products interleaved with them slowed the float32 matmul to
-    1.7x and the fast paths up to 2.6x). Every ratio is to the first group's float32 time."""
+    """The fast paths and the float32 matmul timed in interleaved rounds, then the slow references apart (on
+    this VM, 20-50 ms products interleaved with them slowed the float32 matmul to 1.7x and the fast paths up
+    to 2.6x); every ratio is to the float32 time of its shape. Then the Llama-like shapes, fast paths only."""
     m, k, n = args.m, args.k, args.n
-    w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
-    x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
-    fast, slow = {"float32 x float32": (jax.jit(jnp.matmul), (x, w))}, {}
-    for label, spec in {"per-channel": qj.QuantSpec(axis=0), "group 128": qj.QuantSpec(axis=0, group_size=128)}.items():
+    seconds, (x, w) = fast_paths(m, k, n, args.rounds)
+    slow = {}
+    for label, spec in SPECS.items():
         q = qj.quantize(w, spec)
-        for backend, act, group in (("auto", None, fast), ("auto", "int8", fast), ("xla", None, slow),
-                                    ("native", None, slow)):
-            name = f"qdot {label} backend={backend}" + (" W4A8" if act else "")
-            group[name] = (jax.jit(lambda x, q, b=backend, a=act: qj.qdot(x, q, backend=b, act_quant=a)), (x, q))
-    qwix_dot = _qwix_dot()
-    if qwix_dot is not None:
-        import qwix
-
+        for backend in ("xla", "native"):
+            slow[f"qdot {label} backend={backend}"] = (_qdot(backend, None), (x, q))
+    try:
+        import qwix  # the optional "benchmark" extra
+    except ImportError:
+        qwix = None
+    if qwix is not None:
         qw = jax.jit(lambda w: qwix.quantize(w, jnp.int4, channelwise_axes=(1,), tiled_axes={0: 128}))(w)
         slow["qwix int4 dot (group 128, prequantized)"] = (jax.jit(qwix.dot), (x, qw))
-    seconds = interleaved_seconds(fast, rounds=args.rounds) | interleaved_seconds(slow, rounds=3)
-    f32 = seconds["float32 x float32"]
-    rows = [{"method": name, "ms": round(t * 1e3, 3), "vs_float32": round(t / f32, 2)} for name, t in seconds.items()]
+    seconds |= interleaved_seconds(slow, rounds=3)
+
+    def rows(seconds):
+        f32 = seconds["float32 x float32"]
+        return [{"method": name, "ms": round(t * 1e3, 3), "vs_float32": round(t / f32, 2)} for name, t in seconds.items()]
+
+    result = {"machine": machine(), "shape": [m, k, n], "timing": f"fast paths: median of {args.rounds} "
+              "interleaved rounds of 7 calls; references: 3 rounds, apart", "rows": rows(seconds), "llama": {}}
     print(f"M={m} K={k} N={n} on {machine()}")
-    print_table(rows, ["method", "ms", "vs_float32"])
-    write_json(args.out, {"machine": machine(), "shape": [m, k, n], "timing": f"fast paths: median of {args.rounds} "
-                          "interleaved rounds of 7 calls; references: 3 rounds, apart",
-                          "rows": rows})
+    print_table(result["rows"], ["method", "ms", "vs_float32"])
+    for lk, ln in () if args.no_llama else ((4096, 14336), (14336, 4096)):
+        result["llama"][f"{m}x{lk}x{ln}"] = llama = rows(fast_paths(m, lk, ln, args.rounds)[0])
+        print(f"\nM={m} K={lk} N={ln}")
+        print_table(llama, ["method", "ms", "vs_float32"])
+    write_json(args.out, result)
 
 
 def main():
@@ -60,6 +76,7 @@ def main():
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
+    ap.add_argument("--no-llama", action="store_true", help="skip the Llama-like shapes (4096x14336, 14336x4096)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.out = args.out or "benchmarks/results/matmul_cpu.json"
