@@ -358,8 +358,8 @@ def _scan_halves(half, c: _Chunks, fmt: Format, acc_dtype, width: int | None = N
 
     With ``width`` under the packed row's bytes, the scan runs over tiles of ``width`` columns of each
     chunk instead (every chunk of a column block, then the next), slicing its operands: a whole decoded
-    row block of a wide weight outgrows the cache (float32, 4096 x 14336: 0.82-0.91x of the float32
-    matmul tiled, 1.28-1.40x whole). Where whole rows fit, scanning over the chunks themselves measured
+    row block of a wide weight outgrows the cache (float32, 4096 x 14336: 0.82-1.00x of the float32
+    matmul tiled, 1.27-1.40x whole). Where whole rows fit, scanning over the chunks themselves measured
     faster (W4A8 group 128: 0.43-0.45x against 0.81-0.85x).
     """
     n_chunks, nh = c.packed.shape[0], c.packed.shape[-1]
