@@ -159,15 +159,18 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
     return rows
 
 
-def sweep_configs(m: int):
+def sweep_configs(m: int, k: int):
     """Tiles to try, the likeliest first (the sweep stops when its share of the budget is spent)."""
     if m <= 16:
         # first the best of the H100 sweep of 2026-11-27 (M = 1: 32.7 us, M = 16: 51.5 us), then each with its
-        # splits added atomically into the output (no partials array, no second pass), then the rest
+        # splits added atomically into the output (no partials array, no second pass), then one K tile per
+        # program, added atomically (many short programs, as GemLite's split-K GEMV), then the rest
         best = [dict(block_n=64, block_k=128, split_k=8, num_stages=4),
                 dict(block_n=128, block_k=128, split_k=8, num_stages=None),
                 dict(block_n=256, block_k=128, split_k=16, num_stages=None)]
         configs = best + [dict(c, atomic=True) for c in best]
+        configs += [dict(gemv=m == 1, atomic=True, block_n=bn, block_k=bk, split_k=k // bk, num_warps=w)
+                    for bk, bn in ((64, 256), (128, 256), (64, 512)) for w in (4, 2)]
         configs += [c for c in (dict(block_n=bn, block_k=128, split_k=s, num_stages=st) for st in (None, 4)
                                 for s in (16, 8) for bn in (128, 64, 256)) if c not in configs]
         if m == 1:
@@ -290,7 +293,7 @@ def main():
             row["qwix_us"] = f"unavailable: {type(e).__name__}"
         ref = reference(xs[0], qs[0])
         if not args.no_sweep:
-            for blocks in sweep_configs(m):
+            for blocks in sweep_configs(m, k):
                 if time.time() > sweep_until:
                     log(f"budget: sweep stopped at M={m} before {blocks}")
                     break
