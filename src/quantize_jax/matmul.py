@@ -70,8 +70,11 @@ ACT_QUANT = (None, "int8")
 # native 6x at M = 1024. Only M = 1, 16 and 1024 were measured: the bounds between are estimates.
 PALLAS_MAX_M = 8
 NATIVE_MAX_M = 32
-_CHUNK_ROWS = 512  # K rows unpacked at a time on CPU: 512 x 4096 float32 = 8 MiB over two dots ...
-_COL_BLOCK = 1024  # ... and, in the float32 path, of a weight over 2 x this many bytes wide, this many
+# The CPU paths unpack the weight one chunk of _CHUNK_ROWS K rows at a time (512 x 4096 float32 = 8 MiB
+# over two dots); the float32 path cuts packed rows over 2 * _COL_BLOCK bytes (4096 columns) into tiles of
+# _COL_BLOCK bytes.
+_CHUNK_ROWS = 512
+_COL_BLOCK = 1024
 # Scale groups below this many rows take CPU W4A8 through float32 dots: one int8 dot per group costs
 # more there (benchmarks/RESULTS.md).
 _INT8_MIN_GROUP_ROWS = 64
@@ -374,9 +377,9 @@ def _scan_halves(half, c: _Chunks, fmt: Format, acc_dtype, width: int | None = N
     scale = tuple(padded(a, 1.0) for a in c.scale)
     zero_point = (None, None) if c.zero_point is None else tuple(padded(a, 0.0) for a in c.zero_point)
 
-    def add(acc, xc, pc, s, z, block=0):
+    def add(acc, xc, pc, scales, zero_points, block=0):
         out = []
-        for a, nibbles, s, z in zip(acc, _nibbles(pc, fmt), s, z):
+        for a, nibbles, s, z in zip(acc, _nibbles(pc, fmt), scales, zero_points):
             part = half(xc, nibbles, s, z)
             now = lax.dynamic_slice_in_dim(a, block * width, width, axis=-1)
             out.append(lax.dynamic_update_slice_in_dim(a, now + part, block * width, axis=-1))
@@ -395,9 +398,10 @@ def _scan_halves(half, c: _Chunks, fmt: Format, acc_dtype, width: int | None = N
 
     zeros = jnp.zeros((c.xs.shape[1], n_blocks * width), acc_dtype)
     if n_blocks == 1:
-        (even, odd), _ = lax.scan(lambda acc, chunk: add(acc, *chunk), (zeros, zeros), (c.xs, packed, scale, zero_point))
+        steps, body = (c.xs, packed, scale, zero_point), lambda acc, chunk: add(acc, *chunk)
     else:
-        (even, odd), _ = lax.scan(tiles, (zeros, zeros), jnp.arange(n_blocks * n_chunks))
+        steps, body = jnp.arange(n_blocks * n_chunks), tiles
+    (even, odd), _ = lax.scan(body, (zeros, zeros), steps)
     return even[:, :nh], odd[:, :nh]
 
 
