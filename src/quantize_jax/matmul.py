@@ -31,7 +31,8 @@ NVIDIA GPUs above ``NATIVE_MAX_M`` rows) and for ``nf4`` in ``native`` and
 
 ``act_quant="int8"`` selects W4A8: the activations are quantized per token
 (absmax over K) to int8, multiplied with the integer codes accumulating in
-int32 per scale group, and scaled after — it changes the numerics, so it is
+int32 per scale group (exact up to 2**31 / (127 * 15), about 1.1 million
+rows per group), and scaled after — it changes the numerics, so it is
 opt-in. With ``auto`` on CPU (and ``chunked``) the int8 codes are unpacked
 one chunk of K rows at a time, as in ``chunked``, into int8 dots (XLA's
 YNNPACK kernels; per channel bit for bit the int32 result), or for groups
