@@ -61,9 +61,10 @@ def device_busy_us(f, args, runs: int = 3) -> float:
     return busy / runs / 1e3
 
 
-def per_product_us(fn, xs, ws, few: int = 4) -> tuple[float, float | None]:
+def per_product_us(fn, xs, ws, few: int = 4) -> tuple[float, float | str | None]:
     """Microseconds per ``fn(x, w)``: host-timed, (time of all pairs - time of the first ``few``) / the
-    difference; and device-timed (:func:`device_busy_us` of all pairs / their number; None on a CPU).
+    difference; and device-timed (:func:`device_busy_us` of all pairs / their number; None on a CPU,
+    the error where the trace failed).
 
     Every product has its own activations and weight (``xs[i]``, ``ws[i]``): no two share an operand,
     so XLA cannot merge them into one larger product.
@@ -83,7 +84,12 @@ def per_product_us(fn, xs, ws, few: int = 4) -> tuple[float, float | None]:
         while time.perf_counter() < busy_until:
             jax.block_until_ready(f(*args))
         times.append(median_seconds(f, *args, repeats=21, warmup=1))
-    device = device_busy_us(f, (xs, ws)) / len(xs) if jax.default_backend() != "cpu" else None
+    device = None
+    if jax.default_backend() != "cpu":
+        try:
+            device = device_busy_us(f, (xs, ws)) / len(xs)
+        except Exception as e:  # the host-timed number stands without it
+            device = f"error: {type(e).__name__}: {str(e)[:200]}"
     return (times[1] - times[0]) / (len(xs) - few) * 1e6, device
 
 
@@ -260,7 +266,8 @@ def main():
         """``{name_us: host-timed, name_dev_us: device-timed}`` per product (or the error)."""
         try:
             host, device = per_product_us(fn, xs, ws)
-            return {f"{name}us": round(host, 1), f"{name}dev_us": None if device is None else round(device, 1)}
+            device = round(device, 1) if isinstance(device, float) else device
+            return {f"{name}us": round(host, 1), f"{name}dev_us": device}
         except Exception as e:
             log(traceback.format_exc())
             return {f"{name}us": f"error: {type(e).__name__}: {str(e)[:200]}"}
