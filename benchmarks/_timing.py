@@ -35,12 +35,7 @@ def interleaved_seconds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int 
     per_round = {name: [] for name in fns}
     for _ in range(rounds):
         for name, (fn, args) in fns.items():
-            times = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                times.append(time.perf_counter() - t0)
-            per_round[name].append(statistics.median(times))
+            per_round[name].append(median_seconds(fn, *args, repeats=calls, warmup=0))
     return {name: statistics.median(ts) for name, ts in per_round.items()}
 
 
