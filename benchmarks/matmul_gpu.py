@@ -272,6 +272,9 @@ def main():
             log(traceback.format_exc())
             return {f"{name}us": f"error: {type(e).__name__}: {str(e)[:200]}"}
 
+    def tiles_of(entry):  # a sweep entry's kernel arguments
+        return {a: v for a, v in entry.items() if a not in ("M", "us", "dev_us", "rel_err")}
+
     def fastest(entry):  # the device time where there is one
         return entry.get("dev_us") if isinstance(entry.get("dev_us"), float) else entry.get("us")
 
@@ -320,13 +323,12 @@ def main():
             if ok:
                 best[m] = min(ok, key=fastest)
                 row["pallas_best_us"], row["pallas_best_dev_us"] = best[m]["us"], best[m].get("dev_us")
-                row["best_tiles"] = {a: v for a, v in best[m].items() if a not in ("M", "us", "dev_us", "rel_err")}
-        for suffix in ("_dev_us", "_us"):  # speed-ups over bf16, device-timed and host-timed
-            base = row.get("bf16" + suffix)
-            keys = [c for c in row if c.endswith(suffix) and not c.startswith("bf16") and isinstance(row[c], float)
-                    and (suffix == "_dev_us" or not c.endswith("_dev_us"))]
-            for key in keys if isinstance(base, float) else ():
-                row[key.replace(suffix, "_x_faster" + ("_dev" if suffix == "_dev_us" else ""))] = round(base / row[key], 2)
+                row["best_tiles"] = tiles_of(best[m])
+        for key in [c for c in row if c.endswith("_us") and not c.startswith("bf16_") and isinstance(row[c], float)]:
+            suffix = "_dev_us" if key.endswith("_dev_us") else "_us"  # speed-ups over bf16, timed alike
+            if isinstance(row.get("bf16" + suffix), float):
+                name = key.removesuffix(suffix) + ("_x_faster_dev" if suffix == "_dev_us" else "_x_faster")
+                row[name] = round(row["bf16" + suffix] / row[key], 2)
         table.append(row)
         print(row, flush=True)
         result.update(table=table, sweep=sweep, profile_lines=sorted(PROFILE_LINES))
@@ -344,8 +346,7 @@ def main():
             for b in ("native", "dequant", "auto"):
                 row.update(timed(lambda x, q, b=b: qj.qdot(x, q, backend=b), xs, qs, f"{b}_"))
             if m in best:
-                tiles = row["best_tiles_of_8192"] = {a: v for a, v in best[m].items()
-                                                      if a not in ("M", "us", "dev_us", "rel_err")}
+                tiles = row["best_tiles_of_8192"] = tiles_of(best[m])
                 row.update(timed(kernel_fn(**tiles), xs, qs, "pallas_best_tiles_"))
             llama.append(row)
             print(row, flush=True)
