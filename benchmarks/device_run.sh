@@ -11,4 +11,4 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
-python3 benchmarks/matmul_gpu.py --budget "${BUDGET:-300}" --out "$out/matmul_gpu.json" 2>&1 | tee "$out/run.log"
+python3 benchmarks/matmul_gpu.py --budget "${BUDGET:-330}" --quick-checks --out "$out/matmul_gpu.json" 2>&1 | tee "$out/run.log"

@@ -30,7 +30,7 @@ from jax import lax
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
-from quantize_jax.matmul import _grid, _pallas_kernel, fake_int8_tokens
+from quantize_jax.matmul import _grid, _grouped_codes, _nibbles, _pad_k, _pallas_kernel, fake_int8_tokens
 
 N_PAIRS = 16
 PROFILE_LINES = set()  # the (plane, line) names the device traces held, recorded in the JSON
@@ -115,6 +115,36 @@ def dequant_bf16_prologue(x, q):
     return jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
 
 
+def _reduce(x, q, codes):
+    """``sum_k x[m, k] * w[k, n]`` as one XLA reduction over K, the weight ``codes`` ``(G, rows, N)``
+    decoded and scaled inside the reduction's input fusion: no dot, no float weight in memory."""
+    grid = _grid(q)
+    g, rows, n = codes.shape
+    if grid.zero_point is not None:
+        codes = codes - grid.zero_point[:, None, :]
+    w = codes * grid.scale[:, None, :]
+    xg = _pad_k(x.astype(jnp.float32), g * rows).reshape(x.shape[0], g, rows, 1)
+    return jnp.sum(xg * w[None], axis=(1, 2))
+
+
+def reduce_int4(x, q):
+    """A candidate for a few rows, measured here before it goes into the library: :func:`_reduce` of the
+    codes bitcast to ``jnp.int4`` (XLA reads them packed). A GEMV is bound by the weight's bytes, and a
+    column reduction streams them once, coalesced along N; each further row of x costs a pass of
+    float32 multiply-adds on the CUDA cores."""
+    return _reduce(x, q, _grouped_codes(q, _grid(q), jnp.float32))
+
+
+def reduce_nibbles(x, q):
+    """As :func:`reduce_int4`, the codes split from the uint8 bytes by shifts (no int4 type)."""
+    grid = _grid(q)
+    lo, hi = _nibbles(q.packed, q.spec.fmt)
+    k, n = q.shape
+    codes = jnp.stack([lo, hi], axis=-1).reshape(k, -1)[:, :n].astype(jnp.float32)
+    g = grid.scale.shape[0]
+    return _reduce(x, q, jnp.pad(codes, ((0, g * grid.group_rows - k), (0, 0))).reshape(g, grid.group_rows, n))
+
+
 def kernel_fn(**blocks):
     """``x, q -> x @ q`` through the Pallas kernel with the given tiles."""
     interpret = jax.default_backend() == "cpu"  # a dry run of this script on a CPU
@@ -168,25 +198,25 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
 def sweep_configs(m: int, k: int):
     """Tiles to try, the likeliest first (the sweep stops when its share of the budget is spent)."""
     if m <= 16:
-        # first the best of the H100 sweep of 2026-11-27 (M = 1: 32.7 us, M = 16: 51.5 us), then each with its
-        # splits added atomically into the output (no partials array, no second pass), then one K tile per
-        # program, added atomically (many short programs, as GemLite's split-K GEMV), then the rest
+        # first the best of the H100 sweep of 2026-11-27 (M = 1: 32.7 us, M = 16: 51.5 us, host-timed), then
+        # each with its splits added atomically into the output (no partials array, no second pass), then one
+        # K tile per program, added atomically (many short programs, as GemLite's split-K GEMV), then the rest
         best = [dict(block_n=64, block_k=128, split_k=8, num_stages=4),
                 dict(block_n=128, block_k=128, split_k=8, num_stages=None),
                 dict(block_n=256, block_k=128, split_k=16, num_stages=None)]
         configs = best + [dict(c, atomic=True) for c in best]
         configs += [dict(gemv=m == 1, atomic=True, block_n=bn, block_k=bk, split_k=k // bk, num_warps=w)
                     for bk, bn in ((64, 256), (128, 256), (64, 512)) for w in (4, 2)]
-        configs += [c for c in (dict(block_n=bn, block_k=128, split_k=s, num_stages=st) for st in (None, 4)
-                                for s in (16, 8) for bn in (128, 64, 256)) if c not in configs]
+        configs += [dict(probe=True, block_n=bn, block_k=128, split_k=16) for bn in (128, 256)]
         if m == 1:
             configs += [dict(gemv=True, block_n=128, block_k=128, split_k=16, atomic=True)]
             configs += [dict(gemv=True, block_n=bn, block_k=128, split_k=s) for s in (16, 8) for bn in (64, 128, 256)]
             configs += [dict(gemv=True, block_n=128, block_k=64, split_k=s) for s in (16, 8)]
-        configs += [dict(probe=True, block_n=bn, block_k=128, split_k=16) for bn in (128, 256)]
+        configs += [c for c in (dict(block_n=bn, block_k=128, split_k=s, num_stages=st) for st in (None, 4)
+                                for s in (16, 8) for bn in (128, 64, 256)) if c not in configs]
         return configs
-    return [dict(block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
-            for w, st in ((8, 3), (4, 3)) for bm, bn, bk in ((128, 128, 64), (128, 256, 64), (64, 128, 128))]
+    # the kernel measured 610-715 us at M = 1024 (bf16: 220); only the best two tiles of that sweep
+    return [dict(block_m=64, block_n=128, block_k=128, split_k=1, num_warps=w, num_stages=3) for w in (4, 8)]
 
 
 def load_probe(block_n, block_k, split_k, **_):
@@ -287,12 +317,15 @@ def main():
         sweep_until = start + args.budget * (0.25 + 0.55 * (i + 1) / len(args.m))
         xs = activations(m, k)
         row = {"M": m, **timed(bf16_dot, xs, bfs, "bf16_")}
+        ref = reference(xs[0], qs[0])
         for backend in ("native", "dequant", "auto", "pallas"):
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
         row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs, "w4a8_auto_"))
-        row["dequant_bf16_prologue_rel_err"] = rel_err(jax.jit(dequant_bf16_prologue)(xs[0], qs[0]),
-                                                       reference(xs[0], qs[0]))
+        row["dequant_bf16_prologue_rel_err"] = rel_err(jax.jit(dequant_bf16_prologue)(xs[0], qs[0]), ref)
         row.update(timed(dequant_bf16_prologue, xs, qs, "dequant_bf16_prologue_"))
+        for name, fn in (("reduce_int4", reduce_int4), ("reduce_nibbles", reduce_nibbles)) if m <= 16 else ():
+            row[f"{name}_rel_err"] = rel_err(jax.jit(fn)(xs[0], qs[0]), ref)
+            row.update(timed(fn, xs, qs, f"{name}_"))
         try:
             import qwix
 
@@ -301,7 +334,6 @@ def main():
             row.update(timed(qwix.dot, xs, qw, "qwix_"))
         except Exception as e:
             row["qwix_us"] = f"unavailable: {type(e).__name__}"
-        ref = reference(xs[0], qs[0])
         if not args.no_sweep:
             for blocks in sweep_configs(m, k):
                 if time.time() > sweep_until:
@@ -345,6 +377,8 @@ def main():
             row = {"K": k, "N": n, "M": m, **timed(bf16_dot, xs, bfs, "bf16_")}
             for b in ("native", "dequant", "auto"):
                 row.update(timed(lambda x, q, b=b: qj.qdot(x, q, backend=b), xs, qs, f"{b}_"))
+            row.update(timed(reduce_int4 if m == 1 else dequant_bf16_prologue, xs, qs,
+                             "reduce_int4_" if m == 1 else "dequant_bf16_prologue_"))
             if m in best:
                 tiles = row["best_tiles_of_8192"] = tiles_of(best[m])
                 row.update(timed(kernel_fn(**tiles), xs, qs, "pallas_best_tiles_"))
