@@ -26,11 +26,10 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
-from quantize_jax.matmul import _grid, _grouped_codes, _nibbles, _pad_k, _pallas_kernel, fake_int8_tokens
+from quantize_jax.matmul import _grid, _pallas_kernel, fake_int8_tokens
 
 N_PAIRS = 16
 PROFILE_LINES = set()  # the (plane, line) names the device traces held, recorded in the JSON
@@ -102,49 +101,6 @@ def reference(x, q):
     return np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(qj.dequantize(q, jnp.float32), np.float64)
 
 
-def dequant_bf16_prologue(x, q):
-    """A candidate for large M, measured here before it goes into the library: the int4 codes converted to
-    bf16 and multiplied by the group scales broadcast in bf16 (no float32 intermediate, no reshape after the
-    multiply), a form XLA's GEMM fusion may take as its prologue. Rounds each scale to bf16 first: about
-    2**-8 relative per weight (``dequant``: 2**-9)."""
-    grid = _grid(q)
-    k, n = q.shape
-    codes = lax.bitcast_convert_type(q.packed, jnp.int4).reshape(k, n)
-    scale = jnp.repeat(grid.scale.astype(jnp.bfloat16), grid.group_rows, axis=0)[:k]
-    w = lax.optimization_barrier(codes).astype(jnp.bfloat16) * scale  # the barrier: see _grouped_codes
-    return jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
-
-
-def _reduce(x, q, codes):
-    """``sum_k x[m, k] * w[k, n]`` as one XLA reduction over K, the weight ``codes`` ``(G, rows, N)``
-    decoded and scaled inside the reduction's input fusion: no dot, no float weight in memory."""
-    grid = _grid(q)
-    g, rows, n = codes.shape
-    if grid.zero_point is not None:
-        codes = codes - grid.zero_point[:, None, :]
-    w = codes * grid.scale[:, None, :]
-    xg = _pad_k(x.astype(jnp.float32), g * rows).reshape(x.shape[0], g, rows, 1)
-    return jnp.sum(xg * w[None], axis=(1, 2))
-
-
-def reduce_int4(x, q):
-    """A candidate for a few rows, measured here before it goes into the library: :func:`_reduce` of the
-    codes bitcast to ``jnp.int4`` (XLA reads them packed). A GEMV is bound by the weight's bytes, and a
-    column reduction streams them once, coalesced along N; each further row of x costs a pass of
-    float32 multiply-adds on the CUDA cores."""
-    return _reduce(x, q, _grouped_codes(q, _grid(q), jnp.float32))
-
-
-def reduce_nibbles(x, q):
-    """As :func:`reduce_int4`, the codes split from the uint8 bytes by shifts (no int4 type)."""
-    grid = _grid(q)
-    lo, hi = _nibbles(q.packed, q.spec.fmt)
-    k, n = q.shape
-    codes = jnp.stack([lo, hi], axis=-1).reshape(k, -1)[:, :n].astype(jnp.float32)
-    g = grid.scale.shape[0]
-    return _reduce(x, q, jnp.pad(codes, ((0, g * grid.group_rows - k), (0, 0))).reshape(g, grid.group_rows, n))
-
-
 def kernel_fn(**blocks):
     """``x, q -> x @ q`` through the Pallas kernel with the given tiles."""
     interpret = jax.default_backend() == "cpu"  # a dry run of this script on a CPU
@@ -196,26 +152,29 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
 
 
 def sweep_configs(m: int, k: int):
-    """Tiles to try, the likeliest first (the sweep stops when its share of the budget is spent)."""
-    if m <= 16:
-        # first the best of the H100 sweep of 2026-11-27 (M = 1: 32.7 us, M = 16: 51.5 us, host-timed), then
-        # each with its splits added atomically into the output (no partials array, no second pass), then one
-        # K tile per program, added atomically (many short programs, as GemLite's split-K GEMV), then the rest
-        best = [dict(block_n=64, block_k=128, split_k=8, num_stages=4),
-                dict(block_n=128, block_k=128, split_k=8, num_stages=None),
-                dict(block_n=256, block_k=128, split_k=16, num_stages=None)]
-        configs = best + [dict(c, atomic=True) for c in best]
-        configs += [dict(gemv=m == 1, atomic=True, block_n=bn, block_k=bk, split_k=k // bk, num_warps=w)
-                    for bk, bn in ((64, 256), (128, 256), (64, 512)) for w in (4, 2)]
-        configs += [dict(probe=True, block_n=bn, block_k=128, split_k=16) for bn in (128, 256)]
-        if m == 1:
-            configs += [dict(gemv=True, block_n=128, block_k=128, split_k=16, atomic=True)]
-            configs += [dict(gemv=True, block_n=bn, block_k=128, split_k=s) for s in (16, 8) for bn in (64, 128, 256)]
-            configs += [dict(gemv=True, block_n=128, block_k=64, split_k=s) for s in (16, 8)]
-        configs += [c for c in (dict(block_n=bn, block_k=128, split_k=s, num_stages=st) for st in (None, 4)
-                                for s in (16, 8) for bn in (128, 64, 256)) if c not in configs]
+    """Tiles to try, the likeliest first (the sweep stops when its share of the budget is spent). From the
+    H100 run of 2026-11-27 (device-timed, kernel with the codes interleaved per tile): M = 1 best as a
+    GEMV, 37.3 us deterministic (block_n 128, block_k 64, 16 splits), 35.2 us with one 64-row K tile per
+    program added atomically; M = 16 best with tl.dot, 47.8 us (block_n 128, block_k 128, 8 splits)."""
+    if m == 1:
+        configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=s * 64 // bk)
+                   for bn, bk, s in ((128, 64, 16), (256, 64, 16), (64, 64, 16), (128, 64, 32), (512, 64, 16),
+                                     (128, 128, 16), (256, 128, 16), (128, 64, 8))]
+        configs += [dict(gemv=True, block_n=128, block_k=64, split_k=16, num_warps=w) for w in (2, 8)]
+        configs += [dict(gemv=True, atomic=True, block_n=bn, block_k=64, split_k=k // 64, num_warps=4)
+                    for bn in (512, 256, 1024)]
+        configs += [dict(block_n=128, block_k=128, split_k=8), dict(probe=True, block_n=128, block_k=128, split_k=16)]
         return configs
-    # the kernel measured 610-715 us at M = 1024 (bf16: 220); only the best two tiles of that sweep
+    if m <= 16:
+        configs = [dict(block_n=bn, block_k=bk, split_k=s) for bn, bk, s in
+                   ((128, 128, 8), (256, 128, 16), (128, 128, 16), (256, 128, 8), (128, 64, 16), (64, 128, 8),
+                    (256, 64, 32))]
+        configs += [dict(block_n=128, block_k=128, split_k=8, num_warps=8), dict(block_n=256, block_k=128, split_k=16,
+                                                                                 num_stages=4)]
+        configs += [dict(block_n=bn, block_k=128, split_k=s, atomic=True) for bn, s in ((128, 8), (256, 16))]
+        configs += [dict(probe=True, block_n=128, block_k=128, split_k=16)]
+        return configs
+    # the kernel measured 589-715 us at M = 1024 (bf16: 195-220); only the best two tiles of that sweep
     return [dict(block_m=64, block_n=128, block_k=128, split_k=1, num_warps=w, num_stages=3) for w in (4, 8)]
 
 
@@ -267,7 +226,7 @@ def main():
     ap.add_argument("--kn", type=int, default=8192)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 1024])
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run; the sweep stops early")
-    ap.add_argument("--quick-checks", action="store_true", help="check int4 / uint4 with dequant and pallas only")
+    ap.add_argument("--quick-checks", action="store_true", help="check the pallas backend only")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--no-llama", action="store_true", help="skip the Llama-like shapes")
     ap.add_argument("--out", default="benchmarks/results/matmul_gpu.json")
@@ -282,7 +241,7 @@ def main():
 
     result = {"machine": machine(), "group_size": 128, "timing": __doc__.split("Timing: ", 1)[1].strip()}
     print(result["machine"], flush=True)
-    quick = dict(formats=("int4", "uint4"), backends=("dequant", "pallas")) if args.quick_checks else {}
+    quick = dict(backends=("pallas",)) if args.quick_checks else {}
     result["checks"] = checks(log, **quick)
     # bf16 activations with backend="dequant" round the scaled weight to bf16: ~1e-3 relative.
     bad = [r for r in result["checks"] if "error" in r
@@ -321,11 +280,6 @@ def main():
         for backend in ("native", "dequant", "auto", "pallas"):
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
         row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs, "w4a8_auto_"))
-        row["dequant_bf16_prologue_rel_err"] = rel_err(jax.jit(dequant_bf16_prologue)(xs[0], qs[0]), ref)
-        row.update(timed(dequant_bf16_prologue, xs, qs, "dequant_bf16_prologue_"))
-        for name, fn in (("reduce_int4", reduce_int4), ("reduce_nibbles", reduce_nibbles)) if m <= 16 else ():
-            row[f"{name}_rel_err"] = rel_err(jax.jit(fn)(xs[0], qs[0]), ref)
-            row.update(timed(fn, xs, qs, f"{name}_"))
         try:
             import qwix
 
@@ -377,10 +331,10 @@ def main():
             row = {"K": k, "N": n, "M": m, **timed(bf16_dot, xs, bfs, "bf16_")}
             for b in ("native", "dequant", "auto"):
                 row.update(timed(lambda x, q, b=b: qj.qdot(x, q, backend=b), xs, qs, f"{b}_"))
-            row.update(timed(reduce_int4 if m == 1 else dequant_bf16_prologue, xs, qs,
-                             "reduce_int4_" if m == 1 else "dequant_bf16_prologue_"))
             if m in best:
-                tiles = row["best_tiles_of_8192"] = tiles_of(best[m])
+                # the best tiles of K = N = kn, with as many K rows per split
+                tiles = tiles_of(best[m])
+                tiles = row["best_tiles_per_k"] = dict(tiles, split_k=max(1, k * tiles["split_k"] // args.kn))
                 row.update(timed(kernel_fn(**tiles), xs, qs, "pallas_best_tiles_"))
             llama.append(row)
             print(row, flush=True)
@@ -393,7 +347,7 @@ def main():
     for m, b in best.items():
         print(f"best tiles M={m}: {b}")
     if llama:
-        print_table(llama, [c for c in llama[0] if c != "best_tiles_of_8192"])
+        print_table(llama, [c for c in llama[0] if c != "best_tiles_per_k"])
     print(f"total {time.time() - start:.0f} s", flush=True)
 
 

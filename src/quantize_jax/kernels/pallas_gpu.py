@@ -1,10 +1,11 @@
 """A Pallas kernel for ``x @ W`` with a packed 4-bit weight (Triton on GPU; ``interpret=True`` on CPU).
 
 The kernel reads the packed uint8 weight ``(K, ceil(N / 2))`` block by
-block, splits each byte into its two codes in registers and interleaves them
-back into column order (a Triton ``join``), converts the codes to the
-activations' dtype and accumulates ``x @ codes`` in float32, one K block at a
-time. Per K block (``block_k`` divides the group size, so a block never
+block, splits each byte into its two codes in registers, converts them to the
+activations' dtype and accumulates ``x @ low`` and ``x @ high`` (the even and
+odd output columns) in float32, one K block at a time; the two accumulators
+are interleaved back into column order once, at the end (a Triton ``join``),
+so no weight tile is reshuffled. Per K block (``block_k`` divides the group size, so a block never
 straddles two groups)::
 
     acc += (x_blk @ u_blk - rowsum(x_blk) * c_g) * s_g
@@ -61,30 +62,39 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
     bnh = p_ref.shape[1]
     precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
+    def even_odd(row):  # a (1, 2 * bnh) row of per-column values -> its even and odd columns
+        return jnp.unstack(row.reshape(1, bnh, 2), axis=-1)
+
     def body(k, acc):
         x = x_ref[:, pl.ds(k * bk, bk)]
         p = p_ref[pl.ds(k * bk, bk), :]
         if fmt.signed_codes:
             p = p ^ jnp.uint8(0x88)  # two's complement nibble q -> q + 8, unsigned
-        lo, hi = p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4))
-        codes = jnp.concatenate([lo[..., None], hi[..., None]], axis=-1).reshape(bk, 2 * bnh)
-        w = _levels(codes, fmt, x.dtype)
-        if gemv:
-            part = jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1)
-        else:
-            part = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
         g = (split * nk + k) * bk // group_rows if per_group else 0
+        offset = None
         if fmt.signed_codes or has_zero:  # the per-column offset c of the nibbles: 8 for int4, plus z
-            c = z_ref[pl.ds(g, 1), :] if has_zero else jnp.float32(0.0)
-            c = c + 8.0 if fmt.signed_codes else c
-            part = part - jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True) * c
-        if per_group:
-            part = part * s_ref[pl.ds(g, 1), :]
-        return acc + part
+            c = even_odd(z_ref[pl.ds(g, 1), :]) if has_zero else (jnp.float32(0.0),) * 2
+            offset = [ci + 8.0 if fmt.signed_codes else ci for ci in c]
+            rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+        scales = even_odd(s_ref[pl.ds(g, 1), :]) if per_group else None
+        out = []
+        for half, nibbles in enumerate((p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4)))):
+            w = _levels(nibbles, fmt, x.dtype)  # the even (low nibble) or odd (high nibble) columns
+            if gemv:
+                part = jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1)
+            else:
+                part = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
+            if offset is not None:
+                part = part - rowsum * offset[half]
+            out.append(acc[half] + (part * scales[half] if per_group else part))
+        return tuple(out)
 
-    acc = lax.fori_loop(0, nk, body, jnp.zeros((bm, 2 * bnh), jnp.float32))
+    zeros = jnp.zeros((bm, bnh), jnp.float32)
+    even, odd = lax.fori_loop(0, nk, body, (zeros, zeros))
     if not per_group:
-        acc = acc * s_ref[...]
+        s_even, s_odd = even_odd(s_ref[...])
+        even, odd = even * s_even, odd * s_odd
+    acc = jnp.stack([even, odd], axis=-1).reshape(bm, 2 * bnh)  # back to column order, once per program
     if atomic:
         pl_triton.atomic_add(o_ref, (slice(None), slice(None)), acc)
     else:
@@ -100,16 +110,28 @@ def default_block_k(group_size: int, per_group: bool) -> int:
 
 
 def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
-    """Tile sizes for an ``(m, k)`` input: ``block_m, block_n, block_k, split_k``."""
+    """Tiles for an ``(m, k)`` input: ``block_m, block_n, block_k, split_k, gemv`` (from the H100 sweeps of
+    ``benchmarks/matmul_gpu.py``). One row is a GEMV (multiply and sum, 64-row K blocks); up to 16 rows
+    take ``tl.dot`` with 16 rows; K is split for few rows so that the GPU fills."""
+    if m == 1:
+        bk = math.gcd(group_size, 64) if per_group else 64
+        return dict(block_m=1, block_n=128, block_k=bk, split_k=_split_k(k, bk, 16), gemv=True)
     bk = default_block_k(group_size, per_group)
-    if m <= 16:  # the best decode tiles of the sweep in benchmarks/matmul_gpu.py (H100)
-        return dict(block_m=16, block_n=128, block_k=bk, split_k=max(1, min(8, k // (4 * bk))))
-    return dict(block_m=64, block_n=128, block_k=bk, split_k=1)
+    if m <= 16:
+        return dict(block_m=16, block_n=128, block_k=bk, split_k=_split_k(k, bk, 8), gemv=False)
+    return dict(block_m=64, block_n=128, block_k=bk, split_k=1, gemv=False)
+
+
+def _split_k(k: int, bk: int, most: int) -> int:
+    """Splits of K: at most ``most``, each of at least 4 blocks of ``bk`` rows, and where one exists a
+    count that cuts K into whole blocks (else the wrapper pads, which copies the whole weight)."""
+    most = max(1, min(most, k // (4 * bk)))
+    return next((s for s in range(most, 0, -1) if k % (bk * s) == 0), most)
 
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-           gemv: bool = False, atomic: bool = False, num_warps: int | None = None,
+           gemv: bool | None = None, atomic: bool = False, num_warps: int | None = None,
            num_stages: int | None = None, interpret: bool = False):
     """``x @ W`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``.
 
@@ -122,7 +144,8 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
       fmt: the 4-bit format of the codes.
       block_m, block_n, block_k, split_k: tile sizes (``block_n`` output
         columns, even); ``None`` takes :func:`default_blocks`.
-      gemv: multiply and sum instead of ``tl.dot`` (for a few rows).
+      gemv: multiply and sum instead of ``tl.dot`` (for a few rows);
+        ``None`` takes :func:`default_blocks`.
       atomic: the K splits add into the output atomically instead of
         writing partial sums for XLA to add (not bit-reproducible).
       num_warps, num_stages: Triton compiler parameters (``None``: Triton's).
@@ -134,7 +157,8 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     m, k = x.shape
     per_group = scale.shape[0] > 1
     blocks = default_blocks(m, k, group_size, per_group)
-    bm = block_m or (pl.next_power_of_2(m) if gemv else blocks["block_m"])
+    gemv = blocks["gemv"] if gemv is None else gemv
+    bm = block_m or (pl.next_power_of_2(m) if gemv else max(blocks["block_m"], MIN_BLOCK_K))
     bk = block_k or blocks["block_k"]
     split_k = split_k or blocks["split_k"]
     bn = block_n or blocks["block_n"]
