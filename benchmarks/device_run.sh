@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared command for a session lent a GPU (the `device` tool's `run`, with carry [".whl"] and a
-# timeout_s of about 540): every backend checked on the device, the kernel's tiles swept, everything timed
+# timeout_s of about 420; extra arguments go to matmul_gpu.py): every backend checked on the device, the kernel's tiles swept, everything timed
 # host-side and on the device, results under $OUT. Qwix travels as a wheel in .whl/ (git-ignored; see
 # /work/.library/device/README.md); without it the Qwix rows say "unavailable".
 set -o pipefail
@@ -11,4 +11,4 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
-python3 benchmarks/matmul_gpu.py --budget "${BUDGET:-330}" --quick-checks --out "$out/matmul_gpu.json" 2>&1 | tee "$out/run.log"
+python3 benchmarks/matmul_gpu.py --budget "${BUDGET:-330}" --quick-checks --out "$out/matmul_gpu.json" "$@" 2>&1 | tee "$out/run.log"

@@ -110,23 +110,25 @@ def default_block_k(group_size: int, per_group: bool) -> int:
 
 
 def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
-    """Tiles for an ``(m, k)`` input: ``block_m, block_n, block_k, split_k, gemv`` (from the H100 sweeps of
-    ``benchmarks/matmul_gpu.py``). One row is a GEMV (multiply and sum, 64-row K blocks); up to 16 rows
-    take ``tl.dot`` with 16 rows; K is split for few rows so that the GPU fills."""
+    """Tiles for an ``(m, k)`` input: ``block_m, block_n, block_k, split_k, gemv`` (the best deterministic
+    tiles of the H100 sweep in ``benchmarks/matmul_gpu.py``, K = N = 8192). One row is a GEMV (multiply
+    and sum, 64-row K blocks); up to 16 rows take ``tl.dot`` with 16 rows; for both, K is split into
+    parts of about 8 blocks so that the GPU fills."""
     if m == 1:
         bk = math.gcd(group_size, 64) if per_group else 64
-        return dict(block_m=1, block_n=128, block_k=bk, split_k=_split_k(k, bk, 16), gemv=True)
+        return dict(block_m=1, block_n=256, block_k=bk, split_k=_split_k(k, bk), gemv=True)
     bk = default_block_k(group_size, per_group)
     if m <= 16:
-        return dict(block_m=16, block_n=128, block_k=bk, split_k=_split_k(k, bk, 8), gemv=False)
+        return dict(block_m=16, block_n=256, block_k=bk, split_k=_split_k(k, bk), gemv=False)
     return dict(block_m=64, block_n=128, block_k=bk, split_k=1, gemv=False)
 
 
-def _split_k(k: int, bk: int, most: int) -> int:
-    """Splits of K: at most ``most``, each of at least 4 blocks of ``bk`` rows, and where one exists a
-    count that cuts K into whole blocks (else the wrapper pads, which copies the whole weight)."""
-    most = max(1, min(most, k // (4 * bk)))
-    return next((s for s in range(most, 0, -1) if k % (bk * s) == 0), most)
+def _split_k(k: int, bk: int, blocks_per_split: int = 8) -> int:
+    """The number of K splits that gives each about ``blocks_per_split`` blocks of ``bk`` rows, among those
+    that cut K's blocks evenly (any other count makes the wrapper pad, which copies the whole weight)."""
+    blocks = -(-k // bk)
+    counts = [s for s in range(1, blocks + 1) if blocks % s == 0]
+    return min(counts, key=lambda s: abs(math.log(blocks / s / blocks_per_split)))
 
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
