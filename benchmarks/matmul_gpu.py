@@ -178,9 +178,10 @@ def sweep_configs(m: int, k: int):
     return [dict(block_m=64, block_n=128, block_k=128, split_k=1, num_warps=w, num_stages=3) for w in (4, 8)]
 
 
-def load_probe(block_n, block_k, split_k, **_):
+def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, **_):
     """A diagnostic Pallas kernel with the kernel's grid and loads but no decode or dot: it only sums the
-    packed bytes. Its time bounds what this grid and load pattern can reach."""
+    packed bytes (into a ``(block_k, block_n / 2)`` accumulator, or with ``fold_rows`` into one row per
+    step, which keeps wide tiles in registers). Its time bounds what this grid and load pattern reach."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
@@ -191,20 +192,31 @@ def load_probe(block_n, block_k, split_k, **_):
 
         def kernel(p_ref, o_ref):
             def body(i, acc):
-                return acc + p_ref[pl.ds(i * block_k, block_k), :].astype(jnp.float32)
+                tile = p_ref[pl.ds(i * block_k, block_k), :].astype(jnp.float32)
+                return acc + (jnp.sum(tile, axis=0, keepdims=True) if fold_rows else tile)
 
-            acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((block_k, bnh), jnp.float32))
+            acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((1 if fold_rows else block_k, bnh), jnp.float32))
             o_ref[...] = jnp.sum(acc, axis=0, keepdims=True)
 
         out = pl.pallas_call(
             kernel, out_shape=jax.ShapeDtypeStruct((split_k, 1, nh), jnp.float32), grid=(nh // bnh, split_k),
             in_specs=[pl.BlockSpec((kk // split_k, bnh), lambda j, s: (s, j))],
             out_specs=pl.BlockSpec((None, 1, bnh), lambda j, s: (s, 0, j)),
-            compiler_params=pl_triton.CompilerParams(), name="load_probe", interpret=jax.default_backend() == "cpu",
+            compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            name="load_probe", interpret=jax.default_backend() == "cpu",
         )(q.packed)
         return out.sum(0) + x[:, :1].astype(jnp.float32)
 
     return fn
+
+
+# load patterns to learn which reaches the card's bandwidth (--probes-only): (block_n, block_k, split_k,
+# num_warps, num_stages, fold_rows); the first is the kernel's own pattern of the sweeps
+PROBES = [(128, 128, 16, None, None, False), (128, 128, 16, None, None, True), (256, 128, 16, None, None, True),
+          (512, 128, 16, None, None, True), (512, 64, 32, None, None, True), (1024, 64, 16, 8, None, True),
+          (256, 256, 8, None, None, True), (512, 256, 8, 8, None, True), (256, 128, 32, None, None, True),
+          (512, 128, 8, 8, None, True), (256, 128, 16, None, 4, True), (512, 128, 16, 8, 3, True),
+          (1024, 32, 32, 8, 4, True), (2048, 32, 16, 8, 3, True)]
 
 
 def make_weights(k, n, spec):
@@ -227,6 +239,7 @@ def main():
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 1024])
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run; the sweep stops early")
     ap.add_argument("--quick-checks", action="store_true", help="check the pallas backend only")
+    ap.add_argument("--probes-only", action="store_true", help="time bf16 and the load probes (PROBES) at M = 1")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--no-llama", action="store_true", help="skip the Llama-like shapes")
@@ -272,6 +285,18 @@ def main():
     spec = qj.QuantSpec(axis=0, group_size=128)
     qs, bfs = make_weights(k, n, spec)
     bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    if args.probes_only:
+        xs = activations(1, k)
+        probes = [{"bf16": True, **timed(bf16_dot, xs, bfs)}]
+        for bn, bk, split, warps, stages, fold in PROBES:
+            entry = dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, fold_rows=fold)
+            entry.update(timed(load_probe(**entry), xs, qs))
+            entry["dev_TB_per_s"] = round(k * n / 2 / entry["dev_us"] / 1e6, 2) if isinstance(
+                entry.get("dev_us"), float) else None
+            probes.append(entry)
+            print(" ", entry, flush=True)
+        write_json(args.out, dict(result, probes=probes, profile_lines=sorted(PROFILE_LINES)))
+        return
     table, sweep, best = [], [], {}
     for i, m in enumerate(args.m):
         sweep_until = start + args.budget * (0.25 + 0.55 * (i + 1) / len(args.m))
