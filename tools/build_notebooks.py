@@ -229,41 +229,51 @@ import matplotlib.pyplot as plt
 import quantize_jax as qj
 
 RESULTS = pathlib.Path("..") / "benchmarks" / "results"
-gpu = {name: json.loads((RESULTS / f"{name}.json").read_text())
-       for name in ("matmul_gpu_sweep_h100", "matmul_gpu_h100")}
-print(gpu["matmul_gpu_h100"]["machine"])"""),
+gpu = {name: json.loads((RESULTS / f"matmul_gpu_h100_s4_{name}.json").read_text())
+       for name in ("run2_sweep", "run3_defaults", "run4_probes")}
+print(gpu["run3_defaults"]["machine"])"""),
     ("md", """## H100, K = N = 8192, bf16 activations, int4 group 128
 
-Microseconds per product (lower is better), two runs of the same script. `native` is XLA's own
-`jnp.int4` dot, `dequant` the weight dequantized into XLA's GEMM, `pallas` this package's Triton kernel
-with its default tiles. The dashed line marks what reading 4.25-bit weights at about 3 TB/s would take."""),
-    ("code", """methods = [("bf16_us", "bf16 x bf16"), ("native_us", "native int4"), ("dequant_us", "dequant"),
-           ("pallas_us", "pallas kernel"), ("qwix_us", "Qwix int4 dot")]
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-for ax, m in zip(axes, (1, 16, 1024)):
-    for r, (name, run) in enumerate(gpu.items()):
-        row = next(t for t in run["table"] if t["M"] == m)
-        vals = [row[k] if isinstance(row.get(k), float) else np.nan for k, _ in methods]
-        ax.bar(np.arange(len(methods)) + 0.4 * r - 0.2, vals, 0.4, label=f"run {r + 2}")
+Device time per product (lower is better): the GPU-busy time of the product's kernels from a profiler
+trace. `native` is XLA's own `jnp.int4` dot, `dequant` the weight dequantized into XLA's GEMM, `auto`
+what `qdot` picks (this package's Triton kernel up to 16 rows, `dequant` at 1024). M = 1, 4 and 16 come
+from the run with the current default tiles, M = 1024 from the sweep run before it. The dashed line marks
+what reading 4.25-bit weights at about 3 TB/s would take."""),
+    ("code", """methods = [("bf16", "bf16 x bf16"), ("native", "native int4"), ("dequant", "dequant"),
+           ("auto", "auto"), ("qwix", "Qwix int4 dot")]
+fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
+for ax, m in zip(axes, (1, 4, 16, 1024)):
+    run = gpu["run3_defaults" if m <= 16 else "run2_sweep"]
+    row = next(t for t in run["table"] if t["M"] == m)
+    vals = [row[f"{k}_dev_us"] if isinstance(row.get(f"{k}_dev_us"), float) else np.nan for k, _ in methods]
+    ax.bar(range(len(methods)), vals, color=["k", "C1", "C2", "C0", "C3"])
     if m <= 16:
         ax.axhline(8192 * 8192 * 4.25 / 8 / 3e12 * 1e6, ls="--", c="k", lw=1, label="int4 bytes at 3 TB/s")
     ax.set_yscale("log"); ax.set_title(f"M = {m}"); ax.set_xticks(range(len(methods)), [l for _, l in methods], rotation=35)
-axes[0].set_ylabel("us per product"); axes[0].legend(); plt.tight_layout(); plt.show()"""),
-    ("md", """## The kernel's tile sweep at M = 1
+axes[0].set_ylabel("us per product (device)"); axes[0].legend(); plt.tight_layout(); plt.show()"""),
+    ("md", """## The kernel's tiles at M = 1, and what loading alone costs
 
-Each point is one tile configuration (run 2). The load-only probes run the kernel's grid and loads with
-no decode and no dot: they bound what this grid reaches, and show that the grid, not the arithmetic, is
-the first thing to fix."""),
-    ("code", """sweep = [e for e in gpu["matmul_gpu_sweep_h100"]["sweep"] if e["M"] == 1 and isinstance(e["us"], float)]
-kinds = {"tl.dot": lambda e: not e.get("gemv") and not e.get("probe"), "gemv": lambda e: e.get("gemv"),
-         "load-only probe": lambda e: e.get("probe")}
-fig, ax = plt.subplots(figsize=(8, 3.2))
+Left: each point is one tile configuration of the sweep (device time). Right: load-only probes, Pallas
+kernels with no decode and no dot that only sum the packed bytes, over tile shapes, warps and pipeline
+depths: the best reaches about 2 TB/s, so with this load pattern no kernel reads the weight faster
+than about 17 us, while the kernel itself takes about twice that."""),
+    ("code", """sweep = [e for e in gpu["run2_sweep"]["sweep"] if e["M"] == 1 and isinstance(e.get("dev_us"), float)]
+kinds = {"tl.dot": lambda e: not e.get("gemv") and not e.get("probe"),
+         "gemv": lambda e: e.get("gemv") and not e.get("atomic"),
+         "gemv, atomic split-K": lambda e: e.get("gemv") and e.get("atomic"), "load-only probe": lambda e: e.get("probe")}
+bf16 = next(t for t in gpu["run2_sweep"]["table"] if t["M"] == 1)["bf16_dev_us"]
+fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 3.4))
 for label, keep in kinds.items():
     pts = [e for e in sweep if keep(e)]
-    ax.scatter([e["block_n"] for e in pts], [e["us"] for e in pts], label=label, s=30)
-ax.axhline(next(t for t in gpu["matmul_gpu_sweep_h100"]["table"] if t["M"] == 1)["bf16_us"], c="k", lw=1, label="bf16")
-ax.set_xscale("log", base=2); ax.set_xlabel("block_n (output columns per program)"); ax.set_ylabel("us")
-ax.legend(loc="center left", bbox_to_anchor=(1, 0.5)); ax.set_title("M = 1, K = N = 8192: tiles")
+    ax.scatter([e["block_n"] for e in pts], [e["dev_us"] for e in pts], label=label, s=30)
+ax.axhline(bf16, c="k", lw=1, label="bf16")
+ax.set_xscale("log", base=2); ax.set_xlabel("block_n (output columns per program)"); ax.set_ylabel("us (device)")
+ax.legend(fontsize=8); ax.set_title("M = 1, K = N = 8192: tiles")
+probes = [p for p in gpu["run4_probes"]["probes"] if "block_n" in p and isinstance(p.get("dev_TB_per_s"), float)]
+labels = [f"{p['block_n']}x{p['block_k']}/{p['split_k']} w{p['num_warps'] or '-'} s{p['num_stages'] or '-'}"
+          + ("" if p["fold_rows"] else " (kernel's)") for p in probes]
+bx.barh(labels, [p["dev_TB_per_s"] for p in probes]); bx.invert_yaxis(); bx.tick_params(labelsize=7)
+bx.set_xlabel("TB/s of packed weight read (load only)"); bx.set_title("load probes: block_n x block_k / splits")
 plt.tight_layout(); plt.show()"""),
     ("md", """## The CPU paths
 
