@@ -156,15 +156,13 @@ def sweep_configs(m: int, k: int):
     H100 run of 2026-11-27 (device-timed, kernel with the codes interleaved per tile): M = 1 best as a
     GEMV, 37.3 us deterministic (block_n 128, block_k 64, 16 splits), 35.2 us with one 64-row K tile per
     program added atomically; M = 16 best with tl.dot, 47.8 us (block_n 128, block_k 128, 8 splits)."""
-    if m == 1:
-        configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=s * 64 // bk)
-                   for bn, bk, s in ((128, 64, 16), (256, 64, 16), (64, 64, 16), (128, 64, 32), (512, 64, 16),
-                                     (128, 128, 16), (256, 128, 16), (128, 64, 8))]
-        configs += [dict(gemv=True, block_n=128, block_k=64, split_k=16, num_warps=w) for w in (2, 8)]
-        configs += [dict(gemv=True, atomic=True, block_n=bn, block_k=64, split_k=k // 64, num_warps=4)
-                    for bn in (512, 256, 1024)]
-        configs += [dict(block_n=128, block_k=128, split_k=8), dict(probe=True, block_n=128, block_k=128, split_k=16)]
-        return configs
+    if m == 1:  # the GEMV keeps a (block_k, block_n) accumulator: narrower K blocks or more warps for registers
+        configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=k // (8 * bk), num_warps=w)
+                   for bn, bk, w in ((256, 32, 4), (256, 64, 8), (128, 64, 4), (128, 32, 4), (512, 32, 8),
+                                     (256, 16, 4), (512, 16, 4), (128, 128, 8), (256, 32, 8), (1024, 16, 8))]
+        configs += [dict(gemv=True, atomic=True, block_n=256, block_k=bk, split_k=k // bk, num_warps=4)
+                    for bk in (64, 32)]
+        return configs + [dict(block_n=256, block_k=128, split_k=8)]
     if m <= 16:
         configs = [dict(block_n=bn, block_k=bk, split_k=s) for bn, bk, s in
                    ((128, 128, 8), (256, 128, 16), (128, 128, 16), (256, 128, 8), (128, 64, 16), (64, 128, 8),
