@@ -152,28 +152,31 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
 
 
 def sweep_configs(m: int, k: int):
-    """Tiles to try, the likeliest first (the sweep stops when its share of the budget is spent). From the
-    H100 run of 2026-11-27 (device-timed, kernel with the codes interleaved per tile): M = 1 best as a
-    GEMV, 37.3 us deterministic (block_n 128, block_k 64, 16 splits), 35.2 us with one 64-row K tile per
-    program added atomically; M = 16 best with tl.dot, 47.8 us (block_n 128, block_k 128, 8 splits)."""
-    if m == 1:  # the GEMV keeps a (block_k, block_n) accumulator: narrower K blocks or more warps for registers
-        configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=k // (8 * bk), num_warps=w)
-                   for bn, bk, w in ((256, 32, 4), (256, 64, 8), (128, 64, 4), (128, 32, 4), (512, 32, 8),
-                                     (256, 16, 4), (512, 16, 4), (128, 128, 8), (256, 32, 8), (1024, 16, 8))]
-        configs += [dict(gemv=True, atomic=True, block_n=256, block_k=bk, split_k=k // bk, num_warps=4)
-                    for bk in (64, 32)]
-        return configs + [dict(block_n=256, block_k=128, split_k=8)]
-    if m <= 16:
-        configs = [dict(block_n=bn, block_k=bk, split_k=s) for bn, bk, s in
-                   ((128, 128, 8), (256, 128, 16), (128, 128, 16), (256, 128, 8), (128, 64, 16), (64, 128, 8),
-                    (256, 64, 32))]
-        configs += [dict(block_n=128, block_k=128, split_k=8, num_warps=8), dict(block_n=256, block_k=128, split_k=16,
-                                                                                 num_stages=4)]
-        configs += [dict(block_n=bn, block_k=128, split_k=s, atomic=True) for bn, s in ((128, 8), (256, 16))]
-        configs += [dict(probe=True, block_n=128, block_k=128, split_k=16)]
+    """Tiles to try, the likeliest first (the sweep stops when its share of the budget is spent); every
+    entry names ``gemv``, since the default depends on M. From the H100 runs of session 4 (device time,
+    benchmarks/RESULTS.md): M = 1 best as a GEMV, 36.0 us deterministic (block_n 256, block_k 64, 16
+    splits: the default), 32.7 us with one 64-row K tile per program added atomically; M = 16 best with
+    tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default)."""
+    if m == 1:
+        configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=k // (8 * bk))
+                   for bn, bk in ((256, 64), (128, 64), (512, 64), (256, 32), (256, 128))]
+        configs += [dict(gemv=True, block_n=256, block_k=64, split_k=k // 512, num_warps=w) for w in (2, 8)]
+        configs += [dict(gemv=True, atomic=True, block_n=bn, block_k=64, split_k=k // 64, num_warps=4)
+                    for bn in (256, 512)]
+        configs += [dict(gemv=False, block_n=256, block_k=128, split_k=8),
+                    dict(probe=True, block_n=512, block_k=64, split_k=32)]
         return configs
-    # the kernel measured 589-715 us at M = 1024 (bf16: 195-220); only the best two tiles of that sweep
-    return [dict(block_m=64, block_n=128, block_k=128, split_k=1, num_warps=w, num_stages=3) for w in (4, 8)]
+    if m <= 16:
+        configs = [dict(gemv=False, block_n=bn, block_k=bk, split_k=k // (8 * bk)) for bn, bk in
+                   ((256, 128), (512, 128), (256, 64), (128, 128))]
+        configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_warps=w) for w in (2, 8)]
+        configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_stages=4),
+                    dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, atomic=True),
+                    dict(probe=True, block_n=512, block_k=64, split_k=32)]
+        return configs
+    # the kernel measured 589-715 us at M = 1024 (bf16: 193-195); only the best two tiles of those sweeps
+    return [dict(gemv=False, block_m=64, block_n=128, block_k=128, split_k=1, num_warps=w, num_stages=3)
+            for w in (4, 8)]
 
 
 def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, **_):

@@ -22,9 +22,8 @@ whose partial sums XLA adds (or, with ``atomic=True``, each adds into the
 output with a float32 atomic add: no partials array and no second pass, but
 the order of the adds, and so the last bits, vary from run to run), so a
 1-row product still fills the GPU; with ``gemv=True`` the product is a
-broadcast multiply instead of a ``tl.dot`` (whose smallest tile has 16 rows),
-accumulated elementwise as ``acc[m, k, n] += x[m, k] * (u[k, n] - c) * s``
-and summed over the block's K rows once, after the loop.
+broadcast multiply and sum instead of a ``tl.dot`` (whose smallest tile has
+16 rows).
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
@@ -76,25 +75,22 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         if fmt.signed_codes or has_zero:  # the per-column offset c of the nibbles: 8 for int4, plus z
             c = even_odd(z_ref[pl.ds(g, 1), :]) if has_zero else (jnp.float32(0.0),) * 2
             offset = [ci + 8.0 if fmt.signed_codes else ci for ci in c]
+            rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
         scales = even_odd(s_ref[pl.ds(g, 1), :]) if per_group else None
         out = []
         for half, nibbles in enumerate((p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4)))):
             w = _levels(nibbles, fmt, x.dtype)  # the even (low nibble) or odd (high nibble) columns
-            if gemv:  # elementwise only: the sum over K happens once, after the loop
-                w = w.astype(jnp.float32) if offset is None else w.astype(jnp.float32) - offset[half]
-                w = w * scales[half] if per_group else w
-                out.append(acc[half] + x.astype(jnp.float32)[:, :, None] * w[None])
-                continue
-            part = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
+            if gemv:
+                part = jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1)
+            else:
+                part = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
             if offset is not None:
-                part = part - jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True) * offset[half]
+                part = part - rowsum * offset[half]
             out.append(acc[half] + (part * scales[half] if per_group else part))
         return tuple(out)
 
-    zeros = jnp.zeros((bm, bk, bnh) if gemv else (bm, bnh), jnp.float32)
+    zeros = jnp.zeros((bm, bnh), jnp.float32)
     even, odd = lax.fori_loop(0, nk, body, (zeros, zeros))
-    if gemv:
-        even, odd = jnp.sum(even, axis=1), jnp.sum(odd, axis=1)
     if not per_group:
         s_even, s_odd = even_odd(s_ref[...])
         even, odd = even * s_even, odd * s_odd
