@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import quantize_jax as qj
+from quantize_jax.kernels import pallas_gpu
 from quantize_jax.matmul import _grid, _pallas_kernel
 
 from .conftest import FORMATS
@@ -53,3 +54,20 @@ def test_block_k_must_divide_the_group():
     q = qj.quantize(jnp.ones((128, 8)), qj.QuantSpec(axis=0, group_size=64))
     with pytest.raises(ValueError, match="block_k 128 must divide group_size 64"):
         _run(jnp.ones((1, 128)), q, block_k=128)
+
+
+@pytest.mark.parametrize("k", [4096, 8192, 11008, 14336])
+@pytest.mark.parametrize("m", [1, 16])
+def test_default_tiles_split_k_evenly(m, k):
+    """Splits cut K into whole blocks (padding K would copy the whole weight), one row is a GEMV."""
+    tiles = pallas_gpu.default_blocks(m, k, 128, per_group=True)
+    assert tiles["gemv"] == (m == 1)
+    assert k % (tiles["block_k"] * tiles["split_k"]) == 0
+    if k % 1024 == 0:  # about 8 K blocks per split
+        assert k // (tiles["block_k"] * tiles["split_k"]) == 8
+
+
+def test_one_row_through_the_dot_takes_a_whole_dot_tile():
+    q = qj.quantize(jax.random.normal(jax.random.key(2), (256, 40)), qj.QuantSpec(axis=0, group_size=64))
+    x = jax.random.normal(jax.random.key(3), (1, 256))
+    np.testing.assert_allclose(_run(x, q, gemv=False), _reference(x, q), rtol=1e-4, atol=1e-3)
