@@ -67,8 +67,9 @@ from quantize_jax.qarray import QArray, dequantize
 BACKENDS = ("auto", "xla", "chunked", "native", "dequant", "pallas")
 ACT_QUANT = (None, "int8")
 # Rows up to which auto uses the Pallas kernel, then XLA's int4 (``native``), on NVIDIA GPUs. On an H100
-# (benchmarks/RESULTS.md) the kernel beat native 5x at M = 1 and 1.2x at M = 16; dequant beat native
-# 6x at M = 1024. Only M = 1, 4, 16 and 1024 were measured: the bounds between are estimates.
+# (benchmarks/RESULTS.md) the kernel beat native 5.8x at M = 1 and 1.4x at M = 16 (tied at M = 4);
+# dequant beat native 6x at M = 1024. Only M = 1, 4, 16 and 1024 were measured: the bounds between are
+# estimates.
 PALLAS_MAX_M = 16
 NATIVE_MAX_M = 32
 # The CPU paths unpack the weight one chunk of _CHUNK_ROWS K rows at a time (512 x 4096 float32 = 8 MiB
