@@ -174,9 +174,11 @@ def sweep_configs(m: int, k: int):
                     dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, atomic=True),
                     dict(probe=True, block_n=512, block_k=64, split_k=32)]
         return configs
-    # the kernel measured 589-715 us at M = 1024 (bf16: 193-195); only the best two tiles of those sweeps
-    return [dict(gemv=False, block_m=64, block_n=128, block_k=128, split_k=1, num_warps=w, num_stages=3)
-            for w in (4, 8)]
+    # the kernel measured 589-715 us at M = 1024 (bf16: 193-195): the best two tiles of those sweeps, then
+    # larger tiles, untried since the weight tiles stopped being interleaved (which had cost registers)
+    return [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+                                      (128, 128, 64, 8, 4), (128, 256, 128, 8, 3), (64, 256, 64, 4, 4))]
 
 
 def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, **_):
