@@ -156,29 +156,28 @@ def sweep_configs(m: int, k: int):
     entry names ``gemv``, since the default depends on M. From the H100 runs of session 4 (device time,
     benchmarks/RESULTS.md): M = 1 best as a GEMV, 36.0 us deterministic (block_n 256, block_k 64, 16
     splits: the default), 32.7 us with one 64-row K tile per program added atomically; M = 16 best with
-    tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default)."""
+    tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default). Each first with the magic decode
+    (unmeasured; offline its PTX has no integer-to-float conversions and 26-34% fewer registers)."""
     if m == 1:
         configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=k // (8 * bk))
                    for bn, bk in ((256, 64), (128, 64), (512, 64), (256, 32), (256, 128))]
         configs += [dict(gemv=True, block_n=256, block_k=64, split_k=k // 512, num_warps=w) for w in (2, 8)]
         configs += [dict(gemv=True, atomic=True, block_n=bn, block_k=64, split_k=k // 64, num_warps=4)
                     for bn in (256, 512)]
-        configs += [dict(gemv=False, block_n=256, block_k=128, split_k=8),
-                    dict(probe=True, block_n=512, block_k=64, split_k=32)]
-        return configs
-    if m <= 16:
+        configs += [dict(gemv=False, block_n=256, block_k=128, split_k=8)]
+    elif m <= 16:
         configs = [dict(gemv=False, block_n=bn, block_k=bk, split_k=k // (8 * bk)) for bn, bk in
                    ((256, 128), (512, 128), (256, 64), (128, 128))]
         configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_warps=w) for w in (2, 8)]
         configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_stages=4),
-                    dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, atomic=True),
-                    dict(probe=True, block_n=512, block_k=64, split_k=32)]
-        return configs
-    # the kernel measured 589-715 us at M = 1024 (bf16: 193-195): the best two tiles of those sweeps, then
-    # larger tiles, untried since the weight tiles stopped being interleaved (which had cost registers)
-    return [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-                                      (128, 128, 64, 8, 4), (128, 256, 128, 8, 3), (64, 256, 64, 4, 4))]
+                    dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, atomic=True)]
+    else:  # the kernel measured 589-715 us at M = 1024 (bf16: 193-195): the best two tiles of those sweeps,
+        # then larger tiles, untried since the weight tiles stopped being interleaved (which cost registers)
+        configs = [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
+                   for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+                                             (128, 128, 64, 8, 4), (128, 256, 128, 8, 3), (64, 256, 64, 4, 4))]
+    configs = [variant for c in configs for variant in (dict(c, magic=True), c)]
+    return configs + [dict(probe=True, block_n=512, block_k=64, split_k=32)] if m <= 16 else configs
 
 
 def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, **_):
@@ -308,6 +307,7 @@ def main():
         ref = reference(xs[0], qs[0])
         for backend in ("native", "dequant", "auto", "pallas"):
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
+        row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))  # default tiles, magic decode
         row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs, "w4a8_auto_"))
         try:
             import qwix
@@ -360,6 +360,7 @@ def main():
             row = {"K": k, "N": n, "M": m, **timed(bf16_dot, xs, bfs, "bf16_")}
             for b in ("native", "dequant", "auto"):
                 row.update(timed(lambda x, q, b=b: qj.qdot(x, q, backend=b), xs, qs, f"{b}_"))
+            row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))
             if m in best:
                 # the best tiles of K = N = kn, with as many K rows per split
                 tiles = tiles_of(best[m])

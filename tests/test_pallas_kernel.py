@@ -71,3 +71,20 @@ def test_one_row_through_the_dot_takes_a_whole_dot_tile():
     q = qj.quantize(jax.random.normal(jax.random.key(2), (256, 40)), qj.QuantSpec(axis=0, group_size=64))
     x = jax.random.normal(jax.random.key(3), (1, 256))
     np.testing.assert_allclose(_run(x, q, gemv=False), _reference(x, q), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("gemv", [False, True])
+def test_magic_decode_matches_the_converting_decode(fmt, dtype, gemv):
+    """Codes ORed into a float's mantissa decode to the same values: the same product."""
+    m = 1 if gemv else 5
+    w = jax.random.normal(jax.random.key(4), (384, 42))
+    x = jax.random.normal(jax.random.key(5), (m, 384)).astype(dtype)
+    q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=128))
+    plain, magic = _run(x, q, gemv=gemv, split_k=3), _run(x, q, gemv=gemv, split_k=3, magic=True)
+    np.testing.assert_array_equal(magic, plain)
+    kernel = str(jax.make_jaxpr(lambda x: _run(x, q, gemv=gemv, split_k=3, magic=True))(x))
+    assert ("bitcast_convert_type" in kernel) == (fmt in ("int4", "uint4"))  # the magic decode did run
+    if fmt != "nf4":  # its levels round to bf16 / f16; every other format's are exact there
+        np.testing.assert_allclose(magic, _reference(np.asarray(x.astype(jnp.float32)), q), rtol=1e-4, atol=1e-3)

@@ -43,8 +43,21 @@ from jax.experimental.pallas import triton as pl_triton
 from quantize_jax.formats import Format
 
 
-def _levels(codes, fmt: Format, dtype):
-    """Codes ``0..15`` -> ``dtype``: the unsigned integer itself, or the format's level (a select chain)."""
+# Per float dtype: the unsigned integer of its width, the bits of b, and b, for the magic decode below.
+_MAGIC = {jnp.float32: (jnp.uint32, 0x4B000000, 2.0**23), jnp.bfloat16: (jnp.uint16, 0x4300, 128.0),
+          jnp.float16: (jnp.uint16, 0x6400, 1024.0)}
+
+
+def _levels(codes, fmt: Format, dtype, magic: bool = False):
+    """Codes ``0..15`` -> ``dtype``: the unsigned integer itself, or the format's level (a select chain).
+
+    ``magic`` decodes integer codes without a conversion instruction (GPUs convert integers to floats at a
+    fraction of their add rate): the code is ORed into the low mantissa bits of a float ``b`` (float32
+    ``2**23``, bf16 128, f16 1024, whose mantissa spacing is 1), the bits read as a float give ``b + u``
+    exactly, and one exact subtraction of ``b`` leaves ``u``."""
+    if fmt.is_integer and magic:
+        bits, pattern, bias = _MAGIC[jnp.dtype(dtype).type]
+        return lax.bitcast_convert_type(codes.astype(bits) | bits(pattern), dtype) - jnp.asarray(bias, dtype)
     if fmt.is_integer:
         return codes.astype(dtype)
     out = jnp.zeros(codes.shape, jnp.float32)
@@ -55,7 +68,7 @@ def _levels(codes, fmt: Format, dtype):
 
 
 def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_rows: int, per_group: bool,
-            has_zero: bool, gemv: bool, atomic: bool):
+            has_zero: bool, gemv: bool, atomic: bool, magic: bool):
     z_ref, o_ref = rest[0] if has_zero else None, rest[-1]  # (an atomic kernel's zeros input in between)
     split = pl.program_id(2)
     bm = x_ref.shape[0]
@@ -79,7 +92,8 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         scales = even_odd(s_ref[pl.ds(g, 1), :]) if per_group else None
         out = []
         for half, nibbles in enumerate((p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4)))):
-            w = _levels(nibbles, fmt, x.dtype)  # the even (low nibble) or odd (high nibble) columns
+            # the even (low nibble) or odd (high nibble) columns (a magic GEMV decodes straight to float32)
+            w = _levels(nibbles, fmt, jnp.float32 if gemv and magic and fmt.is_integer else x.dtype, magic)
             if gemv:
                 part = jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1)
             else:
@@ -133,7 +147,7 @@ def _split_k(k: int, bk: int, blocks_per_split: int = 8) -> int:
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-           gemv: bool | None = None, atomic: bool = False, num_warps: int | None = None,
+           gemv: bool | None = None, atomic: bool = False, magic: bool = False, num_warps: int | None = None,
            num_stages: int | None = None, interpret: bool = False):
     """``x @ W`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``.
 
@@ -150,6 +164,8 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         ``None`` takes :func:`default_blocks`.
       atomic: the K splits add into the output atomically instead of
         writing partial sums for XLA to add (not bit-reproducible).
+      magic: decode integer codes by ORing them into a float's mantissa
+        instead of converting them (see :func:`_levels`); the same values.
       num_warps, num_stages: Triton compiler parameters (``None``: Triton's).
       interpret: run the kernel in Pallas' interpreter (CPU tests).
 
@@ -192,7 +208,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         in_specs.append(row_block)
     kernel = functools.partial(
         _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
-        has_zero=zero_point is not None, gemv=gemv, atomic=atomic,
+        has_zero=zero_point is not None, gemv=gemv, atomic=atomic, magic=magic,
     )
     params = {}
     if not interpret:  # name Triton explicitly, whichever GPU backend this JAX defaults to

@@ -1,0 +1,107 @@
+"""The Pallas kernel's GPU code, read without a GPU: registers, spills and instruction mix on an H100 (sm_90).
+
+    pip install -e ".[ptx]"            # Triton's compiler and its ptxas run on a CPU machine
+    python tools/kernel_ptx.py 1 16 1,magic=True 16,magic=True [--kn 8192]
+
+Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=value``); the weight is
+``kn x kn`` int4 with group 128, the activations bf16. The kernel is lowered for CUDA through
+``jax.export`` (no GPU needed; the Triton IR is taken from Pallas' lowering, a private JAX module),
+compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills. Integer-to-float
+conversions (``cvt.rn.<float>.<int>``) are counted apart: GPUs run them at a fraction of their add rate.
+Static facts only: times come from ``benchmarks/matmul_gpu.py`` on a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax._src.pallas.triton import pallas_call_registration
+
+import quantize_jax as qj
+from quantize_jax.kernels import pallas_gpu
+
+ARCH = 90
+
+
+def triton_ir(m: int, kn: int, blocks: dict) -> str:
+    """The Triton IR (text) of the kernel for an ``(m, kn) @ (kn, kn)`` product with ``blocks``."""
+    captured = []
+    lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    spec = qj.QuantSpec(axis=0, group_size=128)
+    q = jax.eval_shape(lambda w: qj.quantize(w, spec), jax.ShapeDtypeStruct((kn, kn), jnp.float32))
+    x = jax.ShapeDtypeStruct((m, kn), jnp.bfloat16)
+
+    def product(x, q):
+        return pallas_gpu.matmul(x, q.packed, q.scale, None, n=kn, fmt=spec.fmt, group_size=128, **blocks)
+
+    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        jax.export.export(jax.jit(product), platforms=["cuda"],
+                          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, q)
+    finally:
+        pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
+    return captured[-1]
+
+
+def report(ir: str, num_warps: int, num_stages: int) -> dict:
+    """Compile Triton IR for sm_90; registers and spills from ptxas, instruction counts from the PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with tempfile.TemporaryDirectory() as d:
+        src = pathlib.Path(d) / "kernel.ttir"
+        src.write_text(ir)
+        kernel = triton.compile(str(src), target=GPUTarget("cuda", ARCH, 32),
+                                options=dict(num_warps=num_warps, num_stages=num_stages))
+        ptx = kernel.asm["ptx"]
+        (pathlib.Path(d) / "kernel.ptx").write_text(ptx)
+        ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+        out = subprocess.run([str(ptxas), f"-arch=sm_{ARCH}a", "-v", str(pathlib.Path(d) / "kernel.ptx"),
+                              "-o", str(pathlib.Path(d) / "kernel.cubin")], capture_output=True, text=True, check=True)
+    used = re.search(r"Used (\d+) registers", out.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", out.stderr)
+    ops = collections.Counter(line.split()[0] for line in ptx.splitlines()
+                              if re.match(r"\s+[a-z]", line) and not line.strip().startswith("//"))
+    return {
+        "registers": int(used.group(1)) if used else None,
+        "spill_bytes": int(spills.group(1)) if spills else None,
+        "int_to_float": sum(c for op, c in ops.items() if re.match(r"cvt\.rn\.(f|bf)\d+(x2)?\.[su]\d+$", op)),
+        "conversions": sum(c for op, c in ops.items() if op.startswith("cvt.")),
+        "mma": sum(c for op, c in ops.items() if "mma" in op),
+        "bf16x2_arith": sum(c for op, c in ops.items() if "bf16x2" in op and not op.startswith("cvt")),
+        "vector_loads": sum(c for op, c in ops.items() if op.startswith("ld.global") and ".v4" in op),
+        "cp_async": sum(c for op, c in ops.items() if op.startswith("cp.async")),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("specs", nargs="+", help="M[,name=value...], e.g. 16,magic=True,block_n=128")
+    ap.add_argument("--kn", type=int, default=8192)
+    args = ap.parse_args()
+    for spec in args.specs:
+        m, *pairs = spec.split(",")
+        blocks = {}
+        for pair in pairs:
+            name, value = pair.split("=")
+            blocks[name] = value == "True" if value in ("True", "False") else int(value)
+        ir = triton_ir(int(m), args.kn, blocks)
+        facts = report(ir, blocks.get("num_warps") or 4, blocks.get("num_stages") or 3)
+        print(f"M={m} {blocks or 'default tiles'}: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
