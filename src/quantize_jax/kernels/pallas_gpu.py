@@ -2,11 +2,12 @@
 
 The kernel reads the packed uint8 weight ``(K, ceil(N / 2))`` block by
 block, splits each byte into its two codes in registers, converts them to the
-activations' dtype and accumulates ``x @ low`` and ``x @ high`` (the even and
-odd output columns) in float32, one K block at a time; the two accumulators
-are interleaved back into column order once, at the end (a Triton ``join``),
-so no weight tile is reshuffled. Per K block (``block_k`` divides the group size, so a block never
-straddles two groups)::
+activations' dtype (or, with ``magic=True``, ORs them into a float's mantissa:
+no conversion instructions) and accumulates ``x @ low`` and ``x @ high`` (the
+even and odd output columns) in float32, one K block at a time; the two
+accumulators are interleaved back into column order once, at the end (a
+Triton ``join``), so no weight tile is reshuffled. Per K block (``block_k``
+divides the group size, so a block never straddles two groups)::
 
     acc += (x_blk @ u_blk - rowsum(x_blk) * c_g) * s_g
 
