@@ -167,15 +167,15 @@ def sweep_configs(m: int, k: int):
         configs += [dict(gemv=False, block_n=256, block_k=128, split_k=8)]
     elif m <= 16:
         configs = [dict(gemv=False, block_n=bn, block_k=bk, split_k=k // (8 * bk)) for bn, bk in
-                   ((256, 128), (512, 128), (256, 64), (128, 128))]
+                   ((256, 128), (256, 64), (128, 128))]  # block_n 512 spills (tools/kernel_ptx.py)
         configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_warps=w) for w in (2, 8)]
         configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_stages=4),
                     dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, atomic=True)]
     else:  # the kernel measured 589-715 us at M = 1024 (bf16: 193-195): the best two tiles of those sweeps,
-        # then larger tiles, untried since the weight tiles stopped being interleaved (which cost registers)
+        # then larger tiles that compile without spills for sm_90 (tools/kernel_ptx.py; 128 x 256 tiles spill)
         configs = [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
-                   for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-                                             (128, 128, 64, 8, 4), (128, 256, 128, 8, 3), (64, 256, 64, 4, 4))]
+                   for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 64, 8, 4),
+                                             (128, 128, 128, 8, 3), (64, 128, 64, 4, 4))]
     configs = [variant for c in configs for variant in (dict(c, magic=True), c)]
     return configs + [dict(probe=True, block_n=512, block_k=64, split_k=32)] if m <= 16 else configs
 
