@@ -88,3 +88,9 @@ def test_magic_decode_matches_the_converting_decode(fmt, dtype, gemv):
     assert ("bitcast_convert_type" in kernel) == (fmt in ("int4", "uint4"))  # the magic decode did run
     if fmt != "nf4":  # its levels round to bf16 / f16; every other format's are exact there
         np.testing.assert_allclose(magic, _reference(np.asarray(x.astype(jnp.float32)), q), rtol=1e-4, atol=1e-3)
+
+
+def test_magic_decode_names_an_unsupported_activation_dtype():
+    q = qj.quantize(jnp.ones((128, 8)), qj.QuantSpec(axis=0))
+    with pytest.raises(ValueError, match="magic=True .* not int32"):
+        _run(jnp.ones((1, 128), jnp.int32), q, magic=True)

@@ -181,6 +181,8 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     bk = block_k or blocks["block_k"]
     split_k = split_k or blocks["split_k"]
     bn = block_n or blocks["block_n"]
+    if magic and jnp.dtype(x.dtype).type not in _MAGIC:
+        raise ValueError(f"pallas: magic=True decodes into float32, bfloat16 or float16 activations, not {x.dtype}")
     if per_group and group_size % bk:
         raise ValueError(f"pallas: block_k {bk} must divide group_size {group_size}")
     if not (interpret or gemv) and bk < MIN_BLOCK_K:
