@@ -6,8 +6,9 @@
 Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=value``); the weight is
 ``kn x kn`` int4 with group 128, the activations bf16. The kernel is lowered for CUDA through
 ``jax.export`` (no GPU needed; the Triton IR is taken from Pallas' lowering, a private JAX module),
-compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills. Integer-to-float
-conversions (``cvt.rn.<float>.<int>``) are counted apart: GPUs run them at a fraction of their add rate.
+compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills; the PTX and the machine code
+(``cuobjdump -sass``) give instruction counts. Integer-to-float conversions (PTX ``cvt.rn.<float>.<int>``,
+SASS ``I2F``) are counted apart: GPUs run them at a fraction of their add rate.
 Static facts only: times come from ``benchmarks/matmul_gpu.py`` on a device.
 """
 
@@ -68,13 +69,17 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
                                 options=dict(num_warps=num_warps, num_stages=num_stages))
         ptx = kernel.asm["ptx"]
         (pathlib.Path(d) / "kernel.ptx").write_text(ptx)
-        ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-        out = subprocess.run([str(ptxas), f"-arch=sm_{ARCH}a", "-v", str(pathlib.Path(d) / "kernel.ptx"),
-                              "-o", str(pathlib.Path(d) / "kernel.cubin")], capture_output=True, text=True, check=True)
+        tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+        cubin = str(pathlib.Path(d) / "kernel.cubin")
+        out = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{ARCH}a", "-v", str(pathlib.Path(d) / "kernel.ptx"),
+                              "-o", cubin], capture_output=True, text=True, check=True)
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
     used = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
     ops = collections.Counter(line.split()[0] for line in ptx.splitlines()
                               if re.match(r"\s+[a-z]", line) and not line.strip().startswith("//"))
+    machine = collections.Counter(op.split(".")[0] for op in re.findall(r"/\*[0-9a-f]{4}\*/\s+([A-Z0-9_.]+)", sass))
     return {
         "registers": int(used.group(1)) if used else None,
         "spill_bytes": int(spills.group(1)) if spills else None,
@@ -84,6 +89,8 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
         "bf16x2_arith": sum(c for op, c in ops.items() if "bf16x2" in op and not op.startswith("cvt")),
         "vector_loads": sum(c for op, c in ops.items() if op.startswith("ld.global") and ".v4" in op),
         "cp_async": sum(c for op, c in ops.items() if op.startswith("cp.async")),
+        "sass": {op: machine[op] for op in ("I2F", "F2F", "HADD2", "FADD", "FFMA", "HMMA", "HGMMA", "LOP3")
+                 if machine[op]},
     }
 
 
