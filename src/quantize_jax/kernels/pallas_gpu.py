@@ -119,9 +119,9 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
 
 
-def default_block_k(group_size: int, per_group: bool) -> int:
-    """The K block: 128 rows, or the largest divisor of the group up to 128."""
-    return math.gcd(group_size, 128) if per_group else 128
+def default_block_k(group_size: int, per_group: bool, most: int = 128) -> int:
+    """The K block: ``most`` rows (a power of two), or the largest divisor of the group up to it."""
+    return math.gcd(group_size, most) if per_group else most
 
 
 def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
@@ -130,7 +130,7 @@ def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
     and sum, 64-row K blocks); up to 16 rows take ``tl.dot`` with 16 rows; for both, K is split into
     parts of about 8 blocks so that the GPU fills."""
     if m == 1:
-        bk = math.gcd(group_size, 64) if per_group else 64
+        bk = default_block_k(group_size, per_group, most=64)
         return dict(block_m=1, block_n=256, block_k=bk, split_k=_split_k(k, bk), gemv=True)
     bk = default_block_k(group_size, per_group)
     if m <= 16:
