@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared command for a session lent a GPU (the `device` tool's `run`, with carry [".whl"] and a
-# timeout_s of about 420; extra arguments go to matmul_gpu.py): every backend checked on the device, the kernel's tiles swept, everything timed
-# host-side and on the device, results under $OUT. Qwix travels as a wheel in .whl/ (git-ignored; see
-# /work/.library/device/README.md); without it the Qwix rows say "unavailable".
+# timeout_s of about 420; extra arguments go to matmul_gpu.py): every backend checked on the device, the
+# kernel's tiles swept, everything timed host-side and on the device, results under $OUT. Qwix travels as
+# a wheel in .whl/ (git-ignored; see /work/.library/device/README.md); without it the Qwix rows say
+# "unavailable".
 set -o pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
