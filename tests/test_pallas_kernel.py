@@ -94,3 +94,38 @@ def test_magic_decode_names_an_unsupported_activation_dtype():
     q = qj.quantize(jnp.ones((128, 8)), qj.QuantSpec(axis=0))
     with pytest.raises(ValueError, match="magic=True .* not int32"):
         _run(jnp.ones((1, 128), jnp.int32), q, magic=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "m, k, n, group, dtype, blocks",
+    [
+        (1, 200, 37, 64, jnp.float32, dict(split_k=2, block_k=16)),  # GEMV, a ragged last group
+        (2, 300, 21, None, jnp.bfloat16, dict(gemv=True, split_k=3, ahead=1)),  # GEMV, per channel, padded K
+        (3, 256, 64, 32, jnp.bfloat16, dict(gemv=False, block_n=16, split_k=4)),  # dot, bf16 pairs
+        (17, 384, 50, 128, jnp.float16, dict(gemv=False, ahead=3)),  # dot, f16 pairs, two M tiles
+        (5, 256, 40, 64, jnp.float32, dict(gemv=False, split_k=2)),  # dot in float32
+    ],
+)
+def test_word_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
+    """Codes read as 32-bit words, decoded plane by plane, and the output columns put back in order."""
+    w = jax.random.normal(jax.random.key(k + n), (k, n))
+    x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
+    q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group))
+    y = _run(x, q, words=True, **blocks)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    if fmt == "nf4" and dtype != jnp.float32 and blocks.get("gemv") is False:
+        ref = _run(x, q, gemv=False)  # a 16-bit dot rounds nf4's levels to the activations' dtype, as here
+    else:
+        ref = _reference(np.asarray(x.astype(jnp.float32)), q)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_word_kernel_names_what_it_cannot_do():
+    q = qj.quantize(jnp.ones((128, 16)), qj.QuantSpec(axis=0))
+    with pytest.raises(ValueError, match="words=True .* got atomic=True, block_n=256, ahead=2"):
+        _run(jnp.ones((1, 128)), q, words=True, atomic=True)
+    with pytest.raises(ValueError, match="words=True .* got atomic=False, block_n=12, ahead=2"):
+        _run(jnp.ones((1, 128)), q, words=True, block_n=12)
+    with pytest.raises(ValueError, match="words=True .* got atomic=False, block_n=256, ahead=0"):
+        _run(jnp.ones((1, 128)), q, words=True, ahead=0)

@@ -26,6 +26,13 @@ the order of the adds, and so the last bits, vary from run to run), so a
 broadcast multiply and sum instead of a ``tl.dot`` (whose smallest tile has
 16 rows).
 
+``words=True`` reads the packed weight as 32-bit words (eight codes each; the
+bytes reinterpreted, not moved) and decodes each of a word's eight 4-bit planes
+where it sits, with masks, one OR and one exact float subtraction: no byte
+extraction and no integer-to-float conversion (see :func:`_words_kernel`). Its
+GEMV accumulates over K elementwise and reduces once per group; the next K
+blocks load while one computes.
+
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
 """
@@ -116,6 +123,102 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         o_ref[...] = acc
 
 
+def _words_kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, blocks_per_group: int, groups: int,
+                  has_zero: bool, ahead: int, gemv: bool):
+    """The product over 32-bit words of eight codes (``words=True``): per program, one ``(bm, block_n)``
+    output tile from ``groups`` groups of ``blocks_per_group`` K blocks of ``bk`` rows.
+
+    Plane ``j`` of a word (bits ``4j..4j+3``) holds column ``8i + j`` of word ``i``; the output tile is
+    written plane by plane. Integer codes decode without a conversion instruction, in one of two ways:
+
+    * to float32 (the GEMV, float32 activations): the word masked to plane ``j``'s bits and ORed into the
+      bits of ``2**23`` reads as ``2**23 + 16**(j % 4) * u`` (planes 4-7 from the word shifted by 16);
+      subtracting ``2**23 + 16**(j % 4) * c`` leaves ``16**(j % 4) * (u - c)`` exactly, and
+      ``16**-(j % 4)`` goes into the scale;
+    * to bf16 / f16 pairs (``tl.dot`` with 16-bit activations): ``(w >> 4j) & 0x000F000F`` ORed into two
+      copies of the bits of ``b`` (bf16 128, f16 1024) holds planes ``j`` and ``j + 4`` as two 16-bit
+      floats ``b + u``; subtracting ``b + c`` leaves ``u - c``.
+
+    The GEMV accumulates products elementwise in a ``(bk, bw)`` tile per activation row and plane (no
+    reduction inside the loop) and sums each tile over its rows at the end of a group; the dot path runs
+    eight ``(bm, bk) @ (bk, bw)`` dots per block. Either way a group's sum is scaled once. The words and
+    activations of the next ``ahead`` blocks are loading while a block computes (carried through the
+    loop: GPU loads do not wait until their values are used)."""
+    z_ref, o_ref = rest[0] if has_zero else None, rest[-1]
+    bm, bw = x_ref.shape[0], p_ref.shape[1]
+    split = pl.program_id(2)
+    last = groups * blocks_per_group - 1
+    dtype = x_ref.dtype
+    pairs = fmt.is_integer and not gemv and jnp.dtype(dtype).itemsize == 2
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+    def load(b):  # activation rows as loaded (their layout changes where they are used, not here)
+        rows = pl.ds(jnp.minimum(b, last) * bk, bk)
+        w = p_ref[rows, :]
+        x = tuple(x_ref[pl.ds(r, 1), rows] for r in range(bm)) if gemv else x_ref[:, rows]
+        return x, w ^ jnp.uint32(0x88888888) if fmt.signed_codes else w
+
+    def row(ref, g, j):  # plane j's columns of a (groups, 8 * bw) per-column row: a strided (1, bw) load
+        return ref[pl.ds(g, 1), pl.ds(j, bw, 8)]
+
+    def offsets(g):  # per plane, what decoding subtracts: the magic number and the code offset c
+        c = [jnp.float32(8.0 if fmt.signed_codes else 0.0)] * 8
+        if has_zero:
+            c = [ci + row(z_ref, g, j) for j, ci in enumerate(c)]
+        if pairs:
+            return [(ci + _MAGIC[dtype.type][2]).astype(dtype) for ci in c]
+        return [2.0**23 + ci * 16.0 ** (j % 4) for j, ci in enumerate(c)]
+
+    def planes(w, offset):  # the eight planes' values (float32, or the activations' dtype for pairs)
+        if not fmt.is_integer:
+            return [_levels(lax.shift_right_logical(w, jnp.uint32(4 * j)) & jnp.uint32(15), fmt, jnp.float32)
+                    for j in range(8)]
+        if pairs:
+            uint, pattern, _ = _MAGIC[dtype.type]
+            out = [None] * 8
+            for j in range(4):
+                bits = lax.shift_right_logical(w, jnp.uint32(4 * j)) if j else w
+                bits = (bits & jnp.uint32(0x000F000F)) | jnp.uint32(pattern << 16 | pattern)
+                for plane, half in ((j, bits), (j + 4, lax.shift_right_logical(bits, jnp.uint32(16)))):
+                    out[plane] = lax.bitcast_convert_type(half.astype(uint), dtype) - offset[plane]
+            return out
+        out = []
+        for j in range(8):
+            bits = lax.shift_right_logical(w, jnp.uint32(16)) if j >= 4 else w
+            bits = (bits & jnp.uint32(15 << 4 * (j % 4))) | jnp.uint32(0x4B000000)
+            out.append(lax.bitcast_convert_type(bits, jnp.float32) - offset[j])
+        return out
+
+    unit = [16.0 ** -(j % 4) if fmt.is_integer and not pairs else 1.0 for j in range(8)]
+
+    def group(g, carry):
+        acc, queue = carry
+        gi = split * groups + g
+        offset = offsets(gi)
+
+        def block(b, carry):
+            part, queue = carry
+            (x, w), queue = queue[0], queue[1:] + (load(g * blocks_per_group + b + ahead),)
+            v = planes(w, offset)
+            if not gemv:
+                return tuple(part[j] + jnp.dot(x, v[j].astype(dtype), preferred_element_type=jnp.float32,
+                                               precision=precision) for j in range(8)), queue
+            x = [xr.astype(jnp.float32).reshape(bk, 1) for xr in x]
+            return tuple(part[r * 8 + j] + x[r] * v[j] for r in range(bm) for j in range(8)), queue
+
+        zeros = (jnp.zeros((bk, bw), jnp.float32),) * (8 * bm) if gemv else (jnp.zeros((bm, bw), jnp.float32),) * 8
+        part, queue = lax.fori_loop(0, blocks_per_group, block, (zeros, queue))
+        if gemv:
+            part = [jnp.sum(p, axis=0, keepdims=True) for p in part]
+        return tuple(acc[i] + part[i] * (row(s_ref, gi, i % 8) * unit[i % 8]) for i in range(len(acc))), queue
+
+    acc = (jnp.zeros((1, bw), jnp.float32),) * (8 * bm) if gemv else (jnp.zeros((bm, bw), jnp.float32),) * 8
+    acc, _ = lax.fori_loop(0, groups, group, (acc, tuple(load(b) for b in range(ahead))))
+    for r in range(bm if gemv else 1):
+        for j in range(8):  # plane-major within the tile; the wrapper puts the columns back in order
+            o_ref[pl.ds(r, 1 if gemv else bm), pl.ds(j * bw, bw)] = acc[r * 8 + j]
+
+
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
 
 
@@ -148,8 +251,8 @@ def _split_k(k: int, bk: int, blocks_per_split: int = 8) -> int:
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-           gemv: bool | None = None, atomic: bool = False, magic: bool = False, num_warps: int | None = None,
-           num_stages: int | None = None, interpret: bool = False):
+           gemv: bool | None = None, atomic: bool = False, magic: bool = False, words: bool = False,
+           ahead: int = 2, num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
     """``x @ W`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``.
 
     Args:
@@ -167,6 +270,12 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         writing partial sums for XLA to add (not bit-reproducible).
       magic: decode integer codes by ORing them into a float's mantissa
         instead of converting them (see :func:`_levels`); the same values.
+      words: read the weight as 32-bit words of eight codes, decoded plane
+        by plane without conversions (see :func:`_words_kernel`), as a GEMV
+        or through ``tl.dot`` (``gemv``); ``block_n`` a multiple of 8, the K
+        splits summed by XLA; with groups, each split holds whole groups.
+      ahead: with ``words``, how many K blocks load ahead of the one
+        computing (at least 1).
       num_warps, num_stages: Triton compiler parameters (``None``: Triton's).
       interpret: run the kernel in Pallas' interpreter (CPU tests).
 
@@ -176,11 +285,15 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     m, k = x.shape
     per_group = scale.shape[0] > 1
     blocks = default_blocks(m, k, group_size, per_group)
+    bn = block_n or blocks["block_n"]
+    if words and (atomic or bn % 8 or ahead < 1):
+        raise ValueError(f"pallas: words=True sums K splits in XLA and takes block_n a multiple of 8 and ahead >= 1; "
+                         f"got atomic={atomic}, block_n={bn}, ahead={ahead}")
     gemv = blocks["gemv"] if gemv is None else gemv
     bm = block_m or (pl.next_power_of_2(m) if gemv else max(blocks["block_m"], MIN_BLOCK_K))
-    bk = block_k or blocks["block_k"]
-    split_k = split_k or blocks["split_k"]
-    bn = block_n or blocks["block_n"]
+    bk = block_k or (default_block_k(group_size, per_group, most=16 if gemv else 64) if words else blocks["block_k"])
+    unit = group_size if words and per_group else bk  # a K split holds whole units (words: whole groups)
+    split_k = split_k or (_split_k(k, unit, max(1, 512 // unit)) if words else blocks["split_k"])
     if magic and jnp.dtype(x.dtype).type not in _MAGIC:
         raise ValueError(f"pallas: magic=True decodes into float32, bfloat16 or float16 activations, not {x.dtype}")
     if per_group and group_size % bk:
@@ -192,27 +305,37 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     nh = (n + 1) // 2
     bnh = min(bn // 2, max(8, pl.next_power_of_2(nh)))
     k_whole = pl.cdiv(k, group_size) * group_size if per_group else k  # whole groups first
-    kp = pl.cdiv(k_whole, bk * split_k) * bk * split_k
+    kp = pl.cdiv(k_whole, unit * split_k) * unit * split_k
     mp, nhp = pl.cdiv(m, bm) * bm, pl.cdiv(nh, bnh) * bnh
     groups = pl.cdiv(kp, group_size) if per_group else 1
 
     def pad(a, rows, cols, fill=0):
         return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=fill)
 
-    operands = [pad(x, mp, kp), pad(packed, kp, nhp), pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
+    codes = pad(packed, kp, nhp)
+    if words:  # four bytes -> one little-endian uint32 (the same bytes, read as words)
+        codes = lax.bitcast_convert_type(codes.reshape(kp, nhp // 4, 4), jnp.uint32)
+    lanes = 4 if words else 1  # bytes per element of the codes' tile
+    operands = [pad(x, mp, kp), codes, pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
     row_block = pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j))
     in_specs = [
         pl.BlockSpec((bm, kp // split_k), lambda i, j, s: (i, s)),
-        pl.BlockSpec((kp // split_k, bnh), lambda i, j, s: (s, j)),
+        pl.BlockSpec((kp // split_k, bnh // lanes), lambda i, j, s: (s, j)),
         row_block,
     ]
     if zero_point is not None:
         operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
         in_specs.append(row_block)
-    kernel = functools.partial(
-        _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
-        has_zero=zero_point is not None, gemv=gemv, atomic=atomic, magic=magic,
-    )
+    if words:
+        rows = group_size if per_group else kp // split_k  # the rows of one scale row within a split
+        kernel = functools.partial(_words_kernel, fmt=fmt, bk=bk, blocks_per_group=rows // bk,
+                                   groups=kp // split_k // rows, has_zero=zero_point is not None, ahead=ahead,
+                                   gemv=gemv)
+    else:
+        kernel = functools.partial(
+            _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
+            has_zero=zero_point is not None, gemv=gemv, atomic=atomic, magic=magic,
+        )
     params = {}
     if not interpret:  # name Triton explicitly, whichever GPU backend this JAX defaults to
         params["compiler_params"] = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -235,4 +358,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         name="qdot_int4",
         **params,
     )(*operands)
-    return (out if atomic else out.sum(0))[:m, :n]
+    out = out if atomic else out.sum(0)
+    if words:  # each tile's columns are plane-major (column 8i + j at j * bw + i): back to column order
+        out = out.reshape(mp, -1, 8, bnh // 4).swapaxes(-1, -2).reshape(mp, 2 * nhp)
+    return out[:m, :n]
