@@ -143,12 +143,28 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
         check(row, lambda: jax.jit(kernel_fn(gemv=True, split_k=2))(x, q), lambda: reference(x, q))
         row = dict(fmt="int4", shape=f"{m}x512x256", group=128, dtype="bfloat16", backend="pallas atomic split-K")
         check(row, lambda: jax.jit(kernel_fn(split_k=4, atomic=True))(x, q), lambda: reference(x, q))
+    for fmt in formats:  # the word GEMV and the magic decode (opt-in variants, new to the device)
+        for m, k, n, group in ((1, 200, 37, 64), (3, 384, 50, None)):
+            q = qj.quantize(jax.random.normal(jax.random.key(k + n), (k, n)),
+                            qj.QuantSpec(format=fmt, axis=0, group_size=group))
+            for dtype in (jnp.float32, jnp.bfloat16):
+                x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
+                for variant in ("words", "magic"):
+                    row = dict(fmt=fmt, shape=f"{m}x{k}x{n}", group=group or "channel", dtype=dtype.__name__,
+                               backend=f"pallas {variant}")
+                    check(row, lambda: jax.jit(kernel_fn(**{variant: True}))(x, q), lambda: reference(x, q))
     x = jax.random.normal(jax.random.key(7), (16, 512)).astype(jnp.bfloat16)  # W4A8 on the device
     q = qj.quantize(jax.random.normal(jax.random.key(8), (512, 256)), qj.QuantSpec(axis=0, group_size=128))
     row = dict(fmt="int4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto W4A8")
     check(row, lambda: jax.jit(functools.partial(qj.qdot, act_quant="int8"))(x, q),
           lambda: reference(fake_int8_tokens(x.astype(jnp.float32)), q))
     return rows
+
+
+def compiled_program(fn, x, q) -> str:
+    """The optimized HLO of ``fn(x, q)`` under jit: which kernels run (the words variant bitcasts the packed
+    bytes to uint32 outside the kernel; this shows whether XLA makes that a copy)."""
+    return jax.jit(fn).lower(x, q).compile().as_text()
 
 
 def sweep_configs(m: int, k: int):
@@ -158,6 +174,17 @@ def sweep_configs(m: int, k: int):
     splits: the default), 32.7 us with one 64-row K tile per program added atomically; M = 16 best with
     tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default). Each first with the magic decode
     (unmeasured; offline its PTX has no integer-to-float conversions and 26-34% fewer registers)."""
+    words = []  # the word kernel first (unmeasured; tools/kernel_ptx.py reads 3.9-5.3 instructions per code)
+    if m == 1:
+        words = [dict(words=True, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
+                 for bn, bk, w, a, rows in ((256, 16, 4, 2, 512), (256, 16, 4, 1, 512), (512, 16, 8, 2, 512),
+                                            (256, 8, 4, 4, 512), (1024, 8, 8, 2, 512), (256, 16, 4, 2, 1024),
+                                            (256, 16, 4, 2, 256), (128, 16, 2, 2, 512), (256, 16, 4, 3, 512))]
+    elif m <= 16:
+        words = [dict(words=True, gemv=False, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
+                 for bn, bk, w, a, rows in ((256, 64, 4, 2, 512), (256, 64, 4, 1, 512), (256, 32, 4, 2, 512),
+                                            (512, 32, 8, 2, 512), (256, 64, 8, 2, 512), (256, 32, 4, 3, 512),
+                                            (256, 64, 4, 2, 1024), (256, 64, 4, 2, 256))]
     if m == 1:
         configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=k // (8 * bk))
                    for bn, bk in ((256, 64), (128, 64), (512, 64), (256, 32), (256, 128))]
@@ -176,7 +203,7 @@ def sweep_configs(m: int, k: int):
         configs = [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
                    for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 64, 8, 4),
                                              (128, 128, 128, 8, 3), (64, 128, 64, 4, 4))]
-    configs = [variant for c in configs for variant in (dict(c, magic=True), c)]
+    configs = words + [variant for c in configs for variant in (dict(c, magic=True), c)]
     return configs + [dict(probe=True, block_n=512, block_k=64, split_k=32)] if m <= 16 else configs
 
 
@@ -315,6 +342,11 @@ def main():
         for backend in ("native", "dequant", "auto", "pallas"):
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
         row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))  # default tiles, magic decode
+        if m <= 16:  # the word kernel, its default tiles (a GEMV for one row, tl.dot for more)
+            row.update(timed(kernel_fn(words=True), xs, qs, "pallas_words_"))
+            if m == 1:
+                pathlib.Path(args.out).with_suffix(".words_hlo.txt").write_text(
+                    compiled_program(kernel_fn(words=True), xs[0], qs[0]))
         row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs, "w4a8_auto_"))
         if isinstance(qwix_ws, str):
             row["qwix_us"] = qwix_ws
@@ -364,6 +396,7 @@ def main():
             for b in ("native", "dequant", "auto"):
                 row.update(timed(lambda x, q, b=b: qj.qdot(x, q, backend=b), xs, qs, f"{b}_"))
             row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))
+            row.update(timed(kernel_fn(words=True), xs, qs, "pallas_words_"))
             if m in best:
                 # the best tiles of K = N = kn, with as many K rows per split
                 tiles = tiles_of(best[m])

@@ -8,7 +8,9 @@ Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=valu
 ``jax.export`` (no GPU needed; the Triton IR is taken from Pallas' lowering, a private JAX module),
 compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills; the PTX and the machine code
 (``cuobjdump -sass``) give instruction counts. Integer-to-float conversions (PTX ``cvt.rn.<float>.<int>``,
-SASS ``I2F``) are counted apart: GPUs run them at a fraction of their add rate.
+SASS ``I2F``) are counted apart: GPUs run them at a fraction of their add rate. ``inner_loop`` counts the
+machine instructions of the shortest loop (the K loop, or one group of it where the compiler unrolled the
+K loop): divided by the codes each thread decodes per pass, the instructions each code costs.
 Static facts only: times come from ``benchmarks/matmul_gpu.py`` on a device.
 """
 
@@ -80,6 +82,7 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
     ops = collections.Counter(line.split()[0] for line in ptx.splitlines()
                               if re.match(r"\s+[a-z]", line) and not line.strip().startswith("//"))
     machine = collections.Counter(op.split(".")[0] for op in re.findall(r"/\*[0-9a-f]{4}\*/\s+([A-Z0-9_.]+)", sass))
+    loop = innermost_loop(sass)
     return {
         "registers": int(used.group(1)) if used else None,
         "spill_bytes": int(spills.group(1)) if spills else None,
@@ -91,7 +94,20 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
         "cp_async": sum(c for op, c in ops.items() if op.startswith("cp.async")),
         "sass": {op: machine[op] for op in ("I2F", "F2F", "HADD2", "FADD", "FFMA", "HMMA", "HGMMA", "LOP3")
                  if machine[op]},
+        "inner_loop": {"instructions": sum(loop.values()), **dict(loop.most_common(6)), "BAR": loop["BAR"]},
     }
+
+
+def innermost_loop(sass: str) -> collections.Counter:
+    """The machine instructions of the shortest loop (a branch back to a lower address) by opcode."""
+    lines = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in
+             re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\d+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
+    spans = [(int(rest.split()[-1], 16), a) for a, op, rest in lines
+             if op == "BRA" and re.fullmatch(r"0x[0-9a-f]+", rest.strip()) and int(rest.split()[-1], 16) < a]
+    if not spans:
+        return collections.Counter()
+    lo, hi = min(spans, key=lambda span: span[1] - span[0])
+    return collections.Counter(op for a, op, _ in lines if lo <= a <= hi)
 
 
 def main():
