@@ -172,19 +172,22 @@ def sweep_configs(m: int, k: int):
     entry names ``gemv``, since the default depends on M. From the H100 runs of session 4 (device time,
     benchmarks/RESULTS.md): M = 1 best as a GEMV, 36.0 us deterministic (block_n 256, block_k 64, 16
     splits: the default), 32.7 us with one 64-row K tile per program added atomically; M = 16 best with
-    tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default). Each first with the magic decode
-    (unmeasured; offline its PTX has no integer-to-float conversions and 26-34% fewer registers)."""
-    words = []  # the word kernel first (unmeasured; tools/kernel_ptx.py reads 3.9-5.3 instructions per code)
+    tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default). Those tiles are tried with the magic
+    decode (unmeasured; offline its PTX has no integer-to-float conversions and 26-34% fewer registers)."""
+    # The word kernel first (unmeasured; tools/kernel_ptx.py reads 4.2 machine instructions per code in
+    # the loop of its GEMV and 3.5-4.0 through tl.dot, against 8.2 and 5.9 plus one I2F for the above).
+    dots = [dict(words=True, gemv=False, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
+            for bn, bk, w, a, rows in ((256, 64, 4, 2, 512), (256, 32, 4, 2, 512), (512, 32, 8, 2, 512),
+                                       (256, 64, 4, 1, 512), (256, 64, 8, 2, 512), (256, 32, 4, 3, 512),
+                                       (256, 64, 4, 2, 1024), (256, 64, 4, 2, 256))]
+    words = []
     if m == 1:
-        words = [dict(words=True, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
-                 for bn, bk, w, a, rows in ((256, 16, 4, 2, 512), (256, 16, 4, 1, 512), (512, 16, 8, 2, 512),
-                                            (256, 8, 4, 4, 512), (1024, 8, 8, 2, 512), (256, 16, 4, 2, 1024),
-                                            (256, 16, 4, 2, 256), (128, 16, 2, 2, 512), (256, 16, 4, 3, 512))]
+        words = [dict(words=True, gemv=True, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
+                 for bn, bk, w, a, rows in ((256, 16, 4, 2, 512), (512, 16, 8, 2, 512), (1024, 8, 8, 2, 512),
+                                            (256, 16, 4, 1, 512), (256, 16, 4, 2, 1024), (256, 16, 4, 2, 256),
+                                            (256, 8, 4, 4, 512))] + dots[:3]
     elif m <= 16:
-        words = [dict(words=True, gemv=False, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
-                 for bn, bk, w, a, rows in ((256, 64, 4, 2, 512), (256, 64, 4, 1, 512), (256, 32, 4, 2, 512),
-                                            (512, 32, 8, 2, 512), (256, 64, 8, 2, 512), (256, 32, 4, 3, 512),
-                                            (256, 64, 4, 2, 1024), (256, 64, 4, 2, 256))]
+        words = dots
     if m == 1:
         configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=k // (8 * bk))
                    for bn, bk in ((256, 64), (128, 64), (512, 64), (256, 32), (256, 128))]
@@ -203,7 +206,7 @@ def sweep_configs(m: int, k: int):
         configs = [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
                    for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 64, 8, 4),
                                              (128, 128, 128, 8, 3), (64, 128, 64, 4, 4))]
-    configs = words + [variant for c in configs for variant in (dict(c, magic=True), c)]
+    configs = words + [dict(c, magic=True) for c in configs]  # (the plain decode: session 4; its default: the row)
     return configs + [dict(probe=True, block_n=512, block_k=64, split_k=32)] if m <= 16 else configs
 
 

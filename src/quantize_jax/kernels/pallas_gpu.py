@@ -124,7 +124,7 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
 
 
 def _words_kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, blocks_per_group: int, groups: int,
-                  has_zero: bool, ahead: int, gemv: bool):
+                  has_zero: bool, ahead: int, gemv: bool, interpret: bool):
     """The product over 32-bit words of eight codes (``words=True``): per program, one ``(bm, block_n)``
     output tile from ``groups`` groups of ``blocks_per_group`` K blocks of ``bk`` rows.
 
@@ -169,6 +169,15 @@ def _words_kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, blocks_per_g
             return [(ci + _MAGIC[dtype.type][2]).astype(dtype) for ci in c]
         return [2.0**23 + ci * 16.0 ** (j % 4) for j, ci in enumerate(c)]
 
+    def mask_or(bits, mask: int, magic: int):  # (bits & mask) | magic: one LOP3 on the GPU
+        if interpret:
+            return (bits & jnp.uint32(mask)) | jnp.uint32(magic)
+        bits = lax.bitcast_convert_type(bits, jnp.int32)  # (the asm's operands are signless integers)
+        out = pl_triton.elementwise_inline_asm(
+            f"lop3.b32 $0, $1, {mask:#x}, {magic:#x}, 0xea;", args=[bits], constraints="=r,r", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(bits.shape, jnp.int32)])[0]
+        return lax.bitcast_convert_type(out, jnp.uint32)
+
     def planes(w, offset):  # the eight planes' values (float32, or the activations' dtype for pairs)
         if not fmt.is_integer:
             return [_levels(lax.shift_right_logical(w, jnp.uint32(4 * j)) & jnp.uint32(15), fmt, jnp.float32)
@@ -178,14 +187,14 @@ def _words_kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, blocks_per_g
             out = [None] * 8
             for j in range(4):
                 bits = lax.shift_right_logical(w, jnp.uint32(4 * j)) if j else w
-                bits = (bits & jnp.uint32(0x000F000F)) | jnp.uint32(pattern << 16 | pattern)
+                bits = mask_or(bits, 0x000F000F, pattern << 16 | pattern)
                 for plane, half in ((j, bits), (j + 4, lax.shift_right_logical(bits, jnp.uint32(16)))):
                     out[plane] = lax.bitcast_convert_type(half.astype(uint), dtype) - offset[plane]
             return out
         out = []
         for j in range(8):
             bits = lax.shift_right_logical(w, jnp.uint32(16)) if j >= 4 else w
-            bits = (bits & jnp.uint32(15 << 4 * (j % 4))) | jnp.uint32(0x4B000000)
+            bits = mask_or(bits, 15 << 4 * (j % 4), 0x4B000000)
             out.append(lax.bitcast_convert_type(bits, jnp.float32) - offset[j])
         return out
 
@@ -330,7 +339,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         rows = group_size if per_group else kp // split_k  # the rows of one scale row within a split
         kernel = functools.partial(_words_kernel, fmt=fmt, bk=bk, blocks_per_group=rows // bk,
                                    groups=kp // split_k // rows, has_zero=zero_point is not None, ahead=ahead,
-                                   gemv=gemv)
+                                   gemv=gemv, interpret=interpret)
     else:
         kernel = functools.partial(
             _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
