@@ -143,7 +143,7 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
         check(row, lambda: jax.jit(kernel_fn(gemv=True, split_k=2))(x, q), lambda: reference(x, q))
         row = dict(fmt="int4", shape=f"{m}x512x256", group=128, dtype="bfloat16", backend="pallas atomic split-K")
         check(row, lambda: jax.jit(kernel_fn(split_k=4, atomic=True))(x, q), lambda: reference(x, q))
-    for fmt in formats:  # the word GEMV and the magic decode (opt-in variants, new to the device)
+    for fmt in formats:  # the word kernel (a GEMV at 1 row, tl.dot at 3) and the magic decode: new to the device
         for m, k, n, group in ((1, 200, 37, 64), (3, 384, 50, None)):
             q = qj.quantize(jax.random.normal(jax.random.key(k + n), (k, n)),
                             qj.QuantSpec(format=fmt, axis=0, group_size=group))
