@@ -28,10 +28,10 @@ broadcast multiply and sum instead of a ``tl.dot`` (whose smallest tile has
 
 ``words=True`` reads the packed weight as 32-bit words (eight codes each; the
 bytes reinterpreted, not moved) and decodes each of a word's eight 4-bit planes
-where it sits, with masks, one OR and one exact float subtraction: no byte
-extraction and no integer-to-float conversion (see :func:`_words_kernel`). Its
-GEMV accumulates over K elementwise and reduces once per group; the next K
-blocks load while one computes.
+where it sits: one ``lop3`` and one exact float subtraction per code, no byte
+extraction and no integer-to-float conversion (see :class:`_Words`). Its GEMV
+accumulates over K elementwise and reduces once per group, with the next K
+blocks loading while one computes; its dot path runs one ``tl.dot`` per plane.
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,54 +124,50 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         o_ref[...] = acc
 
 
-def _words_kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, blocks_per_group: int, groups: int,
-                  has_zero: bool, ahead: int, gemv: bool, interpret: bool):
-    """The product over 32-bit words of eight codes (``words=True``): per program, one ``(bm, block_n)``
-    output tile from ``groups`` groups of ``blocks_per_group`` K blocks of ``bk`` rows.
+class _Words(NamedTuple):
+    """How the word kernels decode (``words=True``): a word holds eight codes, plane ``j`` (bits
+    ``4j..4j+3``) column ``8i + j`` of word ``i``, and an output tile is written plane by plane.
 
-    Plane ``j`` of a word (bits ``4j..4j+3``) holds column ``8i + j`` of word ``i``; the output tile is
-    written plane by plane. Integer codes decode without a conversion instruction, in one of two ways:
+    Integer codes decode without a conversion instruction, to float32 or to 16-bit pairs:
 
-    * to float32 (the GEMV, float32 activations): the word masked to plane ``j``'s bits and ORed into the
-      bits of ``2**23`` reads as ``2**23 + 16**(j % 4) * u`` (planes 4-7 from the word shifted by 16);
-      subtracting ``2**23 + 16**(j % 4) * c`` leaves ``16**(j % 4) * (u - c)`` exactly, and
-      ``16**-(j % 4)`` goes into the scale;
-    * to bf16 / f16 pairs (``tl.dot`` with 16-bit activations): ``(w >> 4j) & 0x000F000F`` ORed into two
+    * float32 (the GEMV, and float32 activations): the word masked to plane ``j``'s bits and ORed into
+      the bits of ``2**23`` reads as ``2**23 + 16**(j % 4) * u`` (planes 4-7 from the word shifted by
+      16); subtracting ``2**23 + 16**(j % 4) * c`` leaves ``16**(j % 4) * (u - c)`` exactly, and
+      ``16**-(j % 4)`` goes into the scale (:meth:`unit`);
+    * bf16 / f16 pairs (``tl.dot`` with 16-bit activations): ``(w >> 4j) & 0x000F000F`` ORed into two
       copies of the bits of ``b`` (bf16 128, f16 1024) holds planes ``j`` and ``j + 4`` as two 16-bit
       floats ``b + u``; subtracting ``b + c`` leaves ``u - c``.
 
-    The GEMV accumulates products elementwise in a ``(bk, bw)`` tile per activation row and plane (no
-    reduction inside the loop) and sums each tile over its rows at the end of a group; the dot path runs
-    eight ``(bm, bk) @ (bk, bw)`` dots per block. Either way a group's sum is scaled once. The words and
-    activations of the next ``ahead`` blocks are loading while a block computes (carried through the
-    loop: GPU loads do not wait until their values are used)."""
-    z_ref, o_ref = rest[0] if has_zero else None, rest[-1]
-    bm, bw = x_ref.shape[0], p_ref.shape[1]
-    split = pl.program_id(2)
-    last = groups * blocks_per_group - 1
-    dtype = x_ref.dtype
-    pairs = fmt.is_integer and not gemv and jnp.dtype(dtype).itemsize == 2
-    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    The mask and the OR are one ``lop3`` (inline PTX; ptxas makes two of ``(w & m) | b``). ``nf4`` and
+    ``fp4`` decode each plane's codes by a select chain, to float32."""
 
-    def load(b):  # activation rows as loaded (their layout changes where they are used, not here)
-        rows = pl.ds(jnp.minimum(b, last) * bk, bk)
-        w = p_ref[rows, :]
-        x = tuple(x_ref[pl.ds(r, 1), rows] for r in range(bm)) if gemv else x_ref[:, rows]
-        return x, w ^ jnp.uint32(0x88888888) if fmt.signed_codes else w
+    fmt: Format
+    dtype: jnp.dtype  # the activations' dtype
+    gemv: bool
+    interpret: bool  # (the inline PTX has no interpreter: plain jnp ops there, the same values)
 
-    def row(ref, g, j):  # plane j's columns of a (groups, 8 * bw) per-column row: a strided (1, bw) load
-        return ref[pl.ds(g, 1), pl.ds(j, bw, 8)]
+    @property
+    def pairs(self) -> bool:
+        return self.fmt.is_integer and not self.gemv and jnp.dtype(self.dtype).itemsize == 2
 
-    def offsets(g):  # per plane, what decoding subtracts: the magic number and the code offset c
-        c = [jnp.float32(8.0 if fmt.signed_codes else 0.0)] * 8
-        if has_zero:
-            c = [ci + row(z_ref, g, j) for j, ci in enumerate(c)]
-        if pairs:
-            return [(ci + _MAGIC[dtype.type][2]).astype(dtype) for ci in c]
+    def unit(self, j: int) -> float:
+        return 16.0 ** -(j % 4) if self.fmt.is_integer and not self.pairs else 1.0
+
+    def flip(self, w):  # int4's two's complement nibbles q -> q + 8, unsigned
+        return w ^ jnp.uint32(0x88888888) if self.fmt.signed_codes else w
+
+    def offsets(self, zero_rows):
+        """Per plane, what decoding subtracts: the magic number and the code offset ``c`` (8 for int4, plus
+        the plane's zero points ``zero_rows[j]`` where given)."""
+        c = [jnp.float32(8.0 if self.fmt.signed_codes else 0.0)] * 8
+        if zero_rows is not None:
+            c = [ci + z for ci, z in zip(c, zero_rows)]
+        if self.pairs:
+            return [(ci + _MAGIC[jnp.dtype(self.dtype).type][2]).astype(self.dtype) for ci in c]
         return [2.0**23 + ci * 16.0 ** (j % 4) for j, ci in enumerate(c)]
 
-    def mask_or(bits, mask: int, magic: int):  # (bits & mask) | magic: one LOP3 on the GPU
-        if interpret:
+    def mask_or(self, bits, mask: int, magic: int):  # (bits & mask) | magic
+        if self.interpret:
             return (bits & jnp.uint32(mask)) | jnp.uint32(magic)
         bits = lax.bitcast_convert_type(bits, jnp.int32)  # (the asm's operands are signless integers)
         out = pl_triton.elementwise_inline_asm(
@@ -178,54 +175,99 @@ def _words_kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, blocks_per_g
             result_shape_dtypes=[jax.ShapeDtypeStruct(bits.shape, jnp.int32)])[0]
         return lax.bitcast_convert_type(out, jnp.uint32)
 
-    def planes(w, offset):  # the eight planes' values (float32, or the activations' dtype for pairs)
-        if not fmt.is_integer:
-            return [_levels(lax.shift_right_logical(w, jnp.uint32(4 * j)) & jnp.uint32(15), fmt, jnp.float32)
+    def planes(self, w, offset):
+        """The eight planes' values of the words ``w`` (float32, or the activations' dtype for pairs)."""
+        if not self.fmt.is_integer:
+            return [_levels(lax.shift_right_logical(w, jnp.uint32(4 * j)) & jnp.uint32(15), self.fmt, jnp.float32)
                     for j in range(8)]
-        if pairs:
-            uint, pattern, _ = _MAGIC[dtype.type]
-            out = [None] * 8
+        out = [None] * 8
+        if self.pairs:
+            uint, pattern, _ = _MAGIC[jnp.dtype(self.dtype).type]
             for j in range(4):
-                bits = lax.shift_right_logical(w, jnp.uint32(4 * j)) if j else w
-                bits = mask_or(bits, 0x000F000F, pattern << 16 | pattern)
+                bits = self.mask_or(lax.shift_right_logical(w, jnp.uint32(4 * j)) if j else w, 0x000F000F,
+                                    pattern << 16 | pattern)
                 for plane, half in ((j, bits), (j + 4, lax.shift_right_logical(bits, jnp.uint32(16)))):
-                    out[plane] = lax.bitcast_convert_type(half.astype(uint), dtype) - offset[plane]
+                    out[plane] = lax.bitcast_convert_type(half.astype(uint), self.dtype) - offset[plane]
             return out
-        out = []
         for j in range(8):
-            bits = lax.shift_right_logical(w, jnp.uint32(16)) if j >= 4 else w
-            bits = mask_or(bits, 15 << 4 * (j % 4), 0x4B000000)
-            out.append(lax.bitcast_convert_type(bits, jnp.float32) - offset[j])
+            bits = self.mask_or(lax.shift_right_logical(w, jnp.uint32(16)) if j >= 4 else w, 15 << 4 * (j % 4),
+                                0x4B000000)
+            out[j] = lax.bitcast_convert_type(bits, jnp.float32) - offset[j]
         return out
 
-    unit = [16.0 ** -(j % 4) if fmt.is_integer and not pairs else 1.0 for j in range(8)]
+
+def _plane_row(ref, g, j: int):
+    """Plane ``j``'s columns of row ``g`` of a ``(groups, 8 * bw)`` per-column ref: a strided ``(1, bw)``."""
+    return ref[pl.ds(g, 1), pl.ds(j, ref.shape[1] // 8, 8)]
+
+
+def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, blocks_per_group: int, groups: int,
+                       ahead: int):
+    """The word GEMV: one ``(bm, block_n)`` output tile from ``groups`` groups of ``blocks_per_group`` K
+    blocks of ``bk`` rows (see :class:`_Words` for the decode).
+
+    Products accumulate elementwise in a ``(bk, bw)`` tile per activation row and plane (no reduction
+    inside the loop); at the end of a group each tile is summed over its rows and scaled. The words of
+    the next ``ahead`` blocks are loading while a block computes (carried through the loop: a GPU load
+    does not wait until its value is used). The activations load where they are used: a few hundred
+    bytes that every column tile reads (in cache); carried along too, Triton moved them through shared
+    memory behind two barriers per block (``tools/kernel_ptx.py``)."""
+    z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
+    bm, bw = x_ref.shape[0], p_ref.shape[1]
+    split = pl.program_id(2)
+    last = groups * blocks_per_group - 1
+
+    def rows(b):
+        return pl.ds(jnp.minimum(b, last) * bk, bk)
 
     def group(g, carry):
         acc, queue = carry
         gi = split * groups + g
-        offset = offsets(gi)
+        offset = words.offsets(None if z_ref is None else [_plane_row(z_ref, gi, j) for j in range(8)])
 
         def block(b, carry):
             part, queue = carry
-            (x, w), queue = queue[0], queue[1:] + (load(g * blocks_per_group + b + ahead),)
-            v = planes(w, offset)
-            if not gemv:
-                return tuple(part[j] + jnp.dot(x, v[j].astype(dtype), preferred_element_type=jnp.float32,
-                                               precision=precision) for j in range(8)), queue
-            x = [xr.astype(jnp.float32).reshape(bk, 1) for xr in x]
+            ahead_words = words.flip(p_ref[rows(g * blocks_per_group + b + ahead), :])
+            w, queue = queue[0], queue[1:] + (ahead_words,)
+            v = words.planes(w, offset)
+            x = [x_ref[pl.ds(r, 1), rows(g * blocks_per_group + b)].astype(jnp.float32).reshape(bk, 1)
+                 for r in range(bm)]
             return tuple(part[r * 8 + j] + x[r] * v[j] for r in range(bm) for j in range(8)), queue
 
-        zeros = (jnp.zeros((bk, bw), jnp.float32),) * (8 * bm) if gemv else (jnp.zeros((bm, bw), jnp.float32),) * 8
+        zeros = (jnp.zeros((bk, bw), jnp.float32),) * (8 * bm)
         part, queue = lax.fori_loop(0, blocks_per_group, block, (zeros, queue))
-        if gemv:
-            part = [jnp.sum(p, axis=0, keepdims=True) for p in part]
-        return tuple(acc[i] + part[i] * (row(s_ref, gi, i % 8) * unit[i % 8]) for i in range(len(acc))), queue
+        return tuple(a + jnp.sum(p, axis=0, keepdims=True) * (_plane_row(s_ref, gi, i % 8) * words.unit(i % 8))
+                     for i, (a, p) in enumerate(zip(acc, part))), queue
 
-    acc = (jnp.zeros((1, bw), jnp.float32),) * (8 * bm) if gemv else (jnp.zeros((bm, bw), jnp.float32),) * 8
-    acc, _ = lax.fori_loop(0, groups, group, (acc, tuple(load(b) for b in range(ahead))))
-    for r in range(bm if gemv else 1):
+    queue = tuple(words.flip(p_ref[rows(b), :]) for b in range(ahead))
+    acc, _ = lax.fori_loop(0, groups, group, ((jnp.zeros((1, bw), jnp.float32),) * 8 * bm, queue))
+    for r in range(bm):
         for j in range(8):  # plane-major within the tile; the wrapper puts the columns back in order
-            o_ref[pl.ds(r, 1 if gemv else bm), pl.ds(j * bw, bw)] = acc[r * 8 + j]
+            o_ref[pl.ds(r, 1), pl.ds(j * bw, bw)] = acc[r * 8 + j]
+
+
+def _words_dot_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, nk: int, group_rows: int):
+    """The word kernel through ``tl.dot``: per K block, eight ``(bm, bk) @ (bk, bw)`` dots, one per plane,
+    each scaled by its block's group (see :class:`_Words` for the decode). One flat loop over the split's
+    ``nk`` blocks, loads where they are used: Triton pipelines them itself (``cp.async``; offline it also
+    took fewer registers and instructions than words carried through the loop)."""
+    z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
+    bm, bw = x_ref.shape[0], p_ref.shape[1]
+    split = pl.program_id(2)
+    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+
+    def block(k, acc):
+        rows = pl.ds(k * bk, bk)
+        g = (split * nk + k) * bk // group_rows
+        offset = words.offsets(None if z_ref is None else [_plane_row(z_ref, g, j) for j in range(8)])
+        v = words.planes(words.flip(p_ref[rows, :]), offset)
+        x = x_ref[:, rows]
+        return tuple(a + jnp.dot(x, v[j].astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
+                     * (_plane_row(s_ref, g, j) * words.unit(j)) for j, a in enumerate(acc))
+
+    acc = lax.fori_loop(0, nk, block, (jnp.zeros((bm, bw), jnp.float32),) * 8)
+    for j in range(8):  # plane-major within the tile; the wrapper puts the columns back in order
+        o_ref[:, pl.ds(j * bw, bw)] = acc[j]
 
 
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
@@ -280,11 +322,12 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
       magic: decode integer codes by ORing them into a float's mantissa
         instead of converting them (see :func:`_levels`); the same values.
       words: read the weight as 32-bit words of eight codes, decoded plane
-        by plane without conversions (see :func:`_words_kernel`), as a GEMV
-        or through ``tl.dot`` (``gemv``); ``block_n`` a multiple of 8, the K
-        splits summed by XLA; with groups, each split holds whole groups.
-      ahead: with ``words``, how many K blocks load ahead of the one
-        computing (at least 1).
+        by plane without conversions (see :class:`_Words`), as a GEMV or
+        through ``tl.dot`` (``gemv``); ``block_n`` a multiple of 8, the K
+        splits summed by XLA; a GEMV's splits hold whole groups.
+      ahead: for the word GEMV, how many K blocks load ahead of the one
+        computing (at least 1; the dot path leaves that to Triton's
+        ``num_stages``).
       num_warps, num_stages: Triton compiler parameters (``None``: Triton's).
       interpret: run the kernel in Pallas' interpreter (CPU tests).
 
@@ -300,8 +343,8 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
                          f"got atomic={atomic}, block_n={bn}, ahead={ahead}")
     gemv = blocks["gemv"] if gemv is None else gemv
     bm = block_m or (pl.next_power_of_2(m) if gemv else max(blocks["block_m"], MIN_BLOCK_K))
-    bk = block_k or (default_block_k(group_size, per_group, most=16 if gemv else 64) if words else blocks["block_k"])
-    unit = group_size if words and per_group else bk  # a K split holds whole units (words: whole groups)
+    bk = block_k or (default_block_k(group_size, per_group, most=16) if words and gemv else blocks["block_k"])
+    unit = group_size if words and gemv and per_group else bk  # a K split holds whole units
     split_k = split_k or (_split_k(k, unit, max(1, 512 // unit)) if words else blocks["split_k"])
     if magic and jnp.dtype(x.dtype).type not in _MAGIC:
         raise ValueError(f"pallas: magic=True decodes into float32, bfloat16 or float16 activations, not {x.dtype}")
@@ -335,11 +378,13 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     if zero_point is not None:
         operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
         in_specs.append(row_block)
-    if words:
+    if words and gemv:
         rows = group_size if per_group else kp // split_k  # the rows of one scale row within a split
-        kernel = functools.partial(_words_kernel, fmt=fmt, bk=bk, blocks_per_group=rows // bk,
-                                   groups=kp // split_k // rows, has_zero=zero_point is not None, ahead=ahead,
-                                   gemv=gemv, interpret=interpret)
+        kernel = functools.partial(_words_gemv_kernel, words=_Words(fmt, x.dtype, gemv, interpret), bk=bk,
+                                   blocks_per_group=rows // bk, groups=kp // split_k // rows, ahead=ahead)
+    elif words:
+        kernel = functools.partial(_words_dot_kernel, words=_Words(fmt, x.dtype, gemv, interpret), bk=bk,
+                                   nk=kp // split_k // bk, group_rows=group_size)
     else:
         kernel = functools.partial(
             _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
