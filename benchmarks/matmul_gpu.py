@@ -206,37 +206,50 @@ def sweep_configs(m: int, k: int):
         configs = [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
                    for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 64, 8, 4),
                                              (128, 128, 128, 8, 3), (64, 128, 64, 4, 4))]
-    configs = words + [dict(c, magic=True) for c in configs]  # (the plain decode: session 4; its default: the row)
-    return configs + [dict(probe=True, block_n=512, block_k=64, split_k=32)] if m <= 16 else configs
+    configs = [dict(c, magic=True) for c in configs]  # (the plain decode: session 4; its default: the row)
+    probes = [dict(probe=True, words=True, block_n=256, block_k=16, split_k=16),
+              dict(probe=True, block_n=512, block_k=64, split_k=32)]
+    return words[:1] + probes + words[1:] + configs if m <= 16 else configs
 
 
-def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, **_):
+def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, words=False, **_):
     """A diagnostic Pallas kernel with the kernel's grid and loads but no decode or dot: it only sums the
     packed bytes (into a ``(block_k, block_n / 2)`` accumulator, or with ``fold_rows`` into one row per
-    step, which keeps wide tiles in registers). Its time bounds what this grid and load pattern reach."""
+    step, which keeps wide tiles in registers). Its time bounds what this grid and load pattern reach.
+    The byte probes convert every byte to float32 (one ``I2F`` each), so they also pay for that; with
+    ``words`` the bytes are read as uint32 words and added as integers (one ``IADD`` per four bytes,
+    reduced once at the end): the closest to a pure load."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
     def fn(x, q):
         kk, nh = q.packed.shape
-        bnh = block_n // 2
+        width = block_n // 8 if words else block_n // 2  # the tile's elements per row
         nk = kk // split_k // block_k
+        packed = q.packed
+        if words:
+            packed = jax.lax.bitcast_convert_type(packed.reshape(kk, nh // 4, 4), jnp.uint32)
 
         def kernel(p_ref, o_ref):
             def body(i, acc):
-                tile = p_ref[pl.ds(i * block_k, block_k), :].astype(jnp.float32)
+                tile = p_ref[pl.ds(i * block_k, block_k), :]
+                if words:
+                    return acc + tile
+                tile = tile.astype(jnp.float32)
                 return acc + (jnp.sum(tile, axis=0, keepdims=True) if fold_rows else tile)
 
-            acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((1 if fold_rows else block_k, bnh), jnp.float32))
-            o_ref[...] = jnp.sum(acc, axis=0, keepdims=True)
+            rows = 1 if fold_rows and not words else block_k
+            acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((rows, width), jnp.uint32 if words else jnp.float32))
+            o_ref[...] = jnp.sum(acc, axis=0, keepdims=True).astype(jnp.float32)
 
         out = pl.pallas_call(
-            kernel, out_shape=jax.ShapeDtypeStruct((split_k, 1, nh), jnp.float32), grid=(nh // bnh, split_k),
-            in_specs=[pl.BlockSpec((kk // split_k, bnh), lambda j, s: (s, j))],
-            out_specs=pl.BlockSpec((None, 1, bnh), lambda j, s: (s, 0, j)),
+            kernel, out_shape=jax.ShapeDtypeStruct((split_k, 1, packed.shape[1]), jnp.float32),
+            grid=(packed.shape[1] // width, split_k),
+            in_specs=[pl.BlockSpec((kk // split_k, width), lambda j, s: (s, j))],
+            out_specs=pl.BlockSpec((None, 1, width), lambda j, s: (s, 0, j)),
             compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
             name="load_probe", interpret=jax.default_backend() == "cpu",
-        )(q.packed)
+        )(packed)
         return out.sum(0) + x[:, :1].astype(jnp.float32)
 
     return fn
@@ -249,6 +262,9 @@ PROBES = [(128, 128, 16, None, None, False), (128, 128, 16, None, None, True), (
           (256, 256, 8, None, None, True), (512, 256, 8, 8, None, True), (256, 128, 32, None, None, True),
           (512, 128, 8, 8, None, True), (256, 128, 16, None, 4, True), (512, 128, 16, 8, 3, True),
           (1024, 32, 32, 8, 4, True), (2048, 32, 16, 8, 3, True)]
+# the same with uint32 words added as integers (no per-byte conversion): (block_n, block_k, split_k, num_warps)
+WORD_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (512, 64, 32, None), (1024, 32, 16, 8),
+               (256, 128, 16, None), (512, 128, 8, 8), (2048, 16, 16, 8)]
 
 
 def make_weights(k, n, spec):
@@ -271,7 +287,7 @@ def main():
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 1024])
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run; the sweep stops early")
     ap.add_argument("--quick-checks", action="store_true", help="check the pallas backend only")
-    ap.add_argument("--probes-only", action="store_true", help="time bf16 and the load probes (PROBES) at M = 1")
+    ap.add_argument("--probes-only", action="store_true", help="time bf16 and the load probes (WORD_PROBES, PROBES) at M = 1")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--no-llama", action="store_true", help="skip the Llama-like shapes")
@@ -320,8 +336,11 @@ def main():
     if args.probes_only:
         xs = activations(1, k)
         probes = [{"bf16": True, **timed(bf16_dot, xs, bfs)}]
-        for bn, bk, split, warps, stages, fold in PROBES:
-            entry = dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, fold_rows=fold)
+        patterns = [dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, words=True)
+                    for bn, bk, split, warps in WORD_PROBES]
+        patterns += [dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, fold_rows=fold)
+                     for bn, bk, split, warps, stages, fold in PROBES]
+        for entry in patterns:
             entry.update(timed(load_probe(**entry), xs, qs))
             entry["dev_TB_per_s"] = round(k * n / 2 / entry["dev_us"] / 1e6, 2) if isinstance(
                 entry.get("dev_us"), float) else None
