@@ -1,4 +1,4 @@
-"""A Pallas kernel for ``x @ W`` with a packed 4-bit weight (Triton on GPU; ``interpret=True`` on CPU).
+"""Pallas kernels for ``x @ W`` with a packed 4-bit weight (Triton on GPU; ``interpret=True`` on CPU).
 
 The kernel reads the packed uint8 weight ``(K, ceil(N / 2))`` block by
 block, splits each byte into its two codes in registers, converts them to the
