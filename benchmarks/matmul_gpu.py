@@ -174,8 +174,8 @@ def sweep_configs(m: int, k: int):
     splits: the default), 32.7 us with one 64-row K tile per program added atomically; M = 16 best with
     tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default). Those tiles are tried with the magic
     decode (unmeasured; offline its PTX has no integer-to-float conversions and 26-34% fewer registers)."""
-    # The word kernel first (unmeasured; tools/kernel_ptx.py reads 4.0 machine instructions per code in
-    # the loop of its GEMV and 3.1-3.6 through tl.dot, against 8.2 and 5.9 plus one I2F for the above).
+    # The word kernel first (unmeasured; tools/kernel_ptx.py reads 4.4 machine instructions per code in
+    # its GEMV and 2.9-3.2 through tl.dot, against 8.2 and 5.9 plus one I2F for the tiles below).
     dots = [dict(words=True, gemv=False, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=k // rows)
             for bn, bk, w, st, rows in ((256, 128, 4, 3, 1024), (256, 64, 4, 3, 512), (256, 128, 4, 4, 1024),
                                         (256, 128, 8, 3, 1024), (512, 64, 8, 3, 512), (256, 32, 4, 3, 512),

@@ -10,7 +10,9 @@ compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills; the
 (``cuobjdump -sass``) give instruction counts. Integer-to-float conversions (PTX ``cvt.rn.<float>.<int>``,
 SASS ``I2F``) are counted apart: GPUs run them at a fraction of their add rate. ``inner_loop`` counts the
 machine instructions of the shortest loop (the K loop, or one group of it where the compiler unrolled the
-K loop): divided by the codes each thread decodes per pass, the instructions each code costs.
+K loop): divided by the codes each thread decodes per pass, the instructions each code costs. ``loops``
+lists every loop's instruction count, innermost first (the word GEMV's second is one group: its K loop
+once plus the group's reduction and scaling).
 Static facts only: times come from ``benchmarks/matmul_gpu.py`` on a device.
 """
 
@@ -82,7 +84,8 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
     ops = collections.Counter(line.split()[0] for line in ptx.splitlines()
                               if re.match(r"\s+[a-z]", line) and not line.strip().startswith("//"))
     machine = collections.Counter(op.split(".")[0] for op in re.findall(r"/\*[0-9a-f]{4}\*/\s+([A-Z0-9_.]+)", sass))
-    loop = innermost_loop(sass)
+    loops = loop_bodies(sass)
+    loop = loops[0] if loops else collections.Counter()
     return {
         "registers": int(used.group(1)) if used else None,
         "spill_bytes": int(spills.group(1)) if spills else None,
@@ -95,19 +98,19 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
         "sass": {op: machine[op] for op in ("I2F", "F2F", "HADD2", "FADD", "FFMA", "HMMA", "HGMMA", "LOP3")
                  if machine[op]},
         "inner_loop": {"instructions": sum(loop.values()), **dict(loop.most_common(6)), "BAR": loop["BAR"]},
+        "loops": [sum(body.values()) for body in loops],
     }
 
 
-def innermost_loop(sass: str) -> collections.Counter:
-    """The machine instructions of the shortest loop (a branch back to a lower address) by opcode."""
+def loop_bodies(sass: str) -> list[collections.Counter]:
+    """The machine instructions of each loop (a branch back to a lower address) by opcode, innermost
+    (shortest) first; an outer loop's count includes its inner loops' bodies once."""
     lines = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in
              re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\d+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
-    spans = [(int(rest.split()[-1], 16), a) for a, op, rest in lines
-             if op == "BRA" and re.fullmatch(r"0x[0-9a-f]+", rest.strip()) and int(rest.split()[-1], 16) < a]
-    if not spans:
-        return collections.Counter()
-    lo, hi = min(spans, key=lambda span: span[1] - span[0])
-    return collections.Counter(op for a, op, _ in lines if lo <= a <= hi)
+    spans = sorted(((int(rest.split()[-1], 16), a) for a, op, rest in lines
+                    if op == "BRA" and re.fullmatch(r"0x[0-9a-f]+", rest.strip()) and int(rest.split()[-1], 16) < a),
+                   key=lambda span: span[1] - span[0])
+    return [collections.Counter(op for a, op, _ in lines if lo <= a <= hi) for lo, hi in spans]
 
 
 def main():

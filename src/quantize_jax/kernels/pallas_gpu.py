@@ -30,8 +30,8 @@ broadcast multiply and sum instead of a ``tl.dot`` (whose smallest tile has
 bytes reinterpreted, not moved) and decodes each of a word's eight 4-bit planes
 where it sits: one ``lop3`` and one exact float subtraction per code, no byte
 extraction and no integer-to-float conversion (see :class:`_Words`). Its GEMV
-accumulates over K elementwise and reduces once per group, with the next K
-blocks loading while one computes; its dot path runs one ``tl.dot`` per plane.
+accumulates over K elementwise and reduces once, with the next K blocks
+loading while one computes; its dot path runs one ``tl.dot`` per plane.
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
@@ -196,9 +196,17 @@ class _Words(NamedTuple):
         return out
 
 
-def _plane_row(ref, g, j: int):
-    """Plane ``j``'s columns of row ``g`` of a ``(groups, 8 * bw)`` per-column ref: a strided ``(1, bw)``."""
-    return ref[pl.ds(g, 1), pl.ds(j, ref.shape[1] // 8, 8)]
+def _plane_rows(ref, g):
+    """The eight planes' ``(1, bw)`` rows of row ``g`` of a ``(groups, 8 * bw)`` per-column ref: one
+    contiguous load, split in registers (eight strided loads cost more in the GEMV: 519 instructions per
+    group against 109, ``tools/kernel_ptx.py``)."""
+    row = ref[pl.ds(g, 1), :].reshape(1, ref.shape[1] // 8, 2, 2, 2)  # column 8i + 4a + 2b + c
+    out = [None] * 8
+    for c, by_c in enumerate(jnp.unstack(row, axis=-1)):
+        for b, by_b in enumerate(jnp.unstack(by_c, axis=-1)):
+            for a, plane in enumerate(jnp.unstack(by_b, axis=-1)):
+                out[4 * a + 2 * b + c] = plane
+    return out
 
 
 def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, blocks_per_group: int, groups: int,
@@ -207,7 +215,8 @@ def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, block
     blocks of ``bk`` rows (see :class:`_Words` for the decode).
 
     Products accumulate elementwise in a ``(bk, bw)`` tile per activation row and plane (no reduction
-    inside the loop); at the end of a group each tile is summed over its rows and scaled. The words of
+    inside the loop); at the end of a group the tile is scaled into a second one, summed over its rows
+    once at the end (a reduction per group cost half as much again as the loop). The words of
     the next ``ahead`` blocks are loading while a block computes (carried through the loop: a GPU load
     does not wait until its value is used). The activations load where they are used: a few hundred
     bytes that every column tile reads (in cache); carried along too, Triton moved them through shared
@@ -223,7 +232,7 @@ def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, block
     def group(g, carry):
         acc, queue = carry
         gi = split * groups + g
-        offset = words.offsets(None if z_ref is None else [_plane_row(z_ref, gi, j) for j in range(8)])
+        offset = words.offsets(None if z_ref is None else _plane_rows(z_ref, gi))
 
         def block(b, carry):
             part, queue = carry
@@ -236,14 +245,14 @@ def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, block
 
         zeros = (jnp.zeros((bk, bw), jnp.float32),) * (8 * bm)
         part, queue = lax.fori_loop(0, blocks_per_group, block, (zeros, queue))
-        return tuple(a + jnp.sum(p, axis=0, keepdims=True) * (_plane_row(s_ref, gi, i % 8) * words.unit(i % 8))
-                     for i, (a, p) in enumerate(zip(acc, part))), queue
+        scales = _plane_rows(s_ref, gi)
+        return tuple(a + p * (scales[i % 8] * words.unit(i % 8)) for i, (a, p) in enumerate(zip(acc, part))), queue
 
     queue = tuple(words.flip(p_ref[rows(b), :]) for b in range(ahead))
-    acc, _ = lax.fori_loop(0, groups, group, ((jnp.zeros((1, bw), jnp.float32),) * 8 * bm, queue))
+    acc, _ = lax.fori_loop(0, groups, group, ((jnp.zeros((bk, bw), jnp.float32),) * 8 * bm, queue))
     for r in range(bm):
         for j in range(8):  # plane-major within the tile; the wrapper puts the columns back in order
-            o_ref[pl.ds(r, 1), pl.ds(j * bw, bw)] = acc[r * 8 + j]
+            o_ref[pl.ds(r, 1), pl.ds(j * bw, bw)] = jnp.sum(acc[r * 8 + j], axis=0, keepdims=True)
 
 
 def _words_dot_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, nk: int, group_rows: int):
@@ -259,11 +268,11 @@ def _words_dot_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, nk: in
     def block(k, acc):
         rows = pl.ds(k * bk, bk)
         g = (split * nk + k) * bk // group_rows
-        offset = words.offsets(None if z_ref is None else [_plane_row(z_ref, g, j) for j in range(8)])
+        offset = words.offsets(None if z_ref is None else _plane_rows(z_ref, g))
         v = words.planes(words.flip(p_ref[rows, :]), offset)
-        x = x_ref[:, rows]
+        x, scales = x_ref[:, rows], _plane_rows(s_ref, g)
         return tuple(a + jnp.dot(x, v[j].astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
-                     * (_plane_row(s_ref, g, j) * words.unit(j)) for j, a in enumerate(acc))
+                     * (scales[j] * words.unit(j)) for j, a in enumerate(acc))
 
     acc = lax.fori_loop(0, nk, block, (jnp.zeros((bm, bw), jnp.float32),) * 8)
     for j in range(8):  # plane-major within the tile; the wrapper puts the columns back in order
