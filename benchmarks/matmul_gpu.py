@@ -287,7 +287,8 @@ def main():
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 1024])
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run; the sweep stops early")
     ap.add_argument("--quick-checks", action="store_true", help="check the pallas backend only")
-    ap.add_argument("--probes-only", action="store_true", help="time bf16 and the load probes (WORD_PROBES, PROBES) at M = 1")
+    ap.add_argument("--probes-only", action="store_true",
+                    help="time bf16 and the load probes (WORD_PROBES, PROBES) at M = 1")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--no-llama", action="store_true", help="skip the Llama-like shapes")
