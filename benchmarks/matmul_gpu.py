@@ -183,9 +183,9 @@ def sweep_configs(m: int, k: int):
     words = []
     if m == 1:
         words = [dict(words=True, gemv=True, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
-                 for bn, bk, w, a, rows in ((256, 16, 4, 2, 512), (512, 16, 8, 2, 512), (1024, 8, 8, 2, 512),
-                                            (256, 16, 4, 1, 512), (256, 16, 4, 2, 1024), (256, 16, 4, 2, 256),
-                                            (256, 8, 4, 4, 512))] + dots[:3]
+                 for bn, bk, w, a, rows in ((256, 8, 4, 4, 512), (256, 8, 4, 4, 256), (256, 16, 4, 2, 512),
+                                            (512, 8, 8, 4, 512), (256, 8, 4, 2, 512), (256, 8, 4, 4, 1024),
+                                            (1024, 8, 8, 2, 512), (256, 16, 4, 1, 512))] + dots[:3]
     elif m <= 16:
         words = dots
     if m == 1:

@@ -125,9 +125,9 @@ def test_word_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
 
 def test_word_kernel_names_what_it_cannot_do():
     q = qj.quantize(jnp.ones((128, 16)), qj.QuantSpec(axis=0))
-    with pytest.raises(ValueError, match="words=True .* got atomic=True, block_n=256, ahead=2"):
+    with pytest.raises(ValueError, match="words=True .* got atomic=True, block_n=256, ahead=4"):
         _run(jnp.ones((1, 128)), q, words=True, atomic=True)
-    with pytest.raises(ValueError, match="words=True .* got atomic=False, block_n=12, ahead=2"):
+    with pytest.raises(ValueError, match="words=True .* got atomic=False, block_n=12, ahead=4"):
         _run(jnp.ones((1, 128)), q, words=True, block_n=12)
     with pytest.raises(ValueError, match="words=True .* got atomic=False, block_n=256, ahead=0"):
         _run(jnp.ones((1, 128)), q, words=True, ahead=0)

@@ -312,7 +312,7 @@ def _split_k(k: int, bk: int, blocks_per_split: int = 8) -> int:
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
            gemv: bool | None = None, atomic: bool = False, magic: bool = False, words: bool = False,
-           ahead: int = 2, num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
+           ahead: int = 4, num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
     """``x @ W`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``.
 
     Args:
@@ -352,7 +352,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
                          f"got atomic={atomic}, block_n={bn}, ahead={ahead}")
     gemv = blocks["gemv"] if gemv is None else gemv
     bm = block_m or (pl.next_power_of_2(m) if gemv else max(blocks["block_m"], MIN_BLOCK_K))
-    bk = block_k or (default_block_k(group_size, per_group, most=16) if words and gemv else blocks["block_k"])
+    bk = block_k or (default_block_k(group_size, per_group, most=8) if words and gemv else blocks["block_k"])
     unit = group_size if words and gemv and per_group else bk  # a K split holds whole units
     split_k = split_k or (_split_k(k, unit, max(1, 512 // unit)) if words else blocks["split_k"])
     if magic and jnp.dtype(x.dtype).type not in _MAGIC:
