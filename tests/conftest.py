@@ -5,6 +5,9 @@ import os
 import hypothesis
 import jax
 import pytest
+from hypothesis import strategies as st
+
+import quantize_jax as qj
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -18,6 +21,19 @@ hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 FORMATS = ("int4", "uint4", "nf4", "fp4")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+# ``x @ W`` over shapes that are multiples of no block: ``group`` None is per tensor, 0 per output channel.
+PRODUCTS = dict(m=st.integers(1, 9), k=st.integers(1, 300), n=st.integers(1, 70), fmt=st.sampled_from(FORMATS),
+                group=st.sampled_from([None, 0, 32, 48, 64, 128, 256]))
+
+
+def product_operands(m, k, n, fmt, group):
+    """Activations ``(m, k)`` and the quantized weight ``(k, n)`` of a :data:`PRODUCTS` example."""
+    w = jax.random.normal(jax.random.key(k * 1000 + n), (k, n))
+    x = jax.random.normal(jax.random.key(m), (m, k))
+    if group is None:
+        return x, qj.quantize(w, qj.QuantSpec(format=fmt))
+    return x, qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group or None))
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])

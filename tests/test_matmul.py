@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import quantize_jax as qj
 from quantize_jax.matmul import PALLAS_MAX_M
 
-from .conftest import FORMATS
+from .conftest import FORMATS, PRODUCTS, product_operands
 
 BACKENDS = ("xla", "chunked", "native", "dequant", "pallas", "auto")
 
@@ -18,24 +18,9 @@ def _reference(x, q):
 
 
 @settings(max_examples=12)
-@given(
-    m=st.integers(1, 9),
-    k=st.integers(1, 300),
-    n=st.integers(1, 70),
-    fmt=st.sampled_from(FORMATS),
-    group=st.sampled_from([None, 0, 32, 48, 64, 128, 256]),
-    backend=st.sampled_from(BACKENDS),
-)
+@given(**PRODUCTS, backend=st.sampled_from(BACKENDS))
 def test_every_backend_matches_the_reference(m, k, n, fmt, group, backend):
-    w = jax.random.normal(jax.random.key(k * 1000 + n), (k, n))
-    x = jax.random.normal(jax.random.key(m), (m, k))
-    if group is None:
-        spec = qj.QuantSpec(format=fmt)  # per tensor
-    elif group == 0:
-        spec = qj.QuantSpec(format=fmt, axis=0)  # per output channel
-    else:
-        spec = qj.QuantSpec(format=fmt, axis=0, group_size=group)
-    q = qj.quantize(w, spec)
+    x, q = product_operands(m, k, n, fmt, group)
     y = jax.jit(lambda x, q: qj.qdot(x, q, backend=backend))(x, q)
     assert y.shape == (m, n) and y.dtype == jnp.float32
     np.testing.assert_allclose(y, _reference(x, q), rtol=1e-4, atol=1e-4 * np.sqrt(k))

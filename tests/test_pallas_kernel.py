@@ -11,7 +11,7 @@ import quantize_jax as qj
 from quantize_jax.kernels import pallas_gpu
 from quantize_jax.matmul import _grid, _pallas_kernel
 
-from .conftest import FORMATS
+from .conftest import FORMATS, PRODUCTS, product_operands
 
 
 def _run(x, q, **blocks):
@@ -134,20 +134,10 @@ def test_word_kernel_names_what_it_cannot_do():
 
 
 @settings(max_examples=10)
-@given(
-    m=st.integers(1, 5),
-    k=st.integers(1, 300),
-    n=st.integers(1, 70),
-    fmt=st.sampled_from(FORMATS),
-    group=st.sampled_from([None, 0, 32, 48, 128]),
-    gemv=st.booleans(),
-)
+@given(**PRODUCTS, gemv=st.booleans())
 def test_word_kernel_over_random_shapes(m, k, n, fmt, group, gemv):
     """No shape is a multiple of the tiles: K, N and the plane-major columns padded and put back."""
-    w = jax.random.normal(jax.random.key(k * 1000 + n), (k, n))
-    x = jax.random.normal(jax.random.key(m), (m, k))
-    spec = qj.QuantSpec(format=fmt) if group is None else qj.QuantSpec(format=fmt, axis=0, group_size=group or None)
-    q = qj.quantize(w, spec)
+    x, q = product_operands(m, k, n, fmt, group)
     y = _run(x, q, words=True, gemv=gemv)
     assert y.shape == (m, n)
     np.testing.assert_allclose(y, _reference(x, q), rtol=1e-4, atol=1e-4 * np.sqrt(k))
