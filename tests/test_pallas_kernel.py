@@ -110,7 +110,7 @@ def test_magic_decode_names_an_unsupported_activation_dtype():
     ],
 )
 def test_word_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
-    """Codes read as 32-bit words, decoded plane by plane, and the output columns put back in order."""
+    """Codes read as 32-bit words, decoded plane by plane, and the planes' columns joined back in order."""
     w = jax.random.normal(jax.random.key(k + n), (k, n))
     x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
     q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group))
@@ -136,7 +136,7 @@ def test_word_kernel_names_what_it_cannot_do():
 @settings(max_examples=10)
 @given(**PRODUCTS, gemv=st.booleans())
 def test_word_kernel_over_random_shapes(m, k, n, fmt, group, gemv):
-    """No shape is a multiple of the tiles: K, N and the plane-major columns padded and put back."""
+    """No shape is a multiple of the tiles: K and N padded, the planes' columns joined back in order."""
     x, q = product_operands(m, k, n, fmt, group)
     y = _run(x, q, words=True, gemv=gemv)
     assert y.shape == (m, n)

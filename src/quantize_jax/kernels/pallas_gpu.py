@@ -126,7 +126,8 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
 
 class _Words(NamedTuple):
     """How the word kernels decode (``words=True``): a word holds eight codes, plane ``j`` (bits
-    ``4j..4j+3``) column ``8i + j`` of word ``i``, and an output tile is written plane by plane.
+    ``4j..4j+3``) column ``8i + j`` of word ``i``; the planes' sums are put back in column order once,
+    at the end (:func:`_column_order`).
 
     Integer codes decode without a conversion instruction, to float32 or to 16-bit pairs:
 
@@ -209,6 +210,14 @@ def _plane_rows(ref, g):
     return out
 
 
+def _column_order(planes):
+    """Eight ``(rows, bw)`` planes -> ``(rows, 8 * bw)`` with column ``8i + j`` from plane ``j``: the
+    inverse of :func:`_plane_rows`, as three levels of pairwise joins (Triton joins two at a time)."""
+    pairs = [jnp.stack([planes[t], planes[t + 4]], axis=-1) for t in range(4)]  # [.., a]: plane t + 4a
+    quads = [jnp.stack([pairs[u], pairs[u + 2]], axis=-1) for u in range(2)]  # [.., a, b]: u + 2b + 4a
+    return jnp.stack(quads, axis=-1).reshape(planes[0].shape[0], -1)  # [.., a, b, c]: c + 2b + 4a
+
+
 def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, blocks_per_group: int, groups: int,
                        ahead: int):
     """The word GEMV: one ``(bm, block_n)`` output tile from ``groups`` groups of ``blocks_per_group`` K
@@ -251,8 +260,7 @@ def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, block
     queue = tuple(words.flip(p_ref[rows(b), :]) for b in range(ahead))
     acc, _ = lax.fori_loop(0, groups, group, ((jnp.zeros((bk, bw), jnp.float32),) * 8 * bm, queue))
     for r in range(bm):
-        for j in range(8):  # plane-major within the tile; the wrapper puts the columns back in order
-            o_ref[pl.ds(r, 1), pl.ds(j * bw, bw)] = jnp.sum(acc[r * 8 + j], axis=0, keepdims=True)
+        o_ref[pl.ds(r, 1), :] = _column_order([jnp.sum(a, axis=0, keepdims=True) for a in acc[r * 8:r * 8 + 8]])
 
 
 def _words_dot_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, nk: int, group_rows: int):
@@ -274,9 +282,7 @@ def _words_dot_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, nk: in
         return tuple(a + jnp.dot(x, v[j].astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
                      * (scales[j] * words.unit(j)) for j, a in enumerate(acc))
 
-    acc = lax.fori_loop(0, nk, block, (jnp.zeros((bm, bw), jnp.float32),) * 8)
-    for j in range(8):  # plane-major within the tile; the wrapper puts the columns back in order
-        o_ref[:, pl.ds(j * bw, bw)] = acc[j]
+    o_ref[...] = _column_order(lax.fori_loop(0, nk, block, (jnp.zeros((bm, bw), jnp.float32),) * 8))
 
 
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
@@ -422,6 +428,4 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         **params,
     )(*operands)
     out = out if atomic else out.sum(0)
-    if words:  # each tile's columns are plane-major (column 8i + j at j * bw + i): back to column order
-        out = out.reshape(mp, -1, 8, bnh // 4).swapaxes(-1, -2).reshape(mp, 2 * nhp)
     return out[:m, :n]
