@@ -224,12 +224,12 @@ def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, block
     blocks of ``bk`` rows (see :class:`_Words` for the decode).
 
     Products accumulate elementwise in a ``(bk, bw)`` tile per activation row and plane (no reduction
-    inside the loop); at the end of a group the tile is scaled into a second one, summed over its rows
-    once at the end (a reduction per group cost half as much again as the loop). The words of
-    the next ``ahead`` blocks are loading while a block computes (carried through the loop: a GPU load
-    does not wait until its value is used). The activations load where they are used: a few hundred
-    bytes that every column tile reads (in cache); carried along too, Triton moved them through shared
-    memory behind two barriers per block (``tools/kernel_ptx.py``)."""
+    inside the loop); at the end of a group that tile, times the group's scales, is added into a second
+    tile, summed over its rows once, at the end (a reduction per group cost half as much again as the
+    loop). The words of the next ``ahead`` blocks are loading while a block computes (carried through
+    the loop: a GPU load does not wait until its value is used). The activations load where they are
+    used: a few hundred bytes that every column tile reads (in cache); carried along too, Triton moved
+    them through shared memory behind two barriers per block (``tools/kernel_ptx.py``)."""
     z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
     bm, bw = x_ref.shape[0], p_ref.shape[1]
     split = pl.program_id(2)
