@@ -84,9 +84,6 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
     bnh = p_ref.shape[1]
     precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
-    def even_odd(row):  # a (1, 2 * bnh) row of per-column values -> its even and odd columns
-        return jnp.unstack(row.reshape(1, bnh, 2), axis=-1)
-
     def body(k, acc):
         x = x_ref[:, pl.ds(k * bk, bk)]
         p = p_ref[pl.ds(k * bk, bk), :]
@@ -95,10 +92,10 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         g = (split * nk + k) * bk // group_rows if per_group else 0
         offset = None
         if fmt.signed_codes or has_zero:  # the per-column offset c of the nibbles: 8 for int4, plus z
-            c = even_odd(z_ref[pl.ds(g, 1), :]) if has_zero else (jnp.float32(0.0),) * 2
+            c = _planes(z_ref[pl.ds(g, 1), :], 2) if has_zero else (jnp.float32(0.0),) * 2
             offset = [ci + 8.0 if fmt.signed_codes else ci for ci in c]
             rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
-        scales = even_odd(s_ref[pl.ds(g, 1), :]) if per_group else None
+        scales = _planes(s_ref[pl.ds(g, 1), :], 2) if per_group else None
         out = []
         for half, nibbles in enumerate((p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4)))):
             # the even (low nibble) or odd (high nibble) columns (a magic GEMV decodes straight to float32)
@@ -115,9 +112,9 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
     zeros = jnp.zeros((bm, bnh), jnp.float32)
     even, odd = lax.fori_loop(0, nk, body, (zeros, zeros))
     if not per_group:
-        s_even, s_odd = even_odd(s_ref[...])
+        s_even, s_odd = _planes(s_ref[...], 2)
         even, odd = even * s_even, odd * s_odd
-    acc = jnp.stack([even, odd], axis=-1).reshape(bm, 2 * bnh)  # back to column order, once per program
+    acc = _column_order([even, odd])  # back to column order, once per program
     if atomic:
         pl_triton.atomic_add(o_ref, (slice(None), slice(None)), acc)
     else:
@@ -197,25 +194,30 @@ class _Words(NamedTuple):
         return out
 
 
+def _planes(row, count: int):
+    """A ``(rows, count * w)`` tile whose column ``count * i + j`` belongs to plane ``j`` -> the ``count``
+    planes ``(rows, w)`` (``count`` 2 or 8), split in registers: Triton splits two at a time."""
+    if count == 1:
+        return [row]
+    even, odd = jnp.unstack(row.reshape(row.shape[0], -1, 2), axis=-1)
+    evens, odds = _planes(even, count // 2), _planes(odd, count // 2)
+    return [plane for pair in zip(evens, odds) for plane in pair]  # plane j: j even from evens[j // 2]
+
+
+def _column_order(planes):
+    """The inverse of :func:`_planes`: ``count`` planes ``(rows, w)`` -> ``(rows, count * w)`` with column
+    ``count * i + j`` from plane ``j``, joined two at a time."""
+    if len(planes) == 1:
+        return planes[0]
+    even, odd = _column_order(planes[0::2]), _column_order(planes[1::2])
+    return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)
+
+
 def _plane_rows(ref, g):
     """The eight planes' ``(1, bw)`` rows of row ``g`` of a ``(groups, 8 * bw)`` per-column ref: one
     contiguous load, split in registers (eight strided loads cost more in the GEMV: 519 instructions per
     group against 109, ``tools/kernel_ptx.py``)."""
-    row = ref[pl.ds(g, 1), :].reshape(1, ref.shape[1] // 8, 2, 2, 2)  # column 8i + 4a + 2b + c
-    out = [None] * 8
-    for c, by_c in enumerate(jnp.unstack(row, axis=-1)):
-        for b, by_b in enumerate(jnp.unstack(by_c, axis=-1)):
-            for a, plane in enumerate(jnp.unstack(by_b, axis=-1)):
-                out[4 * a + 2 * b + c] = plane
-    return out
-
-
-def _column_order(planes):
-    """Eight ``(rows, bw)`` planes -> ``(rows, 8 * bw)`` with column ``8i + j`` from plane ``j``: the
-    inverse of :func:`_plane_rows`, as three levels of pairwise joins (Triton joins two at a time)."""
-    pairs = [jnp.stack([planes[t], planes[t + 4]], axis=-1) for t in range(4)]  # [.., a]: plane t + 4a
-    quads = [jnp.stack([pairs[u], pairs[u + 2]], axis=-1) for u in range(2)]  # [.., a, b]: u + 2b + 4a
-    return jnp.stack(quads, axis=-1).reshape(planes[0].shape[0], -1)  # [.., a, b, c]: c + 2b + 4a
+    return _planes(ref[pl.ds(g, 1), :], 8)
 
 
 def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, blocks_per_group: int, groups: int,
