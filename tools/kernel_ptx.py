@@ -83,8 +83,9 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
     ops = collections.Counter(line.split()[0] for line in ptx.splitlines()
                               if re.match(r"\s+[a-z]", line) and not line.strip().startswith("//"))
-    machine = collections.Counter(op.split(".")[0] for op in re.findall(r"/\*[0-9a-f]{4}\*/\s+([A-Z0-9_.]+)", sass))
-    loops = loop_bodies(sass)
+    lines = sass_lines(sass)
+    machine = collections.Counter(op for _, op, _ in lines)
+    loops = loop_bodies(lines)
     loop = loops[0] if loops else collections.Counter()
     return {
         "registers": int(used.group(1)) if used else None,
@@ -102,11 +103,16 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
     }
 
 
-def loop_bodies(sass: str) -> list[collections.Counter]:
+def sass_lines(sass: str) -> list[tuple[int, str, str]]:
+    """``cuobjdump -sass`` text -> ``(address, opcode without modifiers, operands)`` per instruction,
+    predicated ones included."""
+    return [(int(a, 16), op.split(".")[0], rest) for a, op, rest in
+            re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\d+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
+
+
+def loop_bodies(lines: list[tuple[int, str, str]]) -> list[collections.Counter]:
     """The machine instructions of each loop (a branch back to a lower address) by opcode, innermost
     (shortest) first; an outer loop's count includes its inner loops' bodies once."""
-    lines = [(int(a, 16), op.split(".")[0], rest) for a, op, rest in
-             re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\d+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
     spans = sorted(((int(rest.split()[-1], 16), a) for a, op, rest in lines
                     if op == "BRA" and re.fullmatch(r"0x[0-9a-f]+", rest.strip()) and int(rest.split()[-1], 16) < a),
                    key=lambda span: span[1] - span[0])
