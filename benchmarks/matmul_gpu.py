@@ -29,6 +29,7 @@ import numpy as np
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
+from quantize_jax.kernels import pallas_gpu
 from quantize_jax.matmul import _grid, _pallas_kernel, fake_int8_tokens
 
 N_PAIRS = 16
@@ -223,12 +224,10 @@ def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_
     from jax.experimental.pallas import triton as pl_triton
 
     def fn(x, q):
-        kk, nh = q.packed.shape
+        kk = q.packed.shape[0]
         width = block_n // 8 if words else block_n // 2  # the tile's elements per row
         nk = kk // split_k // block_k
-        packed = q.packed
-        if words:
-            packed = jax.lax.bitcast_convert_type(packed.reshape(kk, nh // 4, 4), jnp.uint32)
+        packed = pallas_gpu.as_words(q.packed) if words else q.packed
 
         def kernel(p_ref, o_ref):
             def body(i, acc):

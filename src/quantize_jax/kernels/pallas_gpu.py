@@ -287,6 +287,12 @@ def _words_dot_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, nk: in
     o_ref[...] = _column_order(lax.fori_loop(0, nk, block, (jnp.zeros((bm, bw), jnp.float32),) * 8))
 
 
+def as_words(packed):
+    """Packed bytes ``(K, 4 * w)`` -> ``(K, w)`` uint32, four bytes a word, little-endian: the same bytes
+    read as words (what the word kernels load)."""
+    return lax.bitcast_convert_type(packed.reshape(packed.shape[0], -1, 4), jnp.uint32)
+
+
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
 
 
@@ -381,9 +387,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     def pad(a, rows, cols, fill=0):
         return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=fill)
 
-    codes = pad(packed, kp, nhp)
-    if words:  # four bytes -> one little-endian uint32 (the same bytes, read as words)
-        codes = lax.bitcast_convert_type(codes.reshape(kp, nhp // 4, 4), jnp.uint32)
+    codes = as_words(pad(packed, kp, nhp)) if words else pad(packed, kp, nhp)
     lanes = 4 if words else 1  # bytes per element of the codes' tile
     operands = [pad(x, mp, kp), codes, pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
     row_block = pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j))
