@@ -144,13 +144,13 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
         check(row, lambda: jax.jit(kernel_fn(gemv=True, split_k=2))(x, q), lambda: reference(x, q))
         row = dict(fmt="int4", shape=f"{m}x512x256", group=128, dtype="bfloat16", backend="pallas atomic split-K")
         check(row, lambda: jax.jit(kernel_fn(split_k=4, atomic=True))(x, q), lambda: reference(x, q))
-    for fmt in formats:  # the word kernel (a GEMV at 1 row, tl.dot at 3) and the magic decode: new to the device
+    for fmt in formats:  # the PTX kernel (a GEMV at 1 row, tl.dot at 3) and the magic decode: new to the device
         for m, k, n, group in ((1, 200, 37, 64), (3, 384, 50, None)):
             q = qj.quantize(jax.random.normal(jax.random.key(k + n), (k, n)),
                             qj.QuantSpec(format=fmt, axis=0, group_size=group))
             for dtype in (jnp.float32, jnp.bfloat16):
                 x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
-                for variant in ("words", "magic"):
+                for variant in ("ptx", "magic"):
                     row = dict(fmt=fmt, shape=f"{m}x{k}x{n}", group=group or "channel", dtype=dtype.__name__,
                                backend=f"pallas {variant}")
                     check(row, lambda: jax.jit(kernel_fn(**{variant: True}))(x, q), lambda: reference(x, q))
@@ -163,8 +163,8 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
 
 
 def compiled_program(fn, x, q) -> str:
-    """The optimized HLO of ``fn(x, q)`` under jit: which kernels run (the words variant bitcasts the packed
-    bytes to uint32 outside the kernel; this shows whether XLA makes that a copy)."""
+    """The optimized HLO of ``fn(x, q)`` under jit: which kernels run (for the PTX kernel: that nothing
+    but the kernel reads the packed weight, no copy or conversion of it before the call)."""
     return jax.jit(fn).lower(x, q).compile().as_text()
 
 
@@ -175,20 +175,20 @@ def sweep_configs(m: int, k: int):
     splits: the default), 32.7 us with one 64-row K tile per program added atomically; M = 16 best with
     tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default). Those tiles are tried with the magic
     decode (unmeasured; offline its PTX has no integer-to-float conversions and 26-34% fewer registers)."""
-    # The word kernel first (unmeasured; tools/kernel_ptx.py reads 4.4 machine instructions per code in
-    # its GEMV and 2.9-3.2 through tl.dot, against 8.2 and 5.9 plus one I2F for the tiles below).
-    dots = [dict(words=True, gemv=False, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=k // rows)
+    # The PTX kernel first (unmeasured; tools/kernel_ptx.py reads 4.3 machine instructions per code in
+    # its GEMV and 3.4 through tl.dot, against 8.2 and 5.9 plus one I2F for the tiles below).
+    dots = [dict(ptx=True, gemv=False, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=k // rows)
             for bn, bk, w, st, rows in ((256, 128, 4, 3, 1024), (256, 64, 4, 3, 512), (256, 128, 4, 4, 1024),
                                         (256, 128, 8, 3, 1024), (512, 64, 8, 3, 512), (256, 32, 4, 3, 512),
                                         (256, 128, 4, 3, 512), (256, 128, 4, 3, 2048))]
-    words = []
+    ptx = []
     if m == 1:
-        words = [dict(words=True, gemv=True, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
+        ptx = [dict(ptx=True, gemv=True, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
                  for bn, bk, w, a, rows in ((256, 8, 4, 4, 512), (256, 8, 4, 4, 256), (256, 16, 4, 2, 512),
                                             (512, 8, 8, 4, 512), (256, 8, 4, 2, 512), (256, 8, 4, 4, 1024),
                                             (1024, 8, 8, 2, 512), (256, 16, 4, 1, 512))] + dots[:3]
     elif m <= 16:
-        words = dots
+        ptx = dots
     if m == 1:
         configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=k // (8 * bk))
                    for bn, bk in ((256, 64), (128, 64), (512, 64), (256, 32), (256, 128))]
@@ -208,37 +208,37 @@ def sweep_configs(m: int, k: int):
                    for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 64, 8, 4),
                                              (128, 128, 128, 8, 3), (64, 128, 64, 4, 4))]
     configs = [dict(c, magic=True) for c in configs]  # (the plain decode: session 4; its default: the row)
-    probes = [dict(probe=True, words=True, block_n=256, block_k=16, split_k=16),
+    probes = [dict(probe=True, integers=True, block_n=256, block_k=16, split_k=16),
               dict(probe=True, block_n=512, block_k=64, split_k=32)]
-    return words[:1] + probes + words[1:] + configs if m <= 16 else configs
+    return ptx[:1] + probes + ptx[1:] + configs if m <= 16 else configs
 
 
-def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, words=False, **_):
+def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, integers=False, **_):
     """A diagnostic Pallas kernel with the kernel's grid and loads but no decode or dot: it only sums the
     packed bytes (into a ``(block_k, block_n / 2)`` accumulator, or with ``fold_rows`` into one row per
     step, which keeps wide tiles in registers). Its time bounds what this grid and load pattern reach.
     The byte probes convert every byte to float32 (one ``I2F`` each), so they also pay for that; with
-    ``words`` the bytes are read as uint32 words and added as integers (one ``IADD`` per four bytes,
-    reduced once at the end): the closest to a pure load."""
+    ``integers`` the bytes are widened to uint32 and added as integers (one extraction and one ``IADD``
+    per byte, reduced once at the end): closer to a pure load."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pl_triton
 
     def fn(x, q):
         kk = q.packed.shape[0]
-        width = block_n // 8 if words else block_n // 2  # the tile's elements per row
+        width = block_n // 2  # the tile's bytes per row
         nk = kk // split_k // block_k
-        packed = pallas_gpu.as_words(q.packed) if words else q.packed
+        packed = q.packed
 
         def kernel(p_ref, o_ref):
             def body(i, acc):
                 tile = p_ref[pl.ds(i * block_k, block_k), :]
-                if words:
-                    return acc + tile
+                if integers:
+                    return acc + tile.astype(jnp.uint32)
                 tile = tile.astype(jnp.float32)
                 return acc + (jnp.sum(tile, axis=0, keepdims=True) if fold_rows else tile)
 
-            rows = 1 if fold_rows and not words else block_k
-            acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((rows, width), jnp.uint32 if words else jnp.float32))
+            rows = 1 if fold_rows and not integers else block_k
+            acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((rows, width), jnp.uint32 if integers else jnp.float32))
             o_ref[...] = jnp.sum(acc, axis=0, keepdims=True).astype(jnp.float32)
 
         out = pl.pallas_call(
@@ -261,8 +261,8 @@ PROBES = [(128, 128, 16, None, None, False), (128, 128, 16, None, None, True), (
           (256, 256, 8, None, None, True), (512, 256, 8, 8, None, True), (256, 128, 32, None, None, True),
           (512, 128, 8, 8, None, True), (256, 128, 16, None, 4, True), (512, 128, 16, 8, 3, True),
           (1024, 32, 32, 8, 4, True), (2048, 32, 16, 8, 3, True)]
-# the same with uint32 words added as integers (no per-byte conversion): (block_n, block_k, split_k, num_warps)
-WORD_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (512, 64, 32, None), (1024, 32, 16, 8),
+# the same with the bytes added as integers (no per-byte conversion): (block_n, block_k, split_k, num_warps)
+INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (512, 64, 32, None), (1024, 32, 16, 8),
                (256, 128, 16, None), (512, 128, 8, 8), (2048, 16, 16, 8)]
 
 
@@ -287,7 +287,7 @@ def main():
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run; the sweep stops early")
     ap.add_argument("--quick-checks", action="store_true", help="check the pallas backend only")
     ap.add_argument("--probes-only", action="store_true",
-                    help="time bf16 and the load probes (WORD_PROBES, PROBES) at M = 1")
+                    help="time bf16 and the load probes (INTEGER_PROBES, PROBES) at M = 1")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--no-llama", action="store_true", help="skip the Llama-like shapes")
@@ -336,8 +336,8 @@ def main():
     if args.probes_only:
         xs = activations(1, k)
         probes = [{"bf16": True, **timed(bf16_dot, xs, bfs)}]
-        patterns = [dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, words=True)
-                    for bn, bk, split, warps in WORD_PROBES]
+        patterns = [dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, integers=True)
+                    for bn, bk, split, warps in INTEGER_PROBES]
         patterns += [dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, fold_rows=fold)
                      for bn, bk, split, warps, stages, fold in PROBES]
         for entry in patterns:
@@ -364,11 +364,11 @@ def main():
         for backend in ("native", "dequant", "auto", "pallas"):
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
         row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))  # default tiles, magic decode
-        if m <= 16:  # the word kernel, its default tiles (a GEMV for one row, tl.dot for more)
-            row.update(timed(kernel_fn(words=True), xs, qs, "pallas_words_"))
+        if m <= 16:  # the PTX kernel, its default tiles (a GEMV for one row, tl.dot for more)
+            row.update(timed(kernel_fn(ptx=True), xs, qs, "pallas_ptx_"))
             if m == 1:
-                pathlib.Path(args.out).with_suffix(".words_hlo.txt").write_text(
-                    compiled_program(kernel_fn(words=True), xs[0], qs[0]))
+                pathlib.Path(args.out).with_suffix(".ptx_hlo.txt").write_text(
+                    compiled_program(kernel_fn(ptx=True), xs[0], qs[0]))
         row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs, "w4a8_auto_"))
         if isinstance(qwix_ws, str):
             row["qwix_us"] = qwix_ws
@@ -418,7 +418,7 @@ def main():
             for b in ("native", "dequant", "auto"):
                 row.update(timed(lambda x, q, b=b: qj.qdot(x, q, backend=b), xs, qs, f"{b}_"))
             row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))
-            row.update(timed(kernel_fn(words=True), xs, qs, "pallas_words_"))
+            row.update(timed(kernel_fn(ptx=True), xs, qs, "pallas_ptx_"))
             if m in best:
                 # the best tiles of K = N = kn, with as many K rows per split
                 tiles = tiles_of(best[m])

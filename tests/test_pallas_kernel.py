@@ -11,6 +11,7 @@ import quantize_jax as qj
 from quantize_jax.kernels import pallas_gpu
 from quantize_jax.matmul import _grid, _pallas_kernel
 
+from . import ptx
 from .conftest import FORMATS, PRODUCTS, product_operands
 
 
@@ -109,12 +110,12 @@ def test_magic_decode_names_an_unsupported_activation_dtype():
         (5, 256, 40, 64, jnp.float32, dict(gemv=False, split_k=2)),  # dot in float32
     ],
 )
-def test_word_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
-    """Codes read as 32-bit words, decoded plane by plane, and the planes' columns joined back in order."""
+def test_ptx_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
+    """Codes decoded as the inline PTX does (jnp ops here), plane by plane, the planes' columns joined back."""
     w = jax.random.normal(jax.random.key(k + n), (k, n))
     x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
     q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group))
-    y = _run(x, q, words=True, **blocks)
+    y = _run(x, q, ptx=True, **blocks)
     assert y.shape == (m, n) and y.dtype == jnp.float32
     if fmt == "nf4" and dtype != jnp.float32 and blocks.get("gemv") is False:
         ref = _run(x, q, gemv=False)  # a 16-bit dot rounds nf4's levels to the activations' dtype, as here
@@ -123,21 +124,43 @@ def test_word_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 
-def test_word_kernel_names_what_it_cannot_do():
+def test_ptx_kernel_names_what_it_cannot_do():
     q = qj.quantize(jnp.ones((128, 16)), qj.QuantSpec(axis=0))
-    with pytest.raises(ValueError, match="words=True .* got atomic=True, block_n=256, ahead=4"):
-        _run(jnp.ones((1, 128)), q, words=True, atomic=True)
-    with pytest.raises(ValueError, match="words=True .* got atomic=False, block_n=12, ahead=4"):
-        _run(jnp.ones((1, 128)), q, words=True, block_n=12)
-    with pytest.raises(ValueError, match="words=True .* got atomic=False, block_n=256, ahead=0"):
-        _run(jnp.ones((1, 128)), q, words=True, ahead=0)
+    with pytest.raises(ValueError, match="ptx=True .* got atomic=True, block_n=256, ahead=4"):
+        _run(jnp.ones((1, 128)), q, ptx=True, atomic=True)
+    with pytest.raises(ValueError, match="ptx=True .* got atomic=False, block_n=12, ahead=4"):
+        _run(jnp.ones((1, 128)), q, ptx=True, block_n=12)
+    with pytest.raises(ValueError, match="ptx=True .* got atomic=False, block_n=256, ahead=0"):
+        _run(jnp.ones((1, 128)), q, ptx=True, ahead=0)
 
 
 @settings(max_examples=10)
 @given(**PRODUCTS, gemv=st.booleans())
-def test_word_kernel_over_random_shapes(m, k, n, fmt, group, gemv):
+def test_ptx_kernel_over_random_shapes(m, k, n, fmt, group, gemv):
     """No shape is a multiple of the tiles: K and N padded, the planes' columns joined back in order."""
     x, q = product_operands(m, k, n, fmt, group)
-    y = _run(x, q, words=True, gemv=gemv)
+    y = _run(x, q, ptx=True, gemv=gemv)
     assert y.shape == (m, n)
     np.testing.assert_allclose(y, _reference(x, q), rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("high", [False, True])
+def test_decode_ptx_gives_every_byte_its_codes(dtype, signed, high):
+    """The kernel's inline PTX, run by a PTX interpreter over every byte (every pair of bytes for the
+    16-bit pairs), gives the codes that interpret mode computes with jnp ops (and that match unpack_int4)."""
+    asm, constraints, pack = pallas_gpu.nibble_ptx(dtype, signed, high)
+    assert constraints.split(",").count("r") == pack  # one input register per byte
+    byte = np.arange(256, dtype=np.uint32)
+    bytes_in = [byte] if pack == 1 else list(np.meshgrid(byte, byte, indexing="ij"))
+    out = ptx.run(asm, {1 + i: b.ravel() for i, b in enumerate(bytes_in)})[0]
+    if pack == 1:
+        got = [out.view(np.float32)]
+    else:
+        got = [(out >> np.uint32(16 * i) & 0xFFFF).astype(np.uint16).view(jnp.dtype(dtype)) for i in range(2)]
+    for b, values in zip(bytes_in, got):
+        want = pallas_gpu.nibble_values(jnp.asarray(b.ravel().astype(np.uint8)), signed, dtype)[int(high)]
+        np.testing.assert_array_equal(np.asarray(values, np.float32), np.asarray(want, np.float32))
+        codes = qj.unpack_int4(b.ravel().astype(np.uint8)[:, None], axis=-1, signed=signed)[:, int(high)]
+        np.testing.assert_array_equal(np.asarray(values, np.float32), np.asarray(codes, np.float32))

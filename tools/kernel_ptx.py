@@ -1,17 +1,17 @@
 """The Pallas kernel's GPU code, read without a GPU: registers, spills and instruction mix on an H100 (sm_90).
 
     pip install -e ".[ptx]"            # Triton's compiler and its ptxas run on a CPU machine
-    python tools/kernel_ptx.py 1 16 1,magic=True 16,magic=True [--kn 8192]
+    python tools/kernel_ptx.py 1 16 1,ptx=True 16,ptx=True [--kn 8192] [--format uint4] [--dtype float16] [--keep DIR]
 
 Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=value``); the weight is
-``kn x kn`` int4 with group 128, the activations bf16. The kernel is lowered for CUDA through
+``kn x kn`` int4 (``--format``) with group 128, the activations bf16 (``--dtype``). The kernel is lowered for CUDA through
 ``jax.export`` (no GPU needed; the Triton IR is taken from Pallas' lowering, a private JAX module),
 compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills; the PTX and the machine code
 (``cuobjdump -sass``) give instruction counts. Integer-to-float conversions (PTX ``cvt.rn.<float>.<int>``,
 SASS ``I2F``) are counted apart: GPUs run them at a fraction of their add rate. ``inner_loop`` counts the
 machine instructions of the shortest loop (the K loop, or one group of it where the compiler unrolled the
 K loop): divided by the codes each thread decodes per pass, the instructions each code costs. ``loops``
-lists every loop's instruction count, innermost first (the word GEMV's second is one group: its K loop
+lists every loop's instruction count, innermost first (the PTX GEMV's second is one group: its K loop
 once plus the group's reduction and scaling).
 Static facts only: times come from ``benchmarks/matmul_gpu.py`` on a device.
 """
@@ -35,8 +35,9 @@ from quantize_jax.kernels import pallas_gpu
 ARCH = 90
 
 
-def triton_ir(m: int, kn: int, blocks: dict) -> str:
-    """The Triton IR (text) of the kernel for an ``(m, kn) @ (kn, kn)`` product with ``blocks``."""
+def triton_ir(m: int, kn: int, blocks: dict, fmt: str = "int4", dtype=jnp.bfloat16) -> str:
+    """The Triton IR (text) of the kernel for an ``(m, kn) @ (kn, kn)`` product with ``blocks``: a ``fmt``
+    weight in groups of 128 rows, ``dtype`` activations."""
     captured = []
     lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
 
@@ -45,12 +46,12 @@ def triton_ir(m: int, kn: int, blocks: dict) -> str:
         captured.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
-    spec = qj.QuantSpec(axis=0, group_size=128)
+    spec = qj.QuantSpec(format=fmt, axis=0, group_size=128)
     q = jax.eval_shape(lambda w: qj.quantize(w, spec), jax.ShapeDtypeStruct((kn, kn), jnp.float32))
-    x = jax.ShapeDtypeStruct((m, kn), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((m, kn), dtype)
 
     def product(x, q):
-        return pallas_gpu.matmul(x, q.packed, q.scale, None, n=kn, fmt=spec.fmt, group_size=128, **blocks)
+        return pallas_gpu.matmul(x, q.packed, q.scale, q.zero_point, n=kn, fmt=spec.fmt, group_size=128, **blocks)
 
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
@@ -61,8 +62,9 @@ def triton_ir(m: int, kn: int, blocks: dict) -> str:
     return captured[-1]
 
 
-def report(ir: str, num_warps: int, num_stages: int) -> dict:
-    """Compile Triton IR for sm_90; registers and spills from ptxas, instruction counts from the PTX."""
+def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None = None) -> dict:
+    """Compile Triton IR for sm_90; registers and spills from ptxas, instruction counts from the PTX
+    (the PTX and the machine code written to ``keep.ptx`` / ``keep.sass`` where given)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -79,6 +81,9 @@ def report(ir: str, num_warps: int, num_stages: int) -> dict:
                               "-o", cubin], capture_output=True, text=True, check=True)
         sass = subprocess.run([str(tools / "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout
+    if keep:
+        keep.with_suffix(".ptx").write_text(ptx)
+        keep.with_suffix(".sass").write_text(sass)
     used = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
     ops = collections.Counter(line.split()[0] for line in ptx.splitlines()
@@ -123,6 +128,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("specs", nargs="+", help="M[,name=value...], e.g. 16,magic=True,block_n=128")
     ap.add_argument("--kn", type=int, default=8192)
+    ap.add_argument("--format", default="int4", choices=["int4", "uint4", "nf4", "fp4"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--keep", type=pathlib.Path, help="a folder to write each kernel's PTX and SASS into")
     args = ap.parse_args()
     for spec in args.specs:
         m, *pairs = spec.split(",")
@@ -130,8 +138,11 @@ def main():
         for pair in pairs:
             name, value = pair.split("=")
             blocks[name] = value == "True" if value in ("True", "False") else int(value)
-        ir = triton_ir(int(m), args.kn, blocks)
-        facts = report(ir, blocks.get("num_warps") or 4, blocks.get("num_stages") or 3)
+        ir = triton_ir(int(m), args.kn, blocks, args.format, jnp.dtype(args.dtype))
+        keep = args.keep / spec.replace(",", "_").replace("=", "-") if args.keep else None
+        if keep:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+        facts = report(ir, blocks.get("num_warps") or 4, blocks.get("num_stages") or 3, keep)
         print(f"M={m} {blocks or 'default tiles'}: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
 

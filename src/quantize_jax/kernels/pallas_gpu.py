@@ -26,12 +26,12 @@ the order of the adds, and so the last bits, vary from run to run), so a
 broadcast multiply and sum instead of a ``tl.dot`` (whose smallest tile has
 16 rows).
 
-``words=True`` reads the packed weight as 32-bit words (eight codes each; the
-bytes reinterpreted, not moved) and decodes each of a word's eight 4-bit planes
-where it sits: one ``lop3`` and one exact float subtraction per code, no byte
-extraction and no integer-to-float conversion (see :class:`_Words`). Its GEMV
-accumulates over K elementwise and reduces once, with the next K blocks
-loading while one computes; its dot path runs one ``tl.dot`` per plane.
+``ptx=True`` decodes integer codes with inline PTX (:func:`nibble_ptx`): each
+code's nibble masked, flipped and ORed into a float's bits by one ``lop3``, then
+one exact ``fma`` (16-bit pairs: two codes a ``lop3`` and a paired ``fma``); no
+integer-to-float conversion (see :class:`_PtxDecode`). Its GEMV accumulates over K
+elementwise and reduces once, with the next K blocks loading while one computes;
+its dot path runs one ``tl.dot`` per plane (low and high codes).
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
@@ -121,76 +122,102 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         o_ref[...] = acc
 
 
-class _Words(NamedTuple):
-    """How the word kernels decode (``words=True``): a word holds eight codes, plane ``j`` (bits
-    ``4j..4j+3``) column ``8i + j`` of word ``i``; the planes' sums are put back in column order once,
-    at the end (:func:`_column_order`).
+# lop3's truth table for ``b ? a ^ c : c`` (its operands' tables are 0xF0, 0xCC, 0xAA): with ``b`` a mask and
+# ``c`` the bits to set outside it (and to flip inside it), one instruction masks, flips and ORs in a float.
+_LOP3_SELECT = (0xCC & (0xF0 ^ 0xAA)) | (~0xCC & 0xAA & 0xFF)
 
-    Integer codes decode without a conversion instruction, to float32 or to 16-bit pairs:
 
-    * float32 (the GEMV, and float32 activations): the word masked to plane ``j``'s bits and ORed into
-      the bits of ``2**23`` reads as ``2**23 + 16**(j % 4) * u`` (planes 4-7 from the word shifted by
-      16); subtracting ``2**23 + 16**(j % 4) * c`` leaves ``16**(j % 4) * (u - c)`` exactly, and
-      ``16**-(j % 4)`` goes into the scale (:meth:`unit`);
-    * bf16 / f16 pairs (``tl.dot`` with 16-bit activations): ``(w >> 4j) & 0x000F000F`` ORed into two
-      copies of the bits of ``b`` (bf16 128, f16 1024) holds planes ``j`` and ``j + 4`` as two 16-bit
-      floats ``b + u``; subtracting ``b + c`` leaves ``u - c``.
+def _bits(value: float, dtype) -> int:
+    """The bits of ``value`` in the float ``dtype`` (as an unsigned integer)."""
+    width = jnp.dtype(dtype).itemsize
+    return int(np.asarray(value, dtype).view(f"<u{width}"))
 
-    The mask and the OR are one ``lop3`` (inline PTX; ptxas makes two of ``(w & m) | b``). ``nf4`` and
-    ``fp4`` decode each plane's codes by a select chain, to float32."""
+
+def _ptx_float(value: float, dtype) -> str:
+    """A PTX immediate: float32 ``0fXXXXXXXX``; for 16-bit floats, the two-copy ``.b32`` pair."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return f"0f{_bits(value, dtype):08X}"
+    return f"{_bits(value, dtype) * 0x10001:#010x}"
+
+
+def nibble_ptx(dtype, signed: bool, high: bool) -> tuple[str, str, int]:
+    """Inline PTX, its constraints and its ``pack``: bytes, one per 32-bit register (zero-extended), ->
+    each byte's low (or ``high``) code as ``dtype``.
+
+    A code's nibble, masked where it sits (``int4``'s sign bit flipped: ``q + 8``) and ORed into the bits
+    of a float ``b`` whose mantissa spacing is 1, reads as ``b + 2**s * n`` (``s`` = 0, or 4 for the high
+    nibble); one exact ``fma`` by ``2**-s`` minus ``b * 2**-s`` (plus 8 for ``int4``) leaves the code.
+    The mask, the flip and the OR are one ``lop3``. float32 (``b = 2**23``): one byte a call, ``lop3`` and
+    ``fma`` per code. bf16 / f16 (``b`` = 128 / 1024; a high nibble shifted down first, their 7-bit
+    mantissa has no room for it in place): two bytes a call (``pack=2``), one ``prmt`` puts them into the
+    two halves of a word, and one ``lop3`` and one paired ``fma`` decode both: 3 (high: 4) instructions
+    per two codes. Each output comes from its own byte, whichever bytes a call is handed.
+    """
+    dtype = jnp.dtype(dtype)
+    flip = 0x88888888 if signed else 0
+    offset = 8.0 if signed else 0.0
+    if dtype == jnp.float32:
+        place = 4 * high
+        mask = 0xF << place
+        fill = (flip & mask) | _bits(2.0**23, dtype)
+        scale, bias = _ptx_float(2.0**-place, dtype), _ptx_float(-(2.0 ** (23 - place) + offset), dtype)
+        asm = f"{{ .reg .b32 t; lop3.b32 t, $1, {mask:#x}, {fill:#x}, {_LOP3_SELECT:#x}; fma.rn.f32 $0, t, {scale}, {bias}; }}"
+        return asm, "=r,r", 1
+    base = 128.0 if dtype == jnp.bfloat16 else 1024.0
+    mask = 0x000F000F
+    fill = (flip & mask) | _bits(base, dtype) * 0x10001
+    kind = "bf16x2" if dtype == jnp.bfloat16 else "f16x2"
+    asm = ("{ .reg .b32 s, t, one, bias; "  # (16-bit pairs take no immediates: the constants go in registers)
+           f"mov.b32 one, {_ptx_float(1.0, dtype)}; mov.b32 bias, {_ptx_float(-(base + offset), dtype)}; "
+           "prmt.b32 s, $1, $2, 0x0400; "  # the first byte into bits 0-7, the second into bits 16-23
+           + ("shr.b32 s, s, 4; " if high else "")
+           + f"lop3.b32 t, s, {mask:#x}, {fill:#x}, {_LOP3_SELECT:#x}; fma.rn.{kind} $0, t, one, bias; }}")
+    return asm, "=r,r,r", 2
+
+
+def nibble_values(p, signed: bool, dtype):
+    """What :func:`nibble_ptx` computes, in jnp ops: bytes -> (low codes, high codes) as ``dtype``."""
+    out = []
+    for nibbles in (p & 15, lax.shift_right_logical(p, jnp.asarray(4, p.dtype)) & 15):
+        codes = nibbles.astype(jnp.int32)
+        out.append((codes - 16 * (codes >= 8) if signed else codes).astype(dtype))
+    return out
+
+
+class _PtxDecode(NamedTuple):
+    """How the PTX kernels decode (``ptx=True``): bytes of the packed tile, widened to 32-bit registers,
+    into the low and the high codes' values by :func:`nibble_ptx`: two planes, the even and odd output
+    columns, joined back in order once, at the end (:func:`_column_order`).
+
+    Integer codes decode to float32 (the GEMV, and float32 activations) or, for ``tl.dot`` with
+    bf16 / f16 activations, to that dtype two codes at a time; ``nf4`` and ``fp4`` by a select chain.
+    Zero points are subtracted by the kernels, after the products. (Reading the bytes as uint32 words
+    instead would need XLA to reinterpret them outside the kernel: a ``bitcast_convert_type`` between
+    widths, which XLA's CPU and GPU compilers expand into a copy of the whole weight.)"""
 
     fmt: Format
     dtype: jnp.dtype  # the activations' dtype
     gemv: bool
-    interpret: bool  # (the inline PTX has no interpreter: plain jnp ops there, the same values)
+    interpret: bool  # (the inline PTX has no interpreter: the same values from jnp ops there)
 
     @property
-    def pairs(self) -> bool:
-        return self.fmt.is_integer and not self.gemv and jnp.dtype(self.dtype).itemsize == 2
+    def value_dtype(self):
+        """The decoded values' dtype: the activations' for a 16-bit dot (integer codes as pairs), else float32."""
+        return self.dtype if not self.gemv and jnp.dtype(self.dtype).itemsize == 2 else jnp.float32
 
-    def unit(self, j: int) -> float:
-        return 16.0 ** -(j % 4) if self.fmt.is_integer and not self.pairs else 1.0
-
-    def flip(self, w):  # int4's two's complement nibbles q -> q + 8, unsigned
-        return w ^ jnp.uint32(0x88888888) if self.fmt.signed_codes else w
-
-    def offsets(self, zero_rows):
-        """Per plane, what decoding subtracts: the magic number and the code offset ``c`` (8 for int4, plus
-        the plane's zero points ``zero_rows[j]`` where given)."""
-        c = [jnp.float32(8.0 if self.fmt.signed_codes else 0.0)] * 8
-        if zero_rows is not None:
-            c = [ci + z for ci, z in zip(c, zero_rows)]
-        if self.pairs:
-            return [(ci + _MAGIC[jnp.dtype(self.dtype).type][2]).astype(self.dtype) for ci in c]
-        return [2.0**23 + ci * 16.0 ** (j % 4) for j, ci in enumerate(c)]
-
-    def mask_or(self, bits, mask: int, magic: int):  # (bits & mask) | magic
-        if self.interpret:
-            return (bits & jnp.uint32(mask)) | jnp.uint32(magic)
-        bits = lax.bitcast_convert_type(bits, jnp.int32)  # (the asm's operands are signless integers)
-        out = pl_triton.elementwise_inline_asm(
-            f"lop3.b32 $0, $1, {mask:#x}, {magic:#x}, 0xea;", args=[bits], constraints="=r,r", pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(bits.shape, jnp.int32)])[0]
-        return lax.bitcast_convert_type(out, jnp.uint32)
-
-    def planes(self, w, offset):
-        """The eight planes' values of the words ``w`` (float32, or the activations' dtype for pairs)."""
+    def planes(self, p):
+        """The low and the high codes' values of the bytes ``p`` (uint8, or zero-extended to uint32)."""
         if not self.fmt.is_integer:
-            return [_levels(lax.shift_right_logical(w, jnp.uint32(4 * j)) & jnp.uint32(15), self.fmt, jnp.float32)
-                    for j in range(8)]
-        out = [None] * 8
-        if self.pairs:
-            uint, pattern, _ = _MAGIC[jnp.dtype(self.dtype).type]
-            for j in range(4):
-                bits = self.mask_or(lax.shift_right_logical(w, jnp.uint32(4 * j)) if j else w, 0x000F000F,
-                                    pattern << 16 | pattern)
-                for plane, half in ((j, bits), (j + 4, lax.shift_right_logical(bits, jnp.uint32(16)))):
-                    out[plane] = lax.bitcast_convert_type(half.astype(uint), self.dtype) - offset[plane]
-            return out
-        for j in range(8):
-            bits = self.mask_or(lax.shift_right_logical(w, jnp.uint32(16)) if j >= 4 else w, 15 << 4 * (j % 4),
-                                0x4B000000)
-            out[j] = lax.bitcast_convert_type(bits, jnp.float32) - offset[j]
+            return [_levels(nibbles, self.fmt, self.value_dtype)
+                    for nibbles in (p & 15, lax.shift_right_logical(p, jnp.asarray(4, p.dtype)))]
+        if self.interpret:
+            return nibble_values(p, self.fmt.signed_codes, self.value_dtype)
+        p = lax.bitcast_convert_type(p.astype(jnp.uint32), jnp.int32)  # (inline asm takes signless integers)
+        out = []
+        for high in (False, True):
+            asm, constraints, pack = nibble_ptx(self.value_dtype, self.fmt.signed_codes, high)
+            out += pl_triton.elementwise_inline_asm(asm, args=[p], constraints=constraints, pack=pack,
+                                                    result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, self.value_dtype)])
         return out
 
 
@@ -214,26 +241,27 @@ def _column_order(planes):
 
 
 def _plane_rows(ref, g):
-    """The eight planes' ``(1, bw)`` rows of row ``g`` of a ``(groups, 8 * bw)`` per-column ref: one
-    contiguous load, split in registers (eight strided loads cost more in the GEMV: 519 instructions per
-    group against 109, ``tools/kernel_ptx.py``)."""
-    return _planes(ref[pl.ds(g, 1), :], 8)
+    """The two planes' ``(1, bnh)`` rows (even and odd columns) of row ``g`` of a ``(groups, 2 * bnh)``
+    per-column ref: one contiguous load, split in registers (two strided loads cost more in the GEMV,
+    ``tools/kernel_ptx.py``)."""
+    return _planes(ref[pl.ds(g, 1), :], 2)
 
 
-def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, blocks_per_group: int, groups: int,
+def _ptx_gemv_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, blocks_per_group: int, groups: int,
                        ahead: int):
-    """The word GEMV: one ``(bm, block_n)`` output tile from ``groups`` groups of ``blocks_per_group`` K
-    blocks of ``bk`` rows (see :class:`_Words` for the decode).
+    """The PTX GEMV: one ``(bm, block_n)`` output tile from ``groups`` groups of ``blocks_per_group`` K
+    blocks of ``bk`` rows (see :class:`_PtxDecode` for the decode).
 
-    Products accumulate elementwise in a ``(bk, bw)`` tile per activation row and plane (no reduction
-    inside the loop); at the end of a group that tile, times the group's scales, is added into a second
-    tile, summed over its rows once, at the end (a reduction per group cost half as much again as the
-    loop). The words of the next ``ahead`` blocks are loading while a block computes (carried through
-    the loop: a GPU load does not wait until its value is used). The activations load where they are
-    used: a few hundred bytes that every column tile reads (in cache); carried along too, Triton moved
-    them through shared memory behind two barriers per block (``tools/kernel_ptx.py``)."""
+    Products accumulate elementwise in a ``(bk, bnh)`` tile per activation row and plane (no reduction
+    inside the loop); at the end of a group that tile, less the zero points times the group's activation
+    sums, times the group's scales, is added into a second tile, summed over its rows once, at the end
+    (a reduction per group cost half as much again as the loop). The bytes of the next ``ahead`` blocks
+    are loading while a block computes (carried through the loop: a GPU load does not wait until its
+    value is used). The activations load where they are used: a few hundred bytes that every column tile
+    reads (in cache); carried along too, Triton moved them through shared memory behind two barriers per
+    block (``tools/kernel_ptx.py``)."""
     z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
-    bm, bw = x_ref.shape[0], p_ref.shape[1]
+    bm, bnh = x_ref.shape[0], p_ref.shape[1]
     split = pl.program_id(2)
     last = groups * blocks_per_group - 1
 
@@ -242,55 +270,54 @@ def _words_gemv_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, block
 
     def group(g, carry):
         acc, queue = carry
-        gi = split * groups + g
-        offset = words.offsets(None if z_ref is None else _plane_rows(z_ref, gi))
 
         def block(b, carry):
-            part, queue = carry
-            ahead_words = words.flip(p_ref[rows(g * blocks_per_group + b + ahead), :])
-            w, queue = queue[0], queue[1:] + (ahead_words,)
-            v = words.planes(w, offset)
+            part, xsum, queue = carry
+            p, queue = queue[0], queue[1:] + (p_ref[rows(g * blocks_per_group + b + ahead), :].astype(jnp.uint32),)
+            v = decode.planes(p)
             x = [x_ref[pl.ds(r, 1), rows(g * blocks_per_group + b)].astype(jnp.float32).reshape(bk, 1)
                  for r in range(bm)]
-            return tuple(part[r * 8 + j] + x[r] * v[j] for r in range(bm) for j in range(8)), queue
+            part = tuple(part[r * 2 + j] + x[r] * v[j] for r in range(bm) for j in range(2))
+            return part, tuple(s + xr for s, xr in zip(xsum, x)), queue
 
-        zeros = (jnp.zeros((bk, bw), jnp.float32),) * (8 * bm)
-        part, queue = lax.fori_loop(0, blocks_per_group, block, (zeros, queue))
+        zeros = (jnp.zeros((bk, bnh), jnp.float32),) * (2 * bm)
+        xsum = (jnp.zeros((bk, 1), jnp.float32),) * bm
+        part, xsum, queue = lax.fori_loop(0, blocks_per_group, block, (zeros, xsum, queue))
+        gi = split * groups + g
         scales = _plane_rows(s_ref, gi)
-        return tuple(a + p * (scales[i % 8] * words.unit(i % 8)) for i, (a, p) in enumerate(zip(acc, part))), queue
+        if z_ref is not None:
+            zeros = _plane_rows(z_ref, gi)
+            part = tuple(p - xsum[i // 2] * zeros[i % 2] for i, p in enumerate(part))
+        return tuple(a + p * scales[i % 2] for i, (a, p) in enumerate(zip(acc, part))), queue
 
-    queue = tuple(words.flip(p_ref[rows(b), :]) for b in range(ahead))
-    acc, _ = lax.fori_loop(0, groups, group, ((jnp.zeros((bk, bw), jnp.float32),) * 8 * bm, queue))
+    queue = tuple(p_ref[rows(b), :].astype(jnp.uint32) for b in range(ahead))
+    acc, _ = lax.fori_loop(0, groups, group, ((jnp.zeros((bk, bnh), jnp.float32),) * 2 * bm, queue))
     for r in range(bm):
-        o_ref[pl.ds(r, 1), :] = _column_order([jnp.sum(a, axis=0, keepdims=True) for a in acc[r * 8:r * 8 + 8]])
+        o_ref[pl.ds(r, 1), :] = _column_order([jnp.sum(a, axis=0, keepdims=True) for a in acc[r * 2:r * 2 + 2]])
 
 
-def _words_dot_kernel(x_ref, p_ref, s_ref, *rest, words: _Words, bk: int, nk: int, group_rows: int):
-    """The word kernel through ``tl.dot``: per K block, eight ``(bm, bk) @ (bk, bw)`` dots, one per plane,
-    each scaled by its block's group (see :class:`_Words` for the decode). One flat loop over the split's
-    ``nk`` blocks, loads where they are used: Triton pipelines them itself (``cp.async``; offline it also
-    took fewer registers and instructions than words carried through the loop)."""
+def _ptx_dot_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, nk: int, group_rows: int):
+    """The PTX kernel through ``tl.dot``: per K block, two ``(bm, bk) @ (bk, bnh)`` dots, one per plane,
+    less the zero points times the block's activation row sums, scaled by the block's group (see
+    :class:`_PtxDecode` for the decode). One flat loop over the split's ``nk`` blocks, loads where they are
+    used: Triton pipelines them itself (``cp.async``; offline it also took fewer registers and
+    instructions than tiles carried through the loop)."""
     z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
-    bm, bw = x_ref.shape[0], p_ref.shape[1]
+    bm, bnh = x_ref.shape[0], p_ref.shape[1]
     split = pl.program_id(2)
     precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
     def block(k, acc):
         rows = pl.ds(k * bk, bk)
         g = (split * nk + k) * bk // group_rows
-        offset = words.offsets(None if z_ref is None else _plane_rows(z_ref, g))
-        v = words.planes(words.flip(p_ref[rows, :]), offset)
-        x, scales = x_ref[:, rows], _plane_rows(s_ref, g)
-        return tuple(a + jnp.dot(x, v[j].astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
-                     * (scales[j] * words.unit(j)) for j, a in enumerate(acc))
+        x, v, scales = x_ref[:, rows], decode.planes(p_ref[rows, :]), _plane_rows(s_ref, g)
+        part = [jnp.dot(x, vj.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision) for vj in v]
+        if z_ref is not None:
+            rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+            part = [pj - rowsum * zj for pj, zj in zip(part, _plane_rows(z_ref, g))]
+        return tuple(a + pj * sj for a, pj, sj in zip(acc, part, scales))
 
-    o_ref[...] = _column_order(lax.fori_loop(0, nk, block, (jnp.zeros((bm, bw), jnp.float32),) * 8))
-
-
-def as_words(packed):
-    """Packed bytes ``(K, 4 * w)`` -> ``(K, w)`` uint32, four bytes a word, little-endian: the same bytes
-    read as words (what the word kernels load)."""
-    return lax.bitcast_convert_type(packed.reshape(packed.shape[0], -1, 4), jnp.uint32)
+    o_ref[...] = _column_order(lax.fori_loop(0, nk, block, (jnp.zeros((bm, bnh), jnp.float32),) * 2))
 
 
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
@@ -325,7 +352,7 @@ def _split_k(k: int, bk: int, blocks_per_split: int = 8) -> int:
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-           gemv: bool | None = None, atomic: bool = False, magic: bool = False, words: bool = False,
+           gemv: bool | None = None, atomic: bool = False, magic: bool = False, ptx: bool = False,
            ahead: int = 4, num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
     """``x @ W`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``.
 
@@ -344,11 +371,11 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         writing partial sums for XLA to add (not bit-reproducible).
       magic: decode integer codes by ORing them into a float's mantissa
         instead of converting them (see :func:`_levels`); the same values.
-      words: read the weight as 32-bit words of eight codes, decoded plane
-        by plane without conversions (see :class:`_Words`), as a GEMV or
-        through ``tl.dot`` (``gemv``); ``block_n`` a multiple of 8, the K
-        splits summed by XLA; a GEMV's splits hold whole groups.
-      ahead: for the word GEMV, how many K blocks load ahead of the one
+      ptx: decode integer codes with inline PTX, without conversions (see
+        :class:`_PtxDecode`), as a GEMV or through ``tl.dot`` (``gemv``);
+        ``block_n`` a multiple of 8, the K splits summed by XLA; a GEMV's
+        splits hold whole groups.
+      ahead: for the PTX GEMV, how many K blocks load ahead of the one
         computing (at least 1; the dot path leaves that to Triton's
         ``num_stages``).
       num_warps, num_stages: Triton compiler parameters (``None``: Triton's).
@@ -361,14 +388,19 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     per_group = scale.shape[0] > 1
     blocks = default_blocks(m, k, group_size, per_group)
     bn = block_n or blocks["block_n"]
-    if words and (atomic or bn % 8 or ahead < 1):
-        raise ValueError(f"pallas: words=True sums K splits in XLA and takes block_n a multiple of 8 and ahead >= 1; "
+    if ptx and (atomic or bn % 8 or ahead < 1):
+        raise ValueError(f"pallas: ptx=True sums K splits in XLA and takes block_n a multiple of 8 and ahead >= 1; "
                          f"got atomic={atomic}, block_n={bn}, ahead={ahead}")
     gemv = blocks["gemv"] if gemv is None else gemv
     bm = block_m or (pl.next_power_of_2(m) if gemv else max(blocks["block_m"], MIN_BLOCK_K))
-    bk = block_k or (default_block_k(group_size, per_group, most=8) if words and gemv else blocks["block_k"])
-    unit = group_size if words and gemv and per_group else bk  # a K split holds whole units
-    split_k = split_k or (_split_k(k, unit, max(1, 512 // unit)) if words else blocks["split_k"])
+    if ptx and gemv:
+        bk = block_k or default_block_k(group_size, per_group, most=8)
+    elif ptx and not fmt.is_integer:  # (a select chain per code: 128-row blocks spill registers)
+        bk = block_k or default_block_k(group_size, per_group, most=64)
+    else:
+        bk = block_k or blocks["block_k"]
+    unit = group_size if ptx and gemv and per_group else bk  # a K split holds whole units
+    split_k = split_k or (_split_k(k, unit, max(1, 512 // unit)) if ptx else blocks["split_k"])
     if magic and jnp.dtype(x.dtype).type not in _MAGIC:
         raise ValueError(f"pallas: magic=True decodes into float32, bfloat16 or float16 activations, not {x.dtype}")
     if per_group and group_size % bk:
@@ -387,24 +419,22 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     def pad(a, rows, cols, fill=0):
         return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=fill)
 
-    codes = as_words(pad(packed, kp, nhp)) if words else pad(packed, kp, nhp)
-    lanes = 4 if words else 1  # bytes per element of the codes' tile
-    operands = [pad(x, mp, kp), codes, pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
+    operands = [pad(x, mp, kp), pad(packed, kp, nhp), pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
     row_block = pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j))
     in_specs = [
         pl.BlockSpec((bm, kp // split_k), lambda i, j, s: (i, s)),
-        pl.BlockSpec((kp // split_k, bnh // lanes), lambda i, j, s: (s, j)),
+        pl.BlockSpec((kp // split_k, bnh), lambda i, j, s: (s, j)),
         row_block,
     ]
     if zero_point is not None:
         operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
         in_specs.append(row_block)
-    if words and gemv:
+    if ptx and gemv:
         rows = group_size if per_group else kp // split_k  # the rows of one scale row within a split
-        kernel = functools.partial(_words_gemv_kernel, words=_Words(fmt, x.dtype, gemv, interpret), bk=bk,
+        kernel = functools.partial(_ptx_gemv_kernel, decode=_PtxDecode(fmt, x.dtype, gemv, interpret), bk=bk,
                                    blocks_per_group=rows // bk, groups=kp // split_k // rows, ahead=ahead)
-    elif words:
-        kernel = functools.partial(_words_dot_kernel, words=_Words(fmt, x.dtype, gemv, interpret), bk=bk,
+    elif ptx:
+        kernel = functools.partial(_ptx_dot_kernel, decode=_PtxDecode(fmt, x.dtype, gemv, interpret), bk=bk,
                                    nk=kp // split_k // bk, group_rows=group_size)
     else:
         kernel = functools.partial(
