@@ -112,7 +112,7 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
     w = jax.random.normal(jax.random.key(13), (256, 48))
     q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
     f = jax.jit(lambda x, q: qj.qdot(x, q, act_quant=act_quant))
-    for m in (2, 16, 64):  # the Triton kernel on CUDA: decode-sized M (up to PALLAS_MAX_M = 16), or any M for W4A8
+    for m in (2, 16, 64, 256):  # the Triton kernel on CUDA: up to PALLAS_MAX_M = 128 rows, or any M for W4A8
         x = jax.random.normal(jax.random.key(m), (m, 256)).astype(jnp.bfloat16)
         exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"], disabled_checks=[_TRITON])(x, q)
         assert ("xla.gpu.triton" in exp.mlir_module()) == (m <= PALLAS_MAX_M or act_quant is not None)

@@ -33,6 +33,7 @@ def _reference(x, q):
         (1, 256, 40, 128, dict(split_k=2, gemv=True, atomic=True)),
         (20, 130, 50, None, dict(block_m=16, block_n=32, block_k=32)),
         (5, 96, 18, 48, dict()),
+        (40, 512, 72, 64, dict()),  # default tiles past 16 rows: 64 x 128, K split 8 (a one-tile grid)
     ],
 )
 def test_kernel_matches_the_reference(fmt, m, k, n, group, blocks):
@@ -60,14 +61,23 @@ def test_block_k_must_divide_the_group():
 
 
 @pytest.mark.parametrize("k", [4096, 8192, 11008, 14336])
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 64])
 def test_default_tiles_split_k_evenly(m, k):
     """Splits cut K into whole blocks (padding K would copy the whole weight), one row is a GEMV."""
-    tiles = pallas_gpu.default_blocks(m, k, 128, per_group=True)
+    tiles = pallas_gpu.default_blocks(m, k, 8192, 128, per_group=True)
     assert tiles["gemv"] == (m == 1)
     assert k % (tiles["block_k"] * tiles["split_k"]) == 0
-    if k % 1024 == 0:  # about 8 K blocks per split
+    if k % 1024 == 0 and m <= 16:  # about 8 K blocks per split
         assert k // (tiles["block_k"] * tiles["split_k"]) == 8
+
+
+@pytest.mark.parametrize("m, n, tile, splits", [(17, 8192, (32, 128), 4), (64, 8192, (64, 128), 4),
+                                               (128, 8192, (64, 128), 2), (1024, 8192, (64, 128), 1),
+                                               (64, 14336, (64, 128), 2)])
+def test_more_rows_split_k_until_the_grid_fills(m, n, tile, splits):
+    """Past 16 rows: 32- or 64-row tiles, K split until about 256 programs (M x N tiles x splits) run."""
+    tiles = pallas_gpu.default_blocks(m, 8192, n, 128, per_group=True)
+    assert (tiles["block_m"], tiles["block_n"], tiles["split_k"], tiles["gemv"]) == (*tile, splits, False)
 
 
 def test_one_row_through_the_dot_takes_a_whole_dot_tile():

@@ -18,8 +18,9 @@ Backends (``backend=``):
 * ``"pallas"`` — the Pallas kernel of :mod:`quantize_jax.kernels.pallas_gpu`
   (GPU; interpreted on CPU, for tests).
 * ``"auto"`` (default) — chosen per platform when lowering: ``chunked`` on
-  CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows, ``native`` up
-  to ``NATIVE_MAX_M`` and ``dequant`` above; ``native`` on TPU and ROCm.
+  CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows (``native`` up
+  to ``NATIVE_MAX_M`` for scale groups under 16 rows) and ``dequant`` above;
+  ``native`` on TPU and ROCm.
   Each platform's code is lowered for that platform only, so one jitted
   function exports for all of them.
 
@@ -66,11 +67,13 @@ from quantize_jax.qarray import QArray, dequantize
 
 BACKENDS = ("auto", "xla", "chunked", "native", "dequant", "pallas")
 ACT_QUANT = (None, "int8")
-# Rows up to which auto uses the Pallas kernel, then XLA's int4 (``native``), on NVIDIA GPUs. On an H100
-# (benchmarks/RESULTS.md) the kernel beat native 5.8x at M = 1 and 1.4x at M = 16 (tied at M = 4);
-# dequant beat native 6x at M = 1024. Only M = 1, 4, 16 and 1024 were measured: the bounds between are
-# estimates.
-PALLAS_MAX_M = 16
+# Rows up to which auto uses the Pallas kernel on NVIDIA GPUs; then ``dequant`` (``native`` up to
+# NATIVE_MAX_M rows where the kernel's K block cannot reach 16 rows). On an H100 (benchmarks/RESULTS.md)
+# the kernel beat native 5.8x at M = 1 and 1.4x at M = 16 (tied at M = 4), and dequant took 122-127 us at
+# M = 1-16 and 258-268 at M = 1024, never less; the kernel's 64-row tiles took 589-694 us at M = 1024,
+# 37-43 us per 64-row pass over the weight, so up to 128 rows (two passes) it should stay well under
+# dequant. Only M = 1, 4, 16 and 1024 were measured: the bounds between are estimates from those.
+PALLAS_MAX_M = 128
 NATIVE_MAX_M = 32
 # The CPU paths unpack the weight one chunk of _CHUNK_ROWS K rows at a time (512 x 4096 float32 = 8 MiB
 # over two dots); the float32 path cuts packed rows over 2 * _COL_BLOCK bytes (4096 columns) into tiles of
@@ -195,7 +198,7 @@ def _choose(platform: str, backend: str, act_quant, m: int, grid: _Grid):
     if platform == "cuda" and act_quant:  # the kernel at any M: 610-633 us at M = 1024, int32 path 1665
         return functools.partial(_w4a8_kernel, interpret=False) if _pallas_fits(grid) else _w4a8
     if platform == "cuda":
-        if m <= PALLAS_MAX_M and _pallas_fits(grid):  # bound by the weight's bytes
+        if m <= PALLAS_MAX_M and _pallas_fits(grid):  # bound by the weight's bytes (one or two passes)
             return functools.partial(_pallas_kernel, interpret=False)
         return _native if m <= NATIVE_MAX_M else _dequant  # above: bound by the arithmetic, XLA's GEMM
     return _w4a8 if act_quant else _native

@@ -281,7 +281,7 @@ def _ptx_gemv_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, bl
             return part, tuple(s + xr for s, xr in zip(xsum, x)), queue
 
         zeros = (jnp.zeros((bk, bnh), jnp.float32),) * (2 * bm)
-        xsum = (jnp.zeros((bk, 1), jnp.float32),) * bm
+        xsum = (jnp.zeros((bk, 1), jnp.float32),) * bm if z_ref is not None else ()  # for the zero points
         part, xsum, queue = lax.fori_loop(0, blocks_per_group, block, (zeros, xsum, queue))
         gi = split * groups + g
         scales = _plane_rows(s_ref, gi)
@@ -328,26 +328,40 @@ def default_block_k(group_size: int, per_group: bool, most: int = 128) -> int:
     return math.gcd(group_size, most) if per_group else most
 
 
-def default_blocks(m: int, k: int, group_size: int, per_group: bool) -> dict:
-    """Tiles for an ``(m, k)`` input: ``block_m, block_n, block_k, split_k, gemv`` (the best deterministic
-    tiles of the H100 sweep in ``benchmarks/matmul_gpu.py``, K = N = 8192). One row is a GEMV (multiply
-    and sum, 64-row K blocks); up to 16 rows take ``tl.dot`` with 16 rows; for both, K is split into
-    parts of about 8 blocks so that the GPU fills."""
+# Programs that keep an H100 busy (two per SM on its 132 SMs): wider products split K until they have as many.
+_PROGRAMS = 256
+
+
+def default_blocks(m: int, k: int, n: int, group_size: int, per_group: bool) -> dict:
+    """Tiles for an ``(m, k) @ (k, n)`` product: ``block_m, block_n, block_k, split_k, gemv`` (the best
+    deterministic tiles of the H100 sweeps in ``benchmarks/matmul_gpu.py``, K = N = 8192). One row is a
+    GEMV (multiply and sum, 64-row K blocks); up to 16 rows take ``tl.dot`` with 16 rows, K split into
+    parts of about 8 blocks so that the GPU fills. More rows take 32- or 64-row tiles over 128 columns
+    (64 x 128: the best tile measured at M = 1024, no spills; 32 x 128 compiles without spills too), K
+    split until the grid has about ``_PROGRAMS`` programs (none at M = 1024)."""
     if m == 1:
         bk = default_block_k(group_size, per_group, most=64)
         return dict(block_m=1, block_n=256, block_k=bk, split_k=_split_k(k, bk), gemv=True)
     bk = default_block_k(group_size, per_group)
     if m <= 16:
         return dict(block_m=16, block_n=256, block_k=bk, split_k=_split_k(k, bk), gemv=False)
-    return dict(block_m=64, block_n=128, block_k=bk, split_k=1, gemv=False)
+    bm, bn = (32 if m <= 32 else 64), 128
+    programs = pl.cdiv(m, bm) * pl.cdiv(n, bn)
+    return dict(block_m=bm, block_n=bn, block_k=bk, split_k=_splits_near(k, bk, max(1, _PROGRAMS // programs)),
+                gemv=False)
 
 
 def _split_k(k: int, bk: int, blocks_per_split: int = 8) -> int:
-    """The number of K splits that gives each about ``blocks_per_split`` blocks of ``bk`` rows, among those
-    that cut K's blocks evenly (any other count makes the wrapper pad, which copies the whole weight)."""
+    """The number of K splits that gives each about ``blocks_per_split`` blocks of ``bk`` rows."""
+    return _splits_near(k, bk, -(-k // bk) / blocks_per_split)
+
+
+def _splits_near(k: int, bk: int, target: float) -> int:
+    """The number of K splits nearest ``target`` (by ratio) among those that cut K's blocks of ``bk`` rows
+    evenly (any other count makes the wrapper pad, which copies the whole weight)."""
     blocks = -(-k // bk)
     counts = [s for s in range(1, blocks + 1) if blocks % s == 0]
-    return min(counts, key=lambda s: abs(math.log(blocks / s / blocks_per_split)))
+    return min(counts, key=lambda s: abs(math.log(s / target)))
 
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
@@ -386,7 +400,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     """
     m, k = x.shape
     per_group = scale.shape[0] > 1
-    blocks = default_blocks(m, k, group_size, per_group)
+    blocks = default_blocks(m, k, n, group_size, per_group)
     bn = block_n or blocks["block_n"]
     if ptx and (atomic or bn % 8 or ahead < 1):
         raise ValueError(f"pallas: ptx=True sums K splits in XLA and takes block_n a multiple of 8 and ahead >= 1; "
