@@ -202,6 +202,13 @@ def sweep_configs(m: int, k: int):
         configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_warps=w) for w in (2, 8)]
         configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_stages=4),
                     dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, atomic=True)]
+    elif m <= 128:  # auto's kernel since session 6 (not yet timed here): one or two passes of 32/64-row tiles,
+        # K split so that the grid fills (the default: ~256 programs); the PTX dot leads (tools/kernel_ptx.py at
+        # 64 x 128: 499 instructions per pass, no I2F, 220 registers, against 922 and 245)
+        ptx = [dict(ptx=True, gemv=False, block_m=bm, block_n=128, block_k=128, split_k=s)
+               for bm, s in ((64, 4), (64, 2), (32, 4), (64, 8))]
+        configs = [dict(gemv=False, block_m=bm, block_n=128, block_k=128, split_k=s)
+                   for bm, s in ((64, 4), (64, 2), (32, 4), (64, 8), (64, 1))]
     else:  # the kernel measured 589-715 us at M = 1024 (bf16: 193-195): the best two tiles of those sweeps,
         # then larger tiles that compile without spills for sm_90 (tools/kernel_ptx.py; 128 x 256 tiles spill)
         configs = [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
@@ -210,7 +217,9 @@ def sweep_configs(m: int, k: int):
     configs = [dict(c, magic=True) for c in configs]  # (the plain decode: session 4; its default: the row)
     probes = [dict(probe=True, integers=True, block_n=256, block_k=16, split_k=16),
               dict(probe=True, block_n=512, block_k=64, split_k=32)]
-    return ptx[:1] + probes + ptx[1:] + configs if m <= 16 else configs
+    if m > 16:
+        return ptx + configs
+    return ptx[:1] + probes + ptx[1:] + configs
 
 
 def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, integers=False, **_):
@@ -283,7 +292,7 @@ def activations(m, k, count=N_PAIRS):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kn", type=int, default=8192)
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 1024])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 1024])
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run; the sweep stops early")
     ap.add_argument("--quick-checks", action="store_true", help="check the pallas backend only")
     ap.add_argument("--probes-only", action="store_true",
@@ -364,7 +373,7 @@ def main():
         for backend in ("native", "dequant", "auto", "pallas"):
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
         row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))  # default tiles, magic decode
-        if m <= 16:  # the PTX kernel, its default tiles (a GEMV for one row, tl.dot for more)
+        if m <= 128:  # the PTX kernel, its default tiles (a GEMV for one row, tl.dot for more)
             row.update(timed(kernel_fn(ptx=True), xs, qs, "pallas_ptx_"))
             if m == 1:
                 pathlib.Path(args.out).with_suffix(".ptx_hlo.txt").write_text(
