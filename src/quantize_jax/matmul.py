@@ -27,7 +27,7 @@ Backends (``backend=``):
 All backends compute ``sum_k x[m, k] * (q[k, n] - z) * s`` and agree with the
 reference up to float reassociation, except with bf16 / f16 activations in
 ``dequant`` (the scaled weight rounded to that dtype; ``auto`` takes it on
-NVIDIA GPUs above ``NATIVE_MAX_M`` rows) and for ``nf4`` in ``native`` and
+NVIDIA GPUs above ``PALLAS_MAX_M`` rows) and for ``nf4`` in ``native`` and
 ``pallas`` (its levels rounded to that dtype): about 2**-9 relative per weight.
 
 ``act_quant="int8"`` selects W4A8: the activations are quantized per token
