@@ -174,3 +174,17 @@ def test_decode_ptx_gives_every_byte_its_codes(dtype, signed, high):
         np.testing.assert_array_equal(np.asarray(values, np.float32), np.asarray(want, np.float32))
         codes = qj.unpack_int4(b.ravel().astype(np.uint8)[:, None], axis=-1, signed=signed)[:, int(high)]
         np.testing.assert_array_equal(np.asarray(values, np.float32), np.asarray(codes, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("gemv", [True, False])
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "nf4"])
+def test_ptx_kernel_lowers_for_cuda_on_this_machine(fmt, gemv, dtype):
+    """Pallas lowers the PTX kernel, inline assembly included, to a Triton call for CUDA without a GPU (as
+    ``tools/kernel_ptx.py`` does before compiling it): what fails here fails on every GPU."""
+    q = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), qj.QuantSpec(format=fmt, axis=0, group_size=128))
+    x = jnp.ones((3, 256), dtype)
+    product = jax.jit(lambda x, q: _pallas_kernel(x, q, grid=_grid(q), interpret=False, ptx=True, gemv=gemv))
+    exported = jax.export.export(product, platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    assert "xla.gpu.triton" in exported(x, q).mlir_module()
