@@ -242,13 +242,13 @@ def _column_order(planes):
 
 def _plane_rows(ref, g):
     """The two planes' ``(1, bnh)`` rows (even and odd columns) of row ``g`` of a ``(groups, 2 * bnh)``
-    per-column ref: one contiguous load, split in registers (two strided loads cost more in the GEMV,
-    ``tools/kernel_ptx.py``)."""
+    per-column ref: one contiguous load, split in registers (strided loads cost more: in session 5's GEMV
+    eight of them took 519 instructions per group against 109, ``tools/kernel_ptx.py``)."""
     return _planes(ref[pl.ds(g, 1), :], 2)
 
 
 def _ptx_gemv_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, blocks_per_group: int, groups: int,
-                       ahead: int):
+                     ahead: int):
     """The PTX GEMV: one ``(bm, block_n)`` output tile from ``groups`` groups of ``blocks_per_group`` K
     blocks of ``bk`` rows (see :class:`_PtxDecode` for the decode).
 
