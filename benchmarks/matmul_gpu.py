@@ -125,7 +125,7 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
             log(traceback.format_exc())
         rows.append(row)
 
-    cases = [(1, 200, 37, 64), (16, 256, 96, 128), (33, 384, 50, None)]
+    cases = [(1, 200, 37, 64), (16, 256, 96, 128), (24, 256, 96, 128), (33, 384, 50, None)]  # (auto: 32- and 64-row tiles past 16)
     for fmt in formats:
         for m, k, n, group in cases:
             w = jax.random.normal(jax.random.key(k + n), (k, n))
