@@ -92,9 +92,12 @@ def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None =
     machine = collections.Counter(op for _, op, _ in lines)
     loops = loop_bodies(lines)
     loop = loops[0] if loops else collections.Counter()
+    registers = int(used.group(1)) if used else None
     return {
-        "registers": int(used.group(1)) if used else None,
+        "registers": registers,
         "spill_bytes": int(spills.group(1)) if spills else None,
+        "shared_bytes": kernel.metadata.shared,
+        "programs_per_sm": programs_per_sm(registers, num_warps, kernel.metadata.shared),
         "int_to_float": sum(c for op, c in ops.items() if re.match(r"cvt\.rn\.(f|bf)\d+(x2)?\.[su]\d+$", op)),
         "conversions": sum(c for op, c in ops.items() if op.startswith("cvt.")),
         "mma": sum(c for op, c in ops.items() if "mma" in op),
@@ -106,6 +109,19 @@ def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None =
         "inner_loop": {"instructions": sum(loop.values()), **dict(loop.most_common(6)), "BAR": loop["BAR"]},
         "loops": [sum(body.values()) for body in loops],
     }
+
+
+def programs_per_sm(registers: int | None, num_warps: int, shared: int) -> int | None:
+    """How many programs (CTAs) of ``num_warps`` warps an H100 SM holds at once: 64K registers, allocated
+    per warp in units of 256 (8 per thread), 64 warps, 227 KB of shared memory, 32 CTAs. What the
+    loads in flight per SM scale with."""
+    if registers is None:
+        return None
+    per_warp = -(-registers * 32 // 256) * 256
+    limits = [65536 // (per_warp * num_warps), 64 // num_warps, 32]
+    if shared:
+        limits.append(227 * 1024 // shared)
+    return min(limits)
 
 
 def sass_lines(sass: str) -> list[tuple[int, str, str]]:
