@@ -1,3 +1,5 @@
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quantize_jax as qj
-from quantize_jax.matmul import PALLAS_MAX_M
+from quantize_jax.matmul import PALLAS_MAX_M, PALLAS_MAX_M_FLOAT32
 
 from .conftest import FORMATS, PRODUCTS, product_operands
 
@@ -112,10 +114,12 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
     w = jax.random.normal(jax.random.key(13), (256, 48))
     q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
     f = jax.jit(lambda x, q: qj.qdot(x, q, act_quant=act_quant))
-    for m in (2, 16, 64, 256):  # the Triton kernel on CUDA: up to PALLAS_MAX_M = 128 rows, or any M for W4A8
-        x = jax.random.normal(jax.random.key(m), (m, 256)).astype(jnp.bfloat16)
+    for m, dtype in itertools.product((2, 16, 64, 256), (jnp.bfloat16, jnp.float32)):
+        # the Triton kernel on CUDA: up to PALLAS_MAX_M rows (float32: PALLAS_MAX_M_FLOAT32), any M for W4A8
+        x = jax.random.normal(jax.random.key(m), (m, 256)).astype(dtype)
         exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"], disabled_checks=[_TRITON])(x, q)
-        assert ("xla.gpu.triton" in exp.mlir_module()) == (m <= PALLAS_MAX_M or act_quant is not None)
+        most = PALLAS_MAX_M if dtype == jnp.bfloat16 else PALLAS_MAX_M_FLOAT32
+        assert ("xla.gpu.triton" in exp.mlir_module()) == (m <= most or act_quant is not None)
         np.testing.assert_array_equal(exp.call(x, q), f(x, q))  # the CPU branch, here
 
 

@@ -18,9 +18,9 @@ Backends (``backend=``):
 * ``"pallas"`` — the Pallas kernel of :mod:`quantize_jax.kernels.pallas_gpu`
   (GPU; interpreted on CPU, for tests).
 * ``"auto"`` (default) — chosen per platform when lowering: ``chunked`` on
-  CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows (``native`` up
-  to ``NATIVE_MAX_M`` for scale groups under 16 rows) and ``dequant`` above;
-  ``native`` on TPU and ROCm.
+  CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows (float32
+  activations: ``PALLAS_MAX_M_FLOAT32``), then ``native`` up to
+  ``NATIVE_MAX_M`` and ``dequant`` above; ``native`` on TPU and ROCm.
   Each platform's code is lowered for that platform only, so one jitted
   function exports for all of them.
 
@@ -75,6 +75,9 @@ ACT_QUANT = (None, "int8")
 # dequant. Only M = 1, 4, 16 and 1024 were measured: the bounds between are estimates from those.
 PALLAS_MAX_M = 128
 NATIVE_MAX_M = 32
+# float32 activations: the kernel's float32 tl.dot (full precision, no tensor cores) spills registers
+# (tools/kernel_ptx.py: 10-33 KB at 16-64 rows) and was never timed; it keeps its first bound.
+PALLAS_MAX_M_FLOAT32 = 16
 # The CPU paths unpack the weight one chunk of _CHUNK_ROWS K rows at a time (512 x 4096 float32 = 8 MiB
 # over two dots); the float32 path cuts packed rows over 2 * _COL_BLOCK bytes (4096 columns) into tiles of
 # _COL_BLOCK bytes.
@@ -184,7 +187,7 @@ def _qdot2d(x, q, backend, act_quant):
     return {"chunked": _chunked, "dequant": _dequant}[backend](x, q, grid=grid)
 
 
-def _choose(platform: str, backend: str, act_quant, m: int, grid: _Grid):
+def _choose(platform: str, backend: str, act_quant, m: int, dtype, grid: _Grid):
     """The implementation ``(x, q, *, grid) -> y`` that ``backend`` (auto, pallas, native) means on ``platform``."""
     gpu = platform in ("cuda", "rocm")
     if backend == "pallas":
@@ -198,7 +201,8 @@ def _choose(platform: str, backend: str, act_quant, m: int, grid: _Grid):
     if platform == "cuda" and act_quant:  # the kernel at any M: 610-633 us at M = 1024, int32 path 1665
         return functools.partial(_w4a8_kernel, interpret=False) if _pallas_fits(grid) else _w4a8
     if platform == "cuda":
-        if m <= PALLAS_MAX_M and _pallas_fits(grid):  # bound by the weight's bytes (one or two passes)
+        most = PALLAS_MAX_M if jnp.dtype(dtype).itemsize <= 2 else PALLAS_MAX_M_FLOAT32
+        if m <= most and _pallas_fits(grid):  # bound by the weight's bytes (one or two passes)
             return functools.partial(_pallas_kernel, interpret=False)
         return _native if m <= NATIVE_MAX_M else _dequant  # above: bound by the arithmetic, XLA's GEMM
     return _w4a8 if act_quant else _native
@@ -221,7 +225,7 @@ def _per_platform(x, q, backend, act_quant):
 def _per_platform_impl(platform, x, packed, scale, zero_point, *, shape, dtype, spec, has_zero, backend, act_quant):
     q = QArray(packed, scale, zero_point if has_zero else None, shape, dtype, spec)
     grid = _grid(q)
-    return _choose(platform, backend, act_quant, x.shape[0], grid)(x, q, grid=grid)
+    return _choose(platform, backend, act_quant, x.shape[0], x.dtype, grid)(x, q, grid=grid)
 
 
 @functools.lru_cache(maxsize=None)
