@@ -75,8 +75,8 @@ ACT_QUANT = (None, "int8")
 # dequant. Only M = 1, 4, 16 and 1024 were measured: the bounds between are estimates from those.
 PALLAS_MAX_M = 128
 NATIVE_MAX_M = 32
-# float32 activations: the kernel's float32 tl.dot (full precision, no tensor cores) spills registers
-# (tools/kernel_ptx.py: 10-33 KB at 16-64 rows) and was never timed; it keeps its first bound.
+# float32 activations: the kernel's float32 dots (three TF32 dots a block since session 6; full precision
+# before, which spilled registers) were never timed; they keep the first bound.
 PALLAS_MAX_M_FLOAT32 = 16
 # The CPU paths unpack the weight one chunk of _CHUNK_ROWS K rows at a time (512 x 4096 float32 = 8 MiB
 # over two dots); the float32 path cuts packed rows over 2 * _COL_BLOCK bytes (4096 columns) into tiles of

@@ -77,13 +77,50 @@ def _levels(codes, fmt: Format, dtype, magic: bool = False):
     return out.astype(dtype)
 
 
+def _tf32_exact(fmt: Format) -> bool:
+    """Whether every level of ``fmt`` has at most 11 significant bits (TF32's): integers and fp4, not nf4."""
+    levels = np.asarray(fmt.levels, np.float32)
+    return bool(np.all(_tf32_truncate(levels) == levels))
+
+
+def _tf32_truncate(v):
+    """float32 ``v`` with the 13 mantissa bits TF32 drops set to zero (a numpy or a jax array)."""
+    if isinstance(v, np.ndarray):
+        return (v.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFFE000), jnp.float32)
+
+
+def _dot(x, w, fmt: Format):
+    """``x @ w`` accumulated in float32 on tensor cores. 16-bit inputs as they are. float32 activations
+    with TF32-exact levels: ``x`` split into three parts exact in TF32, ``x = h + m + l`` (``h``, ``m``
+    truncations to TF32's 11 significant bits, ``l`` the last 2 bits), so each part's products with the
+    decoded weight are exact and three TF32 dots give float32's accuracy; with full-precision float32
+    dots (no tensor cores) Triton spilled 10-33 KB of registers (``tools/kernel_ptx.py``). nf4's levels
+    are not TF32-exact: a full-precision float32 dot."""
+    if x.dtype != jnp.float32:
+        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if not _tf32_exact(fmt):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+    w = w.astype(jnp.float32)
+    return sum(jnp.dot(part, w, preferred_element_type=jnp.float32) for part in tf32_parts(x))
+
+
+def tf32_parts(x):
+    """float32 ``x`` -> ``(h, m, l)`` with ``x = h + m + l`` exactly, each part exact in TF32: ``h`` and
+    ``m`` truncations to 11 significant bits (``x - h`` and ``x - h - m`` are exact float32
+    differences), ``l`` the 2 bits left of float32's 24 (flushed to zero where it is subnormal, below
+    about ``|x| = 2**-102``: then the sum is off by at most ``2**-22`` relative)."""
+    high = _tf32_truncate(x)
+    middle = _tf32_truncate(x - high)
+    return high, middle, x - high - middle
+
+
 def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_rows: int, per_group: bool,
             has_zero: bool, gemv: bool, atomic: bool, magic: bool):
     z_ref, o_ref = rest[0] if has_zero else None, rest[-1]  # (an atomic kernel's zeros input in between)
     split = pl.program_id(2)
     bm = x_ref.shape[0]
     bnh = p_ref.shape[1]
-    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
     def body(k, acc):
         x = x_ref[:, pl.ds(k * bk, bk)]
@@ -104,7 +141,7 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
             if gemv:
                 part = jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None], axis=1)
             else:
-                part = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=precision)
+                part = _dot(x, w, fmt)
             if offset is not None:
                 part = part - rowsum * offset[half]
             out.append(acc[half] + (part * scales[half] if per_group else part))
@@ -305,13 +342,12 @@ def _ptx_dot_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, nk:
     z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
     bm, bnh = x_ref.shape[0], p_ref.shape[1]
     split = pl.program_id(2)
-    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
     def block(k, acc):
         rows = pl.ds(k * bk, bk)
         g = (split * nk + k) * bk // group_rows
         x, v, scales = x_ref[:, rows], decode.planes(p_ref[rows, :]), _plane_rows(s_ref, g)
-        part = [jnp.dot(x, vj.astype(x.dtype), preferred_element_type=jnp.float32, precision=precision) for vj in v]
+        part = [_dot(x, vj, decode.fmt) for vj in v]
         if z_ref is not None:
             rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
             part = [pj - rowsum * zj for pj, zj in zip(part, _plane_rows(z_ref, g))]
@@ -409,7 +445,8 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     bm = block_m or (pl.next_power_of_2(m) if gemv else max(blocks["block_m"], MIN_BLOCK_K))
     if ptx and gemv:
         bk = block_k or default_block_k(group_size, per_group, most=8)
-    elif ptx and not fmt.is_integer:  # (a select chain per code: 128-row blocks spill registers)
+    elif not gemv and (x.dtype == jnp.float32 or (ptx and not fmt.is_integer)):
+        # (float32: three TF32 dots a block, and nf4 / fp4's select chains: 128-row blocks spill registers)
         bk = block_k or default_block_k(group_size, per_group, most=64)
     else:
         bk = block_k or blocks["block_k"]
