@@ -4,10 +4,11 @@
     python tools/kernel_ptx.py 1 16 1,ptx=True 16,ptx=True [--kn 8192] [--format uint4] [--dtype float16] [--keep DIR]
 
 Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=value``); the weight is
-``kn x kn`` int4 (``--format``) with group 128, the activations bf16 (``--dtype``). The kernel is lowered for CUDA through
-``jax.export`` (no GPU needed; the Triton IR is taken from Pallas' lowering, a private JAX module),
-compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills; the PTX and the machine code
-(``cuobjdump -sass``) give instruction counts. Integer-to-float conversions (PTX ``cvt.rn.<float>.<int>``,
+``kn x kn`` int4 (``--format``) with group 128, the activations bf16 (``--dtype``). The kernel is lowered
+for CUDA through ``jax.export`` (no GPU needed; the Triton IR is taken from Pallas' lowering, a private
+JAX module), compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills (with Triton's
+shared memory, ``programs_per_sm``: how many programs an SM holds at once, what the loads in flight scale
+with); the PTX and the machine code (``cuobjdump -sass``) give instruction counts. Integer-to-float conversions (PTX ``cvt.rn.<float>.<int>``,
 SASS ``I2F``) are counted apart: GPUs run them at a fraction of their add rate. ``inner_loop`` counts the
 machine instructions of the shortest loop (the K loop, or one group of it where the compiler unrolled the
 K loop): divided by the codes each thread decodes per pass, the instructions each code costs. ``loops``
