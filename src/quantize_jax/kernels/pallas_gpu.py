@@ -58,6 +58,12 @@ _MAGIC = {jnp.float32: (jnp.uint32, 0x4B000000, 2.0**23), jnp.bfloat16: (jnp.uin
           jnp.float16: (jnp.uint16, 0x6400, 1024.0)}
 
 
+def _nibbles(p):
+    """Bytes (uint8, or widened to uint32) -> their low and high nibbles: the codes of the even and the odd
+    columns."""
+    return p & 15, lax.shift_right_logical(p, jnp.asarray(4, p.dtype))
+
+
 def _levels(codes, fmt: Format, dtype, magic: bool = False):
     """Codes ``0..15`` -> ``dtype``: the unsigned integer itself, or the format's level (a select chain).
 
@@ -77,17 +83,18 @@ def _levels(codes, fmt: Format, dtype, magic: bool = False):
     return out.astype(dtype)
 
 
+_TF32_DROPPED = 0x1FFF  # the 13 low mantissa bits of a float32 that TF32 does not keep
+
+
 def _tf32_exact(fmt: Format) -> bool:
     """Whether every level of ``fmt`` has at most 11 significant bits (TF32's): integers and fp4, not nf4."""
-    levels = np.asarray(fmt.levels, np.float32)
-    return bool(np.all(_tf32_truncate(levels) == levels))
+    return not np.any(np.asarray(fmt.levels, np.float32).view(np.uint32) & _TF32_DROPPED)
 
 
 def _tf32_truncate(v):
-    """float32 ``v`` with the 13 mantissa bits TF32 drops set to zero (a numpy or a jax array)."""
-    if isinstance(v, np.ndarray):
-        return (v.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
-    return lax.bitcast_convert_type(lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFFE000), jnp.float32)
+    """float32 ``v`` with the mantissa bits TF32 drops set to zero."""
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(~_TF32_DROPPED & 0xFFFFFFFF),
+                                    jnp.float32)
 
 
 def _dot(x, w, fmt: Format):
@@ -130,12 +137,12 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
         g = (split * nk + k) * bk // group_rows if per_group else 0
         offset = None
         if fmt.signed_codes or has_zero:  # the per-column offset c of the nibbles: 8 for int4, plus z
-            c = _planes(z_ref[pl.ds(g, 1), :], 2) if has_zero else (jnp.float32(0.0),) * 2
+            c = _plane_rows(z_ref, g) if has_zero else (jnp.float32(0.0),) * 2
             offset = [ci + 8.0 if fmt.signed_codes else ci for ci in c]
             rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
-        scales = _planes(s_ref[pl.ds(g, 1), :], 2) if per_group else None
+        scales = _plane_rows(s_ref, g) if per_group else None
         out = []
-        for half, nibbles in enumerate((p & jnp.uint8(15), lax.shift_right_logical(p, jnp.uint8(4)))):
+        for half, nibbles in enumerate(_nibbles(p)):
             # the even (low nibble) or odd (high nibble) columns (a magic GEMV decodes straight to float32)
             w = _levels(nibbles, fmt, jnp.float32 if gemv and magic and fmt.is_integer else x.dtype, magic)
             if gemv:
@@ -150,7 +157,7 @@ def _kernel(x_ref, p_ref, s_ref, *rest, fmt: Format, bk: int, nk: int, group_row
     zeros = jnp.zeros((bm, bnh), jnp.float32)
     even, odd = lax.fori_loop(0, nk, body, (zeros, zeros))
     if not per_group:
-        s_even, s_odd = _planes(s_ref[...], 2)
+        s_even, s_odd = _planes(s_ref[...])
         even, odd = even * s_even, odd * s_odd
     acc = _column_order([even, odd])  # back to column order, once per program
     if atomic:
@@ -193,16 +200,16 @@ def nibble_ptx(dtype, signed: bool, high: bool) -> tuple[str, str, int]:
     dtype = jnp.dtype(dtype)
     flip = 0x88888888 if signed else 0
     offset = 8.0 if signed else 0.0
+    _, pattern, base = _MAGIC[dtype.type]
     if dtype == jnp.float32:
         place = 4 * high
         mask = 0xF << place
-        fill = (flip & mask) | _bits(2.0**23, dtype)
-        scale, bias = _ptx_float(2.0**-place, dtype), _ptx_float(-(2.0 ** (23 - place) + offset), dtype)
+        fill = (flip & mask) | pattern
+        scale, bias = _ptx_float(2.0**-place, dtype), _ptx_float(-(base * 2.0**-place + offset), dtype)
         asm = f"{{ .reg .b32 t; lop3.b32 t, $1, {mask:#x}, {fill:#x}, {_LOP3_SELECT:#x}; fma.rn.f32 $0, t, {scale}, {bias}; }}"
         return asm, "=r,r", 1
-    base = 128.0 if dtype == jnp.bfloat16 else 1024.0
     mask = 0x000F000F
-    fill = (flip & mask) | _bits(base, dtype) * 0x10001
+    fill = (flip & mask) | pattern * 0x10001
     kind = "bf16x2" if dtype == jnp.bfloat16 else "f16x2"
     asm = ("{ .reg .b32 s, t, one, bias; "  # (16-bit pairs take no immediates: the constants go in registers)
            f"mov.b32 one, {_ptx_float(1.0, dtype)}; mov.b32 bias, {_ptx_float(-(base + offset), dtype)}; "
@@ -215,7 +222,7 @@ def nibble_ptx(dtype, signed: bool, high: bool) -> tuple[str, str, int]:
 def nibble_values(p, signed: bool, dtype):
     """What :func:`nibble_ptx` computes, in jnp ops: bytes -> (low codes, high codes) as ``dtype``."""
     out = []
-    for nibbles in (p & 15, lax.shift_right_logical(p, jnp.asarray(4, p.dtype)) & 15):
+    for nibbles in _nibbles(p):
         codes = nibbles.astype(jnp.int32)
         out.append((codes - 16 * (codes >= 8) if signed else codes).astype(dtype))
     return out
@@ -245,8 +252,7 @@ class _PtxDecode(NamedTuple):
     def planes(self, p):
         """The low and the high codes' values of the bytes ``p`` (uint8, or zero-extended to uint32)."""
         if not self.fmt.is_integer:
-            return [_levels(nibbles, self.fmt, self.value_dtype)
-                    for nibbles in (p & 15, lax.shift_right_logical(p, jnp.asarray(4, p.dtype)))]
+            return [_levels(nibbles, self.fmt, self.value_dtype) for nibbles in _nibbles(p)]
         if self.interpret:
             return nibble_values(p, self.fmt.signed_codes, self.value_dtype)
         p = lax.bitcast_convert_type(p.astype(jnp.uint32), jnp.int32)  # (inline asm takes signless integers)
@@ -258,30 +264,22 @@ class _PtxDecode(NamedTuple):
         return out
 
 
-def _planes(row, count: int):
-    """A ``(rows, count * w)`` tile whose column ``count * i + j`` belongs to plane ``j`` -> the ``count``
-    planes ``(rows, w)`` (``count`` 2 or 8), split in registers: Triton splits two at a time."""
-    if count == 1:
-        return [row]
-    even, odd = jnp.unstack(row.reshape(row.shape[0], -1, 2), axis=-1)
-    evens, odds = _planes(even, count // 2), _planes(odd, count // 2)
-    return [plane for pair in zip(evens, odds) for plane in pair]  # plane j: j even from evens[j // 2]
+def _planes(tile):
+    """A ``(rows, 2 * w)`` tile -> its even and its odd columns ``(rows, w)``, split in registers."""
+    return jnp.unstack(tile.reshape(tile.shape[0], -1, 2), axis=-1)
 
 
 def _column_order(planes):
-    """The inverse of :func:`_planes`: ``count`` planes ``(rows, w)`` -> ``(rows, count * w)`` with column
-    ``count * i + j`` from plane ``j``, joined two at a time."""
-    if len(planes) == 1:
-        return planes[0]
-    even, odd = _column_order(planes[0::2]), _column_order(planes[1::2])
+    """The inverse of :func:`_planes`: the even and the odd columns -> one ``(rows, 2 * w)`` tile."""
+    even, odd = planes
     return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)
 
 
 def _plane_rows(ref, g):
-    """The two planes' ``(1, bnh)`` rows (even and odd columns) of row ``g`` of a ``(groups, 2 * bnh)``
-    per-column ref: one contiguous load, split in registers (strided loads cost more: in session 5's GEMV
-    eight of them took 519 instructions per group against 109, ``tools/kernel_ptx.py``)."""
-    return _planes(ref[pl.ds(g, 1), :], 2)
+    """The even and odd columns' ``(1, bnh)`` rows of row ``g`` of a ``(groups, 2 * bnh)`` per-column ref:
+    one contiguous load, split in registers (strided loads cost more: in session 5's GEMV eight of them
+    took 519 instructions per group against 109, ``tools/kernel_ptx.py``)."""
+    return _planes(ref[pl.ds(g, 1), :])
 
 
 def _ptx_gemv_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, blocks_per_group: int, groups: int,
