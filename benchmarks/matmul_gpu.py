@@ -29,7 +29,6 @@ import numpy as np
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
-from quantize_jax.kernels import pallas_gpu
 from quantize_jax.matmul import _grid, _pallas_kernel, fake_int8_tokens
 
 N_PAIRS = 16
@@ -125,7 +124,8 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
             log(traceback.format_exc())
         rows.append(row)
 
-    cases = [(1, 200, 37, 64), (16, 256, 96, 128), (24, 256, 96, 128), (33, 384, 50, None)]  # (auto: 32- and 64-row tiles past 16)
+    # (24 and 33 rows: auto's 32- and 64-row kernel tiles)
+    cases = [(1, 200, 37, 64), (16, 256, 96, 128), (24, 256, 96, 128), (33, 384, 50, None)]
     for fmt in formats:
         for m, k, n, group in cases:
             w = jax.random.normal(jax.random.key(k + n), (k, n))
@@ -184,9 +184,9 @@ def sweep_configs(m: int, k: int):
     ptx = []
     if m == 1:
         ptx = [dict(ptx=True, gemv=True, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
-                 for bn, bk, w, a, rows in ((256, 8, 4, 4, 512), (256, 8, 4, 4, 256), (256, 16, 4, 2, 512),
-                                            (512, 8, 8, 4, 512), (256, 8, 4, 2, 512), (256, 8, 4, 4, 1024),
-                                            (1024, 8, 8, 2, 512), (256, 16, 4, 1, 512))] + dots[:3]
+               for bn, bk, w, a, rows in ((256, 8, 4, 4, 512), (256, 8, 4, 4, 256), (256, 16, 4, 2, 512),
+                                          (512, 8, 8, 4, 512), (256, 8, 4, 2, 512), (256, 8, 4, 4, 1024),
+                                          (1024, 8, 8, 2, 512), (256, 16, 4, 1, 512))] + dots[:3]
     elif m <= 16:
         ptx = dots
     if m == 1:
@@ -233,10 +233,9 @@ def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_
     from jax.experimental.pallas import triton as pl_triton
 
     def fn(x, q):
-        kk = q.packed.shape[0]
+        kk, nh = q.packed.shape
         width = block_n // 2  # the tile's bytes per row
         nk = kk // split_k // block_k
-        packed = q.packed
 
         def kernel(p_ref, o_ref):
             def body(i, acc):
@@ -251,13 +250,12 @@ def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_
             o_ref[...] = jnp.sum(acc, axis=0, keepdims=True).astype(jnp.float32)
 
         out = pl.pallas_call(
-            kernel, out_shape=jax.ShapeDtypeStruct((split_k, 1, packed.shape[1]), jnp.float32),
-            grid=(packed.shape[1] // width, split_k),
+            kernel, out_shape=jax.ShapeDtypeStruct((split_k, 1, nh), jnp.float32), grid=(nh // width, split_k),
             in_specs=[pl.BlockSpec((kk // split_k, width), lambda j, s: (s, j))],
             out_specs=pl.BlockSpec((None, 1, width), lambda j, s: (s, 0, j)),
             compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
             name="load_probe", interpret=jax.default_backend() == "cpu",
-        )(packed)
+        )(q.packed)
         return out.sum(0) + x[:, :1].astype(jnp.float32)
 
     return fn
@@ -271,8 +269,8 @@ PROBES = [(128, 128, 16, None, None, False), (128, 128, 16, None, None, True), (
           (512, 128, 8, 8, None, True), (256, 128, 16, None, 4, True), (512, 128, 16, 8, 3, True),
           (1024, 32, 32, 8, 4, True), (2048, 32, 16, 8, 3, True)]
 # the same with the bytes added as integers (no per-byte conversion): (block_n, block_k, split_k, num_warps)
-INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (512, 64, 32, None), (1024, 32, 16, 8),
-               (256, 128, 16, None), (512, 128, 8, 8), (2048, 16, 16, 8)]
+INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (512, 64, 32, None),
+                  (1024, 32, 16, 8), (256, 128, 16, None), (512, 128, 8, 8), (2048, 16, 16, 8)]
 
 
 def make_weights(k, n, spec):
