@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax._src.pallas.triton import pallas_call_registration
 
 import quantize_jax as qj
+from quantize_jax.formats import FORMATS
 from quantize_jax.kernels import pallas_gpu
 
 ARCH = 90
@@ -145,10 +146,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("specs", nargs="+", help="M[,name=value...], e.g. 16,magic=True,block_n=128")
     ap.add_argument("--kn", type=int, default=8192)
-    ap.add_argument("--format", default="int4", choices=["int4", "uint4", "nf4", "fp4"])
+    ap.add_argument("--format", default="int4", choices=list(FORMATS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--keep", type=pathlib.Path, help="a folder to write each kernel's PTX and SASS into")
     args = ap.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     for spec in args.specs:
         m, *pairs = spec.split(",")
         blocks = {}
@@ -157,8 +160,6 @@ def main():
             blocks[name] = value == "True" if value in ("True", "False") else int(value)
         ir = triton_ir(int(m), args.kn, blocks, args.format, jnp.dtype(args.dtype))
         keep = args.keep / spec.replace(",", "_").replace("=", "-") if args.keep else None
-        if keep:
-            keep.parent.mkdir(parents=True, exist_ok=True)
         facts = report(ir, blocks.get("num_warps") or 4, blocks.get("num_stages") or 3, keep)
         print(f"M={m} {blocks or 'default tiles'}: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
