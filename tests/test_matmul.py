@@ -123,6 +123,28 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
         np.testing.assert_array_equal(exp.call(x, q), f(x, q))  # the CPU branch, here
 
 
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+@pytest.mark.parametrize("act_quant", [None, "int8"])
+def test_per_group_sums_stay_about_the_weights_size_at_any_m(fmt, act_quant):
+    # all 15 groups at once, 1024 rows would hold (M, G, N) sums: 30 MiB for a 480 x 512 weight (1 MiB as float32)
+    q = qj.quantize(jax.random.normal(jax.random.key(23), (480, 512)), qj.QuantSpec(format=fmt, axis=0, group_size=32))
+    x = jax.random.normal(jax.random.key(24), (1024, 480))
+    f = jax.jit(lambda x, q: qj.qdot(x, q, backend="native", act_quant=act_quant))
+    assert f.lower(x, q).compile().memory_analysis().temp_size_in_bytes < 8 * 2**20
+    ref = _reference(x if act_quant is None else qj.matmul.fake_int8_tokens(x), q)
+    np.testing.assert_allclose(f(x, q), ref, rtol=1e-4, atol=1e-4 * np.sqrt(480))
+
+
+def test_auto_on_tpu_decodes_the_weight_once_past_a_few_rows_per_group():
+    # bf16 and groups of 32: per-group sums (M, G, N) float32 up to 16 rows, then the weight decoded to bf16 (K, N)
+    f = jax.jit(qj.qdot)
+    for group, m, per_group_sums in ((32, 16, True), (32, 17, False), (32, 256, False), (None, 256, True)):
+        q = qj.quantize(jax.random.normal(jax.random.key(25), (256, 48)), qj.QuantSpec(axis=0, group_size=group))
+        x = jnp.ones((m, 256), jnp.bfloat16)
+        text = jax.export.export(f, platforms=["tpu"])(x, q).mlir_module()
+        assert ("batching_dims" in text) == per_group_sums, (group, m)
+
+
 def test_pallas_backend_names_the_platform_it_cannot_serve():
     q = qj.quantize(jnp.ones((32, 8)), qj.QuantSpec(axis=0))
     with pytest.raises(NotImplementedError, match=r"backend='pallas' has no kernel for platform 'tpu'"):

@@ -20,14 +20,17 @@ Backends (``backend=``):
 * ``"auto"`` (default) — chosen per platform when lowering: ``chunked`` on
   CPU; on NVIDIA GPUs ``pallas`` up to ``PALLAS_MAX_M`` rows (float32
   activations: ``PALLAS_MAX_M_FLOAT32``), then ``native`` up to
-  ``NATIVE_MAX_M`` and ``dequant`` above; ``native`` on TPU and ROCm.
+  ``NATIVE_MAX_M`` and ``dequant`` above; on TPU and ROCm ``native``
+  while its per-group sums ``(M, G, N)`` take no more memory than the
+  decoded weight (``M <= group rows * itemsize / 4``: 64 rows for bf16 and
+  groups of 128; per channel at any M), then ``dequant``.
   Each platform's code is lowered for that platform only, so one jitted
   function exports for all of them.
 
 All backends compute ``sum_k x[m, k] * (q[k, n] - z) * s`` and agree with the
 reference up to float reassociation, except with bf16 / f16 activations in
 ``dequant`` (the scaled weight rounded to that dtype; ``auto`` takes it on
-NVIDIA GPUs above ``PALLAS_MAX_M`` rows) and for ``nf4`` in ``native`` and
+NVIDIA GPUs above ``PALLAS_MAX_M`` rows, on TPU as above) and for ``nf4`` in ``native`` and
 ``pallas`` (its levels rounded to that dtype): about 2**-9 relative per weight.
 
 ``act_quant="int8"`` selects W4A8: the activations are quantized per token
@@ -204,8 +207,20 @@ def _choose(platform: str, backend: str, act_quant, m: int, dtype, grid: _Grid):
         most = PALLAS_MAX_M if jnp.dtype(dtype).itemsize <= 2 else PALLAS_MAX_M_FLOAT32
         if m <= most and _pallas_fits(grid):  # bound by the weight's bytes (one or two passes)
             return functools.partial(_pallas_kernel, interpret=False)
-        return _native if m <= NATIVE_MAX_M else _dequant  # above: bound by the arithmetic, XLA's GEMM
-    return _w4a8 if act_quant else _native
+        # above: bound by the arithmetic, XLA's GEMM
+        return _native if m <= NATIVE_MAX_M and _native_is_smaller(m, dtype, grid) else _dequant
+    if act_quant:
+        return _w4a8
+    return _native if _native_is_smaller(m, dtype, grid) else _dequant
+
+
+def _native_is_smaller(m: int, dtype, grid: _Grid) -> bool:
+    """Whether ``native``'s per-group sums, ``(M, G, N)`` float32, take no more memory than ``dequant``'s
+    decoded weight, ``(K, N)`` in the dot's dtype: ``M <= rows * itemsize / 4`` (64 rows for bf16 and
+    groups of 128), or per channel (one group: no per-group sums). Past that ``native`` writes and
+    rereads ``4 M / rows`` bytes per weight: at M = 1024 and groups of 32, 1 GiB for a 2048 x 2048
+    weight (compiled for this CPU), which a prompt on a TPU cannot afford."""
+    return grid.scale.shape[0] == 1 or 4 * m <= grid.group_rows * jnp.dtype(_dot_dtype_of(dtype)).itemsize
 
 
 _per_platform_p = jex_core.Primitive("qdot_per_platform")
@@ -449,15 +464,18 @@ def _grouped_codes(q: QArray, grid: _Grid, dtype):
 
 def _dot_dtype(x):
     """The dtype a GPU/TPU dot takes x in: bf16 and f16 stay, anything else is float32."""
-    return x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    return _dot_dtype_of(x.dtype)
+
+
+def _dot_dtype_of(dtype):
+    return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
 
 
 def _native(x, q, *, grid: _Grid, dtype=None):
     """XLA's int4: bitcast codes, converted to x's dtype (or ``dtype``) inside a grouped dot, scales
     applied per group."""
     dtype = dtype or _dot_dtype(x)
-    part = _group_products(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
-    return jnp.sum(part * grid.scale[None], axis=1)
+    return _group_sum(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
 
 
 def _dequant(x, q, *, grid: _Grid):
@@ -471,14 +489,39 @@ def _dequant(x, q, *, grid: _Grid):
     return jnp.dot(x.astype(dtype), w, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _group_products(x, codes, grid: _Grid, acc_dtype):
-    """``sum_k x[m, k] * (codes[g, k, n] - z[g, n])`` over each group's rows: ``(M, G, N)`` in ``acc_dtype``."""
-    g, rows = codes.shape[0], codes.shape[1]
-    xg = _pad_k(x, g * rows).reshape(x.shape[0], g, rows)
-    part = jnp.einsum("mgk,gkn->mgn", xg, codes, preferred_element_type=acc_dtype)
-    if grid.zero_point is not None:
-        part = part - jnp.sum(xg.astype(acc_dtype), axis=-1, keepdims=True) * grid.zero_point.astype(acc_dtype)[None]
-    return part
+def _group_sum(x, codes, grid: _Grid, acc_dtype):
+    """``sum_g s[g, n] * sum_{k in g} x[m, k] (codes[g, k, n] - z[g, n])``: ``(M, N)`` float32.
+
+    Each group's sums are formed in ``acc_dtype`` (int32 for W4A8: exact) as ``(M, G', N)`` for ``G'``
+    groups at a time: all ``G`` at once where that takes no more memory than the codes themselves, else
+    the largest divisor of ``G`` that does, one ``lax.scan`` step each. So memory stays about the
+    weight's size at any M (all at once, M = 1024 rows in groups of 32 took 1 GiB for a 2048 x 2048
+    weight, compiled for this CPU)."""
+    g, rows, n = codes.shape
+    m = x.shape[0]
+    xg = _pad_k(x, g * rows).reshape(m, g, rows)
+    zero_point = grid.zero_point
+
+    def add(acc, step):
+        xs, cs, ss, zs = step
+        part = jnp.einsum("mgk,gkn->mgn", xs, cs, preferred_element_type=acc_dtype)
+        if zs is not None:
+            part = part - jnp.sum(xs.astype(acc_dtype), axis=-1, keepdims=True) * zs.astype(acc_dtype)[None]
+        return acc + jnp.sum(part.astype(jnp.float32) * ss[None], axis=1), None
+
+    fits = max(1, rows * jnp.dtype(codes.dtype).itemsize * g // (4 * max(m, 1)))  # groups a step may hold
+    per = max(d for d in range(1, min(g, fits) + 1) if g % d == 0)
+    zeros = jnp.zeros((m, n), jnp.float32)
+    if per == g:
+        return add(zeros, (xg, codes, grid.scale, zero_point))[0]
+    steps = g // per
+
+    def by_step(a, axis=0):  # (..., G, ...) -> (steps, ..., per, ...) with the group axis at ``axis``
+        a = a.reshape(a.shape[:axis] + (steps, per) + a.shape[axis + 1:])
+        return jnp.moveaxis(a, axis, 0)
+
+    zs = None if zero_point is None else by_step(zero_point)
+    return lax.scan(add, zeros, (by_step(xg, 1), by_step(codes), by_step(grid.scale), zs))[0]
 
 
 def _pallas_kernel(x, q, *, grid: _Grid, interpret: bool, **blocks):
@@ -565,8 +608,7 @@ def _w4a8(x, q, grid: _Grid):
     else:  # fp4: twice every e2m1 level is an integer in [-12, 12]
         codes = (_grouped_codes(q, grid, jnp.float32) * 2).astype(jnp.int8)
         scale = scale * 0.5
-    acc = _group_products(xq, codes, grid, jnp.int32)
-    return jnp.sum(acc.astype(jnp.float32) * scale[None], axis=1) * sx
+    return _group_sum(xq, codes, grid._replace(scale=scale), jnp.int32) * sx
 
 
 _EINSUM = re.compile(r"^\s*([a-zA-Z.]*)\s*,\s*([a-zA-Z]*)\s*->\s*([a-zA-Z.]*)\s*$")
