@@ -72,7 +72,7 @@ def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None =
 
     with tempfile.TemporaryDirectory() as d:
         src = pathlib.Path(d) / "kernel.ttir"
-        src.write_text(ir)
+        src.write_text(_ttir_passes(ir, pathlib.Path(d) / "pallas.ttir"))
         kernel = triton.compile(str(src), target=GPUTarget("cuda", ARCH, 32),
                                 options=dict(num_warps=num_warps, num_stages=num_stages))
         ptx = kernel.asm["ptx"]
@@ -111,6 +111,25 @@ def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None =
         "inner_loop": {"instructions": sum(loop.values()), **dict(loop.most_common(6)), "BAR": loop["BAR"]},
         "loops": [sum(body.values()) for body in loops],
     }
+
+
+def _ttir_passes(ir: str, path: pathlib.Path) -> str:
+    """``ir`` after Triton's own Triton-IR passes (canonicalize, combine -- which folds ``acc + dot(a, b, 0)``
+    into ``dot(a, b, acc)`` --, broadcast reordering, CSE, loop unrolling). ``triton.compile`` skips the first
+    stage's passes for an IR file, but the device's compiler (XLA's Triton pipeline, modelled on
+    ``make_ttir``) runs them on what Pallas hands it."""
+    from triton._C.libtriton import ir as triton_ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", ARCH, 32))
+    context = triton_ir.context()
+    triton_ir.load_dialects(context)
+    backend.load_dialects(context)
+    path.write_text(ir)
+    module = triton_ir.parse_mlir_module(str(path), context)
+    module.context = context
+    return str(type(backend).make_ttir(module, {}, None, ARCH))
 
 
 def programs_per_sm(registers: int | None, num_warps: int, shared: int) -> int | None:
