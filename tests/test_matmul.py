@@ -183,6 +183,17 @@ def test_vmap_over_activations_and_over_stacked_weights():
         np.testing.assert_allclose(ys[i], _reference(xs[i], qi), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["auto", "xla"])
+def test_complex_activations_keep_their_imaginary_part(backend):
+    q = qj.quantize(jax.random.normal(jax.random.key(26), (16, 6)), qj.QuantSpec(axis=0, group_size=8))
+    x = jax.lax.complex(jax.random.normal(jax.random.key(27), (3, 16)), jax.random.normal(jax.random.key(28), (3, 16)))
+    ref = np.asarray(x, np.complex128) @ np.asarray(qj.dequantize(q), np.float64)
+    for y in (qj.qdot(x, q, backend=backend), qj.qeinsum("bk,kn->bn", x, q, backend=backend),
+              qj.qeinsum("bk,kn->nb", x, q, backend=backend).T):
+        assert y.dtype == jnp.complex64
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_names_shapes_and_values():
     q = qj.quantize(jnp.ones((16, 8)), qj.QuantSpec(axis=0))
     with pytest.raises(ValueError, match=r"qdot: x of shape \(2, 15\) does not contract with q of shape \(16, 8\)"):

@@ -106,7 +106,8 @@ def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | Non
 
     Args:
       x: activations ``(..., K)``; integer inputs are promoted as
-        ``jnp.matmul`` would.
+        ``jnp.matmul`` would, complex ones multiplied part by part (real,
+        imaginary).
       q: the quantized weight, a 2-D :class:`QArray`.
       backend: ``"auto"``, ``"xla"``, ``"chunked"``, ``"native"``,
         ``"dequant"`` or ``"pallas"`` (see the module docstring).
@@ -138,6 +139,8 @@ def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | Non
         raise ValueError(f"qdot: act_quant must be None or 'int8', got {act_quant!r}")
     if act_quant == "int8" and q.spec.format == "nf4":
         raise ValueError("qdot: act_quant='int8' needs integer levels; format 'nf4' has none (use int4, uint4 or fp4)")
+    if jnp.iscomplexobj(x):
+        return _complex_parts(functools.partial(qdot, q=q, backend=backend, act_quant=act_quant), x, q)
     out_dtype = jnp.result_type(x.dtype, q.dtype)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(out_dtype)
@@ -155,6 +158,13 @@ def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | Non
     mesh, out_spec = explicit
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.sharding.auto_axes(product, out_sharding=out_spec)(x, q)
+
+
+def _complex_parts(product, x, q):
+    """A real weight times complex activations, as ``jnp.matmul`` computes it: the real and the imaginary
+    parts each through ``product``, joined in ``jnp.result_type(x, q.dtype)``."""
+    real, imag = (product(part).astype(x.real.dtype) for part in (x.real, x.imag))
+    return lax.complex(real, imag).astype(jnp.result_type(x.dtype, q.dtype))
 
 
 def _explicit_out_spec(x, q):
@@ -649,6 +659,8 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
                 f"qeinsum: axis {letter!r} has size {x.shape[lhs.index(letter)]} in x of shape {x.shape} "
                 f"but {q.shape[rhs.index(letter)]} in q of shape {q.shape}"
             )
+    if jnp.iscomplexobj(x):
+        return _complex_parts(lambda part: qeinsum(subscripts, part, q, backend=backend, act_quant=act_quant), x, q)
     contracted = [c for c in rhs if c in lhs and c not in out]
     kept = rhs[len(contracted):]
     flat = (
