@@ -371,6 +371,9 @@ def main():
         for backend in ("native", "dequant", "auto", "pallas"):
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
         row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))  # default tiles, magic decode
+        if m > 128:  # dequant's values through the public dequantize: nibbles by shifts, no int4 bitcast or barrier
+            row.update(timed(lambda x, q: jnp.dot(x, qj.dequantize(q, x.dtype), preferred_element_type=jnp.float32),
+                             xs, qs, "dequant_shifts_"))
         if m <= 128:  # the PTX kernel, its default tiles (a GEMV for one row, tl.dot for more)
             row.update(timed(kernel_fn(ptx=True), xs, qs, "pallas_ptx_"))
             if m == 1:
