@@ -123,8 +123,7 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
         np.testing.assert_array_equal(exp.call(x, q), f(x, q))  # the CPU branch, here
 
 
-@pytest.mark.parametrize("fmt", ["int4", "uint4"])
-@pytest.mark.parametrize("act_quant", [None, "int8"])
+@pytest.mark.parametrize(("fmt", "act_quant"), [(f, a) for f in FORMATS for a in (None, "int8") if (f, a) != ("nf4", "int8")])
 def test_per_group_sums_stay_about_the_weights_size_at_any_m(fmt, act_quant):
     # all 15 groups at once, 1024 rows would hold (M, G, N) sums: 30 MiB for a 480 x 512 weight (1 MiB as float32)
     q = qj.quantize(jax.random.normal(jax.random.key(23), (480, 512)), qj.QuantSpec(format=fmt, axis=0, group_size=32))
