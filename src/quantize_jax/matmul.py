@@ -229,7 +229,7 @@ def _native_is_smaller(m: int, dtype, grid: _Grid) -> bool:
     decoded weight, ``(K, N)`` in the dot's dtype: ``M <= rows * itemsize / 4`` (64 rows for bf16 and
     groups of 128), or per channel (one group: no per-group sums). Past that ``native`` writes and
     rereads ``4 M / rows`` bytes per weight: at M = 1024 and groups of 32, 1 GiB for a 2048 x 2048
-    weight (compiled for this CPU), which a prompt on a TPU cannot afford."""
+    weight (compiled for the project's CPU VM), which a prompt on a TPU cannot afford."""
     return grid.scale.shape[0] == 1 or 4 * m <= grid.group_rows * jnp.dtype(_dot_dtype_of(dtype)).itemsize
 
 
@@ -473,11 +473,11 @@ def _grouped_codes(q: QArray, grid: _Grid, dtype):
 
 
 def _dot_dtype(x):
-    """The dtype a GPU/TPU dot takes x in: bf16 and f16 stay, anything else is float32."""
     return _dot_dtype_of(x.dtype)
 
 
 def _dot_dtype_of(dtype):
+    """The dtype a GPU/TPU dot takes activations of ``dtype`` in: bf16 and f16 stay, anything else is float32."""
     return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
 
 
@@ -506,7 +506,7 @@ def _group_sum(x, codes, grid: _Grid, acc_dtype):
     groups at a time: all ``G`` at once where that takes no more memory than the codes themselves, else
     the largest divisor of ``G`` that does, one ``lax.scan`` step each. So memory stays about the
     weight's size at any M (all at once, M = 1024 rows in groups of 32 took 1 GiB for a 2048 x 2048
-    weight, compiled for this CPU)."""
+    weight, compiled for the project's CPU VM)."""
     g, rows, n = codes.shape
     m = x.shape[0]
     xg = _pad_k(x, g * rows).reshape(m, g, rows)
