@@ -9,7 +9,9 @@ for CUDA through ``jax.export`` (no GPU needed; the Triton IR is taken from Pall
 JAX module), compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills (with Triton's
 shared memory, ``programs_per_sm``: how many programs an SM holds at once, what the loads in flight scale
 with); the PTX and the machine code (``cuobjdump -sass``) give instruction counts. Integer-to-float conversions (PTX ``cvt.rn.<float>.<int>``,
-SASS ``I2F``) are counted apart: GPUs run them at a fraction of their add rate. ``inner_loop`` counts the
+SASS ``I2F``) are counted apart: GPUs run them at a fraction of their add rate. ``wgmma_waits`` lists how
+many Hopper ``wgmma`` groups each wait leaves in flight: ``[0]`` alone means every dot is waited for
+before the loop goes on (no overlap of the next tile's decode with the tensor cores). ``inner_loop`` counts the
 machine instructions of the shortest loop (the K loop, or one group of it where the compiler unrolled the
 K loop): divided by the codes each thread decodes per pass, the instructions each code costs. ``loops``
 lists every loop's instruction count, innermost first (the PTX GEMV's second is one group: its K loop
@@ -106,6 +108,8 @@ def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None =
         "bf16x2_arith": sum(c for op, c in ops.items() if "bf16x2" in op and not op.startswith("cvt")),
         "vector_loads": sum(c for op, c in ops.items() if op.startswith("ld.global") and ".v4" in op),
         "cp_async": sum(c for op, c in ops.items() if op.startswith("cp.async")),
+        # Hopper wgmma: how many groups each wait leaves in flight (only 0: every dot waited for, no overlap)
+        "wgmma_waits": sorted({int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+);", ptx)}),
         "sass": {op: machine[op] for op in ("I2F", "F2F", "HADD2", "FADD", "FFMA", "HMMA", "HGMMA", "LOP3")
                  if machine[op]},
         "inner_loop": {"instructions": sum(loop.values()), **dict(loop.most_common(6)), "BAR": loop["BAR"]},
