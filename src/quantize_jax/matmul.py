@@ -226,11 +226,13 @@ def _choose(platform: str, backend: str, act_quant, m: int, dtype, grid: _Grid):
 
 def _native_is_smaller(m: int, dtype, grid: _Grid) -> bool:
     """Whether ``native``'s per-group sums, ``(M, G, N)`` float32, take no more memory than ``dequant``'s
-    decoded weight, ``(K, N)`` in the dot's dtype: ``M <= rows * itemsize / 4`` (64 rows for bf16 and
-    groups of 128), or per channel (one group: no per-group sums). Past that ``native`` writes and
-    rereads ``4 M / rows`` bytes per weight: at M = 1024 and groups of 32, 1 GiB for a 2048 x 2048
-    weight (compiled for the project's CPU VM), which a prompt on a TPU cannot afford."""
-    return grid.scale.shape[0] == 1 or 4 * m <= grid.group_rows * jnp.dtype(_dot_dtype_of(dtype)).itemsize
+    decoded weight, ``(K, N)`` in the dot's dtype, all at once (:func:`_groups_per_step`):
+    ``M <= rows * itemsize / 4`` (64 rows for bf16 and groups of 128), or per channel (one group: no
+    per-group sums). Past that ``native`` writes and rereads ``4 M / rows`` bytes per weight: at M = 1024
+    and groups of 32, 1 GiB for a 2048 x 2048 weight (compiled for the project's CPU VM), which a prompt
+    on a TPU cannot afford."""
+    g = grid.scale.shape[0]
+    return _groups_per_step(m, g, grid.group_rows, jnp.dtype(_dot_dtype(dtype)).itemsize) == g
 
 
 _per_platform_p = jex_core.Primitive("qdot_per_platform")
@@ -472,11 +474,7 @@ def _grouped_codes(q: QArray, grid: _Grid, dtype):
     return codes.reshape(g, rows, n)
 
 
-def _dot_dtype(x):
-    return _dot_dtype_of(x.dtype)
-
-
-def _dot_dtype_of(dtype):
+def _dot_dtype(dtype):
     """The dtype a GPU/TPU dot takes activations of ``dtype`` in: bf16 and f16 stay, anything else is float32."""
     return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
 
@@ -484,13 +482,13 @@ def _dot_dtype_of(dtype):
 def _native(x, q, *, grid: _Grid, dtype=None):
     """XLA's int4: bitcast codes, converted to x's dtype (or ``dtype``) inside a grouped dot, scales
     applied per group."""
-    dtype = dtype or _dot_dtype(x)
+    dtype = dtype or _dot_dtype(x.dtype)
     return _group_sum(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
 
 
 def _dequant(x, q, *, grid: _Grid):
     """The scaled weight in x's dtype, one dot accumulating in float32."""
-    dtype = _dot_dtype(x)
+    dtype = _dot_dtype(x.dtype)
     codes = _grouped_codes(q, grid, jnp.float32)
     if grid.zero_point is not None:
         codes = codes - grid.zero_point[:, None, :]
@@ -519,8 +517,7 @@ def _group_sum(x, codes, grid: _Grid, acc_dtype):
             part = part - jnp.sum(xs.astype(acc_dtype), axis=-1, keepdims=True) * zs.astype(acc_dtype)[None]
         return acc + jnp.sum(part.astype(jnp.float32) * ss[None], axis=1), None
 
-    fits = max(1, rows * jnp.dtype(codes.dtype).itemsize * g // (4 * max(m, 1)))  # groups a step may hold
-    per = max(d for d in range(1, min(g, fits) + 1) if g % d == 0)
+    per = _groups_per_step(m, g, rows, jnp.dtype(codes.dtype).itemsize)
     zeros = jnp.zeros((m, n), jnp.float32)
     if per == g:
         return add(zeros, (xg, codes, grid.scale, zero_point))[0]
@@ -532,6 +529,13 @@ def _group_sum(x, codes, grid: _Grid, acc_dtype):
 
     zs = None if zero_point is None else by_step(zero_point)
     return lax.scan(add, zeros, (by_step(xg, 1), by_step(codes), by_step(grid.scale), zs))[0]
+
+
+def _groups_per_step(m: int, g: int, rows: int, itemsize: int) -> int:
+    """The most of ``g`` groups (a divisor of ``g``, at least 1) whose per-group sums ``(m, per, N)``
+    float32 / int32 take no more memory than all groups' codes ``(g, rows, N)`` of ``itemsize`` bytes."""
+    fits = max(1, rows * itemsize * g // (4 * max(m, 1)))
+    return max(d for d in range(1, min(g, fits) + 1) if g % d == 0)
 
 
 def _pallas_kernel(x, q, *, grid: _Grid, interpret: bool, **blocks):
