@@ -321,8 +321,8 @@ def _ptx_gemv_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, bl
         gi = split * groups + g
         scales = _plane_rows(s_ref, gi)
         if z_ref is not None:
-            zeros = _plane_rows(z_ref, gi)
-            part = tuple(p - xsum[i // 2] * zeros[i % 2] for i, p in enumerate(part))
+            points = _plane_rows(z_ref, gi)
+            part = tuple(p - xsum[i // 2] * points[i % 2] for i, p in enumerate(part))
         return tuple(a + p * scales[i % 2] for i, (a, p) in enumerate(zip(acc, part))), queue
 
     queue = tuple(p_ref[rows(b), :].astype(jnp.uint32) for b in range(ahead))
@@ -478,13 +478,14 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     if zero_point is not None:
         operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
         in_specs.append(row_block)
+    decode = _PtxDecode(fmt, x.dtype, gemv, interpret)
     if ptx and gemv:
         rows = group_size if per_group else kp // split_k  # the rows of one scale row within a split
-        kernel = functools.partial(_ptx_gemv_kernel, decode=_PtxDecode(fmt, x.dtype, gemv, interpret), bk=bk,
-                                   blocks_per_group=rows // bk, groups=kp // split_k // rows, ahead=ahead)
+        kernel = functools.partial(_ptx_gemv_kernel, decode=decode, bk=bk, blocks_per_group=rows // bk,
+                                   groups=kp // split_k // rows, ahead=ahead)
     elif ptx:
-        kernel = functools.partial(_ptx_dot_kernel, decode=_PtxDecode(fmt, x.dtype, gemv, interpret), bk=bk,
-                                   nk=kp // split_k // bk, group_rows=group_size)
+        kernel = functools.partial(_ptx_dot_kernel, decode=decode, bk=bk, nk=kp // split_k // bk,
+                                   group_rows=group_size)
     else:
         kernel = functools.partial(
             _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
