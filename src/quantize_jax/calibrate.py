@@ -14,14 +14,20 @@ percentile instead of the maximum) and ``mse`` (the absmax / minmax range
 shrunk by the ratio in ``[mse_min_ratio, 1]`` that minimises each group's
 squared quantization error; a vectorised, jit-able grid search).
 
-Scales are rounded to ``spec.scale_dtype`` and kept at least that dtype's
-smallest normal number, so an all-zero group gets a tiny positive scale and
-quantizes to exact zeros, never NaN.
+The quotients are rounded once (:func:`true_divide`), as numpy computes them,
+then rounded to ``spec.scale_dtype`` and kept at least that dtype's smallest
+normal number, so an all-zero group gets a tiny positive scale and quantizes
+to exact zeros, never NaN.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from quantize_jax import _layout
@@ -90,11 +96,66 @@ def range_to_scale(lo: jnp.ndarray, hi: jnp.ndarray, spec: QuantSpec):
     fmt = spec.fmt
     dt = jnp.dtype(spec.scale_dtype)
     if fmt.has_zero_point:
-        s = _clean_scale((hi - lo) / (fmt.qmax - fmt.qmin), dt)
+        s = _clean_scale(true_divide(hi - lo, fmt.qmax - fmt.qmin), dt)
         z = jnp.clip(fmt.qmin - jnp.round(lo * (1.0 / s.astype(jnp.float32))), fmt.qmin, fmt.qmax)
         return s, z.astype(dt)
     a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return _clean_scale(a / fmt.max_abs_level, dt), None
+    return _clean_scale(true_divide(a, fmt.max_abs_level), dt), None
+
+
+def true_divide(a: jnp.ndarray, divisor: float) -> jnp.ndarray:
+    """``a / divisor`` in float32, rounded once (to nearest, ties to even) as numpy and PyTorch compute
+    it, eagerly and under ``jit``, on every backend.
+
+    XLA turns a division by a constant (or a broadcast scalar) into a product with the divisor's
+    rounded reciprocal: ``a / 7`` becomes ``a * 0.14285715``, one ulp off for about half of all ``a``.
+    So the quotient ``q`` is taken as a first guess, and of ``q`` and its two neighbours the one with the
+    smallest remainder ``a - q * divisor`` is kept. The remainders are exact: ``q`` is split into two
+    halves of 12 significant bits, so that each half times ``divisor`` and both subtractions (Sterbenz)
+    are exact for a divisor of at most 12 significant bits (every format's: 7, 15, 6, 1). A longer
+    divisor is divided by plainly.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> a = np.float32(2.910885)
+      >>> bool(jax.jit(lambda a: a / 6)(a) == a / np.float32(6))  # XLA's rewrite
+      False
+      >>> bool(jax.jit(lambda a: true_divide(a, 6))(a) == a / np.float32(6))
+      True
+    """
+    a = jnp.asarray(a, jnp.float32)
+    return _divide_rounded(a, float(divisor)) if _short(divisor) else a / divisor
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _divide_rounded(a, divisor):
+    m, e = jnp.frexp(a)  # a = m 2**e, |m| in [0.5, 1): the remainders below stay normal (no flush to zero)
+    guess = m / divisor
+
+    def remainder(q):
+        high = lax.bitcast_convert_type(lax.bitcast_convert_type(q, jnp.uint32) & np.uint32(0xFFFFF000), jnp.float32)
+        return (m - high * divisor) - (q - high) * divisor
+
+    best, best_error = guess, jnp.abs(remainder(guess))
+    for q in (jnp.nextafter(guess, -jnp.inf), jnp.nextafter(guess, jnp.inf)):
+        error = jnp.abs(remainder(q))
+        even = (lax.bitcast_convert_type(q, jnp.uint32) & 1) == 0
+        better = (error < best_error) | ((error == best_error) & even)
+        best, best_error = jnp.where(better, q, best), jnp.where(better, error, best_error)
+    return jnp.where(jnp.isfinite(a), jnp.ldexp(best, e), a / divisor)
+
+
+@_divide_rounded.defjvp
+def _divide_rounded_jvp(divisor, primals, tangents):
+    return _divide_rounded(primals[0], divisor), tangents[0] / divisor
+
+
+def _short(divisor: float) -> bool:
+    """Whether ``divisor`` is a finite, non-zero float32 of at most 12 significant bits."""
+    if not math.isfinite(divisor) or float(np.float32(divisor)) != float(divisor):
+        return False
+    mantissa = math.frexp(float(divisor))[0] * 2**12
+    return mantissa != 0 and mantissa == int(mantissa)
 
 
 def _clean_scale(s: jnp.ndarray, dt) -> jnp.ndarray:

@@ -64,6 +64,7 @@ from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
 from quantize_jax import _layout
+from quantize_jax.calibrate import true_divide
 from quantize_jax.formats import Format
 from quantize_jax.kernels import pallas_gpu
 from quantize_jax.qarray import QArray, dequantize
@@ -555,7 +556,7 @@ def _pallas_fits(grid: _Grid) -> bool:
 def _int8_tokens(x):
     """Per-token (row) absmax int8 quantization: ``x ~ x_q * s`` with ``x_q`` in [-127, 127]."""
     x32 = x.astype(jnp.float32)
-    s = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 127.0, jnp.finfo(jnp.float32).tiny)
+    s = jnp.maximum(true_divide(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), 127), jnp.finfo(jnp.float32).tiny)
     return jnp.clip(jnp.round(x32 * (1.0 / s)), -127, 127).astype(jnp.int8), s
 
 
