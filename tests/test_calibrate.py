@@ -88,6 +88,17 @@ def test_all_zero_groups_give_positive_scale_and_exact_zeros(fmt):
     assert bool(jnp.all(out[1:] == 0.0)) and not bool(jnp.any(jnp.isnan(out)))
 
 
+@pytest.mark.parametrize("method", ["absmax", "minmax", "percentile", "mse"])
+@pytest.mark.parametrize("shape,axis", [((0, 4), 0), ((0, 4), None), ((0,), 0)])
+def test_an_empty_reduced_axis_gets_the_all_zero_scale(shape, axis, method):
+    spec = qj.QuantSpec(format="uint4" if method == "minmax" else "int4", axis=axis, method=method)
+    s, z = qj.compute_scale(jnp.zeros(shape), spec)
+    np.testing.assert_array_equal(s, np.full(s.shape, np.finfo(np.float32).tiny, np.float32))
+    assert s.shape == np.zeros(shape).max(axis=axis, keepdims=True, initial=0).shape
+    assert z is None or bool(jnp.all(z == 0))
+    assert qj.dequantize(qj.quantize(jnp.zeros(shape), spec)).shape == shape
+
+
 def test_nan_propagates_to_its_group():
     x = jnp.array([[1.0, jnp.nan], [1.0, 2.0]])
     out = qj.fake_quant(x, qj.QuantSpec(axis=1))

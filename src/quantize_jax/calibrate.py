@@ -17,7 +17,8 @@ squared quantization error; a vectorised, jit-able grid search).
 The quotients are rounded once (:func:`true_divide`), as numpy computes them,
 then rounded to ``spec.scale_dtype`` and kept at least that dtype's smallest
 normal number, so an all-zero group gets a tiny positive scale and quantizes
-to exact zeros, never NaN.
+to exact zeros, never NaN (so does an empty one, where the reduced axis has
+length 0).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def grouped_scale(xg: jnp.ndarray, lay: _layout.Layout, spec: QuantSpec):
     """Scale and zero point in the grouped view (kept dims), from float32 ``xg``."""
     fmt = spec.fmt
     red = lay.reduced
+    if any(xg.shape[a] == 0 for a in red):  # groups without elements: scaled as all-zero ones
+        nothing = jnp.zeros([1 if a in red else d for a, d in enumerate(xg.shape)], jnp.float32)
+        return range_to_scale(nothing, nothing, spec)
     if spec.method == "percentile":
         lo, hi = _percentile_range(xg, lay, spec)
     elif spec.method == "minmax" or (spec.method == "mse" and fmt.has_zero_point):
