@@ -20,7 +20,7 @@ def _tree():
         ],
         "step": 12,
         "name": "mlp",
-        "extra": (jnp.ones((2,), jnp.int32), None, 0.5),
+        "extra": (jnp.ones((2,), jnp.int32), None, 0.5, jnp.float32(2.5)),  # a 0-d array keeps its shape
     }
 
 
@@ -31,7 +31,7 @@ def _assert_same(a, b):
     for x, y in zip(la, lb):
         if hasattr(x, "dtype"):
             assert x.dtype == y.dtype and x.shape == y.shape
-            np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+            np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8))
         else:
             assert x == y
 
@@ -45,6 +45,15 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert back["layers"][0]["uint4"].spec == tree["layers"][0]["uint4"].spec
     np.testing.assert_array_equal(qj.dequantize(back["layers"][0]["nf4"]), qj.dequantize(tree["layers"][0]["nf4"]))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # the temporary file was renamed
+
+
+def test_64_bit_arrays_come_back_whole_without_x64(tmp_path):
+    # JAX without jax_enable_x64 narrows int64 / float64 to 32 bits: 2**40 would load as 0.
+    tree = {"step": np.array([2**40 + 3, -1], np.int64), "lr": np.array([1 / 3], np.float64),
+            "seed": np.uint64(2**63 + 5)}
+    qj.save(tmp_path / "c.safetensors", tree)
+    back = qj.load(tmp_path / "c.safetensors")
+    _assert_same(tree, back)
 
 
 def test_file_is_plain_safetensors_with_packed_codes(tmp_path):

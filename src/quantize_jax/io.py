@@ -97,6 +97,10 @@ def _write(path, structure, tensors) -> None:
 def load(path, *, verify: bool = True):
     """Load a tree saved by :func:`save`, bit for bit.
 
+    Arrays come back as ``jax.Array``, except 64-bit ones (int64, float64, ...) while
+    ``jax_enable_x64`` is off: JAX would narrow those to 32 bits (2**40 as int32 is 0), so they come
+    back as the numpy arrays they were saved as.
+
     Args:
       path: the file.
       verify: check the content checksum (default).
@@ -147,7 +151,7 @@ def checksum_matches(tensors, meta_json: str, digest: str) -> bool:
 def _digest(meta_json: str, tensors: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256(meta_json.encode())
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.asarray(tensors[name], order="C")  # ascontiguousarray would make 0-d arrays 1-d
         h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
@@ -168,7 +172,7 @@ def _put(tensors, name, array) -> dict:
         a = a.view(_VIEW_AS[dtype])
     if name in tensors:
         raise ValueError(f"save: two leaves map to the tensor name {name!r}; keys may not contain '/'")
-    tensors[name] = np.ascontiguousarray(a)
+    tensors[name] = np.asarray(a, order="C")
     return {"tensor": name, "dtype": dtype}
 
 
@@ -176,6 +180,8 @@ def _get(tensors, ref):
     a = tensors[ref["tensor"]]
     if ref["dtype"] in _VIEW_AS:
         a = a.view(jnp.dtype(ref["dtype"]))
+    if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:  # 64-bit without jax_enable_x64: JAX would narrow it
+        return a
     return jnp.asarray(a)
 
 
