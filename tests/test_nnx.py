@@ -60,6 +60,20 @@ def test_serving_equals_qat_and_holds_no_float_weights(fmt, options):
     assert kinds.count("ServingLinear") == 2 and "QuantLinear" not in kinds
 
 
+def test_a_bare_layer_converts_itself():
+    layer = nnx.Einsum("btd,dnh->btnh", (16, 2, 4), (2, 4), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, 3, 16))
+    qat = qj.nnx.quantize_model(layer)
+    assert type(qat) is qj.nnx.QuantEinsum and type(layer) is nnx.Einsum
+    served = qj.nnx.to_serving(qat)
+    np.testing.assert_allclose(served(x), qat(x), rtol=1e-6, atol=1e-6)
+    linear = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"quantize_model: the Linear layer: .*group_size 64 is larger"):
+        qj.nnx.quantize_model(linear, weight_spec=qj.QuantSpec(axis=0, group_size=64), inplace=True)
+    assert type(linear) is nnx.Linear  # a failed conversion leaves the layer as it was
+    assert qj.nnx.quantize_model(linear, inplace=True) is linear and type(linear) is qj.nnx.QuantLinear
+
+
 def test_rules_first_match_wins_and_errors_name_layers():
     model = qj.nnx.quantize_model(_mlp(), [("layers/2", None), (".*", qj.QuantSpec(axis=0))])
     assert type(model.layers[0]) is qj.nnx.QuantLinear and type(model.layers[2]) is nnx.Linear

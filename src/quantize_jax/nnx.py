@@ -361,7 +361,8 @@ def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec
     :class:`QuantConv` or :class:`QuantEinsum`).
 
     Args:
-      model: an NNX model.
+      model: an NNX model, or a single Linear / Conv / Einsum layer (its
+        path is ``""``).
       rules: ``{regex: QuantSpec | None}`` (or a list of pairs) over the layer
         paths (``"blocks/0/mlp"``); the first rule whose regex
         ``re.search``-es the path decides: a spec quantizes the layer with
@@ -406,13 +407,17 @@ def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec
         if not u:
             raise ValueError(f"quantize_model: rule {regex.pattern!r} matches no Linear, Conv or Einsum layer")
     for path, layer, spec in targets:
-        new = nnx.clone(layer)
-        new.__class__ = _FLAX_TO_QUANT[type(layer)]
+        flax_class = type(layer)
+        new = nnx.clone(layer) if path else layer  # a bare layer is converted itself (a copy unless inplace)
+        new.__class__ = _FLAX_TO_QUANT[flax_class]
         try:
             new._init_quant(spec, act_spec, act_calibration, act_momentum, learn_scale)
         except ValueError as e:
-            raise ValueError(f"quantize_model: layer {_path_str(path)!r}: {e}") from None
-        _replace(model, path, new)
+            new.__class__ = flax_class
+            where = f"layer {_path_str(path)!r}" if path else f"the {flax_class.__name__} layer"
+            raise ValueError(f"quantize_model: {where}: {e}") from None
+        if path:
+            _replace(model, path, new)
     return model
 
 
@@ -456,8 +461,6 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
 
 
 def _replace(model, path, new) -> None:
-    if not path:
-        raise ValueError("quantize_model: the model itself is a Linear layer; wrap it in a module")
     parent = model
     for p in path[:-1]:
         parent = parent[p] if isinstance(p, int) else getattr(parent, p)
