@@ -81,6 +81,22 @@ def test_batch_dims_dtype_promotion_and_gradient():
     np.testing.assert_allclose(g, np.tile(np.asarray(qj.dequantize(q)).sum(1), (3, 1)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("act_quant", [None, "int8"])
+def test_forward_mode_and_what_reverse_mode_keeps(act_quant):
+    w = jax.random.normal(jax.random.key(4), (64, 24))
+    q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=16))
+    x = jax.random.normal(jax.random.key(5), (3, 64))
+    dx = jax.random.normal(jax.random.key(6), (3, 64))
+    f = lambda x: qj.qdot(x, q, act_quant=act_quant)  # noqa: E731
+    _, ty = jax.jvp(f, (x,), (dx,))  # straight through the int8 tokens, as the gradient
+    np.testing.assert_allclose(ty, np.asarray(dx) @ np.asarray(qj.dequantize(q)), rtol=1e-5, atol=1e-5)
+    hess = jax.hessian(lambda x: (f(x) ** 2).sum())(x[:1])
+    assert hess.shape == (1, 64, 1, 64)
+    _, pullback = jax.vjp(f, x)
+    kept = [(a.shape, a.dtype) for a in jax.tree_util.tree_leaves(pullback)]
+    assert ((64, 12), jnp.uint8) in kept and not [s for s, d in kept if s == (64, 24)]  # packed, not decoded
+
+
 def test_qeinsum_layouts():
     w = jax.random.normal(jax.random.key(6), (8, 3, 4))
     x = jax.random.normal(jax.random.key(7), (2, 5, 8))

@@ -44,8 +44,8 @@ under 64 rows into float32 dots (exact products). On NVIDIA GPUs (and with
 ``pallas``) they run through the Pallas kernel (int8 values are exact in
 bf16): exact where the sums fit float32's 24-bit mantissa.
 
-Gradients flow to ``x`` (computed as ``g @ dequantize(q).T``); the weight
-gets none.
+Gradients flow to ``x`` (computed as ``g @ dequantize(q).T``, forward and
+reverse mode); the weight gets none.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def _explicit_out_spec(x, q):
     return mesh, PartitionSpec(*x_spec[:-1], None if used & set(n_axes) else n_entry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _qdot2d(x, q, backend, act_quant):
     grid = _grid(q)
     if x.shape[0] == 0:  # no rows: nothing for a kernel to tile
@@ -291,23 +291,17 @@ for _platform in ("cpu", "cuda", "rocm", "tpu"):  # "tpu" is also the rule for a
     )
 
 
-def _qdot2d_fwd(x, q, backend, act_quant):
-    return _qdot2d(x, q, backend, act_quant), (q, jnp.zeros((), x.dtype))  # a scalar carries x's dtype
+@_qdot2d.defjvp
+def _qdot2d_jvp(backend, act_quant, primals, tangents):
+    """Forward mode (and, transposed, reverse mode): the tangent is ``dx @ dequantize(q)``; the weight's
+    tangent is ignored (a constant), int8 activations pass straight through."""
+    x, q = primals
+    return _qdot2d(x, q, backend, act_quant), _tangent(tangents[0], q)
 
 
-def _qdot2d_bwd(backend, act_quant, res, g):
-    q, x_like = res
-    gx = jnp.dot(g.astype(jnp.float32), dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
-    return gx.astype(x_like.dtype), jax.tree_util.tree_map(_zero_cotangent, q)
-
-
-def _zero_cotangent(a):
-    if jnp.issubdtype(a.dtype, jnp.floating):
-        return jnp.zeros_like(a)
-    return np.zeros(a.shape, jax.dtypes.float0)
-
-
-_qdot2d.defvjp(_qdot2d_fwd, _qdot2d_bwd)
+@jax.checkpoint  # reverse mode keeps the packed weight, not its float32 decoding, until the backward pass
+def _tangent(dx, q):
+    return jnp.dot(dx.astype(jnp.float32), dequantize(q, jnp.float32), precision=lax.Precision.HIGHEST)
 
 
 def _grid(q: QArray) -> _Grid | None:
