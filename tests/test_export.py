@@ -27,6 +27,22 @@ def test_nnx_serving_model_exports_for_cpu_and_tpu_and_reproduces(weights):
         assert not [a for a in exported.in_avals if a.dtype == jnp.float32 and len(a.shape) == 2 and a.shape[0] > 3]
 
 
+@pytest.mark.parametrize("act_spec", [None, "int8"])
+def test_one_artifact_for_every_batch_size_and_cuda_too(act_spec):
+    model = nnx.Sequential(nnx.Linear(32, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+    qat = qj.nnx.quantize_model(model, weight_spec=qj.QuantSpec(axis=0, group_size=16), act_spec=act_spec)
+    served = qj.nnx.to_serving(qat)
+    batch = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, t, 32"), jnp.bfloat16)
+    # cuda: the Pallas kernel's Triton call needs export_serving's permission to be serialized
+    blob, params = qj.export.export_nnx(served, batch, platforms=["cpu", "cuda", "tpu"])
+    run = qj.export.load_serving(blob)
+    for shape in [(1, 1, 32), (2, 5, 32)]:
+        x = jax.random.normal(jax.random.key(0), shape).astype(jnp.bfloat16)
+        out = run(params, x)
+        assert out.shape == shape[:2] + (4,)
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(served(x), np.float32), rtol=1e-2, atol=1e-2)
+
+
 def test_bad_arguments():
     q = qj.quantize(jnp.ones((8, 4)), qj.QuantSpec(axis=0))
     with pytest.raises(ValueError, match=r"platforms must be a non-empty subset"):

@@ -4,16 +4,28 @@ The weights travel either as *inputs* of the exported function (the
 default: one artifact serves any checkpoint of the same shapes, and the
 packed QArrays stay 4-bit in device memory) or as *constants* baked into it.
 Lowering for ``"tpu"`` or ``"cuda"`` works on a CPU-only machine; ``qdot``'s
-``backend="auto"`` picks each platform's path inside the one artifact.
+``backend="auto"`` picks each platform's path inside the one artifact. Example
+inputs may have symbolic dimensions (``jax.export.symbolic_shape("b, 64")``):
+one artifact then serves every batch size.
+
+For ``"cuda"`` the artifact holds the Pallas kernel as Triton IR, a custom call
+that ``jax.export`` makes no compatibility promise for across jaxlib versions
+(it refuses to serialize one unless told): ``export_serving`` allows it, so serve
+a CUDA artifact with the jaxlib it was exported with, or export a function whose
+``qdot`` takes ``backend="dequant"`` (XLA only).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 
 from quantize_jax.qarray import QArray
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# The Pallas kernel's Triton custom call (see the module docstring).
+_TRITON = (jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),)
 
 
 def export_serving(fn, params, *example_args, platforms=("cpu", "tpu"), weights: str = "inputs") -> bytes:
@@ -44,10 +56,11 @@ def export_serving(fn, params, *example_args, platforms=("cpu", "tpu"), weights:
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
         raise ValueError(f"export_serving: platforms must be a non-empty subset of {list(PLATFORMS)}, got {platforms!r}")
+    export = functools.partial(jax.export.export, platforms=tuple(platforms), disabled_checks=_TRITON)
     if weights == "inputs":
-        exported = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(params, *example_args)
+        exported = export(jax.jit(fn))(params, *example_args)
     elif weights == "constants":
-        exported = jax.export.export(jax.jit(lambda *a: fn(params, *a)), platforms=tuple(platforms))(*example_args)
+        exported = export(jax.jit(lambda *a: fn(params, *a)))(*example_args)
     else:
         raise ValueError(f"export_serving: weights must be 'inputs' or 'constants', got {weights!r}")
     return bytes(exported.serialize())

@@ -201,8 +201,11 @@ def _qdot2d(x, q, backend, act_quant):
     return {"chunked": _chunked, "dequant": _dequant}[backend](x, q, grid=grid)
 
 
-def _choose(platform: str, backend: str, act_quant, m: int, dtype, grid: _Grid):
-    """The implementation ``(x, q, *, grid) -> y`` that ``backend`` (auto, pallas, native) means on ``platform``."""
+def _choose(platform: str, backend: str, act_quant, m, dtype, grid: _Grid):
+    """The implementation ``(x, q, *, grid) -> y`` that ``backend`` (auto, pallas, native) means on ``platform``.
+
+    ``m``, the rows, may be a symbolic dimension (a shape-polymorphic ``jax.export``): ``auto`` then
+    takes the paths that suit every M, XLA's own (``dequant``; ``native`` per channel on TPU)."""
     gpu = platform in ("cuda", "rocm")
     if backend == "pallas":
         if not gpu and platform != "cpu":
@@ -213,19 +216,25 @@ def _choose(platform: str, backend: str, act_quant, m: int, dtype, grid: _Grid):
     if platform == "cpu":
         return _w4a8_cpu if act_quant else _chunked
     if platform == "cuda" and act_quant:  # the kernel at any M: 610-633 us at M = 1024, int32 path 1665
-        return functools.partial(_w4a8_kernel, interpret=False) if _pallas_fits(grid) else _w4a8
+        kernel = _pallas_fits(grid) and not jax.export.is_symbolic_dim(m)
+        return functools.partial(_w4a8_kernel, interpret=False) if kernel else _w4a8
     if platform == "cuda":
         most = PALLAS_MAX_M if jnp.dtype(dtype).itemsize <= 2 else PALLAS_MAX_M_FLOAT32
-        if m <= most and _pallas_fits(grid):  # bound by the weight's bytes (one or two passes)
+        if _at_most(m, most) and _pallas_fits(grid):  # bound by the weight's bytes (one or two passes)
             return functools.partial(_pallas_kernel, interpret=False)
         # above: bound by the arithmetic, XLA's GEMM
-        return _native if m <= NATIVE_MAX_M and _native_is_smaller(m, dtype, grid) else _dequant
+        return _native if _at_most(m, NATIVE_MAX_M) and _native_is_smaller(m, dtype, grid) else _dequant
     if act_quant:
         return _w4a8
     return _native if _native_is_smaller(m, dtype, grid) else _dequant
 
 
-def _native_is_smaller(m: int, dtype, grid: _Grid) -> bool:
+def _at_most(m, bound: int) -> bool:
+    """``m <= bound`` for a known M; False for a symbolic one."""
+    return not jax.export.is_symbolic_dim(m) and m <= bound
+
+
+def _native_is_smaller(m, dtype, grid: _Grid) -> bool:
     """Whether ``native``'s per-group sums, ``(M, G, N)`` float32, take no more memory than ``dequant``'s
     decoded weight, ``(K, N)`` in the dot's dtype, all at once (:func:`_groups_per_step`):
     ``M <= rows * itemsize / 4`` (64 rows for bf16 and groups of 128), or per channel (one group: no
@@ -526,9 +535,12 @@ def _group_sum(x, codes, grid: _Grid, acc_dtype):
     return lax.scan(add, zeros, (by_step(xg, 1), by_step(codes), by_step(grid.scale), zs))[0]
 
 
-def _groups_per_step(m: int, g: int, rows: int, itemsize: int) -> int:
+def _groups_per_step(m, g: int, rows: int, itemsize: int) -> int:
     """The most of ``g`` groups (a divisor of ``g``, at least 1) whose per-group sums ``(m, per, N)``
-    float32 / int32 take no more memory than all groups' codes ``(g, rows, N)`` of ``itemsize`` bytes."""
+    float32 / int32 take no more memory than all groups' codes ``(g, rows, N)`` of ``itemsize`` bytes;
+    one for a symbolic ``m`` (any M)."""
+    if jax.export.is_symbolic_dim(m):
+        return 1
     fits = max(1, rows * itemsize * g // (4 * max(m, 1)))
     return max(d for d in range(1, min(g, fits) + 1) if g % d == 0)
 
