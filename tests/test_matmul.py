@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,28 @@ def test_qeinsum_layouts():
     q2 = qj.quantize(w2, qj.QuantSpec(axis=1))
     np.testing.assert_allclose(qj.qeinsum("btd,hdk->bthk", x, q2),
                                jnp.einsum("btd,hdk->bthk", x, qj.dequantize(q2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("subscripts", ["...d,dhk->...hk", "...d,dhk->hk...", "btd,dhk", "b...,dhk->b...hk",
+                                        "...,dhk->...hk"])
+def test_qeinsum_ellipsis_and_implicit_output_as_jnp_einsum(subscripts):
+    q = qj.quantize(jax.random.normal(jax.random.key(6), (8, 3, 4)), qj.QuantSpec(axis=0, group_size=4))
+    x = jax.random.normal(jax.random.key(7), (2, 5, 8))
+    ref = jnp.einsum(subscripts, x, qj.dequantize(q), precision="highest")
+    y = qj.qeinsum(subscripts, x, q)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("subscripts,message", [
+    ("bd,df,fg->bg", "expected two operands"), ("b..d,df->bf", "'b..d' is not letters with at most one '...'"),
+    ("bd,...f->bf", "an ellipsis in the QArray's subscripts"), ("bd,df->bz", "output 'bz' repeats a letter or names"),
+    ("bcd,df->bf", "3 and 2 letters for 2 and 2 axes"), ("bd,df->...f", "an ellipsis in the output but not in x"),
+])
+def test_qeinsum_bad_subscripts_are_named(subscripts, message):
+    q = qj.quantize(jnp.ones((8, 4)), qj.QuantSpec(axis=0))
+    with pytest.raises(ValueError, match=re.escape(f"qeinsum: {message}") + ".*" + re.escape(repr(subscripts))):
+        qj.qeinsum(subscripts, jnp.ones((2, 8)), q)
 
 
 def test_export_for_cpu_and_tpu_reproduces_on_cpu():

@@ -632,9 +632,6 @@ def _w4a8(x, q, grid: _Grid):
     return _group_sum(xq, codes, grid._replace(scale=scale), jnp.int32) * sx
 
 
-_EINSUM = re.compile(r"^\s*([a-zA-Z.]*)\s*,\s*([a-zA-Z]*)\s*->\s*([a-zA-Z.]*)\s*$")
-
-
 def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | None = None):
     """``jnp.einsum(subscripts, x, W)`` with a ``QArray`` weight ``W`` as second operand.
 
@@ -642,7 +639,10 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
     layout of Flax's ``Einsum`` / ``DenseGeneral`` kernels), the product runs
     as a :func:`qdot` on the flattened weight (a free reshape of the packed
     bytes); otherwise, or for ``backend="xla"``, it is the reference
-    ``jnp.einsum`` over the dequantized weight.
+    ``jnp.einsum`` over the dequantized weight. As in ``jnp.einsum``, ``x``'s
+    subscripts may hold an ellipsis (``"...d,df->...f"``) and ``->`` may be
+    left out (the output is then the ellipsis and the letters that appear
+    once, in alphabetical order).
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj
@@ -652,18 +652,14 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
       >>> y = qj.qeinsum("btd,dhk->bthk", x, q)
       >>> y.shape, bool(jnp.allclose(y, jnp.einsum("btd,dhk->bthk", x, qj.dequantize(q)), atol=1e-4))
       ((3, 5, 2, 4), True)
+      >>> qj.qeinsum("...d,dhk->...hk", x, q).shape
+      (3, 5, 2, 4)
     """
     if not isinstance(q, QArray):
         raise TypeError(f"qeinsum: the second operand must be a QArray, got {type(q).__name__}")
-    match = _EINSUM.match(subscripts)
-    if match is None or "." in subscripts:
-        raise ValueError(f"qeinsum: subscripts must look like 'xy,yz->xz' (no ellipsis), got {subscripts!r}")
-    lhs, rhs, out = match.groups()
     x = jnp.asarray(x)
-    if len(lhs) != x.ndim or len(rhs) != q.ndim:
-        raise ValueError(
-            f"qeinsum: {subscripts!r} does not fit x of shape {x.shape} and q of shape {q.shape}"
-        )
+    lhs, rhs, out = _einsum_letters(subscripts, x, q)
+    subscripts = f"{lhs},{rhs}->{out}"
     for letter in set(lhs) & set(rhs):
         if x.shape[lhs.index(letter)] != q.shape[rhs.index(letter)]:
             raise ValueError(
@@ -693,6 +689,43 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
     y = qdot(xt.reshape(xt.shape[: len(free_x)] + (-1,)), _flatten(q, kk), backend=backend, act_quant=act_quant)
     y = y.reshape(xt.shape[: len(free_x)] + q.shape[kk:])
     return jnp.transpose(y, [(free_x + list(kept)).index(c) for c in out])
+
+
+def _einsum_letters(subscripts: str, x, q: QArray) -> tuple[str, str, str]:
+    """``(x's, W's, output's)`` subscripts with the ellipsis spelled out and the output made explicit."""
+    def bad(why):
+        return ValueError(f"qeinsum: {why} in subscripts {subscripts!r} for x of shape {x.shape} and q of shape {q.shape}")
+
+    spec = subscripts.replace(" ", "")
+    inputs, arrow, out = spec.partition("->")
+    operands = inputs.split(",")
+    if len(operands) != 2:
+        raise bad("expected two operands, 'x,W->out'")
+    lhs, rhs = operands
+    for part in (lhs, rhs, out):
+        if not re.fullmatch(r"[a-zA-Z]*(\.\.\.)?[a-zA-Z]*", part):
+            raise bad(f"{part!r} is not letters with at most one '...'")
+    if "..." in rhs:
+        raise bad("an ellipsis in the QArray's subscripts is not supported (name its axes)")
+    dots = ""
+    if "..." in lhs:
+        free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec]
+        n = x.ndim - (len(lhs) - 3)
+        if n < 0:
+            raise bad(f"x has {x.ndim} axes, fewer than the {len(lhs) - 3} letters")
+        dots = "".join(free[:n])
+        lhs = lhs.replace("...", dots)
+    if "..." in out and "..." not in inputs:
+        raise bad("an ellipsis in the output but not in x")
+    if not arrow:
+        once = sorted(c for c in set(lhs + rhs) if (lhs + rhs).count(c) == 1 and c not in dots)
+        out = dots + "".join(once)
+    out = out.replace("...", dots)
+    if len(lhs) != x.ndim or len(rhs) != q.ndim:
+        raise bad(f"{len(lhs)} and {len(rhs)} letters for {x.ndim} and {q.ndim} axes")
+    if len(set(out)) != len(out) or set(out) - set(lhs + rhs):
+        raise bad(f"output {out!r} repeats a letter or names one no operand has")
+    return lhs, rhs, out
 
 
 def _flattenable(q: QArray, n_contracted: int) -> bool:
