@@ -11,7 +11,8 @@ from quantize_jax.cli import main
 @pytest.fixture
 def weights(tmp_path):
     rng = np.random.default_rng(0)
-    tensors = {"fc.weight": rng.normal(size=(64, 256)).astype(np.float32), "fc.bias": np.zeros(64, np.float32)}
+    tensors = {"fc.weight": rng.normal(size=(64, 256)).astype(np.float32), "fc.bias": np.zeros(64, np.float32),
+               "positions": np.array([2**40, 7], np.int64)}
     from safetensors.numpy import save_file
 
     path = tmp_path / "in.safetensors"
@@ -28,11 +29,12 @@ def test_quantize_then_inspect(weights, capsys, suffix):
                "--axis", "1", "--method", "mse", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "fc.weight" in printed and "total: 1 of 2 leaves quantized" in printed
+    assert "fc.weight" in printed and "total: 1 of 3 leaves quantized" in printed
     tree = qj.load(out)
     q = tree["fc.weight"]
     assert q.spec == qj.QuantSpec(format="nf4", axis=1, group_size=64, method="mse") and q.shape == (64, 256)
     np.testing.assert_array_equal(tree["fc.bias"], tensors["fc.bias"])
+    assert tree["positions"].dtype == np.int64 and tree["positions"].tolist() == [2**40, 7]  # left as it was
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "checksum OK" in text and "qarray" in text and "nf4" in text

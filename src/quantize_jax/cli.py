@@ -64,9 +64,8 @@ def _quantize(args) -> int:
     for name, t in tensors.items():
         if t.ndim >= 2 and t.size >= args.min_size and jnp.issubdtype(t.dtype, jnp.floating):
             rules.append(("^" + re.escape(name) + "$", spec))
-    tree = {name: jnp.asarray(t) for name, t in tensors.items()}
-    try:
-        qtree, report = quantize_params(tree, rules, min_size=args.min_size, progress=not args.quiet)
+    try:  # the tensors stay numpy arrays: those left float keep their dtype (jnp would narrow int64 to int32)
+        qtree, report = quantize_params(tensors, rules, min_size=args.min_size, progress=not args.quiet)
     except ValueError as e:
         raise CommandError(str(e)) from None
     print(report)
