@@ -81,9 +81,23 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     np.testing.assert_array_equal(q["w"].packed, qj.ptq.gptq(w, x, qj.QuantSpec(axis=0)).packed)
 
 
+def test_gptq_without_calibration_signal_rounds_to_nearest_and_keeps_the_dtype():
+    w = jax.random.normal(jax.random.key(5), (64, 32)).astype(jnp.bfloat16)
+    spec = qj.QuantSpec(axis=0, group_size=16)
+    # inputs that are always zero carry no information: GPTQ must not blow up (a singular Hessian), but
+    # round those rows to nearest, as a zero-input Hessian's dead diagonal is set to one
+    q = qj.ptq.gptq(w, jnp.zeros((10, 64)), spec)
+    assert q.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(q.packed, qj.quantize(w, spec).packed)
+    x = jax.random.normal(jax.random.key(6), (4, 25, 64))  # (batch, tokens, K): flattened into samples
+    np.testing.assert_array_equal(qj.ptq.gptq(w, x, spec).packed, qj.ptq.gptq(w, x.reshape(100, 64), spec).packed)
+
+
 def test_gptq_bad_input():
-    with pytest.raises(ValueError, match=r"gptq: expected w of shape \(K, N\) and x of shape \(n, K\)"):
+    with pytest.raises(ValueError, match=r"gptq: expected w of shape \(K, N\) and x of shape \(\.\.\., K\)"):
         qj.ptq.gptq(jnp.ones((8, 4)), jnp.ones((3, 7)), qj.QuantSpec(axis=0))
+    with pytest.raises(ValueError, match=r"gptq: x of shape \(3, 8\) holds NaN or Inf"):
+        qj.ptq.gptq(jnp.ones((8, 4)), jnp.ones((3, 8)).at[1, 2].set(jnp.inf), qj.QuantSpec(axis=0))
     with pytest.raises(ValueError, match=r"gptq: the spec must put scales along axis 0"):
         qj.ptq.gptq(jnp.ones((8, 4)), jnp.ones((3, 8)), qj.QuantSpec(axis=1))
     with pytest.raises(ValueError, match=r"calibration given for paths that were not quantized: \['nope'\]"):

@@ -226,7 +226,8 @@ def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
 
     Args:
       w: ``(K, N)`` float kernel.
-      x: ``(n, K)`` calibration inputs of the layer.
+      x: ``(..., K)`` calibration inputs of the layer (leading axes are
+        flattened into samples).
       spec: scales along K: per output channel (``axis=0``) or groups along
         axis 0; any format and method.
       damp: the dampening, relative to the mean diagonal of ``H``.
@@ -246,13 +247,17 @@ def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
     """
     w = check_float_array(w, "w", "gptq")
     x = check_float_array(x, "x", "gptq")
-    if w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"gptq: expected w of shape (K, N) and x of shape (n, K), got w {w.shape} and x {x.shape}")
+    if w.ndim != 2 or x.ndim < 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"gptq: expected w of shape (K, N) and x of shape (..., K), got w {w.shape} and x {x.shape}")
     lay = _layout.layout(w.shape, spec, "w")
     if not (lay.group_axis == 0 or (lay.group_axis is None and lay.reduced == (0,))):
         raise ValueError(f"gptq: the spec must put scales along axis 0 (axis=0, optionally grouped), got axis={spec.axis!r}")
+    for name, a in (("w", w), ("x", x)):
+        if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
+            raise ValueError(f"gptq: {name} of shape {a.shape} holds NaN or Inf")
+    x = x.reshape(-1, x.shape[-1])
     s, z, w_hat = _gptq_jit(w.astype(jnp.float32), x.astype(jnp.float32), spec, float(damp))
-    return quantize(w_hat, spec, scale=s, zero_point=z)
+    return quantize(w_hat.astype(w.dtype), spec, scale=s, zero_point=z)  # w_hat's values lie on the grid
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -266,6 +271,7 @@ def _gptq_jit(w, x, spec, damp):
     n_blocks = -(-k // block)
     kp = n_blocks * block
     h = x.T @ x / x.shape[0]
+    h = h + jnp.diag((jnp.diag(h) == 0).astype(h.dtype))  # inputs the calibration never sets: rounded to nearest
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
     u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T  # upper factor: H^-1 = U^T U
     pad = kp - k
