@@ -82,6 +82,31 @@ def test_nnx_and_linen_agree_on_the_same_weights():
     np.testing.assert_array_equal(served_nnx.qarray.packed, served_linen["params"]["kernel"].packed)
 
 
+class _Cell(nn.Module):
+    learn_scale: bool = False
+
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.relu(qj.linen.QuantDense(16, learn_scale=self.learn_scale)(x)), None
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_layers_stacked_by_nn_scan_serve_with_stacked_qarrays(learn_scale):
+    def stack(collections):
+        return nn.scan(_Cell, variable_axes=collections, split_rngs={"params": True}, length=3)(learn_scale)
+
+    x = jax.random.normal(jax.random.key(1), (4, 16))
+    model = stack({"params": 0, "qarrays": 0})
+    variables = model.init(jax.random.key(0), x, None)
+    served = qj.linen.to_serving_params(model, variables, x, None)
+    q = served["params"]["QuantDense_0"]["kernel"]
+    assert q.packed.shape == (3, 16, 8) and q.scale.shape == (3, 1, 16)  # one QArray per layer, stacked
+    np.testing.assert_allclose(model.apply(served, x, None)[0], model.apply(variables, x, None)[0], rtol=1e-6, atol=1e-6)
+    only_params = stack({"params": 0})
+    with pytest.raises(ValueError, match=r"need 'qarrays' in variable_axes"):
+        qj.linen.to_serving_params(only_params, only_params.init(jax.random.key(0), x, None), x, None)
+
+
 def test_conversion_without_quant_layers_is_refused():
     dense = nn.Dense(3)
     v = dense.init(jax.random.key(0), jnp.ones((1, 4)))

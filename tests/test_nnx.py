@@ -60,6 +60,51 @@ def test_serving_equals_qat_and_holds_no_float_weights(fmt, options):
     assert kinds.count("ServingLinear") == 2 and "QuantLinear" not in kinds
 
 
+class _Stacked(nnx.Module):
+    """Three Linear layers made by nnx.vmap (kernels stacked (3, 16, 16)) and run by nnx.scan."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return nnx.Linear(16, 16, rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def step(layer, x):
+            return jax.nn.relu(layer(x))
+
+        return step(self.layers, x)
+
+
+@pytest.mark.parametrize("options", [{}, {"learn_scale": True},
+                                     {"act_spec": qj.QuantSpec(format="int4"), "act_calibration": "static"}])
+def test_stacked_layers_quantize_each_layer_on_its_own(options):
+    model = _Stacked(nnx.Rngs(0))
+    kernels, biases = model.layers.kernel[...], model.layers.bias[...]
+    qat = qj.nnx.quantize_model(model, **options)
+    assert qat.layers.weight_spec == qj.QuantSpec(axis=0)  # the layer's own (16, 16) kernel: per output channel
+    x = jax.random.normal(jax.random.key(1), (4, 16))
+    if options.get("learn_scale"):
+        expect = jnp.stack([qj.compute_scale(k, qj.QuantSpec(axis=0))[0] for k in kernels])
+        np.testing.assert_array_equal(qat.layers.weight_scale[...], expect)
+    if "act_spec" in options:
+        assert qat.layers.act_range.shape == (3, 2)
+    else:  # the same as quantizing each layer by itself
+        ref = x
+        for k, b in zip(kernels, biases):
+            ref = jax.nn.relu(ref @ qj.fake_quant(k, qj.QuantSpec(axis=0)) + b[None])
+        np.testing.assert_allclose(qat(x), ref, rtol=1e-6, atol=1e-6)
+    qat(x)
+    qat.eval()
+    served = qj.nnx.to_serving(qat)
+    q = served.layers.qarray
+    assert q.packed.shape == (3, 16, 8) and q.scale.shape == (3, 1, 16)
+    np.testing.assert_allclose(served(x), qat(x), rtol=1e-6, atol=1e-6)
+
+
 def test_a_bare_layer_converts_itself():
     layer = nnx.Einsum("btd,dnh->btnh", (16, 2, 4), (2, 4), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (1, 3, 16))

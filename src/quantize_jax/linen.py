@@ -153,6 +153,9 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     QArrays in place of the kernels and the learned scales removed.
     ``module.apply(serving, x)`` then serves: ``QuantDense`` through ``qdot``,
     the others by dequantizing the packed kernel inside the forward pass.
+    Layers stacked by ``nn.scan`` / ``nn.vmap`` collect stacked QArrays when
+    the ``"qarrays"`` collection is scanned like ``"params"``
+    (``variable_axes={"params": 0, "qarrays": 0}``).
 
     Raises:
       ValueError: the module holds no quantize_jax layer.
@@ -160,7 +163,8 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     _, state = module.apply(variables, *args, mutable=["qarrays"], **kwargs)
     qarrays = state.get("qarrays", {})
     if not qarrays:
-        raise ValueError("to_serving_params: the module holds no quantize_jax layer to convert")
+        raise ValueError("to_serving_params: the module holds no quantize_jax layer to convert (layers inside "
+                         "nn.scan or nn.vmap need 'qarrays' in variable_axes, as 'params': {'params': 0, 'qarrays': 0})")
     params = dict(variables["params"])
     _merge(params, qarrays, path=())
     out = dict(variables)

@@ -71,7 +71,7 @@ class _ActQuant:
     act_spec: QuantSpec | str | None
     act_calibration: str
 
-    def _init_act(self, act_spec, act_calibration: str, act_momentum: float):
+    def _init_act(self, act_spec, act_calibration: str, act_momentum: float, stack: tuple = ()):
         if act_spec is not None and act_spec != "int8" and not isinstance(act_spec, QuantSpec):
             raise ValueError(f"act_spec: expected None, 'int8' or a QuantSpec, got {act_spec!r}")
         if act_calibration not in ("dynamic", "static"):
@@ -82,7 +82,8 @@ class _ActQuant:
         self.act_calibration = act_calibration
         self.act_momentum = act_momentum
         self.use_running_average = False
-        self.act_range = QuantStat(jnp.zeros((2,), jnp.float32)) if act_calibration == "static" else nnx.data(None)
+        # one observed range per layer of a stack (nnx.vmap), as nnx.scan slices it
+        self.act_range = QuantStat(jnp.zeros(stack + (2,), jnp.float32)) if act_calibration == "static" else nnx.data(None)
 
     def _quant_inputs(self, x):
         """The layer's inputs as its product sees them: ``_quant_act``, then per-token int8 for W4A8."""
@@ -119,11 +120,11 @@ class _QuantLayer(_ActQuant):
     __slots__ = ()
 
     def _init_quant(self, weight_spec, act_spec, act_calibration, act_momentum, learn_scale):
-        shape = tuple(self.kernel.shape)
+        stack, shape = _split_stack(self)
         weight_spec = self.default_weight_spec(shape) if weight_spec is None else weight_spec
         _check_weight_spec(weight_spec, shape, type(self).__name__)
         self.weight_spec = weight_spec
-        self._init_act(act_spec, act_calibration, act_momentum)
+        self._init_act(act_spec, act_calibration, act_momentum, stack)
         self.learn_scale = learn_scale
         self.weight_scale = nnx.data(None)
         self.weight_zero_point = nnx.data(None)
@@ -137,7 +138,8 @@ class _QuantLayer(_ActQuant):
 
     def init_scale_from_kernel(self) -> None:
         """(Re)initialise the learned scale (and zero point) from the current kernel."""
-        s, z = compute_scale(self.kernel[...], self.weight_spec)
+        stack, _ = _split_stack(self)
+        s, z = _over_stack(lambda k: compute_scale(k, self.weight_spec), len(stack))(self.kernel[...])
         self.weight_scale = nnx.Param(s.astype(jnp.float32))
         self.weight_zero_point = nnx.data(None) if z is None else nnx.Param(z.astype(jnp.float32))
 
@@ -312,9 +314,11 @@ def _serving_layer(layer: _QuantLayer, backend: str):
     """A copy of ``layer`` turned into its serving class, its kernel replaced by the packed QArray."""
     s, z = layer._scale_and_zero()
     kernel = jax.lax.stop_gradient(layer.kernel[...])
-    q = quantize(kernel, layer.weight_spec, scale=s, zero_point=z)
+    stack, _ = _split_stack(layer)
+    spec = layer.weight_spec
+    q = _over_stack(lambda k, s, z: quantize(k, spec, scale=s, zero_point=z), len(stack))(kernel, s, z)
     placement = getattr(kernel, "sharding", None)
-    if isinstance(placement, NamedSharding) and any(p is not None for p in placement.spec):
+    if not stack and isinstance(placement, NamedSharding) and any(p is not None for p in placement.spec):
         q = jax.device_put(q, qarray_shardings(q.shape, q.spec, placement, q.dtype))  # each device keeps its share
     names = layer.kernel.get_metadata().get("out_sharding")
     served = nnx.clone(layer)
@@ -325,6 +329,26 @@ def _serving_layer(layer: _QuantLayer, backend: str):
     served.use_running_average = True
     served.backend = backend
     return served
+
+
+def _split_stack(layer) -> tuple[tuple, tuple]:
+    """``(stack axes, the layer's own kernel shape)``: layers made by ``nnx.vmap`` (run by ``nnx.scan``) hold
+    their kernels stacked along leading axes, and each layer quantizes its own slice."""
+    if isinstance(layer, nnx.Conv):
+        own = len(layer.kernel_size) + 2
+    elif isinstance(layer, nnx.Einsum):
+        own = len(layer.kernel_shape)
+    else:
+        own = 2
+    shape = tuple(layer.kernel.shape)
+    return shape[: len(shape) - own], shape[len(shape) - own:]
+
+
+def _over_stack(f, n: int):
+    """``f`` mapped over ``n`` leading axes of all its arguments (``None`` arguments pass through)."""
+    for _ in range(n):
+        f = jax.vmap(f)
+    return f
 
 
 def _check_weight_spec(spec: QuantSpec, shape, where: str) -> None:
