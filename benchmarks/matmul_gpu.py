@@ -380,6 +380,12 @@ def main():
                 pathlib.Path(args.out).with_suffix(".ptx_hlo.txt").write_text(
                     compiled_program(kernel_fn(ptx=True), xs[0], qs[0]))
         row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs, "w4a8_auto_"))
+        if m > 128:  # per channel W4A8: the kernel (auto) against one int8 x int8 -> int32 dot in XLA (int8 tensor cores)
+            qs_channel = make_weights(k, n, qj.QuantSpec(axis=0))[0]
+            row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs_channel, "w4a8_channel_auto_"))
+            row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8", backend="native"), xs, qs_channel,
+                             "w4a8_channel_int32_"))
+            del qs_channel
         if isinstance(qwix_ws, str):
             row["qwix_us"] = qwix_ws
         else:
@@ -441,7 +447,8 @@ def main():
         write_json(args.out, result)
 
     print(f"\nK=N={args.kn}, bf16 activations, int4 group 128, microseconds per product, on {result['machine']}")
-    print_table(table, [c for c in table[0] if c != "best_tiles"])
+    columns = list(dict.fromkeys(c for row in table for c in row))  # every row's, in order of first use
+    print_table(table, [c for c in columns if c != "best_tiles"])
     for m, b in best.items():
         print(f"best tiles M={m}: {b}")
     if llama:
