@@ -99,6 +99,8 @@ def test_other_files_and_bad_trees_are_named(tmp_path):
         qj.load(tmp_path / "missing.safetensors")
     with pytest.raises(TypeError, match=r"save: unsupported leaf of type object at 'a'"):
         qj.save(tmp_path / "x.safetensors", {"a": object()})
+    with pytest.raises(FileNotFoundError, match=r"save: .*x.safetensors: the folder .*nowhere does not exist"):
+        qj.save(tmp_path / "nowhere" / "x.safetensors", {"a": np.zeros(3)})
 
 
 def test_orbax_saves_and_restores_qarrays(tmp_path):

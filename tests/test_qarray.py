@@ -122,6 +122,11 @@ def test_bad_input_is_named():
         qj.quantize(jnp.float32(1.0))
     with pytest.raises(TypeError, match=r"dequantize: expected a QArray, got ArrayImpl"):
         qj.dequantize(jnp.ones(3))
+    with pytest.raises(TypeError, match=r"dequantize: dtype must be a floating-point dtype, got int32"):
+        qj.dequantize(qj.quantize(jnp.ones(4)), jnp.int32)  # would truncate the values
+    for fn in (qj.quantize, qj.fake_quant, qj.compute_scale):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: spec must be a QuantSpec \(or None\), got dict"):
+            fn(jnp.ones((4, 4)), {"axis": 0})
 
 
 def test_import_does_not_load_flax_until_asked():

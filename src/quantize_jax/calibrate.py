@@ -33,7 +33,7 @@ from jax import lax
 
 from quantize_jax import _layout
 from quantize_jax.formats import dequantize_codes, quantize_to_codes
-from quantize_jax.spec import QuantSpec
+from quantize_jax.spec import QuantSpec, spec_or_default
 
 
 def compute_scale(x: jnp.ndarray, spec: QuantSpec | None = None):
@@ -57,7 +57,7 @@ def compute_scale(x: jnp.ndarray, spec: QuantSpec | None = None):
       >>> s.tolist(), z
       ([[0.1428571492433548, 1.0]], None)
     """
-    spec = QuantSpec() if spec is None else spec
+    spec = spec_or_default(spec, "compute_scale")
     x = check_float_array(x, "x", "compute_scale")
     lay = _layout.layout(x.shape, spec, "x")
     s, z = grouped_scale(_layout.to_groups(x.astype(jnp.float32), lay), lay, spec)

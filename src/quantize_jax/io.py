@@ -83,6 +83,8 @@ def _write(path, structure, tensors) -> None:
     meta_json = json.dumps(meta, sort_keys=True)
     metadata = {_META_KEY: meta_json, "sha256": _digest(meta_json, tensors)}
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"save: {path}: the folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:

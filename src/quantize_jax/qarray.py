@@ -25,7 +25,7 @@ from quantize_jax import _layout
 from quantize_jax.calibrate import check_float_array, grouped_scale
 from quantize_jax.formats import dequantize_codes, quantize_to_codes
 from quantize_jax.packing import pack_int4, unpack_int4
-from quantize_jax.spec import QuantSpec
+from quantize_jax.spec import QuantSpec, spec_or_default
 
 
 @jax.tree_util.register_pytree_node_class
@@ -130,7 +130,7 @@ def quantize(x: jax.Array, spec: QuantSpec | None = None, *, scale=None, zero_po
       >>> q.packed.shape, q.scale.shape, q.nbytes
       ((64, 32), (2, 64), 2560)
     """
-    spec = QuantSpec() if spec is None else spec
+    spec = spec_or_default(spec, "quantize")
     x = check_float_array(x, "x", "quantize")
     if x.ndim == 0:
         raise ValueError("quantize: x must have at least one dimension, got a scalar")
@@ -175,7 +175,8 @@ def _explicit_scale(scale, zero_point, lay, spec: QuantSpec):
 def dequantize(q: QArray, dtype=None) -> jax.Array:
     """The values a :class:`QArray` stands for: ``(q - z) * s`` (or ``level * s``).
 
-    Computed in float32, then cast to ``dtype`` (default: the dtype ``x`` had).
+    Computed in float32, then cast to ``dtype`` (a floating dtype; default: the
+    dtype ``x`` had).
 
     Example:
       >>> import jax.numpy as jnp, quantize_jax as qj
@@ -185,6 +186,8 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize: expected a QArray, got {type(q).__name__}")
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise TypeError(f"dequantize: dtype must be a floating-point dtype, got {jnp.dtype(dtype).name}")
     lay = _layout.layout(q.shape, q.spec, "q")
     sg = _layout.scale_to_groups(q.scale, lay)
     zg = None if q.zero_point is None else _layout.scale_to_groups(q.zero_point, lay)

@@ -139,5 +139,14 @@ class QuantSpec:
         return tuple(sorted(out))
 
 
+def spec_or_default(spec, fn: str) -> QuantSpec:
+    """``spec``, or ``QuantSpec()`` for None; a TypeError naming ``fn`` for anything else."""
+    if spec is None:
+        return QuantSpec()
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{fn}: spec must be a QuantSpec (or None), got {type(spec).__name__} {spec!r}")
+    return spec
+
+
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from quantize_jax import _layout
 from quantize_jax.calibrate import check_float_array, grouped_scale
 from quantize_jax.formats import Format, dequantize_codes, quantize_to_codes
-from quantize_jax.spec import QuantSpec
+from quantize_jax.spec import QuantSpec, spec_or_default
 
 
 @jax.custom_jvp
@@ -107,7 +107,7 @@ def fake_quant(x: jnp.ndarray, spec: QuantSpec | None = None, *, scale=None, zer
       >>> jax.grad(lambda x: qj.fake_quant(x, qj.QuantSpec(), scale=0.1).sum())(x).tolist()
       [1.0, 0.0, 1.0, 0.0]
     """
-    spec = QuantSpec() if spec is None else spec
+    spec = spec_or_default(spec, "fake_quant")
     x = check_float_array(x, "x", "fake_quant")
     fmt = spec.fmt
     lay = _layout.layout(x.shape, spec, "x")
