@@ -103,6 +103,23 @@ def test_other_files_and_bad_trees_are_named(tmp_path):
         qj.save(tmp_path / "nowhere" / "x.safetensors", {"a": np.zeros(3)})
 
 
+def test_an_nnx_serving_model_state_round_trips(tmp_path):
+    from flax import nnx
+
+    def served():
+        model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(32, 4, rngs=nnx.Rngs(1)))
+        return qj.nnx.to_serving(qj.nnx.quantize_model(model, weight_spec=qj.QuantSpec(axis=0, group_size=8)))
+
+    model = served()
+    qj.save(tmp_path / "m.safetensors", nnx.state(model))  # Sequential's layers are keyed by int
+    loaded = qj.load(tmp_path / "m.safetensors")
+    assert sorted(loaded["layers"]) == [0, 2] and isinstance(loaded["layers"][0]["kernel"], qj.QArray)
+    graphdef, state = nnx.split(nnx.eval_shape(served))
+    nnx.replace_by_pure_dict(state, loaded)
+    x = jax.random.normal(jax.random.key(0), (3, 16))
+    np.testing.assert_array_equal(nnx.merge(graphdef, state)(x), model(x))
+
+
 def test_orbax_saves_and_restores_qarrays(tmp_path):
     import orbax.checkpoint as ocp
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 
 import jax
@@ -45,8 +46,11 @@ def save(path, tree) -> None:
     Args:
       path: the file to write; written to a temporary file in the same
         folder and renamed, so a crash never leaves a half-written file.
-      tree: nested dicts (string keys), lists and tuples of arrays, QArrays,
-        Python scalars, strings and None.
+      tree: nested dicts (string or int keys), lists and tuples of arrays,
+        QArrays, Python scalars, strings and None; or a Flax ``nnx.State``
+        (``nnx.state(model)``), saved as ``nnx.to_pure_dict(state)``: ``load``
+        returns that dict, which ``nnx.replace_by_pure_dict`` puts back into
+        a model's state.
 
     In a multi-process run, when an array spans devices of several
     processes, every process must call ``save``: the arrays are gathered,
@@ -196,11 +200,19 @@ def _encode(node, path, tensors):
         if node.zero_point is not None:
             out["zero_point"] = _put(tensors, name + ".zero_point", node.zero_point)
         return out
+    state = _nnx_state_class()
+    if state is not None and isinstance(node, state):  # saved as its pure dict
+        from flax import nnx
+
+        node = nnx.to_pure_dict(node)
     if isinstance(node, dict):
         for k in node:
-            if not isinstance(k, str):
-                raise TypeError(f"save: dict keys must be strings, got {k!r} at {_key(path)!r}")
-        return {"kind": "dict", "items": {k: _encode(v, path + (k,), tensors) for k, v in node.items()}}
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise TypeError(f"save: dict keys must be strings or ints, got {k!r} at {_key(path)!r}")
+        out = {"kind": "dict", "items": {str(k): _encode(v, path + (k,), tensors) for k, v in node.items()}}
+        if any(isinstance(k, int) for k in node):  # JSON keys are strings: remember which were ints
+            out["int_keys"] = [str(k) for k in node if isinstance(k, int)]
+        return out
     if isinstance(node, (list, tuple)):
         return {"kind": type(node).__name__, "items": [_encode(v, path + (i,), tensors) for i, v in enumerate(node)]}
     if node is None or isinstance(node, (bool, int, float, str)):
@@ -210,6 +222,12 @@ def _encode(node, path, tensors):
     raise TypeError(f"save: unsupported leaf of type {type(node).__name__} at {_key(path)!r}")
 
 
+def _nnx_state_class():
+    """``flax.nnx.State`` where Flax is already imported (this module never imports it itself), else None."""
+    nnx = sys.modules.get("flax.nnx")
+    return getattr(nnx, "State", None)
+
+
 def _decode(node, tensors):
     kind = node["kind"]
     if kind == "qarray":
@@ -217,7 +235,8 @@ def _decode(node, tensors):
         return QArray(_get(tensors, node["packed"]), _get(tensors, node["scale"]), zp, tuple(node["shape"]),
                       jnp.dtype(node["dtype"]), spec_from_dict(node["spec"]))
     if kind == "dict":
-        return {k: _decode(v, tensors) for k, v in node["items"].items()}
+        ints = set(node.get("int_keys", ()))
+        return {int(k) if k in ints else k: _decode(v, tensors) for k, v in node["items"].items()}
     if kind in ("list", "tuple"):
         items = [_decode(v, tensors) for v in node["items"]]
         return items if kind == "list" else tuple(items)
