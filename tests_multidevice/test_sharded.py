@@ -66,6 +66,38 @@ def test_qdot_tensor_parallel_and_contraction_sharded_equal_one_device(mesh, bac
     np.testing.assert_allclose(f(x_k, q_k), ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("act_quant", [None, "int8"])
+def test_qdot_inside_shard_map(mesh, act_quant):
+    # The per-device code of shard_map: x's rows split over "data"; the weight's columns over "model"
+    # (varying weights) or its rows (partial sums reduced by psum); gradients through both.
+    w = jax.random.normal(jax.random.key(1), (256, 128))
+    x = jax.random.normal(jax.random.key(2), (16, 256))
+    spec = qj.QuantSpec(axis=0, group_size=64)
+    q = qj.quantize(w, spec)
+    ref = qj.qdot(x, q, act_quant=act_quant)
+
+    def local(x, q, shape):
+        return qj.qdot(x, qj.QArray(q.packed, q.scale, None, shape, q.dtype, q.spec), act_quant=act_quant)
+
+    def placed(a, pspecs):  # explicit meshes want the operands where in_specs says they are
+        return jax.tree_util.tree_map(lambda a, p: jax.device_put(a, NamedSharding(mesh, p)), a, pspecs)
+
+    columns = qj.QArray(P(None, "model"), P(None, "model"), None, q.shape, q.dtype, q.spec)
+    f = jax.jit(jax.shard_map(lambda x, q: local(x, q, (256, 32)), mesh=mesh,
+                              in_specs=(P("data"), columns), out_specs=P("data", "model")))
+    x_rows, q_columns = placed(x, P("data")), placed(q, columns)
+    np.testing.assert_allclose(f(x_rows, q_columns), ref, rtol=1e-5, atol=1e-4)
+    rows = qj.QArray(P("model"), P("model"), None, q.shape, q.dtype, q.spec)
+    g = jax.jit(jax.shard_map(lambda x, q: jax.lax.psum(local(x, q, (64, 128)), "model"), mesh=mesh,
+                              in_specs=(P("data", "model"), rows), out_specs=P("data")))
+    if act_quant is None:  # W4A8's tokens are per row of all of K: a K shard has its own
+        np.testing.assert_allclose(g(placed(x, P("data", "model")), placed(q, rows)), ref, rtol=1e-5, atol=1e-4)
+    with jax.set_mesh(mesh):
+        grad = jax.grad(lambda x: (f(x, q_columns) ** 2).sum())(x_rows)
+    expect = jax.grad(lambda x: (qj.qdot(x, q, act_quant=act_quant) ** 2).sum())(x)
+    np.testing.assert_allclose(grad, expect, rtol=1e-4, atol=1e-3)
+
+
 class _MLP(nnx.Module):
     def __init__(self, rngs, explicit=False):
         init = nnx.initializers.lecun_normal()

@@ -253,10 +253,25 @@ def _per_platform(x, q, backend, act_quant):
     ``lax.platform_dependent``, each platform's code is lowered for that platform only, so the
     Triton kernel can sit beside the CPU path in one multi-platform export."""
     zero_point = q.zero_point if q.zero_point is not None else jnp.zeros((0,), jnp.float32)
+    x, packed, scale, zero_point = _vary_alike(x, q.packed, q.scale, zero_point)
     return _per_platform_p.bind(
-        x, q.packed, q.scale, zero_point, shape=q.shape, dtype=np.dtype(q.dtype), spec=q.spec,
+        x, packed, scale, zero_point, shape=q.shape, dtype=np.dtype(q.dtype), spec=q.spec,
         has_zero=q.zero_point is not None, backend=backend, act_quant=act_quant,
     )
+
+
+def _vary_alike(*arrays):
+    """Inside ``shard_map``: each array cast to vary over every manual axis any of them varies over, as
+    JAX's own binary operations do, so that the product's one output has the right type."""
+    axes = [_varying_axes(a) for a in arrays]
+    union = frozenset().union(*axes)
+    return tuple(a if ax == union else lax.pcast(a, tuple(union - ax), to="varying") for a, ax in zip(arrays, axes))
+
+
+def _varying_axes(a) -> frozenset:
+    aval = jax.typeof(a)
+    manual = getattr(aval, "mat", None)  # jax 0.10: the manual axis type; elsewhere ``vma``
+    return frozenset(getattr(manual, "varying", None) or getattr(aval, "vma", ()))
 
 
 def _per_platform_impl(platform, x, packed, scale, zero_point, *, shape, dtype, spec, has_zero, backend, act_quant):
@@ -289,8 +304,8 @@ def _per_platform_batch(args, dims, **params):
 
 
 _per_platform_p.def_impl(lambda *args, **params: _jitted_bind(**params)(*args))
-_per_platform_p.def_abstract_eval(
-    lambda x, *_, shape, **__: jax.core.ShapedArray((x.shape[0], shape[1]), jnp.float32)
+_per_platform_p.def_abstract_eval(  # x's type otherwise: inside shard_map, the manual axes it varies over
+    lambda x, *_, shape, **__: x.update(shape=(x.shape[0], shape[1]), dtype=jnp.dtype(jnp.float32), weak_type=False)
 )
 batching.primitive_batchers[_per_platform_p] = _per_platform_batch
 for _platform in ("cpu", "cuda", "rocm", "tpu"):  # "tpu" is also the rule for any other platform
@@ -436,7 +451,8 @@ def _scan_halves(half, c: _Chunks, fmt: Format, acc_dtype, width: int | None = N
         zs = [None if z is None else tile(z) for z in zero_point]
         return add(acc, xc, tile(packed), [tile(s) for s in scale], zs, block)
 
-    zeros = jnp.zeros((c.xs.shape[1], n_blocks * width), acc_dtype)
+    # zeros_like: inside shard_map the carry must vary over x's manual axes, as the sums it takes do
+    zeros = jnp.zeros_like(c.xs, acc_dtype, shape=(c.xs.shape[1], n_blocks * width))
     if n_blocks == 1:
         steps, body = (c.xs, packed, scale, zero_point), lambda acc, chunk: add(acc, *chunk)
     else:
@@ -522,7 +538,7 @@ def _group_sum(x, codes, grid: _Grid, acc_dtype):
         return acc + jnp.sum(part.astype(jnp.float32) * ss[None], axis=1), None
 
     per = _groups_per_step(m, g, rows, jnp.dtype(codes.dtype).itemsize)
-    zeros = jnp.zeros((m, n), jnp.float32)
+    zeros = jnp.zeros_like(x, jnp.float32, shape=(m, n))  # varying as x inside shard_map (see _scan_halves)
     if per == g:
         return add(zeros, (xg, codes, grid.scale, zero_point))[0]
     steps = g // per
