@@ -122,7 +122,7 @@ def test_a_bare_layer_converts_itself():
 def test_rules_first_match_wins_and_errors_name_layers():
     model = qj.nnx.quantize_model(_mlp(), [("layers/2", None), (".*", qj.QuantSpec(axis=0))])
     assert type(model.layers[0]) is qj.nnx.QuantLinear and type(model.layers[2]) is nnx.Linear
-    with pytest.raises(ValueError, match=r"quantize_model: rule 'attention' matches no Linear, Conv or Einsum layer"):
+    with pytest.raises(ValueError, match=r"quantize_model: rule 'attention' matches no Linear, Conv, Einsum or LinearGeneral layer"):
         qj.nnx.quantize_model(_mlp(), {"attention": qj.QuantSpec(axis=0)})
     with pytest.raises(ValueError, match=r"layer 'layers/0': .*group_size 64 is larger than axis 0 of the kernel of shape \(16, 32\)"):
         qj.nnx.quantize_model(_mlp(), weight_spec=qj.QuantSpec(axis=0, group_size=64))
@@ -194,3 +194,23 @@ def test_standalone_layers_match_their_flax_twins():
     x = jax.random.normal(jax.random.key(3), (1, 7, 2))
     ref.kernel[...] = qj.fake_quant(ref.kernel[...], conv.weight_spec)
     np.testing.assert_array_equal(conv(x), ref(x))
+    general = qj.nnx.QuantLinearGeneral((2, 8), 6, axis=(-2, -1), rngs=nnx.Rngs(0))
+    assert general.weight_spec == qj.QuantSpec(axis=(0, 1))  # the contracted axes: one scale per output
+    ref = nnx.LinearGeneral((2, 8), 6, axis=(-2, -1), rngs=nnx.Rngs(0))
+    ref.kernel[...] = qj.fake_quant(ref.kernel[...], general.weight_spec)
+    x = jax.random.normal(jax.random.key(4), (3, 2, 8))
+    np.testing.assert_array_equal(general(x), ref(x))
+
+
+@pytest.mark.parametrize("options", [{}, {"learn_scale": True}, {"act_spec": "int8"}])
+def test_attention_projections_quantize_and_serve(options):
+    attention = nnx.MultiHeadAttention(num_heads=4, in_features=32, qkv_features=32, decode=False, rngs=nnx.Rngs(0))
+    qat = qj.nnx.quantize_model(attention, **options)
+    layers = {path: type(m).__name__ for path, m in nnx.iter_modules(qat) if path}
+    assert layers == {(p,): "QuantLinearGeneral" for p in ("query", "key", "value", "out")}
+    assert qat.query.weight_spec.axis == 0 and qat.out.weight_spec.axis == (0, 1)  # per head and feature
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    served = qj.nnx.to_serving(qat)
+    assert type(served.query).__name__ == "ServingLinearGeneral"
+    assert served.query.qarray.packed.shape == (32, 4, 4) and served.query.qarray.scale.shape == (1, 4, 8)
+    np.testing.assert_allclose(served(x), qat(x), rtol=1e-6, atol=1e-6)

@@ -1,11 +1,13 @@
 """Flax NNX: quantization-aware training layers, model conversion, and QAT -> packed int4 serving.
 
-* :class:`QuantLinear`, :class:`QuantConv`, :class:`QuantEinsum` are drop-ins for
-  ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` (same arguments,
-  same ``kernel`` / ``bias`` parameters, so a float checkpoint loads as is)
-  whose forward pass fake-quantizes the kernel (and optionally the inputs).
-* :func:`quantize_model` swaps the ``nnx.Linear`` layers of an existing model
-  for ``QuantLinear`` by path rules, copying the parameters.
+* :class:`QuantLinear`, :class:`QuantConv`, :class:`QuantEinsum`,
+  :class:`QuantLinearGeneral` are drop-ins for ``nnx.Linear`` / ``nnx.Conv`` /
+  ``nnx.Einsum`` / ``nnx.LinearGeneral`` (same arguments, same ``kernel`` /
+  ``bias`` parameters, so a float checkpoint loads as is) whose forward pass
+  fake-quantizes the kernel (and optionally the inputs).
+* :func:`quantize_model` swaps those Flax layers of an existing model (the
+  projections of ``nnx.MultiHeadAttention`` are ``LinearGeneral`` s) for
+  their QAT versions by path rules, copying the parameters.
 * :func:`to_serving` turns a QAT model into one whose weights are packed
   :class:`~quantize_jax.QArray` s used through :func:`~quantize_jax.qdot`; its
   outputs equal the QAT model's, and no float weight matrix is left.
@@ -259,6 +261,40 @@ class QuantEinsum(nnx.Einsum, _QuantLayer):
         self._init_quant(weight_spec, act_spec, act_calibration, act_momentum, learn_scale)
 
 
+class QuantLinearGeneral(nnx.LinearGeneral, _QuantLayer):
+    """``nnx.LinearGeneral`` with a fake-quantized 4-bit kernel; arguments as :class:`QuantLinear`.
+
+    The kernel is ``batch + in_features + out_features``; the default
+    ``weight_spec`` reduces the ``in_features`` (contracted) axes: one scale
+    per batch entry and output feature (per head and head dimension in an
+    attention projection).
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> layer = qj.nnx.QuantLinearGeneral(16, (4, 8), rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 16))).shape, layer.weight_spec.axis
+      ((2, 4, 8), 0)
+    """
+
+    __slots__ = ()
+
+    def __call__(self, inputs, *args, **kwargs):
+        return self._qat_call(nnx.LinearGeneral.__call__, inputs, *args, **kwargs)
+
+    def __init__(self, in_features, out_features, *, weight_spec: QuantSpec | None = None,
+                 act_spec=None, act_calibration: str = "dynamic", act_momentum: float = 0.99,
+                 learn_scale: bool = False, **kwargs):
+        nnx.LinearGeneral.__init__(self, in_features, out_features, **kwargs)
+        self._init_quant(weight_spec, act_spec, act_calibration, act_momentum, learn_scale)
+
+    def default_weight_spec(self, kernel_shape) -> QuantSpec:
+        """int4 with the ``in_features`` axes reduced: one scale per batch entry and output feature."""
+        start = len(self.batch_axis)
+        axes = tuple(range(start, start + len(self.in_features)))
+        return QuantSpec(format="int4", axis=axes[0] if len(axes) == 1 else axes)
+
+
 class _ServingLayer(_ActQuant):
     """Serving behaviour: the kernel is a :class:`QuantizedWeight`, read as its dequantized value."""
 
@@ -306,8 +342,19 @@ class ServingEinsum(nnx.Einsum, _ServingLayer):
         return self._serving_call(nnx.Einsum.__call__, inputs, *args, **kwargs)
 
 
-_SERVING = {QuantLinear: ServingLinear, QuantConv: ServingConv, QuantEinsum: ServingEinsum}
-_FLAX_TO_QUANT = {nnx.Linear: QuantLinear, nnx.Conv: QuantConv, nnx.Einsum: QuantEinsum}
+class ServingLinearGeneral(nnx.LinearGeneral, _ServingLayer):
+    """The serving form of :class:`QuantLinearGeneral`: the packed kernel is dequantized inside the forward pass."""
+
+    __slots__ = ()
+
+    def __call__(self, inputs, *args, **kwargs):
+        return self._serving_call(nnx.LinearGeneral.__call__, inputs, *args, **kwargs)
+
+
+_SERVING = {QuantLinear: ServingLinear, QuantConv: ServingConv, QuantEinsum: ServingEinsum,
+            QuantLinearGeneral: ServingLinearGeneral}
+_FLAX_TO_QUANT = {nnx.Linear: QuantLinear, nnx.Conv: QuantConv, nnx.Einsum: QuantEinsum,
+                  nnx.LinearGeneral: QuantLinearGeneral}
 
 
 def _serving_layer(layer: _QuantLayer, backend: str):
@@ -338,6 +385,8 @@ def _split_stack(layer) -> tuple[tuple, tuple]:
         own = len(layer.kernel_size) + 2
     elif isinstance(layer, nnx.Einsum):
         own = len(layer.kernel_shape)
+    elif isinstance(layer, nnx.LinearGeneral):
+        own = len(layer.batch_axis) + len(layer.in_features) + len(layer.out_features)
     else:
         own = 2
     shape = tuple(layer.kernel.shape)
@@ -378,15 +427,16 @@ def _rules(rules, weight_spec):
 def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec: QuantSpec | None = None,
                    act_spec=None, act_calibration: str = "dynamic", act_momentum: float = 0.99,
                    learn_scale: bool = False, inplace: bool = False) -> nnx.Module:
-    """Replace the ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` layers of ``model`` by their QAT versions.
+    """Replace the ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` / ``nnx.LinearGeneral`` layers of ``model``
+    by their QAT versions.
 
     Each replaced layer keeps its configuration and its parameters (it is a
     copy of the Flax layer, turned into :class:`QuantLinear`,
-    :class:`QuantConv` or :class:`QuantEinsum`).
+    :class:`QuantConv`, :class:`QuantEinsum` or :class:`QuantLinearGeneral`).
 
     Args:
-      model: an NNX model, or a single Linear / Conv / Einsum layer (its
-        path is ``""``).
+      model: an NNX model, or a single Linear / Conv / Einsum /
+        LinearGeneral layer (its path is ``""``).
       rules: ``{regex: QuantSpec | None}`` (or a list of pairs) over the layer
         paths (``"blocks/0/mlp"``); the first rule whose regex
         ``re.search``-es the path decides: a spec quantizes the layer with
@@ -429,7 +479,7 @@ def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec
                 break
     for (regex, _, _), u in zip(compiled, used):
         if not u:
-            raise ValueError(f"quantize_model: rule {regex.pattern!r} matches no Linear, Conv or Einsum layer")
+            raise ValueError(f"quantize_model: rule {regex.pattern!r} matches no Linear, Conv, Einsum or LinearGeneral layer")
     for path, layer, spec in targets:
         flax_class = type(layer)
         new = nnx.clone(layer) if path else layer  # a bare layer is converted itself (a copy unless inplace)
@@ -449,9 +499,9 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
     """A QAT model -> a serving model whose weights are packed QArrays, no float weights left.
 
     ``QuantLinear`` becomes :class:`ServingLinear` (``qdot`` over the packed
-    weight); ``QuantConv`` / ``QuantEinsum`` become :class:`ServingConv` /
-    :class:`ServingEinsum` (the packed kernel dequantized inside the forward
-    pass). Outputs equal the QAT model's up to float reassociation; learned
+    weight); ``QuantConv`` / ``QuantEinsum`` / ``QuantLinearGeneral`` become
+    :class:`ServingConv` / :class:`ServingEinsum` / :class:`ServingLinearGeneral`
+    (the packed kernel dequantized inside the forward pass). Outputs equal the QAT model's up to float reassociation; learned
     scales carry over.
 
     Args:
