@@ -29,11 +29,15 @@ def test_static_argument_of_jit_does_not_retrace():
         traces.append(spec)
         return qj.fake_quant(x, spec)
 
-    f = jax.jit(g, static_argnums=1)
     x = jnp.ones((4, 8))
-    f(x, qj.QuantSpec(axis=0))
-    f(x, qj.QuantSpec(axis=0))
-    assert len(traces) == 1
+    for f in (jax.jit(g, static_argnums=1), jax.jit(g)):  # a static argument, or a pytree without leaves
+        traces.clear()
+        f(x, qj.QuantSpec(axis=0))
+        f(x, qj.QuantSpec(axis=0))
+        assert len(traces) == 1
+        f(x, qj.QuantSpec(axis=1))
+        assert len(traces) == 2
+    assert jax.tree_util.tree_leaves(qj.QuantSpec()) == []
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -13,12 +14,15 @@ from quantize_jax.formats import FORMATS, Format, get_format
 METHODS = ("absmax", "minmax", "percentile", "mse")
 
 
+@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """How to quantize an array to 4 bits.
 
     A spec is frozen and hashable, so it can be a static argument of
-    ``jax.jit`` without retracing.
+    ``jax.jit`` without retracing; it is also a pytree with no leaves, so a
+    jitted function takes it as a plain argument too
+    (``jax.jit(qj.fake_quant)(x, spec)``).
 
     Attributes:
       format: ``"int4"`` (default, [-8, 7]), ``"uint4"`` ([0, 15] with a zero
