@@ -119,6 +119,17 @@ def test_a_bare_layer_converts_itself():
     assert qj.nnx.quantize_model(linear, inplace=True) is linear and type(linear) is qj.nnx.QuantLinear
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("options", [{}, {"learn_scale": True}, {"act_spec": qj.QuantSpec(format="int4", axis=-1)}])
+def test_serving_with_the_xla_backend_is_bit_for_bit(fmt, options):
+    qat = qj.nnx.quantize_model(_mlp(), weight_spec=qj.QuantSpec(format=fmt, axis=0, group_size=8), **options)
+    served = qj.nnx.to_serving(qat, backend="xla")
+    x = jax.random.normal(jax.random.key(1), (7, 16))
+    np.testing.assert_array_equal(served(x), qat(x))
+    run = nnx.jit(lambda model, x: model(x))
+    np.testing.assert_array_equal(run(served, x), run(qat, x))
+
+
 def test_rules_first_match_wins_and_errors_name_layers():
     model = qj.nnx.quantize_model(_mlp(), [("layers/2", None), (".*", qj.QuantSpec(axis=0))])
     assert type(model.layers[0]) is qj.nnx.QuantLinear and type(model.layers[2]) is nnx.Linear

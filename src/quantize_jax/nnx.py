@@ -501,8 +501,14 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
     ``QuantLinear`` becomes :class:`ServingLinear` (``qdot`` over the packed
     weight); ``QuantConv`` / ``QuantEinsum`` / ``QuantLinearGeneral`` become
     :class:`ServingConv` / :class:`ServingEinsum` / :class:`ServingLinearGeneral`
-    (the packed kernel dequantized inside the forward pass). Outputs equal the QAT model's up to float reassociation; learned
-    scales carry over.
+    (the packed kernel dequantized inside the forward pass). Outputs equal
+    the QAT model's up to float reassociation (the fast ``qdot`` paths sum
+    in their own order); learned scales carry over. With ``backend="xla"``
+    the Linear layers run QAT's own float32 product on the dequantized
+    weight, which equals the fake-quantized kernel bit for bit: the served
+    model then gives the QAT model's outputs bit for bit on the CPU (and
+    wherever the QAT model's float32 matmuls run at the highest precision),
+    except with W4A8 (``act_spec="int8"``), whose serving sums are integer.
 
     Args:
       model: a model holding QAT layers (or a single QAT layer).
