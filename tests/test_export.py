@@ -7,9 +7,10 @@ from flax import nnx
 import quantize_jax as qj
 
 
-def _served_mlp():
+def _served_mlp(act_spec=None):
     model = nnx.Sequential(nnx.Linear(32, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
-    return qj.nnx.to_serving(qj.nnx.quantize_model(model, weight_spec=qj.QuantSpec(axis=0, group_size=16)))
+    qat = qj.nnx.quantize_model(model, weight_spec=qj.QuantSpec(axis=0, group_size=16), act_spec=act_spec)
+    return qj.nnx.to_serving(qat)
 
 
 @pytest.mark.parametrize("weights", ["inputs", "constants"])
@@ -29,9 +30,7 @@ def test_nnx_serving_model_exports_for_cpu_and_tpu_and_reproduces(weights):
 
 @pytest.mark.parametrize("act_spec", [None, "int8"])
 def test_one_artifact_for_every_batch_size_and_cuda_too(act_spec):
-    model = nnx.Sequential(nnx.Linear(32, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
-    qat = qj.nnx.quantize_model(model, weight_spec=qj.QuantSpec(axis=0, group_size=16), act_spec=act_spec)
-    served = qj.nnx.to_serving(qat)
+    served = _served_mlp(act_spec)
     batch = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, t, 32"), jnp.bfloat16)
     # cuda: the Pallas kernel's Triton call needs export_serving's permission to be serialized
     blob, params = qj.export.export_nnx(served, batch, platforms=["cpu", "cuda", "tpu"])

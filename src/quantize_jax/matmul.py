@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import string
 from typing import NamedTuple
 
 import jax
@@ -320,12 +321,8 @@ def _qdot2d_jvp(backend, act_quant, primals, tangents):
     """Forward mode (and, transposed, reverse mode): the tangent is ``dx @ dequantize(q)``; the weight's
     tangent is ignored (a constant), int8 activations pass straight through."""
     x, q = primals
-    return _qdot2d(x, q, backend, act_quant), _tangent(tangents[0], q)
-
-
-@jax.checkpoint  # reverse mode keeps the packed weight, not its float32 decoding, until the backward pass
-def _tangent(dx, q):
-    return jnp.dot(dx.astype(jnp.float32), dequantize(q, jnp.float32), precision=lax.Precision.HIGHEST)
+    # rematerialized: reverse mode keeps the packed weight, not its float32 decoding, until the backward pass
+    return _qdot2d(x, q, backend, act_quant), jax.checkpoint(_reference)(tangents[0], q)
 
 
 def _grid(q: QArray) -> _Grid | None:
@@ -725,7 +722,7 @@ def _einsum_letters(subscripts: str, x, q: QArray) -> tuple[str, str, str]:
         raise bad("an ellipsis in the QArray's subscripts is not supported (name its axes)")
     dots = ""
     if "..." in lhs:
-        free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec]
+        free = [c for c in string.ascii_letters if c not in spec]
         n = x.ndim - (len(lhs) - 3)
         if n < 0:
             raise bad(f"x has {x.ndim} axes, fewer than the {len(lhs) - 3} letters")
