@@ -140,3 +140,30 @@ def test_conv_densegeneral_einsum_qat_serving_and_params(make, shape):
     served = qj.linen.to_serving_params(layer, v, x)
     assert isinstance(served["params"]["kernel"], qj.QArray)
     np.testing.assert_allclose(layer.apply(served, x), layer.apply(v, x), rtol=1e-6, atol=1e-6)
+
+
+class _TiedLM(nn.Module):
+    spec: qj.QuantSpec | None = None
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = qj.linen.QuantEmbed(40, 16, weight_spec=self.spec)
+        return embed.attend(jax.nn.gelu(qj.linen.QuantDense(16, backend="xla")(embed(ids))))
+
+
+@pytest.mark.parametrize("spec", [None, qj.QuantSpec(format="nf4", axis=0, group_size=16),
+                                  qj.QuantSpec(format="uint4", axis=1)])
+def test_embedding_qat_and_serving_bit_for_bit(spec):
+    model = _TiedLM(spec)
+    ids = jnp.array([[0, 39, 7, -1], [3, 3, 40, 12]])  # 40: out of range, a NaN row as nn.Embed gives
+    v = model.init(jax.random.key(0), ids)
+    table = v["params"]["QuantEmbed_0"]["embedding"]
+    ref = nn.Embed(40, 16).apply({"params": {"embedding": qj.fake_quant(table, spec or qj.QuantSpec(axis=1))}}, ids)
+    embed = qj.linen.QuantEmbed(40, 16, weight_spec=spec)
+    np.testing.assert_array_equal(embed.apply({"params": v["params"]["QuantEmbed_0"]}, ids), ref)
+    served = qj.linen.to_serving_params(model, v, ids)
+    q = served["params"]["QuantEmbed_0"]["embedding"]
+    assert isinstance(q, qj.QArray) and q.packed.shape == (40, 8)
+    np.testing.assert_array_equal(model.apply(served, ids), model.apply(v, ids))
+    np.testing.assert_array_equal(jax.jit(model.apply)(served, ids), jax.jit(model.apply)(v, ids))
+    assert int(jnp.isnan(model.apply(served, ids)).any(axis=-1).sum()) == 1

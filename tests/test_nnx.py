@@ -225,3 +225,58 @@ def test_attention_projections_quantize_and_serve(options):
     assert type(served.query).__name__ == "ServingLinearGeneral"
     assert served.query.qarray.packed.shape == (32, 4, 4) and served.query.qarray.scale.shape == (1, 4, 8)
     np.testing.assert_allclose(served(x), qat(x), rtol=1e-6, atol=1e-6)
+
+
+class _TiedLM(nnx.Module):
+    """Token embedding, one Linear, logits from the same (tied) table."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(40, 16, rngs=rngs)
+        self.mix = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.embed.attend(jax.nn.gelu(self.mix(self.embed(ids))))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("options", [{}, {"learn_scale": True},
+                                     {"weight_spec": qj.QuantSpec(axis=0, group_size=16)}])
+def test_embeddings_quantize_on_request_and_serve_bit_for_bit(fmt, options):
+    model = _TiedLM(nnx.Rngs(0))
+    assert type(qj.nnx.quantize_model(model).embed) is nnx.Embed  # off by default
+    options = dict(options)
+    spec = options.pop("weight_spec", None)
+    spec = spec and qj.QuantSpec(format=fmt, axis=spec.axis, group_size=spec.group_size)
+    qat = qj.nnx.quantize_model(model, weight_spec=spec or qj.QuantSpec(format=fmt, axis=1),
+                                quantize_embeddings=True, **options)
+    assert type(qat.embed) is qj.nnx.QuantEmbed and type(qat.mix) is qj.nnx.QuantLinear
+    ids = jnp.array([[0, 39, 7, -1], [3, 3, 40, 12]])  # 40 is out of range: a NaN row, as nnx.Embed gives
+    ref = nnx.clone(model)
+    ref.embed.embedding[...] = qat.embed.quantized_kernel()
+    np.testing.assert_array_equal(qat.embed(ids), ref.embed(ids))
+    served = qj.nnx.to_serving(qat, backend="xla")
+    assert type(served.embed) is qj.nnx.ServingEmbed
+    q = served.embed.qarray
+    assert q.packed.dtype == jnp.uint8 and q.packed.shape == (40, 8)
+    np.testing.assert_array_equal(served(ids), qat(ids))
+    run = nnx.jit(lambda model, ids: model(ids))
+    np.testing.assert_array_equal(run(served, ids), run(qat, ids))
+    assert bool(jnp.isnan(served(ids)[1, 2]).all()) and not bool(jnp.isnan(served(ids)[1, :2]).any())
+
+
+def test_embedding_gradients_and_errors():
+    qat = qj.nnx.QuantEmbed(10, 8, learn_scale=True, rngs=nnx.Rngs(0))
+    assert qat.weight_spec == qj.QuantSpec(axis=1) and qat.weight_scale.shape == (10, 1)
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.array([1, 1, 4])) ** 2))(qat)
+    rows = jnp.abs(grads.embedding[...]).sum(axis=1)
+    assert bool((rows[jnp.array([1, 4])] > 0).all()) and int((rows > 0).sum()) == 2  # straight through, looked-up rows
+    assert int((grads.weight_scale[...][:, 0] != 0).sum()) == 2  # LSQ: the scales of the rows looked up
+    with pytest.raises(ValueError, match=r"rule 'embed' matches no .*quantize_embeddings=True"):
+        qj.nnx.quantize_model(_TiedLM(nnx.Rngs(0)), {"embed": qj.QuantSpec(axis=1)})
+    with pytest.raises(ValueError, match=r"QuantEmbed: group_size 32 is larger than axis 1 of the embedding"):
+        qj.nnx.QuantEmbed(10, 8, weight_spec=qj.QuantSpec(axis=1, group_size=32), rngs=nnx.Rngs(0))
+    served = qj.nnx.to_serving(qat)
+    with pytest.raises(ValueError, match="ServingEmbed: inputs must be integer token ids, got dtype float32"):
+        served(jnp.ones((2,)))
+    one = qj.nnx.to_serving(qj.nnx.QuantEmbed(1, 8, rngs=nnx.Rngs(0)))  # nnx.Embed broadcasts its one row
+    assert one(jnp.array([[0, 5]])).shape == (1, 2, 8)

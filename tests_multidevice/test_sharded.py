@@ -232,3 +232,19 @@ def test_the_sharded_example_runs():
     proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "packed sharding: P(None, 'model')" in proc.stdout and "QAT step 2" in proc.stdout
+
+
+def test_sharded_embedding_lookups_serve_bit_for_bit(mesh):
+    with jax.set_mesh(mesh):
+        embed = nnx.Embed(64, 32, embedding_metadata={"out_sharding": (None, "model")}, rngs=nnx.Rngs(0))
+        qat = qj.nnx.quantize_model(embed, quantize_embeddings=True)
+        served = qj.nnx.to_serving(qat, backend="xla")
+        assert served.qarray.packed.sharding.spec == P(None, "model")  # each device keeps its features' bytes
+        ids = jax.device_put(jnp.arange(16).reshape(2, 8) * 4, NamedSharding(mesh, P("data", None)))
+        out = P("data", None, "model")
+        lookup = nnx.jit(lambda model, ids: model(ids, out_sharding=out))
+        rows = lookup(served, ids)
+        assert rows.sharding.spec == out
+        np.testing.assert_array_equal(rows, lookup(qat, ids))
+        h = jax.device_put(jax.random.normal(jax.random.key(0), (2, 8, 32)), NamedSharding(mesh, P("data", None, None)))
+        np.testing.assert_array_equal(served.attend(h), qat.attend(h))

@@ -22,6 +22,7 @@ from quantize_jax.ptq import quantize_params
 from quantize_jax.qarray import QArray
 from quantize_jax.qarray import dequantize
 from quantize_jax.qarray import quantize
+from quantize_jax.qarray import take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.io import CheckpointError
 from quantize_jax.io import load
@@ -63,5 +64,6 @@ __all__ = (
     "round_ste",
     "save",
     "stochastic_round",
+    "take",
     "unpack_int4",
 )

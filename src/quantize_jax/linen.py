@@ -7,6 +7,8 @@
 * :class:`QuantConv`, :class:`QuantDenseGeneral`, :class:`QuantEinsum` — the
   same for ``nn.Conv``, ``nn.DenseGeneral`` and ``nn.Einsum`` (serving
   dequantizes the packed kernel inside the forward pass).
+* :class:`QuantEmbed` — ``nn.Embed`` with a fake-quantized table; serving
+  lookups decode only the rows they read (:func:`~quantize_jax.take`).
 * :func:`quant_dot_general` / :func:`quant_conv_general_dilated` — functions
   to inject into a stock ``nn.Dense(dot_general=...)``,
   ``nn.DenseGeneral(dot_general=...)`` or
@@ -25,7 +27,7 @@ from jax import lax
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
-from quantize_jax.qarray import QArray, dequantize, quantize
+from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
 
@@ -148,7 +150,7 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
 
     Runs ``module`` once on sample ``args`` to collect, from every
     quantize_jax Linen layer (:class:`QuantDense`, :class:`QuantConv`,
-    :class:`QuantDenseGeneral`, :class:`QuantEinsum`), its kernel quantized to
+    :class:`QuantDenseGeneral`, :class:`QuantEinsum`, :class:`QuantEmbed`), its kernel quantized to
     a packed QArray (with its learned scale); returns ``variables`` with those
     QArrays in place of the kernels and the learned scales removed.
     ``module.apply(serving, x)`` then serves: ``QuantDense`` through ``qdot``,
@@ -234,3 +236,52 @@ class QuantEinsum(_QuantKernel, nn.Einsum):
 
     weight_spec: QuantSpec | None = None
     act_spec: QuantSpec | str | None = None
+
+
+class QuantEmbed(nn.Embed):
+    """``nn.Embed`` with a fake-quantized table (default: int4, one scale per row); serves from a QArray.
+
+    QAT: lookups and ``attend`` read ``fake_quant(embedding, weight_spec)``
+    (straight-through gradients). Serving (an ``embedding`` parameter that is
+    a QArray, from :func:`to_serving_params`): a lookup decodes only the rows
+    it reads, ``attend`` the whole table; both equal the QAT outputs bit for bit.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> embed = qj.linen.QuantEmbed(100, 16)
+      >>> ids = jnp.array([[1, 2, 3]])
+      >>> variables = embed.init(jax.random.key(0), ids)
+      >>> served = qj.linen.to_serving_params(embed, variables, ids)
+      >>> bool((embed.apply(served, ids) == embed.apply(variables, ids)).all())
+      True
+    """
+
+    weight_spec: QuantSpec | None = None
+
+    def setup(self):
+        stored = self.get_variable("params", "embedding") if self.has_variable("params", "embedding") else None
+        self.served = stored if isinstance(stored, QArray) else None
+        if self.served is not None:
+            return
+        table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype)
+        spec = self.weight_spec or QuantSpec(format="int4", axis=1)
+        if self.is_mutable_collection("qarrays") and not self.is_initializing():
+            self.put_variable("qarrays", "embedding", quantize(lax.stop_gradient(table), spec))
+        self.embedding = fake_quant(table, spec)
+
+    def __call__(self, inputs):
+        if self.served is None:
+            return super().__call__(inputs)
+        if not jnp.issubdtype(jnp.asarray(inputs).dtype, jnp.integer):
+            raise ValueError(f"QuantEmbed: inputs must be integer token ids, got dtype {jnp.asarray(inputs).dtype}")
+        dtype = self.dtype or self.served.dtype
+        if self.num_embeddings == 1:
+            return jnp.broadcast_to(dequantize(self.served, dtype), jnp.shape(inputs) + (self.features,))
+        return take(self.served, inputs, dtype=dtype)
+
+    def attend(self, query):
+        """``query @ table.T`` over the fake-quantized (QAT) or the dequantized (serving) table."""
+        if self.served is None:
+            return super().attend(query)
+        query, embedding = self.promote_dtype(query, dequantize(self.served), dtype=self.dtype)
+        return jnp.dot(query, embedding.T)

@@ -5,9 +5,12 @@
   ``nnx.Einsum`` / ``nnx.LinearGeneral`` (same arguments, same ``kernel`` /
   ``bias`` parameters, so a float checkpoint loads as is) whose forward pass
   fake-quantizes the kernel (and optionally the inputs).
+* :class:`QuantEmbed` does the same for ``nnx.Embed``'s table (lookups and
+  tied ``attend`` logits); served, a lookup decodes only the rows it reads.
 * :func:`quantize_model` swaps those Flax layers of an existing model (the
   projections of ``nnx.MultiHeadAttention`` are ``LinearGeneral`` s) for
-  their QAT versions by path rules, copying the parameters.
+  their QAT versions by path rules, copying the parameters (``nnx.Embed``
+  with ``quantize_embeddings=True``).
 * :func:`to_serving` turns a QAT model into one whose weights are packed
   :class:`~quantize_jax.QArray` s used through :func:`~quantize_jax.qdot`; its
   outputs equal the QAT model's, and no float weight matrix is left.
@@ -34,7 +37,7 @@ from jax.sharding import NamedSharding
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
-from quantize_jax.qarray import QArray, dequantize, quantize
+from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
 from quantize_jax.spec import QuantSpec
@@ -69,9 +72,14 @@ class _ActQuant:
     # Mixins add no slots and come after the Flax class in the bases, so that a Flax layer's object can be
     # switched to its QAT or serving class (same memory layout); the layers call the Flax forward explicitly.
     __slots__ = ()
+    _weight_name = "kernel"  # the Flax layer's weight variable
 
     act_spec: QuantSpec | str | None
     act_calibration: str
+
+    @property
+    def _weight(self) -> nnx.Variable:
+        return getattr(self, self._weight_name)
 
     def _init_act(self, act_spec, act_calibration: str, act_momentum: float, stack: tuple = ()):
         if act_spec is not None and act_spec != "int8" and not isinstance(act_spec, QuantSpec):
@@ -124,7 +132,7 @@ class _QuantLayer(_ActQuant):
     def _init_quant(self, weight_spec, act_spec, act_calibration, act_momentum, learn_scale):
         stack, shape = _split_stack(self)
         weight_spec = self.default_weight_spec(shape) if weight_spec is None else weight_spec
-        _check_weight_spec(weight_spec, shape, type(self).__name__)
+        _check_weight_spec(weight_spec, shape, type(self).__name__, self._weight_name)
         self.weight_spec = weight_spec
         self._init_act(act_spec, act_calibration, act_momentum, stack)
         self.learn_scale = learn_scale
@@ -141,7 +149,7 @@ class _QuantLayer(_ActQuant):
     def init_scale_from_kernel(self) -> None:
         """(Re)initialise the learned scale (and zero point) from the current kernel."""
         stack, _ = _split_stack(self)
-        s, z = _over_stack(lambda k: compute_scale(k, self.weight_spec), len(stack))(self.kernel[...])
+        s, z = _over_stack(lambda k: compute_scale(k, self.weight_spec), len(stack))(self._weight[...])
         self.weight_scale = nnx.Param(s.astype(jnp.float32))
         self.weight_zero_point = nnx.data(None) if z is None else nnx.Param(z.astype(jnp.float32))
 
@@ -151,7 +159,7 @@ class _QuantLayer(_ActQuant):
             return None, None
         spec = self.weight_spec
         s = self.weight_scale[...]
-        n_per_scale = max(1, self.kernel.size // max(s.size, 1))
+        n_per_scale = max(1, self._weight.size // max(s.size, 1))
         s = _lsq_grad_scale(s, n_per_scale, spec.fmt.max_abs_level).astype(spec.scale_dtype)
         z = None if self.weight_zero_point is None else self.weight_zero_point[...]
         return s, z
@@ -159,17 +167,18 @@ class _QuantLayer(_ActQuant):
     def quantized_kernel(self):
         """The fake-quantized kernel of the forward pass."""
         s, z = self._scale_and_zero()
-        return fake_quant(self.kernel[...], self.weight_spec, scale=s, zero_point=z)
+        return fake_quant(self._weight[...], self.weight_spec, scale=s, zero_point=z)
 
     def _qat_call(self, flax_call, inputs, *args, **kwargs):
         kernel_q = self.quantized_kernel()
         x = self._quant_inputs(inputs)
-        original = self.kernel.get_value()
-        self.kernel.set_value(kernel_q)
+        weight = self._weight
+        original = weight.get_value()
+        weight.set_value(kernel_q)
         try:
             return flax_call(self, x, *args, **kwargs)
         finally:
-            self.kernel.set_value(original)
+            weight.set_value(original)
 
 
 class QuantLinear(nnx.Linear, _QuantLayer):
@@ -295,6 +304,50 @@ class QuantLinearGeneral(nnx.LinearGeneral, _QuantLayer):
         return QuantSpec(format="int4", axis=axes[0] if len(axes) == 1 else axes)
 
 
+class QuantEmbed(nnx.Embed, _QuantLayer):
+    """``nnx.Embed`` with a fake-quantized 4-bit table, for quantization-aware training.
+
+    Lookups and ``attend`` (tied output logits, ``query @ table.T``) both read
+    ``fake_quant(embedding, weight_spec)``, with straight-through gradients to
+    the table (and LSQ gradients to a learned scale). Its inputs are token
+    ids, so it takes no activation quantization.
+
+    Args:
+      num_embeddings, features, **kwargs: as for ``nnx.Embed``.
+      weight_spec: how the table ``(num_embeddings, features)`` is quantized;
+        default int4 with one scale per row (``axis=1``), so a lookup reads
+        each row's codes and its one scale.
+      learn_scale: learn the scale (and zero point) as ``nnx.Param`` s.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> embed = qj.nnx.QuantEmbed(100, 16, rngs=nnx.Rngs(0))
+      >>> embed(jnp.array([[1, 2, 3]])).shape, embed.attend(jnp.ones((2, 16))).shape
+      ((1, 3, 16), (2, 100))
+    """
+
+    __slots__ = ()
+    _weight_name = "embedding"
+
+    def __call__(self, inputs, *args, **kwargs):
+        return self._qat_call(nnx.Embed.__call__, inputs, *args, **kwargs)
+
+    def attend(self, query, *args, **kwargs):
+        """``query @ fake_quant(embedding).T``, as ``nnx.Embed.attend``."""
+        return self._qat_call(nnx.Embed.attend, query, *args, **kwargs)
+
+    def __init__(self, num_embeddings: int, features: int, *, weight_spec: QuantSpec | None = None,
+                 learn_scale: bool = False, **kwargs):
+        nnx.Embed.__init__(self, num_embeddings, features, **kwargs)
+        self._init_quant(weight_spec, None, "dynamic", 0.99, learn_scale)
+
+    @staticmethod
+    def default_weight_spec(table_shape) -> QuantSpec:
+        """int4, one scale per row (per token): the features axis is reduced."""
+        return QuantSpec(format="int4", axis=len(table_shape) - 1)
+
+
 class _ServingLayer(_ActQuant):
     """Serving behaviour: the kernel is a :class:`QuantizedWeight`, read as its dequantized value."""
 
@@ -306,7 +359,7 @@ class _ServingLayer(_ActQuant):
     @property
     def qarray(self) -> QArray:
         """The packed weight."""
-        return self.kernel.get_value()
+        return self._weight.get_value()
 
 
 class ServingLinear(nnx.Linear, _ServingLayer):
@@ -351,8 +404,35 @@ class ServingLinearGeneral(nnx.LinearGeneral, _ServingLayer):
         return self._serving_call(nnx.LinearGeneral.__call__, inputs, *args, **kwargs)
 
 
+class ServingEmbed(nnx.Embed, _ServingLayer):
+    """The serving form of :class:`QuantEmbed`: a lookup decodes only the rows it reads
+    (:func:`~quantize_jax.take` over the packed table); ``attend`` dequantizes the table inside the forward pass."""
+
+    __slots__ = ()
+    _weight_name = "embedding"
+
+    def __call__(self, inputs, out_sharding=None):
+        if not jnp.issubdtype(jnp.asarray(inputs).dtype, jnp.integer):
+            raise ValueError(f"ServingEmbed: inputs must be integer token ids, got dtype {jnp.asarray(inputs).dtype}")
+        q = self.qarray
+        dtype = self.dtype or q.dtype
+        if self.num_embeddings == 1:  # as nnx.Embed: the one row, whatever the ids
+            return jnp.broadcast_to(dequantize(q, dtype), jnp.shape(inputs) + (self.features,))
+
+        def lookup(q, ids):
+            return take(q, ids, dtype=dtype)
+
+        if out_sharding is not None:
+            return jax.sharding.auto_axes(lookup, out_sharding=out_sharding)(q, inputs)
+        return lookup(q, inputs)
+
+    def attend(self, query, *args, **kwargs):
+        """``query @ dequantize(embedding).T``, as ``nnx.Embed.attend``."""
+        return self._serving_call(nnx.Embed.attend, query, *args, **kwargs)
+
+
 _SERVING = {QuantLinear: ServingLinear, QuantConv: ServingConv, QuantEinsum: ServingEinsum,
-            QuantLinearGeneral: ServingLinearGeneral}
+            QuantLinearGeneral: ServingLinearGeneral, QuantEmbed: ServingEmbed}
 _FLAX_TO_QUANT = {nnx.Linear: QuantLinear, nnx.Conv: QuantConv, nnx.Einsum: QuantEinsum,
                   nnx.LinearGeneral: QuantLinearGeneral}
 
@@ -360,17 +440,17 @@ _FLAX_TO_QUANT = {nnx.Linear: QuantLinear, nnx.Conv: QuantConv, nnx.Einsum: Quan
 def _serving_layer(layer: _QuantLayer, backend: str):
     """A copy of ``layer`` turned into its serving class, its kernel replaced by the packed QArray."""
     s, z = layer._scale_and_zero()
-    kernel = jax.lax.stop_gradient(layer.kernel[...])
+    kernel = jax.lax.stop_gradient(layer._weight[...])
     stack, _ = _split_stack(layer)
     spec = layer.weight_spec
     q = _over_stack(lambda k, s, z: quantize(k, spec, scale=s, zero_point=z), len(stack))(kernel, s, z)
     placement = getattr(kernel, "sharding", None)
     if not stack and isinstance(placement, NamedSharding) and any(p is not None for p in placement.spec):
         q = jax.device_put(q, qarray_shardings(q.shape, q.spec, placement, q.dtype))  # each device keeps its share
-    names = layer.kernel.get_metadata().get("out_sharding")
+    names = layer._weight.get_metadata().get("out_sharding")
     served = nnx.clone(layer)
     served.__class__ = _SERVING[type(layer)]
-    served.kernel = QuantizedWeight(q, weight_sharding=tuple(names)) if names else QuantizedWeight(q)
+    setattr(served, layer._weight_name, QuantizedWeight(q, weight_sharding=tuple(names)) if names else QuantizedWeight(q))
     served.weight_scale = nnx.data(None)
     served.weight_zero_point = nnx.data(None)
     served.use_running_average = True
@@ -389,7 +469,7 @@ def _split_stack(layer) -> tuple[tuple, tuple]:
         own = len(layer.batch_axis) + len(layer.in_features) + len(layer.out_features)
     else:
         own = 2
-    shape = tuple(layer.kernel.shape)
+    shape = tuple(layer._weight.shape)
     return shape[: len(shape) - own], shape[len(shape) - own:]
 
 
@@ -400,15 +480,15 @@ def _over_stack(f, n: int):
     return f
 
 
-def _check_weight_spec(spec: QuantSpec, shape, where: str) -> None:
+def _check_weight_spec(spec: QuantSpec, shape, where: str, weight: str) -> None:
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{where}: weight_spec must be a QuantSpec, got {type(spec).__name__}")
-    spec.reduced_axes(len(shape), name=f"{where} kernel", shape=shape)
+    spec.reduced_axes(len(shape), name=f"{where} {weight}", shape=shape)
     if spec.group_size is not None:
         axis = spec.reduced_axes(len(shape))[0]
         if spec.group_size > shape[axis]:
             raise ValueError(
-                f"{where}: group_size {spec.group_size} is larger than axis {axis} of the kernel of shape {shape}"
+                f"{where}: group_size {spec.group_size} is larger than axis {axis} of the {weight} of shape {shape}"
             )
 
 
@@ -426,17 +506,19 @@ def _rules(rules, weight_spec):
 
 def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec: QuantSpec | None = None,
                    act_spec=None, act_calibration: str = "dynamic", act_momentum: float = 0.99,
-                   learn_scale: bool = False, inplace: bool = False) -> nnx.Module:
+                   learn_scale: bool = False, quantize_embeddings: bool = False,
+                   inplace: bool = False) -> nnx.Module:
     """Replace the ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` / ``nnx.LinearGeneral`` layers of ``model``
-    by their QAT versions.
+    (and, on request, its ``nnx.Embed`` tables) by their QAT versions.
 
     Each replaced layer keeps its configuration and its parameters (it is a
     copy of the Flax layer, turned into :class:`QuantLinear`,
-    :class:`QuantConv`, :class:`QuantEinsum` or :class:`QuantLinearGeneral`).
+    :class:`QuantConv`, :class:`QuantEinsum`, :class:`QuantLinearGeneral`
+    or :class:`QuantEmbed`).
 
     Args:
       model: an NNX model, or a single Linear / Conv / Einsum /
-        LinearGeneral layer (its path is ``""``).
+        LinearGeneral (/ Embed) layer (its path is ``""``).
       rules: ``{regex: QuantSpec | None}`` (or a list of pairs) over the layer
         paths (``"blocks/0/mlp"``); the first rule whose regex
         ``re.search``-es the path decides: a spec quantizes the layer with
@@ -444,7 +526,11 @@ def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec
         float. Default: every layer with ``weight_spec``.
       weight_spec: the spec of the default rule; ``None``: int4 per output
         channel for each layer.
-      act_spec, act_calibration, act_momentum, learn_scale: as for QuantLinear.
+      act_spec, act_calibration, act_momentum, learn_scale: as for QuantLinear
+        (embeddings take no activation quantization).
+      quantize_embeddings: also quantize ``nnx.Embed`` tables (by the same
+        rules; default one scale per row). Off by default: embeddings are
+        often kept in float, and a tied table also computes the logits.
       inplace: modify ``model`` itself instead of a copy.
 
     Returns:
@@ -467,8 +553,9 @@ def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec
         model = nnx.clone(model)
     used = [False] * len(compiled)
     targets = []
+    convert = {**_FLAX_TO_QUANT, **({nnx.Embed: QuantEmbed} if quantize_embeddings else {})}
     for path, module in nnx.iter_modules(model):
-        if type(module) not in _FLAX_TO_QUANT:
+        if type(module) not in convert:
             continue
         p = _path_str(path)
         for i, (regex, spec, skip) in enumerate(compiled):
@@ -479,13 +566,17 @@ def quantize_model(model: nnx.Module, rules: Rules | None = None, *, weight_spec
                 break
     for (regex, _, _), u in zip(compiled, used):
         if not u:
-            raise ValueError(f"quantize_model: rule {regex.pattern!r} matches no Linear, Conv, Einsum or LinearGeneral layer")
+            raise ValueError(f"quantize_model: rule {regex.pattern!r} matches no Linear, Conv, Einsum or LinearGeneral "
+                             f"layer{' or Embed' if quantize_embeddings else ' (Embed tables need quantize_embeddings=True)'}")
     for path, layer, spec in targets:
         flax_class = type(layer)
         new = nnx.clone(layer) if path else layer  # a bare layer is converted itself (a copy unless inplace)
-        new.__class__ = _FLAX_TO_QUANT[flax_class]
+        new.__class__ = convert[flax_class]
         try:
-            new._init_quant(spec, act_spec, act_calibration, act_momentum, learn_scale)
+            if flax_class is nnx.Embed:
+                new._init_quant(spec, None, "dynamic", act_momentum, learn_scale)
+            else:
+                new._init_quant(spec, act_spec, act_calibration, act_momentum, learn_scale)
         except ValueError as e:
             new.__class__ = flax_class
             where = f"layer {_path_str(path)!r}" if path else f"the {flax_class.__name__} layer"

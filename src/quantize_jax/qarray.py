@@ -99,10 +99,13 @@ class QArray:
         return dequantize(self, dtype)
 
     def __repr__(self) -> str:
-        return (
-            f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, format={self.spec.format!r}, "
-            f"axis={self.spec.axis!r}, group_size={self.spec.group_size!r}, nbytes={self.nbytes})"
-        )
+        head = (f"QArray(shape={self.shape}, dtype={jnp.dtype(self.dtype).name}, format={self.spec.format!r}, "
+                f"axis={self.spec.axis!r}, group_size={self.spec.group_size!r}")
+        leaves = (self.packed, self.scale) if self.zero_point is None else (self.packed, self.scale, self.zero_point)
+        if all(hasattr(a, "size") and hasattr(a, "dtype") for a in leaves):
+            return f"{head}, nbytes={self.nbytes})"
+        # e.g. jax.tree.map(lambda a: a.shape, tree): the leaves are whatever the map returned
+        return f"{head}, packed={self.packed!r}, scale={self.scale!r}, zero_point={self.zero_point!r})"
 
 
 def quantize(x: jax.Array, spec: QuantSpec | None = None, *, scale=None, zero_point=None) -> QArray:
@@ -194,6 +197,68 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     codes = _layout.to_groups(q.codes(), lay, pad_value=0)
     x = _layout.from_groups(dequantize_codes(codes, sg, zg, q.spec.fmt), lay)
     return x.astype(q.dtype if dtype is None else dtype)
+
+
+def take(q: QArray, indices, axis: int = 0, *, dtype=None) -> jax.Array:
+    """``jnp.take(dequantize(q, dtype), indices, axis)``, reading only the rows it returns.
+
+    The packed bytes, scales and zero points of the selected slices are
+    gathered and only those are decoded: an int4 embedding lookup that
+    never materialises the float table. Bit for bit equal to
+    ``jnp.take(dequantize(q, dtype), indices, axis=axis)``, including its
+    index rules: ``-n <= i < 0`` counts from the end, an index outside
+    ``[-n, n)`` gives a row of NaN.
+
+    Args:
+      q: a QArray with at least two axes.
+      indices: an integer array of any shape.
+      axis: the axis to take along; not the last (packed) axis.
+      dtype: the floating dtype of the result (default: ``q.dtype``).
+
+    Returns:
+      An array of shape ``q.shape[:axis] + indices.shape + q.shape[axis + 1:]``.
+
+    Example:
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> table = jnp.arange(12.0).reshape(4, 3)
+      >>> q = qj.quantize(table, qj.QuantSpec(axis=1))      # one scale per row
+      >>> qj.take(q, jnp.array([[3, 0]])).shape
+      (1, 2, 3)
+      >>> bool((qj.take(q, jnp.array([3, 0])) == qj.dequantize(q)[jnp.array([3, 0])]).all())
+      True
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"take: expected a QArray, got {type(q).__name__}")
+    idx = jnp.asarray(indices)
+    if not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise TypeError(f"take: indices must be integers, got dtype {idx.dtype.name}")
+    if q.ndim < 2:
+        raise ValueError(f"take: q of shape {q.shape} has one axis, its packed one; take needs at least two")
+    if not isinstance(axis, int) or not -q.ndim <= axis < q.ndim or axis % q.ndim == q.ndim - 1:
+        raise ValueError(f"take: axis {axis!r} of q of shape {q.shape}: expected an axis before the last (packed) one")
+    a = axis % q.ndim
+    out_dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+    out_shape = q.shape[:a] + idx.shape + q.shape[a + 1:]
+    if idx.size == 0:
+        return jnp.zeros(out_shape, out_dtype)
+    n = q.shape[a]
+    flat = idx.reshape(-1)
+    rows = jnp.clip(jnp.where(flat < 0, flat + n, flat), 0, n - 1)
+    lay = _layout.layout(q.shape, q.spec, "q")
+    spec = q.spec
+    if lay.group_axis == a:  # each taken slice keeps its own group's scale: groups of one along the axis
+        spec = dataclasses.replace(spec, group_size=1)
+
+    def pick(s):
+        if s is None or (lay.group_axis is None and a in lay.reduced):
+            return s
+        return jnp.take(s, rows // lay.group_size if lay.group_axis == a else rows, axis=a)
+
+    shape = q.shape[:a] + (flat.shape[0],) + q.shape[a + 1:]
+    taken = QArray(jnp.take(q.packed, rows, axis=a), pick(q.scale), pick(q.zero_point), shape, q.dtype, spec)
+    x = dequantize(taken, out_dtype)
+    valid = ((flat >= -n) & (flat < n)).reshape((1,) * a + flat.shape + (1,) * (q.ndim - a - 1))
+    return jnp.where(valid, x, jnp.nan).reshape(out_shape)
 
 
 def _serialize_aux(aux) -> bytes:
