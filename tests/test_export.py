@@ -42,6 +42,24 @@ def test_one_artifact_for_every_batch_size_and_cuda_too(act_spec):
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(served(x), np.float32), rtol=1e-2, atol=1e-2)
 
 
+def test_a_served_embedding_exports_with_symbolic_token_shapes():
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(50, 16, rngs=rngs)
+            self.mix = nnx.Linear(16, 16, rngs=rngs)
+
+        def __call__(self, ids):
+            return self.embed.attend(self.mix(self.embed(ids)))
+
+    served = qj.nnx.to_serving(qj.nnx.quantize_model(Tied(nnx.Rngs(0)), quantize_embeddings=True), backend="xla")
+    ids = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, t"), jnp.int32)
+    blob, params = qj.export.export_nnx(served, ids, platforms=["cpu", "tpu"])
+    run = qj.export.load_serving(blob)
+    for shape in [(1, 1), (2, 7)]:
+        tokens = jax.random.randint(jax.random.key(1), shape, 0, 50)
+        np.testing.assert_array_equal(run(params, tokens), served(tokens))
+
+
 def test_bad_arguments():
     q = qj.quantize(jnp.ones((8, 4)), qj.QuantSpec(axis=0))
     with pytest.raises(ValueError, match=r"platforms must be a non-empty subset"):

@@ -238,27 +238,25 @@ def take(q: QArray, indices, axis: int = 0, *, dtype=None) -> jax.Array:
         raise ValueError(f"take: axis {axis!r} of q of shape {q.shape}: expected an axis before the last (packed) one")
     a = axis % q.ndim
     out_dtype = jnp.dtype(q.dtype if dtype is None else dtype)
-    out_shape = q.shape[:a] + idx.shape + q.shape[a + 1:]
-    if idx.size == 0:
-        return jnp.zeros(out_shape, out_dtype)
     n = q.shape[a]
     flat = idx.reshape(-1)
     rows = jnp.clip(jnp.where(flat < 0, flat + n, flat), 0, n - 1)
     lay = _layout.layout(q.shape, q.spec, "q")
-    spec = q.spec
-    if lay.group_axis == a:  # each taken slice keeps its own group's scale: groups of one along the axis
-        spec = dataclasses.replace(spec, group_size=1)
 
-    def pick(s):
-        if s is None or (lay.group_axis is None and a in lay.reduced):
-            return s
-        return jnp.take(s, rows // lay.group_size if lay.group_axis == a else rows, axis=a)
+    def one(r):  # the slice at index r, as a QArray of extent 1 along the axis (mapped over the indices)
+        def pick(s):
+            if s is None or (lay.group_axis is None and a in lay.reduced):
+                return s
+            return lax.dynamic_slice_in_dim(s, r // lay.group_size if lay.group_axis == a else r, 1, axis=a)
 
-    shape = q.shape[:a] + (flat.shape[0],) + q.shape[a + 1:]
-    taken = QArray(jnp.take(q.packed, rows, axis=a), pick(q.scale), pick(q.zero_point), shape, q.dtype, spec)
-    x = dequantize(taken, out_dtype)
+        shape = q.shape[:a] + (1,) + q.shape[a + 1:]
+        sliced = QArray(lax.dynamic_slice_in_dim(q.packed, r, 1, axis=a), pick(q.scale), pick(q.zero_point),
+                        shape, q.dtype, q.spec)  # a group along the axis shrinks to the one slice
+        return jnp.squeeze(dequantize(sliced, out_dtype), a)
+
+    x = jax.vmap(one, out_axes=a)(rows)
     valid = ((flat >= -n) & (flat < n)).reshape((1,) * a + flat.shape + (1,) * (q.ndim - a - 1))
-    return jnp.where(valid, x, jnp.nan).reshape(out_shape)
+    return jnp.where(valid, x, jnp.nan).reshape(q.shape[:a] + idx.shape + q.shape[a + 1:])
 
 
 def _serialize_aux(aux) -> bytes:
