@@ -102,3 +102,15 @@ def test_gptq_bad_input():
         qj.ptq.gptq(jnp.ones((8, 4)), jnp.ones((3, 8)), qj.QuantSpec(axis=1))
     with pytest.raises(ValueError, match=r"calibration given for paths that were not quantized: \['nope'\]"):
         qj.quantize_params({"w": jnp.ones((8, 4))}, calibration={"nope": jnp.ones((2, 8))}, progress=False)
+
+
+def test_embedding_tables_default_to_one_scale_per_row():
+    model = nnx.Embed(1000, 384, rngs=nnx.Rngs(0))
+    q, report = qj.quantize_params(nnx.state(model, nnx.Param), progress=False)
+    table = q["embedding"].get_value()
+    assert table.spec == qj.QuantSpec(axis=1, group_size=128, method="mse")  # rows: groups along the features
+    assert table.scale.shape == (1000, 3)
+    ids = jnp.array([[5, 999]])
+    np.testing.assert_array_equal(qj.take(table, ids), qj.dequantize(table)[ids])
+    assert qj.ptq.default_spec((1000, 64), "tok/embedding") == qj.QuantSpec(axis=1, method="mse")
+    assert qj.ptq.default_spec((1000, 64), "tok/kernel").axis == 0  # other 2-D leaves: per output channel

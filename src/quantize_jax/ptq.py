@@ -80,9 +80,15 @@ class PTQReport:
         return "\n".join(lines)
 
 
-def default_spec(shape) -> QuantSpec:
+def default_spec(shape, path: str = "") -> QuantSpec:
     """int4 with the ``mse`` clipping search, one scale per output channel, groups of 128 along the input
-    axis of a 2-D kernel of at least 256 rows (kernels: inputs on the leading axes, outputs last)."""
+    axis of a 2-D kernel of at least 256 rows (kernels: inputs on the leading axes, outputs last).
+
+    A Flax embedding table (a 2-D leaf named ``embedding``, ``(vocab, features)``) is read by rows: one
+    scale per row, groups of 128 along its features when it has at least 256 (so a lookup reads one
+    row's codes and scales, see :func:`~quantize_jax.take`)."""
+    if len(shape) == 2 and path.rsplit("/", 1)[-1] == "embedding":
+        return QuantSpec(format="int4", axis=1, group_size=128 if shape[1] >= 256 else None, method="mse")
     if len(shape) == 2:
         group = 128 if shape[0] >= 256 else None
         return QuantSpec(format="int4", axis=0, group_size=group, method="mse")
@@ -212,7 +218,7 @@ def _choose(path, leaf, compiled, min_size):
     shape = tuple(leaf.shape)
     if len(shape) < 2 or math.prod(shape) < min_size or _SKIP_BY_DEFAULT.search(path):
         return None
-    return default_spec(shape)
+    return default_spec(shape, path)
 
 
 def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
