@@ -147,7 +147,7 @@ class _TiedLM(nn.Module):
 
     @nn.compact
     def __call__(self, ids):
-        embed = qj.linen.QuantEmbed(40, 16, weight_spec=self.spec)
+        embed = qj.linen.QuantEmbed(40, 16, weight_spec=self.spec, backend="xla")
         return embed.attend(jax.nn.gelu(qj.linen.QuantDense(16, backend="xla")(embed(ids))))
 
 
@@ -167,3 +167,6 @@ def test_embedding_qat_and_serving_bit_for_bit(spec):
     np.testing.assert_array_equal(model.apply(served, ids), model.apply(v, ids))
     np.testing.assert_array_equal(jax.jit(model.apply)(served, ids), jax.jit(model.apply)(v, ids))
     assert int(jnp.isnan(model.apply(served, ids)).any(axis=-1).sum()) == 1
+    h = jax.random.normal(jax.random.key(1), (3, 16))  # default backend: attend over the packed table
+    logits = embed.apply({"params": served["params"]["QuantEmbed_0"]}, h, method="attend")
+    np.testing.assert_allclose(logits, h @ qj.dequantize(q).T, rtol=1e-5, atol=1e-5)

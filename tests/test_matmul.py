@@ -71,6 +71,40 @@ def test_w4a8_equals_int8_activations_times_the_dequantized_weight(fmt):
     assert 0 < rel < 0.03  # W4A8 changes the numerics, by little
 
 
+@settings(max_examples=12)
+@given(m=st.integers(1, 9), vocab=st.integers(1, 700), d=st.integers(1, 70), fmt=st.sampled_from(FORMATS),
+       layout=st.sampled_from(["row", "row_groups", "column", "column_groups", "tensor"]),
+       backend=st.sampled_from(["auto", "chunked", "xla"]))
+def test_products_over_the_packed_axis_match_the_reference(m, vocab, d, fmt, layout, backend):
+    """``"md,vd->mv"`` (tied embedding logits): the weight contracted over its last, packed axis."""
+    spec = {"row": qj.QuantSpec(format=fmt, axis=1), "row_groups": qj.QuantSpec(format=fmt, axis=1, group_size=5),
+            "column": qj.QuantSpec(format=fmt, axis=0), "column_groups": qj.QuantSpec(format=fmt, axis=0, group_size=7),
+            "tensor": qj.QuantSpec(format=fmt)}[layout]
+    q = qj.quantize(jax.random.normal(jax.random.key(vocab), (vocab, d)), spec)
+    x = jax.random.normal(jax.random.key(m), (m, d))
+    y = jax.jit(lambda x, q: qj.qeinsum("md,vd->mv", x, q, backend=backend))(x, q)
+    ref = np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q), np.float64).T
+    assert y.shape == (m, vocab) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.sqrt(d))
+
+
+def test_products_over_the_packed_axis_block_by_block():
+    table = jax.random.normal(jax.random.key(7), (3000, 2048))  # 256-row blocks: 12, the last one short
+    q = qj.quantize(table, qj.QuantSpec(format="uint4", axis=1, group_size=128))
+    x = jax.random.normal(jax.random.key(8), (2, 5, 2048)).astype(jnp.bfloat16)
+    y = qj.qeinsum("btd,vd->btv", x, q)
+    assert y.shape == (2, 5, 3000) and y.dtype == jnp.float32
+    ref = np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q), np.float64).T
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(qj.qeinsum("btd,vd->vbt", x, q), np.moveaxis(ref, -1, 0), rtol=1e-4, atol=1e-3)
+    # The decoded table never exists: no float array of its size in the compiled CPU program.
+    hlo = jax.jit(lambda x, q: qj.qeinsum("btd,vd->btv", x, q)).lower(x, q).compile().as_text()
+    float_sizes = [np.prod([int(v) for v in dims.split(",") if v]) for dims in re.findall(r"f32\[([\d,]*)\]", hlo)]
+    assert max(float_sizes) < table.size // 8
+    grad = jax.grad(lambda x: qj.qeinsum("btd,vd->btv", x, q).sum())(x.astype(jnp.float32))
+    np.testing.assert_allclose(grad, np.broadcast_to(np.asarray(qj.dequantize(q)).sum(0), x.shape), rtol=1e-4, atol=1e-3)
+
+
 def test_batch_dims_dtype_promotion_and_gradient():
     w = jax.random.normal(jax.random.key(4), (16, 8))
     q = qj.quantize(w, qj.QuantSpec(axis=0))

@@ -262,6 +262,8 @@ def test_embeddings_quantize_on_request_and_serve_bit_for_bit(fmt, options):
     run = nnx.jit(lambda model, ids: model(ids))
     np.testing.assert_array_equal(run(served, ids), run(qat, ids))
     assert bool(jnp.isnan(served(ids)[1, 2]).all()) and not bool(jnp.isnan(served(ids)[1, :2]).any())
+    fast = qj.nnx.to_serving(qat)  # attend over the packed table, block by block on the CPU
+    np.testing.assert_allclose(fast(ids), qat(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_embedding_gradients_and_errors():

@@ -1,6 +1,3 @@
-import math
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,14 +138,14 @@ def test_repr_names_the_leaves_a_tree_map_left():
 
 @st.composite
 def _table_spec_and_indices(draw):
-    shape = draw(hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=9))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9))
     x = draw(hnp.arrays(np.float32, shape, elements=st.floats(-100, 100, width=32)))
     fmt = draw(st.sampled_from(FORMATS))
     axis = draw(st.integers(0, len(shape) - 1))
     kind = draw(st.sampled_from(["tensor", "axis", "group"]))
     spec = {"tensor": qj.QuantSpec(format=fmt), "axis": qj.QuantSpec(format=fmt, axis=axis),
             "group": qj.QuantSpec(format=fmt, axis=axis, group_size=draw(st.integers(1, 4)))}[kind]
-    take_axis = draw(st.integers(0, len(shape) - 2))
+    take_axis = draw(st.integers(-len(shape), len(shape) - 1))
     n = shape[take_axis]
     idx = draw(hnp.arrays(np.int32, hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=4),
                           elements=st.integers(-n - 2, n + 1)))  # in range, from the end, and out of range
@@ -164,30 +161,28 @@ def test_take_equals_take_of_the_dequantized_array(case):
     np.testing.assert_array_equal(jax.jit(qj.take, static_argnames="axis")(q, idx, axis=axis), expected)
 
 
-def test_take_reads_only_the_rows_it_returns():
+def test_take_decodes_only_the_rows_it_returns():
     table = jax.random.normal(jax.random.key(0), (4096, 64), jnp.bfloat16)
-    q = qj.quantize(table, qj.QuantSpec(axis=1, group_size=32))
     ids = jnp.array([[7, 4095, 0]])
-    rows = qj.take(q, ids)
-    assert rows.shape == (1, 3, 64) and rows.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(rows, qj.dequantize(q)[ids])
-    assert qj.take(q, ids, dtype=jnp.float32).dtype == jnp.float32
-    # No float array as large as the table in the compiled program: the gather comes before the decode.
-    hlo = jax.jit(qj.take).lower(q, ids).compile().as_text()
-    float_sizes = [math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"(?:f32|bf16)\[([\d,]*)\]", hlo)]
-    assert float_sizes and max(float_sizes) < table.size // 16
+    for spec in (qj.QuantSpec(axis=1, group_size=32), qj.QuantSpec(format="nf4", axis=0)):
+        q = qj.quantize(table, spec)
+        rows = qj.take(q, ids)
+        assert rows.shape == (1, 3, 64) and rows.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(rows, qj.dequantize(q)[ids])
+        assert qj.take(q, ids, dtype=jnp.float32).dtype == jnp.float32
+        # The decoding is fused into the gather: no buffer for the decoded table, not even a row of it.
+        memory = jax.jit(qj.take).lower(q, ids).compile().memory_analysis()
+        assert memory.temp_size_in_bytes < 64 * 4
 
 
 def test_take_bad_input_is_named():
     q = qj.quantize(jnp.ones((4, 6)), qj.QuantSpec(axis=1))
-    with pytest.raises(ValueError, match=r"take: axis 1 of q of shape \(4, 6\).*last \(packed\)"):
-        qj.take(q, jnp.array([0]), axis=1)
-    with pytest.raises(ValueError, match=r"take: axis -1"):
-        qj.take(q, jnp.array([0]), axis=-1)
+    with pytest.raises(ValueError, match=r"take: axis 2 is out of range for q of shape \(4, 6\)"):
+        qj.take(q, jnp.array([0]), axis=2)
     with pytest.raises(TypeError, match="take: indices must be integers, got dtype float32"):
         qj.take(q, jnp.array([0.0]))
-    with pytest.raises(ValueError, match=r"take: q of shape \(6,\) has one axis"):
-        qj.take(qj.quantize(jnp.ones(6)), jnp.array([0]))
+    with pytest.raises(TypeError, match="take: dtype must be a floating-point dtype, got int8"):
+        qj.take(q, jnp.array([0]), dtype=jnp.int8)
     with pytest.raises(TypeError, match="take: expected a QArray, got ArrayImpl"):
         qj.take(jnp.ones((4, 6)), jnp.array([0]))
 

@@ -244,7 +244,9 @@ class QuantEmbed(nn.Embed):
     QAT: lookups and ``attend`` read ``fake_quant(embedding, weight_spec)``
     (straight-through gradients). Serving (an ``embedding`` parameter that is
     a QArray, from :func:`to_serving_params`): a lookup decodes only the rows
-    it reads, ``attend`` the whole table; both equal the QAT outputs bit for bit.
+    it reads (the QAT outputs bit for bit); ``attend`` is
+    ``qeinsum("...d,vd->...v", query, table, backend=backend)`` (with
+    ``backend="xla"``: the dequantized table, bit for bit).
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj
@@ -257,6 +259,7 @@ class QuantEmbed(nn.Embed):
     """
 
     weight_spec: QuantSpec | None = None
+    backend: str = "auto"
 
     def setup(self):
         stored = self.get_variable("params", "embedding") if self.has_variable("params", "embedding") else None
@@ -283,5 +286,7 @@ class QuantEmbed(nn.Embed):
         """``query @ table.T`` over the fake-quantized (QAT) or the dequantized (serving) table."""
         if self.served is None:
             return super().attend(query)
+        if self.backend != "xla":
+            return matmul.embedding_logits(query, self.served, dtype=self.dtype, backend=self.backend)
         query, embedding = self.promote_dtype(query, dequantize(self.served), dtype=self.dtype)
         return jnp.dot(query, embedding.T)

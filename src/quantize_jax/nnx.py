@@ -406,7 +406,10 @@ class ServingLinearGeneral(nnx.LinearGeneral, _ServingLayer):
 
 class ServingEmbed(nnx.Embed, _ServingLayer):
     """The serving form of :class:`QuantEmbed`: a lookup decodes only the rows it reads
-    (:func:`~quantize_jax.take` over the packed table); ``attend`` dequantizes the table inside the forward pass."""
+    (:func:`~quantize_jax.take` over the packed table); ``attend`` is
+    ``qeinsum("...d,vd->...v", query, table)`` (on the CPU one block of rows
+    decoded at a time), or with ``backend="xla"`` ``nnx.Embed.attend`` over
+    the dequantized table (the QAT outputs bit for bit)."""
 
     __slots__ = ()
     _weight_name = "embedding"
@@ -426,9 +429,12 @@ class ServingEmbed(nnx.Embed, _ServingLayer):
             return jax.sharding.auto_axes(lookup, out_sharding=out_sharding)(q, inputs)
         return lookup(q, inputs)
 
-    def attend(self, query, *args, **kwargs):
-        """``query @ dequantize(embedding).T``, as ``nnx.Embed.attend``."""
-        return self._serving_call(nnx.Embed.attend, query, *args, **kwargs)
+    def attend(self, query, out_sharding=None):
+        """``query @ table.T`` over the packed table (``nnx.Embed.attend``'s over the dequantized one with
+        ``backend="xla"`` or an ``out_sharding``)."""
+        if self.backend == "xla" or out_sharding is not None:
+            return self._serving_call(nnx.Embed.attend, query, out_sharding=out_sharding)
+        return matmul.embedding_logits(query, self.qarray, dtype=self.dtype, backend=self.backend)
 
 
 _SERVING = {QuantLinear: ServingLinear, QuantConv: ServingConv, QuantEinsum: ServingEinsum,

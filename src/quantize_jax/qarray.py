@@ -15,6 +15,7 @@ stays sharded after quantization.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -200,19 +201,20 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
 
 
 def take(q: QArray, indices, axis: int = 0, *, dtype=None) -> jax.Array:
-    """``jnp.take(dequantize(q, dtype), indices, axis)``, reading only the rows it returns.
+    """``jnp.take(dequantize(q, dtype), indices, axis)``: an int4 embedding lookup.
 
-    The packed bytes, scales and zero points of the selected slices are
-    gathered and only those are decoded: an int4 embedding lookup that
-    never materialises the float table. Bit for bit equal to
-    ``jnp.take(dequantize(q, dtype), indices, axis=axis)``, including its
-    index rules: ``-n <= i < 0`` counts from the end, an index outside
-    ``[-n, n)`` gives a row of NaN.
+    Compiled as one XLA program in which the decoding is fused into the
+    gather: only the taken rows' bytes and scales are read and decoded, and
+    the float table is never built, eagerly or inside ``jit`` (checked on
+    the CPU: no temporary buffer; timings in benchmarks/RESULTS.md).
+    Bit for bit ``jnp.take``'s result over the dequantized array, including
+    its index rules: ``-n <= i < 0`` counts from the end, an index outside
+    ``[-n, n)`` gives NaN.
 
     Args:
-      q: a QArray with at least two axes.
+      q: a QArray.
       indices: an integer array of any shape.
-      axis: the axis to take along; not the last (packed) axis.
+      axis: the axis to take along.
       dtype: the floating dtype of the result (default: ``q.dtype``).
 
     Returns:
@@ -232,31 +234,16 @@ def take(q: QArray, indices, axis: int = 0, *, dtype=None) -> jax.Array:
     idx = jnp.asarray(indices)
     if not jnp.issubdtype(idx.dtype, jnp.integer):
         raise TypeError(f"take: indices must be integers, got dtype {idx.dtype.name}")
-    if q.ndim < 2:
-        raise ValueError(f"take: q of shape {q.shape} has one axis, its packed one; take needs at least two")
-    if not isinstance(axis, int) or not -q.ndim <= axis < q.ndim or axis % q.ndim == q.ndim - 1:
-        raise ValueError(f"take: axis {axis!r} of q of shape {q.shape}: expected an axis before the last (packed) one")
-    a = axis % q.ndim
-    out_dtype = jnp.dtype(q.dtype if dtype is None else dtype)
-    n = q.shape[a]
-    flat = idx.reshape(-1)
-    rows = jnp.clip(jnp.where(flat < 0, flat + n, flat), 0, n - 1)
-    lay = _layout.layout(q.shape, q.spec, "q")
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -q.ndim <= axis < q.ndim:
+        raise ValueError(f"take: axis {axis!r} is out of range for q of shape {q.shape}")
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise TypeError(f"take: dtype must be a floating-point dtype, got {jnp.dtype(dtype).name}")
+    return _take(q, idx, axis % q.ndim, jnp.dtype(q.dtype if dtype is None else dtype))
 
-    def one(r):  # the slice at index r, as a QArray of extent 1 along the axis (mapped over the indices)
-        def pick(s):
-            if s is None or (lay.group_axis is None and a in lay.reduced):
-                return s
-            return lax.dynamic_slice_in_dim(s, r // lay.group_size if lay.group_axis == a else r, 1, axis=a)
 
-        shape = q.shape[:a] + (1,) + q.shape[a + 1:]
-        sliced = QArray(lax.dynamic_slice_in_dim(q.packed, r, 1, axis=a), pick(q.scale), pick(q.zero_point),
-                        shape, q.dtype, q.spec)  # a group along the axis shrinks to the one slice
-        return jnp.squeeze(dequantize(sliced, out_dtype), a)
-
-    x = jax.vmap(one, out_axes=a)(rows)
-    valid = ((flat >= -n) & (flat < n)).reshape((1,) * a + flat.shape + (1,) * (q.ndim - a - 1))
-    return jnp.where(valid, x, jnp.nan).reshape(q.shape[:a] + idx.shape + q.shape[a + 1:])
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _take(q, idx, axis, dtype):
+    return jnp.take(dequantize(q, dtype), idx, axis=axis)
 
 
 def _serialize_aux(aux) -> bytes:
