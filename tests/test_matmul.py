@@ -74,7 +74,7 @@ def test_w4a8_equals_int8_activations_times_the_dequantized_weight(fmt):
 @settings(max_examples=12)
 @given(m=st.integers(1, 9), vocab=st.integers(1, 700), d=st.integers(1, 70), fmt=st.sampled_from(FORMATS),
        layout=st.sampled_from(["row", "row_groups", "column", "column_groups", "tensor"]),
-       backend=st.sampled_from(["auto", "chunked", "xla"]))
+       backend=st.sampled_from(["auto", "chunked", "dequant", "xla"]))
 def test_products_over_the_packed_axis_match_the_reference(m, vocab, d, fmt, layout, backend):
     """``"md,vd->mv"`` (tied embedding logits): the weight contracted over its last, packed axis."""
     spec = {"row": qj.QuantSpec(format=fmt, axis=1), "row_groups": qj.QuantSpec(format=fmt, axis=1, group_size=5),
@@ -97,6 +97,10 @@ def test_products_over_the_packed_axis_block_by_block():
     ref = np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q), np.float64).T
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(qj.qeinsum("btd,vd->vbt", x, q), np.moveaxis(ref, -1, 0), rtol=1e-4, atol=1e-3)
+    # dequant (auto off the CPU): the table rounded to bf16 like the activations, float32 sums
+    y16 = qj.qeinsum("btd,vd->btv", x, q, backend="dequant")
+    ref16 = np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q, jnp.bfloat16), np.float64).T
+    np.testing.assert_allclose(y16, ref16, rtol=1e-4, atol=1e-3)
     # The decoded table never exists: no float array of its size in the compiled CPU program.
     hlo = jax.jit(lambda x, q: qj.qeinsum("btd,vd->btv", x, q)).lower(x, q).compile().as_text()
     float_sizes = [np.prod([int(v) for v in dims.split(",") if v]) for dims in re.findall(r"f32\[([\d,]*)\]", hlo)]

@@ -654,9 +654,10 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
     bytes). A 2-D ``W`` contracted over its last (packed) axis,
     ``"...d,vd->...v"`` (the tied logits of an embedding table), runs on the
     CPU (``auto`` or ``chunked``) block by block over ``W``'s rows, each
-    block's nibbles decoded straight into two dots; elsewhere, and for
-    every other layout or ``backend="xla"``, it is the reference
-    ``jnp.einsum`` over the dequantized weight. As in ``jnp.einsum``, ``x``'s
+    block's nibbles decoded straight into two dots; on other platforms
+    (``auto`` or ``dequant``) as one dot over ``W`` decoded to x's dtype
+    (as ``dequant`` does). For every other layout, or ``backend="xla"``, it
+    is the reference ``jnp.einsum`` over the dequantized weight. As in ``jnp.einsum``, ``x``'s
     subscripts may hold an ellipsis (``"...d,df->...f"``) and ``->`` may be
     left out (the output is then the ellipsis and the letters that appear
     once, in alphabetical order).
@@ -724,22 +725,34 @@ def embedding_logits(query, table: QArray, *, dtype=None, backend: str = "auto")
 
 def _qdot_transposed(x, q: QArray, backend: str):
     """``x @ dequantize(q).T`` for ``q`` of shape ``(N, K)``, contracted over its packed axis: ``chunked``
-    (and ``auto`` on the CPU) by :func:`_chunked_transposed`, the reference elsewhere."""
+    by :func:`_chunked_transposed`, ``dequant`` by :func:`_dequant_transposed`, ``auto`` the first on
+    the CPU and the second elsewhere; other backends the reference."""
     out_dtype = jnp.result_type(x.dtype, q.dtype)
     x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(out_dtype)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, q.shape[1]).astype(jnp.float32)
+    x2 = x.reshape(-1, q.shape[1])
 
-    def reference(x2, q):
-        return jnp.dot(x2, dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
+    def chunked(x2, q):
+        return _chunked_transposed(x2.astype(jnp.float32), q)
 
     if backend == "chunked":
-        y = _chunked_transposed(x2, q)
+        y = chunked(x2, q)
+    elif backend == "dequant":
+        y = _dequant_transposed(x2, q)
     elif backend == "auto":
-        y = lax.platform_dependent(x2, q, cpu=_chunked_transposed, default=reference)
+        y = lax.platform_dependent(x2, q, cpu=chunked, default=_dequant_transposed)
     else:
-        y = reference(x2, q)
+        y = jnp.dot(x2.astype(jnp.float32), dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
     return y.reshape(lead + (q.shape[0],)).astype(out_dtype)
+
+
+def _dequant_transposed(x, q: QArray):
+    """The table decoded to x's dtype (bf16, f16, else float32), one dot accumulating in float32: for
+    bf16 / f16 activations half the memory of the float32 decoding, rounded as in ``dequant``."""
+    dtype = _dot_dtype(x.dtype)
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return lax.dot_general(x.astype(dtype), dequantize(q, dtype), (((1,), (1,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
 
 
 def _chunked_transposed(x, q: QArray):
