@@ -282,3 +282,42 @@ def test_embedding_gradients_and_errors():
         served(jnp.ones((2,)))
     one = qj.nnx.to_serving(qj.nnx.QuantEmbed(1, 8, rngs=nnx.Rngs(0)))  # nnx.Embed broadcasts its one row
     assert one(jnp.array([[0, 5]])).shape == (1, 2, 8)
+
+
+def test_qlora_adapters_train_over_a_packed_nf4_base_and_merge():
+    import optax
+
+    served = qj.nnx.to_serving(qj.nnx.quantize_model(_mlp(), weight_spec=qj.QuantSpec(format="nf4", axis=0)))
+    base = [jax.tree_util.tree_leaves(layer.qarray) for layer in (served.layers[0], served.layers[2])]
+    x, y = jax.random.normal(jax.random.key(6), (32, 16)), jax.random.normal(jax.random.key(7), (32, 6))
+    tuned = qj.nnx.add_lora(served, 4, rngs=nnx.Rngs(5))
+    assert type(tuned.layers[0]) is nnx.LoRA and type(tuned.layers[2]) is nnx.LoRA
+    np.testing.assert_array_equal(tuned(x), served(x))  # lora_b starts at zero
+    only_first = qj.nnx.add_lora(served, 2, where="layers/0", rngs=nnx.Rngs(5))
+    assert type(only_first.layers[2]) is qj.nnx.ServingLinear
+    opt = nnx.Optimizer(tuned, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, opt):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2),
+                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(step(tuned, opt)) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    for layer, before in zip((tuned.layers[0], tuned.layers[2]), base):  # the 4-bit base is untouched
+        after = jax.tree_util.tree_leaves(layer.base_module.qarray)
+        assert after[0].dtype == jnp.uint8 and all(np.array_equal(a, b) for a, b in zip(after, before))
+    merged = qj.nnx.merge_lora(tuned)
+    assert type(merged.layers[0]) is qj.nnx.ServingLinear and merged.layers[0].qarray.spec.format == "nf4"
+    lora = tuned.layers[0]
+    expected = qj.quantize(qj.dequantize(lora.base_module.qarray) + lora.lora_a[...] @ lora.lora_b[...],
+                           lora.base_module.qarray.spec)
+    for a, b in zip(jax.tree_util.tree_leaves(merged.layers[0].qarray), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    assert float(jnp.mean((merged(x) - y) ** 2)) < 0.5 * losses[0]  # the merge keeps most of what was learned
+    with pytest.raises(ValueError, match="add_lora: no ServingLinear layer matches where='attn'"):
+        qj.nnx.add_lora(served, 4, where="attn", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="merge_lora: the model holds no nnx.LoRA over a ServingLinear"):
+        qj.nnx.merge_lora(served)

@@ -14,6 +14,8 @@
 * :func:`to_serving` turns a QAT model into one whose weights are packed
   :class:`~quantize_jax.QArray` s used through :func:`~quantize_jax.qdot`; its
   outputs equal the QAT model's, and no float weight matrix is left.
+* :func:`add_lora` / :func:`merge_lora`: QLoRA, ``nnx.LoRA`` adapters over
+  the packed layers of a served model, and folded back into packed layers.
 
 Activation quantization (``act_spec``):
 
@@ -634,6 +636,90 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
         raise ValueError("to_serving: the model holds no quantized layer; quantize it with quantize_model first")
     for path, layer in targets:
         _replace(model, path, _serving_layer(layer, backend))
+    return model
+
+
+def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", inplace: bool = False,
+             **lora_kwargs) -> nnx.Module:
+    """QLoRA: wrap the packed Linear layers of a served model in ``nnx.LoRA`` adapters.
+
+    Each :class:`ServingLinear` whose path ``re.search``-es ``where``
+    becomes ``nnx.LoRA(in, rank, out, base_module=layer)``: its output is
+    ``layer(x) + x @ lora_a @ lora_b``, with ``lora_b`` zero at first (the
+    model's outputs are unchanged) and both ``nnx.LoRAParam`` s, so an
+    optimizer over ``nnx.LoRAParam`` trains the adapters while the 4-bit
+    base stays packed and frozen (Dettmers et al., 2023, QLoRA).
+
+    Args:
+      model: a served model (from :func:`to_serving`) or a single ServingLinear.
+      rank: the adapters' rank.
+      rngs: for the adapters' initialisation.
+      where: a regex over layer paths (``"blocks/0/mlp"``); default: every ServingLinear.
+      inplace: modify ``model`` itself instead of a copy (a single layer is always wrapped anew).
+      **lora_kwargs: passed to ``nnx.LoRA`` (``dtype``, ``param_dtype``, initialisers).
+
+    Raises:
+      ValueError: no ServingLinear layer matches.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp, quantize_jax as qj
+      >>> served = qj.nnx.to_serving(qj.nnx.quantize_model(nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))))
+      >>> tuned = qj.nnx.add_lora(served, 2, rngs=nnx.Rngs(1))
+      >>> type(tuned.layers[0]).__name__, bool((tuned(jnp.ones((1, 8))) == served(jnp.ones((1, 8)))).all())
+      ('LoRA', True)
+    """
+    def wrap(layer):
+        k, n = layer.qarray.shape
+        return nnx.LoRA(k, rank, n, base_module=layer, rngs=rngs, **lora_kwargs)
+
+    if isinstance(model, ServingLinear):
+        return wrap(model)
+    if not inplace:
+        model = nnx.clone(model)
+    regex = re.compile(where)
+    targets = [(p, m) for p, m in nnx.iter_modules(model)
+               if type(m) is ServingLinear and regex.search(_path_str(p))]
+    if not targets:
+        raise ValueError(f"add_lora: no ServingLinear layer matches where={where!r}; serve the model with to_serving first")
+    for path, layer in targets:
+        _replace(model, path, wrap(layer))
+    return model
+
+
+def merge_lora(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
+    """Fold the adapters of :func:`add_lora` back into packed layers: ``quantize(W + lora_a @ lora_b)``.
+
+    Each ``nnx.LoRA`` over a :class:`ServingLinear` becomes a ServingLinear
+    whose weight is the dequantized base plus the adapters' product,
+    quantized again with the base's spec (its scales recomputed). The
+    merged model is one packed model to save or export; it rounds the
+    adapters' contribution to the 4-bit grid, so its outputs differ from
+    the adapted model's by about the quantization error (keep the adapters
+    apart where that matters).
+
+    Raises:
+      ValueError: the model holds no LoRA over a ServingLinear.
+    """
+    def merged(lora):
+        base = lora.base_module
+        q = base.qarray
+        delta = (lora.lora_a[...].astype(jnp.float32) @ lora.lora_b[...].astype(jnp.float32))
+        w = dequantize(q, jnp.float32) + delta
+        new = nnx.clone(base)
+        new.kernel.set_value(quantize(w.astype(q.dtype), q.spec))
+        return new
+
+    if isinstance(model, nnx.LoRA) and isinstance(model.base_module, ServingLinear):
+        return merged(model)
+    if not inplace:
+        model = nnx.clone(model)
+    targets = [(p, m) for p, m in nnx.iter_modules(model)
+               if isinstance(m, nnx.LoRA) and isinstance(m.base_module, ServingLinear)]
+    if not targets:
+        raise ValueError("merge_lora: the model holds no nnx.LoRA over a ServingLinear (see add_lora)")
+    for path, lora in targets:
+        _replace(model, path, merged(lora))
     return model
 
 
