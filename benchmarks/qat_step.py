@@ -3,7 +3,9 @@
     python benchmarks/qat_step.py [--hidden 1024] [--batch 256]
 
 An MLP (784 -> hidden -> hidden -> 10) trained with Adam; each step is a
-jitted nnx.jit update; median of repeats after warm-up.
+jitted nnx.jit update; median of repeats after warm-up. Also LoRA steps
+(rank 16 adapters on every layer, only they trained): over the float layers,
+and QLoRA over packed nf4 layers (``qj.nnx.add_lora``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ class MLP(nnx.Module):
         return self.out(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
 
 
-def step_time(model, x, y) -> float:
-    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+def step_time(model, x, y, wrt=nnx.Param) -> float:
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=wrt)
 
     @nnx.jit
     def step(model, opt, x, y):
         loss, grads = nnx.value_and_grad(
-            lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(model)
+            lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean(),
+            argnums=nnx.DiffState(0, wrt))(model)
         opt.update(model, grads)
         return loss
 
@@ -58,6 +61,16 @@ def main():
                      "quantize_jax int4 QAT, learned scales": {"learn_scale": True},
                      "quantize_jax W4A8 QAT": {"act_spec": "int8"}}.items():
         rows.append({"step": name, "ms": step_time(qj.nnx.quantize_model(MLP(args.hidden, nnx.Rngs(0)), **kw), x, y)})
+    float_lora = MLP(args.hidden, nnx.Rngs(0))
+    for name in ("fc1", "fc2", "out"):
+        layer = getattr(float_lora, name)
+        setattr(float_lora, name, nnx.LoRA(layer.in_features, 16, layer.out_features, base_module=layer,
+                                           rngs=nnx.Rngs(1)))
+    rows.append({"step": "LoRA rank 16 over float32 layers", "ms": step_time(float_lora, x, y, nnx.LoRAParam)})
+    nf4 = qj.QuantSpec(format="nf4", axis=0, group_size=64)
+    qlora = qj.nnx.add_lora(qj.nnx.to_serving(qj.nnx.quantize_model(MLP(args.hidden, nnx.Rngs(0)), weight_spec=nf4)),
+                            16, rngs=nnx.Rngs(1))
+    rows.append({"step": "QLoRA rank 16 over packed nf4 (group 64)", "ms": step_time(qlora, x, y, nnx.LoRAParam)})
     try:
         import qwix
     except ImportError:

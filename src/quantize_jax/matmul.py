@@ -44,8 +44,10 @@ under 64 rows into float32 dots (exact products). On NVIDIA GPUs (and with
 ``pallas``) they run through the Pallas kernel (int8 values are exact in
 bf16): exact where the sums fit float32's 24-bit mantissa.
 
-Gradients flow to ``x`` (computed as ``g @ dequantize(q).T``, forward and
-reverse mode); the weight gets none.
+Gradients flow to ``x`` (``g @ dequantize(q).T``, forward and reverse mode;
+on the CPU block by block over the weight's rows, so the backward pass never
+decodes the whole weight; elsewhere the reference, rematerialized); the
+weight gets none.
 """
 
 from __future__ import annotations
@@ -321,8 +323,10 @@ def _qdot2d_jvp(backend, act_quant, primals, tangents):
     """Forward mode (and, transposed, reverse mode): the tangent is ``dx @ dequantize(q)``; the weight's
     tangent is ignored (a constant), int8 activations pass straight through."""
     x, q = primals
-    # rematerialized: reverse mode keeps the packed weight, not its float32 decoding, until the backward pass
-    return _qdot2d(x, q, backend, act_quant), jax.checkpoint(_reference)(tangents[0], q)
+    # Reverse mode keeps the packed weight, not its float32 decoding: on the CPU the tangent is a sum
+    # over blocks of rows (transposed block by block); elsewhere the reference, rematerialized.
+    tangent = lax.platform_dependent(tangents[0], q, cpu=_blocked_product, default=jax.checkpoint(_reference))
+    return _qdot2d(x, q, backend, act_quant), tangent
 
 
 def _grid(q: QArray) -> _Grid | None:
@@ -755,6 +759,46 @@ def _dequant_transposed(x, q: QArray):
                            preferred_element_type=jnp.float32)
 
 
+class _RowBlocks(NamedTuple):
+    """A 2-D QArray's packed rows in zero-padded blocks, and for each row the row of its scales."""
+
+    packed: jax.Array  # (blocks, rows, bytes)
+    index: np.ndarray  # (blocks, rows), or (blocks, 1) where one scale row serves them all
+
+
+def _row_blocks(q: QArray, rows: int) -> _RowBlocks:
+    n = q.shape[0]
+    lay = _layout.layout(q.shape, q.spec)
+    n_blocks = -(-n // rows)
+    packed = jnp.pad(q.packed, ((0, n_blocks * rows - n), (0, 0))).reshape(n_blocks, rows, -1)
+    scale_rows = q.scale.shape[0]  # 1, n, or one per group of rows
+    if scale_rows == 1:
+        return _RowBlocks(packed, np.zeros((n_blocks, 1), np.int32))
+    per_group = lay.group_size if lay.group_axis == 0 else 1
+    index = np.minimum(np.arange(n_blocks * rows) // per_group, scale_rows - 1).reshape(n_blocks, rows)
+    return _RowBlocks(packed, index.astype(np.int32))
+
+
+def _decoded_halves(q: QArray, packed, index) -> tuple[jax.Array, jax.Array]:
+    """A block of ``q``'s rows decoded to float32 as ``dequantize`` decodes them, as its even and its odd
+    columns (the bytes' low and high nibbles): ``(rows, ceil(n / 2))`` each, the odd padded with zeros."""
+    n = q.shape[1]
+    lay = _layout.layout(q.shape, q.spec)
+    col_group = lay.group_size if lay.group_axis == 1 else 1
+
+    def halves(a):  # the block's scales (rows | 1, 1 | n | groups) -> the even and odd columns', broadcastable
+        if a is None:
+            return None, None
+        a = jnp.take(a, index, axis=0)
+        if a.shape[1] == 1:
+            return a, a
+        return _even_odd(jnp.repeat(a, col_group, axis=1)[:, :n] if col_group > 1 else a, n)
+
+    fmt = q.spec.fmt
+    return tuple(dequantize_codes(c, s, z, fmt)
+                 for c, s, z in zip(_nibbles(packed, fmt), halves(q.scale), halves(q.zero_point)))
+
+
 def _chunked_transposed(x, q: QArray):
     """CPU: ``x @ dequantize(q).T`` over blocks of ``q``'s rows (at most 256, and at most 2**20 decoded
     values: 4 MiB of float32); each byte's low and high nibbles (even and odd K) feed two dots with x's
@@ -765,35 +809,40 @@ def _chunked_transposed(x, q: QArray):
     benchmarks/RESULTS.md): 256 rows up to K = 4096 and 128 at K = 8192 were the fastest or near it;
     512 rows at K = 2048 took 1.3-2.4x as long."""
     n, k = q.shape
-    fmt = q.spec.fmt
-    lay = _layout.layout(q.shape, q.spec)
-    rows = int(min(256, max(8, 2**20 // k), n))
-    n_chunks = -(-n // rows)
-    packed = jnp.pad(q.packed, ((0, n_chunks * rows - n), (0, 0))).reshape(n_chunks, rows, -1)
-    scale_rows = q.scale.shape[0]  # 1, n, or one per group of rows
-    per_group = lay.group_size if lay.group_axis == 0 else 1
-    index = np.minimum(np.arange(n_chunks * rows) // per_group, scale_rows - 1).reshape(n_chunks, rows)
-    index = index if scale_rows > 1 else np.zeros((n_chunks, 1), np.int32)
-    col_group = lay.group_size if lay.group_axis == 1 else 1
+    blocks = _row_blocks(q, int(min(256, max(8, 2**20 // k), n)))
     x_halves = _even_odd(x, k)
-
-    def halves(a):  # a block's scales (r, 1 | K | groups) -> the even and odd K columns', broadcastable
-        if a.shape[1] == 1:
-            return a, a
-        return _even_odd(jnp.repeat(a, col_group, axis=1)[:, :k] if col_group > 1 else a, k)
 
     @jax.checkpoint  # reverse mode keeps the packed blocks, not their decoding
     def block(p, i):
-        s = halves(jnp.take(q.scale, i, axis=0))
-        z = (None, None) if q.zero_point is None else halves(jnp.take(q.zero_point, i, axis=0))
-        y = 0.0
-        for xh, codes, sh, zh in zip(x_halves, _nibbles(p, fmt), s, z):
-            w = dequantize_codes(codes, sh, zh, fmt)
-            y = y + lax.dot_general(xh, w, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
-        return y
+        return sum(lax.dot_general(xh, w, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST)
+                   for xh, w in zip(x_halves, _decoded_halves(q, p, i)))
 
-    ys = lax.map(lambda c: block(*c), (packed, index))  # (chunks, M, rows)
-    return jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], n_chunks * rows)[:, :n]
+    ys = lax.map(lambda c: block(*c), tuple(blocks))  # (blocks, M, rows)
+    return jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], -1)[:, :n]
+
+
+def _blocked_product(x, q: QArray):
+    """``x @ dequantize(q)`` as a sum over blocks of ``q``'s rows, each decoded (``_decoded_halves``) into
+    two dots for the even and odd output columns: linear in ``x``, so JAX transposes it block by block
+    into ``g @ dequantize(q).T`` (the decoding recomputed per block, never the whole float weight). The
+    CPU's tangent of :func:`qdot`, forward and reverse."""
+    k, n = q.shape
+    rows = int(min(512, max(8, 2**20 // n), k))
+    blocks = _row_blocks(q, rows)
+    n_blocks = blocks.packed.shape[0]
+    xs = _pad_k(x.astype(jnp.float32), n_blocks * rows).reshape(x.shape[0], n_blocks, rows).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def step(acc, c):
+        xb, p, i = c
+        return tuple(a + jnp.dot(xb, w, precision=lax.Precision.HIGHEST)
+                     for a, w in zip(acc, _decoded_halves(q, p, i))), None
+
+    # inside shard_map the carry must vary over the manual axes of x and the weight, as the sums it takes do
+    zeros = jnp.zeros((x.shape[0], blocks.packed.shape[-1]), jnp.float32)
+    zeros = _vary_alike(zeros, xs, q.packed, q.scale, *([] if q.zero_point is None else [q.zero_point]))[0]
+    (even, odd), _ = lax.scan(step, (zeros, zeros), (xs, blocks.packed, blocks.index))
+    return _interleave(even, odd, n)
 
 
 def _einsum_letters(subscripts: str, x, q: QArray) -> tuple[str, str, str]:
