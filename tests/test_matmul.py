@@ -135,6 +135,17 @@ def test_gradients_for_every_format_and_scale_layout(fmt, axis, group):
     np.testing.assert_allclose(tangent, np.asarray(x, np.float64) @ w_hat, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_operands_give_zeros_as_jnp_matmul(backend):
+    for k, n in [(0, 4), (4, 0)]:  # nothing to contract; no output columns
+        q = qj.quantize(jnp.zeros((k, n)), qj.QuantSpec(axis=0))
+        x = jnp.ones((2, k))
+        np.testing.assert_array_equal(qj.qdot(x, q, backend=backend), jnp.zeros((2, n)))
+        assert jax.grad(lambda x: qj.qdot(x, q, backend=backend).sum())(x).shape == (2, k)
+    table = qj.quantize(jnp.zeros((0, 4)), qj.QuantSpec(axis=1))
+    assert qj.qeinsum("md,vd->mv", jnp.ones((2, 4)), table, backend=backend).shape == (2, 0)
+
+
 @pytest.mark.parametrize("act_quant", [None, "int8"])
 def test_forward_mode_and_what_reverse_mode_keeps(act_quant):
     w = jax.random.normal(jax.random.key(4), (64, 24))

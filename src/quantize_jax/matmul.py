@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import string
 from typing import NamedTuple
@@ -151,7 +152,7 @@ def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | Non
     lead = x.shape[:-1]
 
     def product(x, q):
-        y = _qdot2d(x.reshape(-1, q.shape[0]), q, backend, act_quant)
+        y = _qdot2d(x.reshape(math.prod(lead), q.shape[0]), q, backend, act_quant)
         return y.reshape(lead + (q.shape[1],)).astype(out_dtype)
 
     explicit = _explicit_out_spec(x, q)
@@ -191,8 +192,8 @@ def _explicit_out_spec(x, q):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _qdot2d(x, q, backend, act_quant):
     grid = _grid(q)
-    if x.shape[0] == 0:  # no rows: nothing for a kernel to tile
-        return jnp.zeros((0, q.shape[1]), jnp.float32)
+    if x.shape[0] == 0 or q.size == 0:  # no rows, no columns, or nothing to contract: as jnp.matmul, zeros
+        return jnp.zeros_like(x, jnp.float32, shape=(x.shape[0], q.shape[1]))
     if grid is None:
         return _reference(x if act_quant is None else fake_int8_tokens(x), q)
     if backend in ("auto", "pallas") or (backend == "native" and act_quant is None):
@@ -734,6 +735,8 @@ def _qdot_transposed(x, q: QArray, backend: str):
     out_dtype = jnp.result_type(x.dtype, q.dtype)
     x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(out_dtype)
     lead = x.shape[:-1]
+    if q.size == 0:  # an empty table, or nothing to contract: as jnp.matmul, zeros
+        return jnp.zeros(lead + (q.shape[0],), out_dtype)
     x2 = x.reshape(-1, q.shape[1])
 
     def chunked(x2, q):
@@ -827,6 +830,8 @@ def _blocked_product(x, q: QArray):
     into ``g @ dequantize(q).T`` (the decoding recomputed per block, never the whole float weight). The
     CPU's tangent of :func:`qdot`, forward and reverse."""
     k, n = q.shape
+    if q.size == 0:
+        return jnp.zeros((x.shape[0], n), jnp.float32)
     rows = int(min(512, max(8, 2**20 // n), k))
     blocks = _row_blocks(q, rows)
     n_blocks = blocks.packed.shape[0]
