@@ -234,17 +234,24 @@ def test_the_sharded_example_runs():
     assert "packed sharding: P(None, 'model')" in proc.stdout and "QAT step 2" in proc.stdout
 
 
-def test_sharded_embedding_lookups_serve_bit_for_bit(mesh):
+@pytest.mark.parametrize("names", [(None, "model"), ("model", None)])  # features, or vocabulary, split
+def test_sharded_embedding_lookups_and_logits(mesh, names):
     with jax.set_mesh(mesh):
-        embed = nnx.Embed(64, 32, embedding_metadata={"out_sharding": (None, "model")}, rngs=nnx.Rngs(0))
+        embed = nnx.Embed(64, 32, embedding_metadata={"out_sharding": names}, rngs=nnx.Rngs(0))
         qat = qj.nnx.quantize_model(embed, quantize_embeddings=True)
-        served = qj.nnx.to_serving(qat, backend="xla")
-        assert served.qarray.packed.sharding.spec == P(None, "model")  # each device keeps its features' bytes
+        exact, fast = qj.nnx.to_serving(qat, backend="xla"), qj.nnx.to_serving(qat)
+        assert exact.qarray.packed.sharding.spec == P(*names)  # each device keeps its share of the bytes
         ids = jax.device_put(jnp.arange(16).reshape(2, 8) * 4, NamedSharding(mesh, P("data", None)))
-        out = P("data", None, "model")
+        out = P("data", None, names[1])
         lookup = nnx.jit(lambda model, ids: model(ids, out_sharding=out))
-        rows = lookup(served, ids)
-        assert rows.sharding.spec == out
+        rows = lookup(exact, ids)
+        assert rows.sharding.is_equivalent_to(NamedSharding(mesh, out), rows.ndim)
         np.testing.assert_array_equal(rows, lookup(qat, ids))
+        np.testing.assert_array_equal(lookup(fast, ids), rows)
         h = jax.device_put(jax.random.normal(jax.random.key(0), (2, 8, 32)), NamedSharding(mesh, P("data", None, None)))
-        np.testing.assert_array_equal(served.attend(h), qat.attend(h))
+        attend = nnx.jit(lambda model, h: model.attend(h))
+        logits = attend(qat, h)
+        np.testing.assert_array_equal(attend(exact, h), logits)
+        fast_logits = attend(fast, h)  # block by block over the packed table, the vocabulary split or not
+        assert fast_logits.sharding.is_equivalent_to(logits.sharding, logits.ndim)
+        np.testing.assert_allclose(fast_logits, logits, rtol=1e-5, atol=1e-5)

@@ -172,8 +172,9 @@ def _complex_parts(product, x, q):
     return lax.complex(real, imag).astype(jnp.result_type(x.dtype, q.dtype))
 
 
-def _explicit_out_spec(x, q):
-    """``(abstract mesh, output PartitionSpec)`` when x or the weight lives on an explicit-sharding mesh, else None."""
+def _explicit_out_spec(x, q, weight_axis: int = 1):
+    """``(abstract mesh, output PartitionSpec)`` when x or the weight lives on an explicit-sharding mesh, else
+    None: x's leading axes, then the weight's output axis (``weight_axis``: 1 for ``x @ W``, 0 for ``x @ W.T``)."""
     try:
         xs, ws = jax.typeof(x).sharding, jax.typeof(q.packed).sharding
     except AttributeError:
@@ -184,7 +185,7 @@ def _explicit_out_spec(x, q):
     x_spec = tuple(xs.spec) + (None,) * (x.ndim - len(tuple(xs.spec)))
     w_spec = tuple(ws.spec) + (None,) * (2 - len(tuple(ws.spec)))
     used = {a for entry in x_spec[:-1] if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))}
-    n_entry = w_spec[1]
+    n_entry = w_spec[weight_axis]
     n_axes = () if n_entry is None else (n_entry if isinstance(n_entry, tuple) else (n_entry,))
     return mesh, PartitionSpec(*x_spec[:-1], None if used & set(n_axes) else n_entry)
 
@@ -737,20 +738,28 @@ def _qdot_transposed(x, q: QArray, backend: str):
     lead = x.shape[:-1]
     if q.size == 0:  # an empty table, or nothing to contract: as jnp.matmul, zeros
         return jnp.zeros(lead + (q.shape[0],), out_dtype)
-    x2 = x.reshape(-1, q.shape[1])
 
     def chunked(x2, q):
         return _chunked_transposed(x2.astype(jnp.float32), q)
 
-    if backend == "chunked":
-        y = chunked(x2, q)
-    elif backend == "dequant":
-        y = _dequant_transposed(x2, q)
-    elif backend == "auto":
-        y = lax.platform_dependent(x2, q, cpu=chunked, default=_dequant_transposed)
-    else:
-        y = jnp.dot(x2.astype(jnp.float32), dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
-    return y.reshape(lead + (q.shape[0],)).astype(out_dtype)
+    def product(x, q):
+        x2 = x.reshape(-1, q.shape[1])
+        if backend == "chunked":
+            y = chunked(x2, q)
+        elif backend == "dequant":
+            y = _dequant_transposed(x2, q)
+        elif backend == "auto":
+            y = lax.platform_dependent(x2, q, cpu=chunked, default=_dequant_transposed)
+        else:
+            y = jnp.dot(x2.astype(jnp.float32), dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
+        return y.reshape(lead + (q.shape[0],)).astype(out_dtype)
+
+    explicit = _explicit_out_spec(x, q, weight_axis=0)
+    if explicit is None:
+        return product(x, q)
+    mesh, out_spec = explicit  # as in qdot: GSPMD-propagated axes inside, the natural sharding outside
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(product, out_sharding=out_spec)(x, q)
 
 
 def _dequant_transposed(x, q: QArray):
