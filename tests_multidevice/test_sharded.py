@@ -64,6 +64,12 @@ def test_qdot_tensor_parallel_and_contraction_sharded_equal_one_device(mesh, bac
     q_k = qj.sharding.quantize_sharded(jax.device_put(w, NamedSharding(mesh, P("model", None))), spec)
     x_k = jax.device_put(x, NamedSharding(mesh, P("data", "model")))
     np.testing.assert_allclose(f(x_k, q_k), ref, rtol=1e-5, atol=1e-4)
+    # gradients to x (the CPU's tangent: block by block over the weight's rows), either weight split
+    g = jax.random.normal(jax.random.key(3), (16, 128))
+    grad = jax.jit(jax.grad(lambda x, q: jnp.vdot(qj.qdot(x, q, backend=backend), g)))
+    expected = np.asarray(g, np.float64) @ np.asarray(qj.dequantize(qj.quantize(w, spec)), np.float64).T
+    for x_s, q_s in ((x_dp, q_tp), (x_k, q_k)):
+        np.testing.assert_allclose(grad(x_s, q_s), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("act_quant", [None, "int8"])
