@@ -313,8 +313,74 @@ for name, ms in live.items():
 print(f"weight bytes: float32 {w.nbytes:,}, int4 QArray (group 128) {q.nbytes:,}")"""),
 ]
 
+QLORA = [
+    ("md", """# QLoRA with Flax NNX on digits: adapters over a packed 4-bit base
+
+Pretrain a small MLP on scikit-learn's 8x8 digits (no download), then adapt it to a new task, the same
+digits mirrored left to right, three ways: LoRA adapters over the float model, and QLoRA adapters over
+the model served as packed nf4 and int4 weights (`qj.nnx.add_lora`: Flax's `nnx.LoRA` around each packed
+layer; only the adapters train, the 4-bit base stays packed and frozen). Finally `qj.nnx.merge_lora`
+folds the adapters back into one packed model."""),
+    ("code", """import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+from flax import nnx
+import quantize_jax as qj
+from quantize_jax.demo import MLP, load_digits, accuracy, train, weight_bytes
+
+digits = load_digits()
+(x_train, y_train), (x_test, y_test) = digits
+def mirror(x):
+    return x.reshape(-1, 8, 8)[:, :, ::-1].reshape(-1, 64)
+
+mirrored = ((mirror(x_train), y_train), (mirror(x_test), y_test))     # the new task
+base = MLP(nnx.Rngs(0))
+train(base, digits, epochs=30, lr=2e-3, progress=False)
+print(f"pretrained: digits {accuracy(base, digits):.3f}, mirrored digits {accuracy(base, mirrored):.3f}")"""),
+    ("code", """def lora_over_float(model, rank, rngs):
+    model = nnx.clone(model)
+    for name in ("fc1", "fc2", "out"):
+        layer = getattr(model, name)
+        setattr(model, name, nnx.LoRA(layer.in_features, rank, layer.out_features, base_module=layer, rngs=rngs))
+    return model
+
+tuned = {"LoRA, float32 base": lora_over_float(base, 8, nnx.Rngs(1))}
+for fmt in ("nf4", "int4"):
+    served = qj.nnx.to_serving(qj.nnx.quantize_model(base, weight_spec=qj.QuantSpec(format=fmt, axis=0, group_size=32)))
+    print(f"{fmt} base before adapting: digits {accuracy(served, digits):.3f}")
+    tuned[f"QLoRA, {fmt} base"] = qj.nnx.add_lora(served, 8, rngs=nnx.Rngs(1))
+
+curves = {name: train(m, mirrored, epochs=25, lr=3e-3, progress=False, wrt=nnx.LoRAParam) for name, m in tuned.items()}
+for name, m in tuned.items():
+    print(f"{name:20s} mirrored-digits accuracy {accuracy(m, mirrored):.3f}")"""),
+    ("code", """fig, ax = plt.subplots(figsize=(7, 3))
+for name, c in curves.items():
+    ax.plot(range(1, len(c) + 1), c, label=name)
+ax.set_yscale("log"); ax.set_xlabel("epoch (adapters only)"); ax.set_ylabel("training loss"); ax.legend()
+plt.tight_layout(); plt.show()"""),
+    ("md", """The three curves nearly coincide: adapting over a 4-bit base costs the adapters nothing on this task
+(the accuracies above come from this run; they vary by a few tenths of a point with the seeds).
+
+## What is stored, and merging
+
+The QLoRA models keep each base weight as a packed QArray (two codes per byte plus one scale per 32 rows)
+and train only the rank-8 matrices. `merge_lora` quantizes `dequantize(base) + A @ B` again with the base's
+spec: one packed model to save or export, which re-rounds the adapters' contribution to the 4-bit grid."""),
+    ("code", """def lora_bytes(model):
+    return sum(v[...].nbytes for _, v in nnx.iter_graph(model) if isinstance(v, nnx.LoRAParam))
+
+qlora = tuned["QLoRA, nf4 base"]
+merged = qj.nnx.merge_lora(qlora)
+print(f"nf4 QLoRA accuracy {accuracy(qlora, mirrored):.3f}, merged into packed nf4 {accuracy(merged, mirrored):.3f}")
+sizes = {"float32 weights": weight_bytes(base), "nf4 packed weights": weight_bytes(merged),
+         "adapters (rank 8, float32)": lora_bytes(qlora)}
+for k, v in sizes.items():
+    print(f"{k:28s} {v:8d} bytes")
+fig, ax = plt.subplots(figsize=(5, 2.2))
+ax.barh(list(sizes), list(sizes.values())); ax.set_xlabel("bytes"); plt.tight_layout(); plt.show()"""),
+]
+
 NOTEBOOKS = {"01_int4_basics.ipynb": BASICS, "02_qat_nnx_digits.ipynb": QAT, "03_params_to_tpu.ipynb": DEPLOY,
-             "04_speed.ipynb": SPEED}
+             "04_speed.ipynb": SPEED, "05_qlora_digits.ipynb": QLORA}
 
 
 def build(name, cells):

@@ -54,17 +54,18 @@ class CNN(nnx.Module):
 
 
 def train(model, data, *, epochs: int, lr: float, desc: str = "train", batch: int = 64, seed: int = 0,
-          progress: bool = True) -> list[float]:
-    """Adam on cross-entropy over minibatches, in place; a tqdm bar per run. Returns the mean loss per epoch."""
+          progress: bool = True, wrt=nnx.Param) -> list[float]:
+    """Adam on cross-entropy over minibatches, in place, of the variables ``wrt`` selects (``nnx.LoRAParam``:
+    the adapters only); a tqdm bar per run. Returns the mean loss per epoch."""
     (x, y), _ = data
-    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
 
     @nnx.jit
     def step(model, opt, xb, yb):
         def loss_fn(model):
             return optax.softmax_cross_entropy_with_integer_labels(model(xb), yb).mean()
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         opt.update(model, grads)
         return loss
 
