@@ -329,6 +329,8 @@ from quantize_jax.demo import MLP, load_digits, accuracy, train, weight_bytes
 
 digits = load_digits()
 (x_train, y_train), (x_test, y_test) = digits
+
+
 def mirror(x):
     return x.reshape(-1, 8, 8)[:, :, ::-1].reshape(-1, 64)
 
