@@ -165,7 +165,10 @@ def test_forward_mode_and_what_reverse_mode_keeps(act_quant):
 def test_qeinsum_layouts():
     w = jax.random.normal(jax.random.key(6), (8, 3, 4))
     x = jax.random.normal(jax.random.key(7), (2, 5, 8))
-    for spec in (qj.QuantSpec(axis=0), qj.QuantSpec(axis=0, group_size=4), qj.QuantSpec(axis=2)):
+    # per (h, k); groups along d; per d row (reference path); one scale per k shared by the heads
+    # (QuantEinsum's default, broadcast over h for the flattened product); per tensor (uint4: zero points too)
+    for spec in (qj.QuantSpec(axis=0), qj.QuantSpec(axis=0, group_size=4), qj.QuantSpec(axis=2),
+                 qj.QuantSpec(axis=(0, 1)), qj.QuantSpec(format="uint4", axis=(0, 1)), qj.QuantSpec(format="uint4")):
         q = qj.quantize(w, spec)
         ref = jnp.einsum("btd,dhk->bthk", x, qj.dequantize(q))
         np.testing.assert_allclose(qj.qeinsum("btd,dhk->bthk", x, q), ref, rtol=1e-5, atol=1e-5)

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -321,3 +323,30 @@ def test_qlora_adapters_train_over_a_packed_nf4_base_and_merge():
         qj.nnx.add_lora(served, 4, where="attn", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="merge_lora: the model holds no nnx.LoRA over a ServingLinear"):
         qj.nnx.merge_lora(served)
+
+
+@pytest.mark.parametrize("make, x_shape", [
+    (lambda dtype: nnx.Einsum("btd,dhk->bthk", (2048, 4, 64), (4, 64), dtype=dtype, rngs=nnx.Rngs(0)), (2, 3, 2048)),
+    (lambda dtype: nnx.LinearGeneral((16, 128), 256, axis=(-2, -1), dtype=dtype, rngs=nnx.Rngs(0)), (2, 3, 16, 128)),
+    (lambda dtype: nnx.LinearGeneral(2048, (4, 64), dtype=dtype, rngs=nnx.Rngs(0)), (5, 2048)),
+])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_einsum_and_linear_general_serve_through_the_packed_kernel(make, x_shape, dtype):
+    layer = make(dtype)
+    layer.bias[...] = jax.random.normal(jax.random.key(2), layer.bias.shape)
+    qat = qj.nnx.quantize_model(layer)
+    x = jax.random.normal(jax.random.key(1), x_shape)
+    fast, exact = qj.nnx.to_serving(qat), qj.nnx.to_serving(qat, backend="xla")
+    ref = qat(x)
+    y = fast(x)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    tol = 1e-5 if dtype is None else 2e-2
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(exact(x), ref)
+    # The fast path multiplies by the packed kernel, decoded a block of rows at a time: no float array as
+    # large as the kernel is compiled.
+    hlo = nnx.jit(lambda m, x: m(x)).lower(fast, x).compile().as_text()
+    sizes = [np.prod([int(v) for v in dims.split(",") if v]) for dims in re.findall(r"(?:f32|bf16)\[([\d,]*)\]", hlo)]
+    assert max(sizes) < layer.kernel.size
+    hlo = nnx.jit(lambda m, x: m(x)).lower(exact, x).compile().as_text()
+    assert f"f32[{','.join(map(str, layer.kernel.shape))}]" in hlo  # the xla path decodes the kernel

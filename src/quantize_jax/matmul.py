@@ -904,9 +904,7 @@ def _flattenable(q: QArray, n_contracted: int) -> bool:
     lay = _layout.layout(q.shape, q.spec)
     if lay.group_axis is not None:
         return n_contracted == 1 and lay.group_axis == 0
-    return set(range(n_contracted)) <= set(lay.reduced) and (
-        set(lay.reduced) == set(range(n_contracted)) or set(lay.reduced) == set(range(q.ndim))
-    )
+    return set(range(n_contracted)) <= set(lay.reduced)  # kept axes may share scales too: broadcast then
 
 
 def _flatten(q: QArray, n_contracted: int) -> QArray:
@@ -919,7 +917,11 @@ def _flatten(q: QArray, n_contracted: int) -> QArray:
     cols = 1 if set(lay.reduced) == set(range(q.ndim)) else n
     spec = q.spec if lay.group_axis is not None else dataclasses.replace(q.spec, axis=0 if cols > 1 else None)
 
-    def scales(a):
-        return None if a is None else a.reshape(rows, cols)
+    def scales(a):  # a scale shared along kept axes (e.g. over the heads of an einsum kernel) is repeated
+        if a is None:
+            return None
+        if lay.group_axis is None and cols > 1:
+            a = jnp.broadcast_to(a, (1,) * n_contracted + q.shape[n_contracted:])
+        return a.reshape(rows, cols)
 
     return QArray(q.packed.reshape(k, -1), scales(q.scale), scales(q.zero_point), (k, n), q.dtype, spec)

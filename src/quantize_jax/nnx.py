@@ -31,6 +31,7 @@ Activation quantization (``act_spec``):
 from __future__ import annotations
 
 import re
+import string
 
 import jax
 import jax.numpy as jnp
@@ -358,6 +359,22 @@ class _ServingLayer(_ActQuant):
     def _serving_call(self, flax_call, inputs, *args, **kwargs):
         return flax_call(self, self._quant_inputs(inputs), *args, **kwargs)
 
+    def _packed_product(self, custom: bool, out_sharding) -> bool:
+        """Whether the forward pass multiplies by the packed kernel (``qeinsum``) rather than running the
+        Flax forward over the dequantized kernel: not for ``backend="xla"`` (bit for bit with QAT), W4A8
+        (QAT's int8 tokens are per last axis), customised products or an explicit output sharding."""
+        return not (self.backend == "xla" or self.act_spec == "int8" or custom or out_sharding is not None
+                    or getattr(self, "preferred_element_type", None) is not None)
+
+    def _promoted(self, inputs):
+        """The quantized inputs and the bias, promoted as the Flax layer promotes them (the kernel's dtype
+        taking part as the packed weight's)."""
+        x = self._quant_act(inputs)
+        probe = jnp.zeros((), self.qarray.dtype)
+        bias = self.bias[...] if self.bias is not None else None
+        x, _, bias = self.promote_dtype((x, probe, bias), dtype=self.dtype)
+        return x, bias
+
     @property
     def qarray(self) -> QArray:
         """The packed weight."""
@@ -389,21 +406,45 @@ class ServingConv(nnx.Conv, _ServingLayer):
 
 
 class ServingEinsum(nnx.Einsum, _ServingLayer):
-    """The serving form of :class:`QuantEinsum`: the packed kernel is dequantized inside the forward pass."""
+    """The serving form of :class:`QuantEinsum`: :func:`~quantize_jax.qeinsum` over the packed kernel
+    (``nnx.Einsum``'s forward over the dequantized kernel with ``backend="xla"``, W4A8, a custom
+    ``einsum_op``, ``preferred_element_type`` or ``out_sharding``: the QAT outputs bit for bit)."""
 
     __slots__ = ()
 
-    def __call__(self, inputs, *args, **kwargs):
-        return self._serving_call(nnx.Einsum.__call__, inputs, *args, **kwargs)
+    def __call__(self, inputs, einsum_str=None, out_sharding=None):
+        if not self._packed_product(self.einsum_op is not jnp.einsum, out_sharding):
+            return self._serving_call(nnx.Einsum.__call__, inputs, einsum_str, out_sharding=out_sharding)
+        einsum_str = (einsum_str or self.einsum_str).replace(" ", "")
+        self._einsum_str_check(einsum_str)
+        x, bias = self._promoted(inputs)
+        y = matmul.qeinsum(einsum_str, x, self.qarray, backend=self.backend).astype(x.dtype)
+        if bias is None:
+            return y
+        shape = self._infer_broadcasted_bias_shape(einsum_str, x, jax.ShapeDtypeStruct(self.qarray.shape, x.dtype))
+        return y + jnp.reshape(bias, shape)
 
 
 class ServingLinearGeneral(nnx.LinearGeneral, _ServingLayer):
-    """The serving form of :class:`QuantLinearGeneral`: the packed kernel is dequantized inside the forward pass."""
+    """The serving form of :class:`QuantLinearGeneral`: :func:`~quantize_jax.qeinsum` over the packed
+    kernel (``nnx.LinearGeneral``'s forward over the dequantized kernel with ``backend="xla"``, W4A8,
+    batch axes, a custom ``dot_general``, ``preferred_element_type`` or ``out_sharding``: the QAT outputs
+    bit for bit)."""
 
     __slots__ = ()
 
-    def __call__(self, inputs, *args, **kwargs):
-        return self._serving_call(nnx.LinearGeneral.__call__, inputs, *args, **kwargs)
+    def __call__(self, inputs, out_sharding=None):
+        custom = self.batch_axis or self.dot_general is not None or self.dot_general_cls is not None
+        if not self._packed_product(custom, out_sharding):
+            return self._serving_call(nnx.LinearGeneral.__call__, inputs, out_sharding=out_sharding)
+        x, bias = self._promoted(inputs)
+        axes = [a % x.ndim for a in self.axis]
+        letters = string.ascii_letters[: x.ndim]
+        free = "".join(c for i, c in enumerate(letters) if i not in axes)
+        outs = string.ascii_letters[x.ndim: x.ndim + len(self.out_features)]
+        subscripts = f"{letters},{''.join(letters[a] for a in axes)}{outs}->{free}{outs}"
+        y = matmul.qeinsum(subscripts, x, self.qarray, backend=self.backend).astype(x.dtype)
+        return y if bias is None else y + jnp.reshape(bias, (1,) * len(free) + tuple(self.out_features))
 
 
 class ServingEmbed(nnx.Embed, _ServingLayer):
@@ -600,7 +641,8 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
     ``QuantLinear`` becomes :class:`ServingLinear` (``qdot`` over the packed
     weight); ``QuantConv`` / ``QuantEinsum`` / ``QuantLinearGeneral`` become
     :class:`ServingConv` / :class:`ServingEinsum` / :class:`ServingLinearGeneral`
-    (the packed kernel dequantized inside the forward pass). Outputs equal
+    (the packed kernel dequantized inside the forward pass); ``QuantEmbed``
+    becomes :class:`ServingEmbed` (lookups decode only their rows). Outputs equal
     the QAT model's up to float reassociation (the fast ``qdot`` paths sum
     in their own order); learned scales carry over. With ``backend="xla"``
     the Linear layers run QAT's own float32 product on the dequantized
