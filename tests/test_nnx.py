@@ -350,3 +350,19 @@ def test_einsum_and_linear_general_serve_through_the_packed_kernel(make, x_shape
     assert max(sizes) < layer.kernel.size
     hlo = nnx.jit(lambda m, x: m(x)).lower(exact, x).compile().as_text()
     assert f"f32[{','.join(map(str, layer.kernel.shape))}]" in hlo  # the xla path decodes the kernel
+
+
+def test_w4a8_attention_projections_serve_through_the_packed_kernel_where_tokens_agree():
+    """q / k / v contract the last axis: per-token int8 is the same per last axis (QAT) and per contraction
+    (qeinsum), so they take the packed W4A8 product; the output projection contracts two axes and keeps
+    the dequantizing forward."""
+    attention = nnx.MultiHeadAttention(num_heads=4, in_features=64, qkv_features=64, decode=False, rngs=nnx.Rngs(0))
+    qat = qj.nnx.quantize_model(attention, act_spec="int8")
+    served = qj.nnx.to_serving(qat)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 64))
+    np.testing.assert_allclose(served(x), qat(x), rtol=1e-5, atol=1e-5)
+    h = jax.random.normal(jax.random.key(2), (2, 5, 4, 16))
+    for name in ("query", "out"):
+        hlo = nnx.jit(lambda m, x: m(x)).lower(getattr(served, name), x if name == "query" else h).as_text()
+        int8_dots = [ln for ln in hlo.splitlines() if "dot_general" in ln and "xi8>" in ln]
+        assert bool(int8_dots) == (name == "query")  # the integer product, or the dequantizing forward

@@ -359,12 +359,18 @@ class _ServingLayer(_ActQuant):
     def _serving_call(self, flax_call, inputs, *args, **kwargs):
         return flax_call(self, self._quant_inputs(inputs), *args, **kwargs)
 
-    def _packed_product(self, custom: bool, out_sharding) -> bool:
+    def _packed_product(self, custom: bool, out_sharding, last_axis_only: bool) -> bool:
         """Whether the forward pass multiplies by the packed kernel (``qeinsum``) rather than running the
-        Flax forward over the dequantized kernel: not for ``backend="xla"`` (bit for bit with QAT), W4A8
-        (QAT's int8 tokens are per last axis), customised products or an explicit output sharding."""
-        return not (self.backend == "xla" or self.act_spec == "int8" or custom or out_sharding is not None
-                    or getattr(self, "preferred_element_type", None) is not None)
+        Flax forward over the dequantized kernel: not for ``backend="xla"`` (bit for bit with QAT),
+        customised products or an explicit output sharding, nor for W4A8 unless the product contracts
+        the inputs' last axis alone (QAT's int8 tokens are per last axis; ``qeinsum``'s per contraction)."""
+        return not (self.backend == "xla" or (self.act_spec == "int8" and not last_axis_only) or custom
+                    or out_sharding is not None or getattr(self, "preferred_element_type", None) is not None)
+
+    @property
+    def _act_quant(self):
+        """``qdot``'s ``act_quant`` for this layer: ``"int8"`` for W4A8, else None."""
+        return "int8" if self.act_spec == "int8" else None
 
     def _promoted(self, inputs):
         """The quantized inputs and the bias, promoted as the Flax layer promotes them (the kernel's dtype
@@ -390,7 +396,7 @@ class ServingLinear(nnx.Linear, _ServingLayer):
         x = self._quant_act(inputs)
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        y = matmul.qdot(x, self.qarray, backend=self.backend, act_quant="int8" if self.act_spec == "int8" else None)
+        y = matmul.qdot(x, self.qarray, backend=self.backend, act_quant=self._act_quant)
         if self.bias is not None:
             y = y + jnp.reshape(self.bias[...], (1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
         return y
@@ -407,18 +413,23 @@ class ServingConv(nnx.Conv, _ServingLayer):
 
 class ServingEinsum(nnx.Einsum, _ServingLayer):
     """The serving form of :class:`QuantEinsum`: :func:`~quantize_jax.qeinsum` over the packed kernel
-    (``nnx.Einsum``'s forward over the dequantized kernel with ``backend="xla"``, W4A8, a custom
-    ``einsum_op``, ``preferred_element_type`` or ``out_sharding``: the QAT outputs bit for bit)."""
+    (``nnx.Einsum``'s forward over the dequantized kernel with ``backend="xla"``, a custom ``einsum_op``,
+    ``preferred_element_type`` or ``out_sharding``, and for W4A8 contracting more than the inputs' last
+    axis: the QAT outputs bit for bit)."""
 
     __slots__ = ()
 
     def __call__(self, inputs, einsum_str=None, out_sharding=None):
-        if not self._packed_product(self.einsum_op is not jnp.einsum, out_sharding):
-            return self._serving_call(nnx.Einsum.__call__, inputs, einsum_str, out_sharding=out_sharding)
-        einsum_str = (einsum_str or self.einsum_str).replace(" ", "")
+        einsum_str = (einsum_str or self.einsum_str or "").replace(" ", "")
+        lhs, _, out = einsum_str.partition("->")
+        x_letters, _, w_letters = lhs.partition(",")
+        contracted = [c for c in x_letters if c in w_letters and c not in out]
+        if not self._packed_product(self.einsum_op is not jnp.einsum, out_sharding,
+                                    contracted == [x_letters[-1:]]):
+            return self._serving_call(nnx.Einsum.__call__, inputs, einsum_str or None, out_sharding=out_sharding)
         self._einsum_str_check(einsum_str)
         x, bias = self._promoted(inputs)
-        y = matmul.qeinsum(einsum_str, x, self.qarray, backend=self.backend).astype(x.dtype)
+        y = matmul.qeinsum(einsum_str, x, self.qarray, backend=self.backend, act_quant=self._act_quant).astype(x.dtype)
         if bias is None:
             return y
         shape = self._infer_broadcasted_bias_shape(einsum_str, x, jax.ShapeDtypeStruct(self.qarray.shape, x.dtype))
@@ -427,23 +438,23 @@ class ServingEinsum(nnx.Einsum, _ServingLayer):
 
 class ServingLinearGeneral(nnx.LinearGeneral, _ServingLayer):
     """The serving form of :class:`QuantLinearGeneral`: :func:`~quantize_jax.qeinsum` over the packed
-    kernel (``nnx.LinearGeneral``'s forward over the dequantized kernel with ``backend="xla"``, W4A8,
-    batch axes, a custom ``dot_general``, ``preferred_element_type`` or ``out_sharding``: the QAT outputs
-    bit for bit)."""
+    kernel (``nnx.LinearGeneral``'s forward over the dequantized kernel with ``backend="xla"``, batch
+    axes, a custom ``dot_general``, ``preferred_element_type`` or ``out_sharding``, and for W4A8
+    contracting more than the inputs' last axis: the QAT outputs bit for bit)."""
 
     __slots__ = ()
 
     def __call__(self, inputs, out_sharding=None):
         custom = self.batch_axis or self.dot_general is not None or self.dot_general_cls is not None
-        if not self._packed_product(custom, out_sharding):
+        axes = [a % jnp.ndim(inputs) for a in self.axis]
+        if not self._packed_product(custom, out_sharding, axes == [jnp.ndim(inputs) - 1]):
             return self._serving_call(nnx.LinearGeneral.__call__, inputs, out_sharding=out_sharding)
         x, bias = self._promoted(inputs)
-        axes = [a % x.ndim for a in self.axis]
         letters = string.ascii_letters[: x.ndim]
         free = "".join(c for i, c in enumerate(letters) if i not in axes)
         outs = string.ascii_letters[x.ndim: x.ndim + len(self.out_features)]
         subscripts = f"{letters},{''.join(letters[a] for a in axes)}{outs}->{free}{outs}"
-        y = matmul.qeinsum(subscripts, x, self.qarray, backend=self.backend).astype(x.dtype)
+        y = matmul.qeinsum(subscripts, x, self.qarray, backend=self.backend, act_quant=self._act_quant).astype(x.dtype)
         return y if bias is None else y + jnp.reshape(bias, (1,) * len(free) + tuple(self.out_features))
 
 
