@@ -1,3 +1,5 @@
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -170,3 +172,34 @@ def test_embedding_qat_and_serving_bit_for_bit(spec):
     h = jax.random.normal(jax.random.key(1), (3, 16))  # default backend: attend over the packed table
     logits = embed.apply({"params": served["params"]["QuantEmbed_0"]}, h, method="attend")
     np.testing.assert_allclose(logits, h @ qj.dequantize(q).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, x_shape", [
+    (lambda backend: qj.linen.QuantDenseGeneral((4, 64), backend=backend), (2, 3, 2048)),
+    (lambda backend: qj.linen.QuantDenseGeneral(256, axis=(-2, -1), backend=backend), (2, 16, 128)),
+    (lambda backend: qj.linen.QuantEinsum((2048, 4, 64), "btd,dhk->bthk", backend=backend), (2, 3, 2048)),
+])
+def test_dense_general_and_einsum_serve_through_the_packed_kernel(make, x_shape):
+    x = jax.random.normal(jax.random.key(1), x_shape)
+    layer = make("auto")
+    v = layer.init(jax.random.key(0), x)
+    v = {"params": {**v["params"], "bias": jax.random.normal(jax.random.key(2), v["params"]["bias"].shape)}}
+    served = qj.linen.to_serving_params(layer, v, x)
+    ref = layer.apply(v, x)
+    np.testing.assert_allclose(layer.apply(served, x), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(make("xla").apply(served, x), ref)  # the dequantizing forward: bit for bit
+    kernel_size = v["params"]["kernel"].size
+    for backend, packed in (("auto", True), ("xla", False)):
+        hlo = jax.jit(make(backend).apply).lower(served, x).compile().as_text()
+        sizes = [np.prod([int(d) for d in dims.split(",") if d]) for dims in re.findall(r"f32\[([\d,]*)\]", hlo)]
+        assert (max(sizes) < kernel_size) == packed  # packed: no float array as large as the kernel
+
+
+def test_w4a8_dense_general_serves_through_the_packed_integer_product():
+    layer = qj.linen.QuantDenseGeneral((4, 16), act_spec="int8")
+    x = jax.random.normal(jax.random.key(1), (2, 3, 64))
+    v = layer.init(jax.random.key(0), x)
+    served = qj.linen.to_serving_params(layer, v, x)
+    np.testing.assert_allclose(layer.apply(served, x), layer.apply(v, x), rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(layer.apply).lower(served, x).as_text()
+    assert [ln for ln in hlo.splitlines() if "dot_general" in ln and "xi8>" in ln]  # int8 x int8 sums

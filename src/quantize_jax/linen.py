@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -224,18 +225,67 @@ class QuantConv(_QuantKernel, nn.Conv):
     act_spec: QuantSpec | str | None = None
 
 
+def _served_kernel(module) -> QArray | None:
+    """The packed kernel when ``module`` serves through ``qeinsum`` (a QArray ``kernel`` parameter and a
+    backend other than ``"xla"``), else None: its Flax forward then runs over the dequantized kernel."""
+    stored = module.get_variable("params", "kernel") if module.has_variable("params", "kernel") else None
+    return stored if isinstance(stored, QArray) and module.backend != "xla" else None
+
+
+def _packed_einsum(module, subscripts: str, inputs, q: QArray, bias, bias_shape):
+    """``qeinsum`` over the packed kernel with the layer's activation quantization and dtype promotion."""
+    int8 = module.act_spec == "int8"
+    x = inputs if int8 else _act(inputs, module.act_spec)
+    x, _, bias = module.promote_dtype(x, jnp.zeros((), q.dtype), bias, dtype=module.dtype)
+    y = matmul.qeinsum(subscripts, x, q, backend=module.backend, act_quant="int8" if int8 else None).astype(x.dtype)
+    return y if bias is None else y + jnp.reshape(bias, bias_shape)
+
+
 class QuantDenseGeneral(_QuantKernel, nn.DenseGeneral):
-    """``nn.DenseGeneral`` with a fake-quantized kernel (default: one scale per last kernel axis entry)."""
+    """``nn.DenseGeneral`` with a fake-quantized kernel (default: one scale per last kernel axis entry).
+
+    Serving (a QArray kernel): :func:`~quantize_jax.qeinsum` over the packed kernel, or with
+    ``backend="xla"`` (and for batch dims, a custom ``dot_general``, or W4A8 contracting more than the
+    last axis) the Flax forward over the dequantized kernel, bit for bit the QAT outputs."""
 
     weight_spec: QuantSpec | None = None
     act_spec: QuantSpec | str | None = None
+    backend: str = "auto"
+
+    def __call__(self, inputs):
+        q = _served_kernel(self)
+        axes = sorted(a % inputs.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
+        custom = self.batch_dims or self.dot_general is not None or self.dot_general_cls is not None
+        if q is None or custom or (self.act_spec == "int8" and axes != [inputs.ndim - 1]):
+            return _QuantKernel.__call__(self, inputs)
+        features = self.features if isinstance(self.features, tuple) else (self.features,)
+        subscripts, n_free = matmul.dense_general_subscripts(inputs.ndim, axes, len(features))
+        bias = self.get_variable("params", "bias") if self.use_bias else None
+        return _packed_einsum(self, subscripts, inputs, q, bias, (1,) * n_free + features)
 
 
 class QuantEinsum(_QuantKernel, nn.Einsum):
-    """``nn.Einsum`` with a fake-quantized kernel (default: one scale per last kernel axis entry)."""
+    """``nn.Einsum`` with a fake-quantized kernel (default: one scale per last kernel axis entry).
+
+    Serving (a QArray kernel): :func:`~quantize_jax.qeinsum` over the packed kernel, or with
+    ``backend="xla"`` (and for ``preferred_element_type``, or W4A8 contracting more than the inputs' last
+    axis) the Flax forward over the dequantized kernel, bit for bit the QAT outputs."""
 
     weight_spec: QuantSpec | None = None
     act_spec: QuantSpec | str | None = None
+    backend: str = "auto"
+
+    def __call__(self, inputs, einsum_str=None):
+        q = _served_kernel(self)
+        subscripts = (einsum_str or self.einsum_str or "").replace(" ", "")
+        last_only = matmul.contracts_last_axis_only(subscripts)
+        if q is None or self.preferred_element_type is not None or (self.act_spec == "int8" and not last_only):
+            return _QuantKernel.__call__(self, inputs, einsum_str)
+        bias, shape = None, None
+        if self.use_bias:
+            _, shape = self._get_bias_shape(subscripts, inputs, jax.ShapeDtypeStruct(q.shape, q.dtype))
+            bias = self.get_variable("params", "bias")
+        return _packed_einsum(self, subscripts, inputs, q, bias, shape)
 
 
 class QuantEmbed(nn.Embed):

@@ -721,6 +721,28 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
     return jnp.transpose(y, [(free_x + kept).index(c) for c in out])
 
 
+def dense_general_subscripts(ndim: int, axes, n_features: int) -> tuple[str, int]:
+    """``(einsum subscripts, number of free input axes)`` of a DenseGeneral / LinearGeneral product:
+    inputs of ``ndim`` axes contracted over ``axes`` (in order) with a kernel ``in + features``.
+
+    Example:
+      >>> dense_general_subscripts(3, (2,), 2)
+      ('abc,cde->abde', 2)
+    """
+    letters = string.ascii_letters[:ndim]
+    free = "".join(c for i, c in enumerate(letters) if i not in axes)
+    outs = string.ascii_letters[ndim: ndim + n_features]
+    return f"{letters},{''.join(letters[a] for a in axes)}{outs}->{free}{outs}", len(free)
+
+
+def contracts_last_axis_only(subscripts: str) -> bool:
+    """Whether an ``"x,W->out"`` einsum contracts x's last axis and no other (then per-token int8 over
+    the last axis, as QAT quantizes, is also per row of ``qeinsum``'s product)."""
+    inputs, _, out = subscripts.replace(" ", "").partition("->")
+    lhs, _, rhs = inputs.partition(",")
+    return [c for c in lhs if c in rhs and c not in out] == [lhs[-1:]]
+
+
 def embedding_logits(query, table: QArray, *, dtype=None, backend: str = "auto"):
     """``query @ dequantize(table).T`` in ``dtype`` (default: ``query``'s and the table's result type):
     the tied output logits of an embedding ``table`` of shape ``(vocab, features)``, as

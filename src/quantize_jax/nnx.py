@@ -31,7 +31,6 @@ Activation quantization (``act_spec``):
 from __future__ import annotations
 
 import re
-import string
 
 import jax
 import jax.numpy as jnp
@@ -421,11 +420,8 @@ class ServingEinsum(nnx.Einsum, _ServingLayer):
 
     def __call__(self, inputs, einsum_str=None, out_sharding=None):
         einsum_str = (einsum_str or self.einsum_str or "").replace(" ", "")
-        lhs, _, out = einsum_str.partition("->")
-        x_letters, _, w_letters = lhs.partition(",")
-        contracted = [c for c in x_letters if c in w_letters and c not in out]
         if not self._packed_product(self.einsum_op is not jnp.einsum, out_sharding,
-                                    contracted == [x_letters[-1:]]):
+                                    matmul.contracts_last_axis_only(einsum_str)):
             return self._serving_call(nnx.Einsum.__call__, inputs, einsum_str or None, out_sharding=out_sharding)
         self._einsum_str_check(einsum_str)
         x, bias = self._promoted(inputs)
@@ -450,12 +446,9 @@ class ServingLinearGeneral(nnx.LinearGeneral, _ServingLayer):
         if not self._packed_product(custom, out_sharding, axes == [jnp.ndim(inputs) - 1]):
             return self._serving_call(nnx.LinearGeneral.__call__, inputs, out_sharding=out_sharding)
         x, bias = self._promoted(inputs)
-        letters = string.ascii_letters[: x.ndim]
-        free = "".join(c for i, c in enumerate(letters) if i not in axes)
-        outs = string.ascii_letters[x.ndim: x.ndim + len(self.out_features)]
-        subscripts = f"{letters},{''.join(letters[a] for a in axes)}{outs}->{free}{outs}"
+        subscripts, n_free = matmul.dense_general_subscripts(x.ndim, axes, len(self.out_features))
         y = matmul.qeinsum(subscripts, x, self.qarray, backend=self.backend, act_quant=self._act_quant).astype(x.dtype)
-        return y if bias is None else y + jnp.reshape(bias, (1,) * len(free) + tuple(self.out_features))
+        return y if bias is None else y + jnp.reshape(bias, (1,) * n_free + tuple(self.out_features))
 
 
 class ServingEmbed(nnx.Embed, _ServingLayer):
