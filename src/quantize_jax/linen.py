@@ -5,8 +5,9 @@
   :class:`~quantize_jax.QArray` (after :func:`to_serving_params`), the same
   module serves: ``qdot`` over the packed weight.
 * :class:`QuantConv`, :class:`QuantDenseGeneral`, :class:`QuantEinsum` — the
-  same for ``nn.Conv``, ``nn.DenseGeneral`` and ``nn.Einsum`` (serving
-  dequantizes the packed kernel inside the forward pass).
+  same for ``nn.Conv``, ``nn.DenseGeneral`` and ``nn.Einsum`` (serving:
+  ``qeinsum`` over the packed kernel for DenseGeneral and Einsum, the packed
+  kernel dequantized inside the forward pass for Conv and with ``backend="xla"``).
 * :class:`QuantEmbed` — ``nn.Embed`` with a fake-quantized table; serving
   lookups decode only the rows they read (:func:`~quantize_jax.take`).
 * :func:`quant_dot_general` / :func:`quant_conv_general_dilated` — functions
@@ -155,7 +156,9 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     a packed QArray (with its learned scale); returns ``variables`` with those
     QArrays in place of the kernels and the learned scales removed.
     ``module.apply(serving, x)`` then serves: ``QuantDense`` through ``qdot``,
-    the others by dequantizing the packed kernel inside the forward pass.
+    ``QuantDenseGeneral`` / ``QuantEinsum`` through ``qeinsum``, ``QuantEmbed``
+    by ``take``, ``QuantConv`` by dequantizing the packed kernel inside the
+    forward pass.
     Layers stacked by ``nn.scan`` / ``nn.vmap`` collect stacked QArrays when
     the ``"qarrays"`` collection is scanned like ``"params"``
     (``variable_axes={"params": 0, "qarrays": 0}``).
