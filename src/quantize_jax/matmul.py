@@ -155,11 +155,15 @@ def qdot(x: jax.Array, q: QArray, *, backend: str = "auto", act_quant: str | Non
         y = _qdot2d(x.reshape(math.prod(lead), q.shape[0]), q, backend, act_quant)
         return y.reshape(lead + (q.shape[1],)).astype(out_dtype)
 
-    explicit = _explicit_out_spec(x, q)
+    return _with_natural_sharding(product, x, q, weight_axis=1)
+
+
+def _with_natural_sharding(product, x, q, weight_axis: int):
+    """``product(x, q)``; on an explicit-sharding mesh computed with GSPMD-propagated (auto) axes inside,
+    handing back the natural sharding: x's leading axes, and the weight's output axis ``weight_axis``."""
+    explicit = _explicit_out_spec(x, q, weight_axis)
     if explicit is None:
         return product(x, q)
-    # Explicit-sharding mesh: compute with GSPMD-propagated (auto) axes inside, hand back the natural
-    # sharding: x's leading axes, and the weight's output axis.
     mesh, out_spec = explicit
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.sharding.auto_axes(product, out_sharding=out_spec)(x, q)
@@ -172,7 +176,7 @@ def _complex_parts(product, x, q):
     return lax.complex(real, imag).astype(jnp.result_type(x.dtype, q.dtype))
 
 
-def _explicit_out_spec(x, q, weight_axis: int = 1):
+def _explicit_out_spec(x, q, weight_axis: int):
     """``(abstract mesh, output PartitionSpec)`` when x or the weight lives on an explicit-sharding mesh, else
     None: x's leading axes, then the weight's output axis (``weight_axis``: 1 for ``x @ W``, 0 for ``x @ W.T``)."""
     try:
@@ -693,23 +697,17 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
     if jnp.iscomplexobj(x):
         return _complex_parts(lambda part: qeinsum(subscripts, part, q, backend=backend, act_quant=act_quant), x, q)
     contracted = [c for c in rhs if c in lhs and c not in out]
-    simple = backend != "xla" and contracted and all(c in out for c in lhs if c not in contracted)
-    kept = rhs[len(contracted):]
-    flat = (
-        simple
-        and rhs[: len(contracted)] == "".join(contracted)
-        and all(c not in lhs and c in out for c in kept)
-        and _flattenable(q, len(contracted))
-    )
+    kept = [c for c in rhs if c not in contracted]
+    simple = (backend != "xla" and contracted and all(c in out for c in lhs if c not in contracted)
+              and all(c not in lhs and c in out for c in kept))
+    flat = simple and rhs[: len(contracted)] == "".join(contracted) and _flattenable(q, len(contracted))
     # "...d,vd->...v": a 2-D weight contracted over its last, packed axis (tied embedding logits)
-    transposed = (simple and act_quant is None and q.ndim == 2 and contracted == [rhs[1]]
-                  and rhs[0] not in lhs and rhs[0] in out)
+    transposed = simple and act_quant is None and q.ndim == 2 and contracted == [rhs[1]]
     if not (flat or transposed):
         w = dequantize(q, jnp.float32)
         y = jnp.einsum(subscripts, x.astype(jnp.float32) if act_quant is None else fake_int8_tokens(x), w,
                        precision=lax.Precision.HIGHEST)
         return y.astype(jnp.result_type(x.dtype, q.dtype))
-    kept = list(rhs[: -len(contracted)] if transposed else kept)
     free_x = [c for c in lhs if c not in contracted]
     xt = jnp.transpose(x, [lhs.index(c) for c in free_x + contracted])
     x2 = xt.reshape(xt.shape[: len(free_x)] + (-1,))
@@ -776,12 +774,7 @@ def _qdot_transposed(x, q: QArray, backend: str):
             y = jnp.dot(x2.astype(jnp.float32), dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
         return y.reshape(lead + (q.shape[0],)).astype(out_dtype)
 
-    explicit = _explicit_out_spec(x, q, weight_axis=0)
-    if explicit is None:
-        return product(x, q)
-    mesh, out_spec = explicit  # as in qdot: GSPMD-propagated axes inside, the natural sharding outside
-    with jax.sharding.use_abstract_mesh(mesh):
-        return jax.sharding.auto_axes(product, out_sharding=out_spec)(x, q)
+    return _with_natural_sharding(product, x, q, weight_axis=0)
 
 
 def _dequant_transposed(x, q: QArray):
