@@ -46,8 +46,9 @@ bf16): exact where the sums fit float32's 24-bit mantissa.
 
 Gradients flow to ``x`` (``g @ dequantize(q).T``, forward and reverse mode;
 on the CPU block by block over the weight's rows, so the backward pass never
-decodes the whole weight; elsewhere the reference, rematerialized); the
-weight gets none.
+decodes the whole weight; elsewhere one product over the decoded weight,
+rematerialized: in bf16 / f16 for such activations, with ``dequant``'s
+rounding, else the reference); the weight gets none.
 """
 
 from __future__ import annotations
@@ -329,10 +330,22 @@ def _qdot2d_jvp(backend, act_quant, primals, tangents):
     """Forward mode (and, transposed, reverse mode): the tangent is ``dx @ dequantize(q)``; the weight's
     tangent is ignored (a constant), int8 activations pass straight through."""
     x, q = primals
-    # Reverse mode keeps the packed weight, not its float32 decoding: on the CPU the tangent is a sum
-    # over blocks of rows (transposed block by block); elsewhere the reference, rematerialized.
-    tangent = lax.platform_dependent(tangents[0], q, cpu=_blocked_product, default=jax.checkpoint(_reference))
+    # Reverse mode keeps the packed weight, not its decoding: on the CPU the tangent is a sum over blocks
+    # of rows (transposed block by block); elsewhere one product, rematerialized.
+    tangent = lax.platform_dependent(tangents[0], q, cpu=_blocked_product, default=jax.checkpoint(_decoded_product))
     return _qdot2d(x, q, backend, act_quant), tangent
+
+
+def _decoded_product(x, q: QArray):
+    """Off the CPU, :func:`qdot`'s tangent ``x @ dequantize(q)``. bf16 / f16 tangents multiply the weight
+    decoded to their own dtype, in that dtype (float32 sums inside the dot, rounded once at the end), so
+    that reverse mode transposes it into ``g @ W.T`` on the tensor cores, as a bf16 model's backward pass
+    runs: about 2**-9 relative per weight, the size of the bf16 gradient's own rounding. float32 tangents
+    take the reference (float32 at the highest precision)."""
+    dtype = _dot_dtype(x.dtype)
+    if dtype == jnp.float32:
+        return _reference(x, q)
+    return jnp.dot(x.astype(dtype), dequantize(q, dtype)).astype(jnp.float32)
 
 
 def _grid(q: QArray) -> _Grid | None:
