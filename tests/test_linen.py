@@ -103,6 +103,7 @@ def test_layers_stacked_by_nn_scan_serve_with_stacked_qarrays(learn_scale):
     served = qj.linen.to_serving_params(model, variables, x, None)
     q = served["params"]["QuantDense_0"]["kernel"]
     assert q.packed.shape == (3, 16, 8) and q.scale.shape == (3, 1, 16)  # one QArray per layer, stacked
+    assert q.shape == (3, 16, 16) and q.spec.axis == 1
     np.testing.assert_allclose(model.apply(served, x, None)[0], model.apply(variables, x, None)[0], rtol=1e-6, atol=1e-6)
     only_params = stack({"params": 0})
     with pytest.raises(ValueError, match=r"need 'qarrays' in variable_axes"):

@@ -104,6 +104,8 @@ def test_stacked_layers_quantize_each_layer_on_its_own(options):
     served = qj.nnx.to_serving(qat)
     q = served.layers.qarray
     assert q.packed.shape == (3, 16, 8) and q.scale.shape == (3, 1, 16)
+    assert q.shape == (3, 16, 16) and q.spec == qj.QuantSpec(axis=1)  # the stack as a whole, sliced per layer
+    assert q.nbytes == 3 * qj.quantize(kernels[0], qj.QuantSpec(axis=0)).nbytes
     np.testing.assert_allclose(served(x), qat(x), rtol=1e-6, atol=1e-6)
 
 

@@ -49,6 +49,23 @@ def test_rules_first_match_and_skip():
     assert isinstance(q["head"]["kernel"], qj.QArray)
 
 
+def test_layers_stacked_for_scan_keep_their_own_scales_with_an_axis_1_rule():
+    w = jax.random.normal(jax.random.key(2), (4, 256, 256)) / 16
+    params = {"layers": {"kernel": w, "bias": jnp.zeros((4, 256))}}
+    spec = qj.QuantSpec(axis=1, group_size=128, method="mse")
+    q, _ = qj.quantize_params(params, {"layers/kernel": spec}, progress=False)
+    assert q["layers"]["kernel"].scale.shape == (4, 2, 256)
+
+    def serve(p, x):
+        return jax.lax.scan(lambda h, layer: (jnp.tanh(qj.qdot(h, layer["kernel"]) + layer["bias"][None]), None), x, p)[0]
+
+    x = jax.random.normal(jax.random.key(3), (2, 256))
+    expected = x
+    for i in range(4):  # each layer quantized by itself
+        expected = jnp.tanh(qj.qdot(expected, qj.quantize(w[i], qj.QuantSpec(axis=0, group_size=128, method="mse"))))
+    np.testing.assert_allclose(jax.jit(serve)(q["layers"], x), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_nnx_state_and_linen_params_trees():
     model = nnx.Sequential(nnx.Linear(256, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 8, rngs=nnx.Rngs(1)))
     state = nnx.state(model, nnx.Param)

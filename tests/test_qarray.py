@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,13 +98,48 @@ def test_pytree_through_jit_vmap_and_scan():
     q = jax.jit(qj.quantize, static_argnums=1)(w[0], spec)
     np.testing.assert_array_equal(jax.jit(qj.dequantize)(q), qj.dequantize(qj.quantize(w[0], spec)))
     stacked = jax.vmap(lambda a: qj.quantize(a, spec))(w)
-    assert stacked.packed.shape == (3, 8, 3)
+    assert stacked.packed.shape == (3, 8, 3) and stacked.shape == (3, 8, 6)
     out = jax.vmap(qj.dequantize)(stacked)
     np.testing.assert_array_equal(out[1], qj.dequantize(qj.quantize(w[1], spec)))
     _, ys = jax.lax.scan(lambda c, qi: (c, qj.dequantize(qi).sum()), 0.0, stacked)
     assert ys.shape == (3,)
     leaves = jax.tree_util.tree_leaves(q)
     assert len(leaves) == 2  # packed and scale; no zero point
+
+
+@pytest.mark.parametrize("fmt, layer_axis, group, n", [("int4", 0, 16, 24), ("uint4", 0, None, 23), ("nf4", None, None, 24),
+                                                     ("int4", -1, 8, 24)])
+def test_a_stack_of_layers_scans_and_vmaps_into_per_layer_qarrays(fmt, layer_axis, group, n):
+    """A QArray over stacked layers ``(L, K, N)`` (quantized whole, under ``vmap``, or stacked by a tree
+    map) is one and the same, and ``scan`` / ``vmap`` over it hand each step the layer's own QArray:
+    shape ``(K, N)`` and the per-layer spec, as ``quantize(w[i], spec)`` gives."""
+    layer_spec = qj.QuantSpec(format=fmt, axis=layer_axis, group_size=group)
+    w = jax.random.normal(jax.random.key(5), (3, n, n))
+    layers = [qj.quantize(w[i], layer_spec) for i in range(3)]
+    by_vmap = jax.vmap(lambda a: qj.quantize(a, layer_spec))(w)
+    by_stack = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    stacked_axis = None if layer_axis is None else (layer_axis % 2) + 1
+    whole = qj.quantize(w, qj.QuantSpec(format=fmt, axis=(1, 2) if layer_axis is None else stacked_axis, group_size=group))
+    for q in (by_vmap, by_stack, whole):
+        assert q.shape == (3, n, n) and q.nbytes == sum(layer.nbytes for layer in layers)
+        assert jax.tree.structure(q) == jax.tree.structure(whole)
+        jax.tree.map(np.testing.assert_array_equal, q, whole)
+    specs = []
+
+    def step(x, q):
+        specs.append((q.shape, q.spec))
+        return jnp.tanh(qj.qdot(x, q)), None
+
+    x = jax.random.normal(jax.random.key(6), (2, n))
+    y, _ = jax.lax.scan(step, x, whole)
+    assert specs == [((n, n), layer_spec if layer_axis != -1 else dataclasses.replace(layer_spec, axis=1))]
+    expected = x
+    for layer in layers:
+        expected = jnp.tanh(qj.qdot(expected, layer))
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    per_layer = jax.vmap(qj.qdot, in_axes=(None, 0))(x, whole)
+    np.testing.assert_allclose(per_layer, jnp.stack([qj.qdot(x, layer) for layer in layers]), rtol=1e-6, atol=1e-6)
+    assert jax.tree.map(lambda a: a.sum(), whole).shape == whole.shape  # leaves that fit no stack: as they were
 
 
 def test_export_round_trip_with_a_qarray_argument():

@@ -126,6 +126,12 @@ def quantize_params(params, rules=None, *, min_size: int = 4096, calibration: Ma
         instead of rounding to nearest.
       progress: show a tqdm progress bar.
 
+    Layers stacked for ``lax.scan`` (kernels ``(L, K, N)``): the default
+    reduces every axis but the last, so the layers would share each output
+    channel's scale; a rule with ``axis=1`` (and any ``group_size``) keeps
+    each layer's own scales, and ``scan`` then hands each step that layer's
+    QArray, as ``quantize(kernel[i], QuantSpec(axis=0, ...))`` gives it.
+
     Returns:
       ``(quantized_params, report)``: the same tree with QArray leaves, and a
       :class:`PTQReport` (``print(report)`` gives the table).

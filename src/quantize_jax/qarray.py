@@ -4,6 +4,11 @@ A QArray holds the packed codes (uint8, two codes per byte along the last
 axis), the scale and, for ``uint4``, the zero point. Its logical shape,
 original dtype and :class:`QuantSpec` are static metadata, so a QArray is a
 pytree that passes through ``jit``, ``vmap``, ``scan`` and ``jax.export``.
+Layers stacked along leading axes are one QArray: ``vmap(quantize)`` over
+the layers, ``quantize`` of the stack with the spec's axes moved past the
+layer axes, and ``jnp.stack`` of the layers' QArrays (a tree map) give the
+same ``(L, K, N)`` array, and ``scan`` / ``vmap`` over it hand each step the
+layer's own ``(K, N)`` QArray with the layer's spec.
 
 Packing along the last axis is XLA's own packed int4 layout, so
 ``lax.bitcast_convert_type(q.packed, jnp.int4)`` reshaped to ``q.shape`` gives
@@ -57,6 +62,7 @@ class QArray:
     @classmethod
     def tree_unflatten(cls, aux, children):
         shape, dtype, spec = aux
+        shape, spec = _restacked(shape, spec, *children)
         return cls(*children, shape=shape, dtype=jnp.dtype(dtype), spec=spec)
 
     @property
@@ -107,6 +113,26 @@ class QArray:
             return f"{head}, nbytes={self.nbytes})"
         # e.g. jax.tree.map(lambda a: a.shape, tree): the leaves are whatever the map returned
         return f"{head}, packed={self.packed!r}, scale={self.scale!r}, zero_point={self.zero_point!r})"
+
+
+def _restacked(shape, spec: QuantSpec, packed, scale, zero_point):
+    """The logical shape and spec of leaves that gained or lost leading axes (``vmap``, ``scan``, a
+    ``jax.tree.map`` that stacks QArrays): ``d`` axes put in front of, or taken off, ``shape`` and the
+    spec's reduced axes moved by ``d``, where the packed codes, scale and zero point all fit that.
+    Anything else (leaves that are not arrays, or do not fit) keeps ``shape`` and ``spec``."""
+    d = len(getattr(packed, "shape", shape)) - len(shape)
+    if d == 0 or not isinstance(getattr(scale, "shape", None), tuple) or len(shape) + d < 1:
+        return shape, spec
+    new_shape = tuple(packed.shape[:d]) + tuple(shape) if d > 0 else tuple(shape[-d:])
+    axes = tuple(a + d for a in spec.reduced_axes(len(shape)))
+    if min(axes) < 0:  # a sliced-off axis was reduced: its scale could not have been sliced
+        return shape, spec
+    whole = spec.group_size is None and len(axes) == len(new_shape)
+    new_spec = dataclasses.replace(spec, axis=None if whole else axes[0] if len(axes) == 1 else axes)
+    lay = _layout.layout(new_shape, new_spec)
+    fits = (tuple(packed.shape) == new_shape[:-1] + (-(-new_shape[-1] // 2),)
+            and all(a is None or tuple(getattr(a, "shape", ())) == lay.scale_shape for a in (scale, zero_point)))
+    return (new_shape, new_spec) if fits else (shape, spec)
 
 
 def quantize(x: jax.Array, spec: QuantSpec | None = None, *, scale=None, zero_point=None) -> QArray:
