@@ -103,6 +103,20 @@ def test_other_files_and_bad_trees_are_named(tmp_path):
         qj.save(tmp_path / "nowhere" / "x.safetensors", {"a": np.zeros(3)})
 
 
+def test_int_and_str_keys_side_by_side(tmp_path):
+    """A dict mixing int and str keys (JAX's own tree functions cannot sort it) round trips; two keys that
+    are the same string in the file are refused rather than one silently dropped."""
+    tree = {"layers": {0: jnp.arange(3.0), "head": jnp.ones(2), 1: 7}}
+    path = tmp_path / "mixed.safetensors"
+    qj.save(path, tree)
+    back = qj.load(path)
+    assert set(back["layers"]) == {0, 1, "head"} and back["layers"][1] == 7
+    np.testing.assert_array_equal(back["layers"][0], tree["layers"][0])
+    with pytest.raises(ValueError, match=r"save: keys 1 and '1' at 'layers' are both '1' in the file"):
+        qj.save(path, {"layers": {1: 5, "1": 6}})
+    assert qj.load(path)["layers"][1] == 7  # the refused save left the file as it was
+
+
 def test_an_nnx_serving_model_state_round_trips(tmp_path):
     from flax import nnx
 

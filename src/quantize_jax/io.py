@@ -65,10 +65,9 @@ def save(path, tree) -> None:
       >>> qj.load(path)["w"].shape
       (4, 8)
     """
-    spans_processes = any(isinstance(a, jax.Array) and not a.is_fully_addressable for a in jax.tree.leaves(tree))
-    tensors: dict[str, np.ndarray] = {}
+    tensors = _Tensors()
     structure = _encode(tree, (), tensors)
-    if spans_processes:
+    if tensors.gathered:
         from jax.experimental import multihost_utils
 
         try:
@@ -167,11 +166,18 @@ def _key(path) -> str:
     return "/".join(str(p) for p in path) or "_"
 
 
-def _put(tensors, name, array) -> dict:
+class _Tensors(dict):
+    """The tensors to write, by name; ``gathered``: whether an array spanned several processes."""
+
+    gathered = False
+
+
+def _put(tensors: _Tensors, name, array) -> dict:
     if isinstance(array, jax.Array) and not array.is_fully_addressable:  # collective: every process is here
         from jax.experimental import multihost_utils
 
         array = multihost_utils.process_allgather(array, tiled=True)
+        tensors.gathered = True
     a = np.asarray(array)
     dtype = jnp.dtype(a.dtype).name
     if dtype in _VIEW_AS:
@@ -209,6 +215,11 @@ def _encode(node, path, tensors):
         for k in node:
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise TypeError(f"save: dict keys must be strings or ints, got {k!r} at {_key(path)!r}")
+        as_text = {}
+        for k in node:  # the file's keys are strings
+            if str(k) in as_text:
+                raise ValueError(f"save: keys {as_text[str(k)]!r} and {k!r} at {_key(path)!r} are both {str(k)!r} in the file")
+            as_text[str(k)] = k
         out = {"kind": "dict", "items": {str(k): _encode(v, path + (k,), tensors) for k, v in node.items()}}
         if any(isinstance(k, int) for k in node):  # JSON keys are strings: remember which were ints
             out["int_keys"] = [str(k) for k in node if isinstance(k, int)]
