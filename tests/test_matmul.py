@@ -164,26 +164,30 @@ def test_forward_mode_and_what_reverse_mode_keeps(act_quant):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_off_the_cpu_a_16_bit_gradient_multiplies_in_its_own_dtype(dtype):
-    """On GPU and TPU, the backward pass of a bf16 / f16 qdot is one ``g @ W.T`` in that dtype over the
-    decoded weight (lowered here for both), not a float32 product at the highest precision; float32
-    keeps it. Its values: within the 16-bit rounding of the weight and of the gradient."""
-    w = jax.random.normal(jax.random.key(8), (256, 384))
-    q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
+@pytest.mark.parametrize("tied", [False, True])
+def test_off_the_cpu_a_16_bit_gradient_multiplies_in_its_own_dtype(dtype, tied):
+    """On GPU and TPU, the backward pass of a bf16 / f16 qdot (or tied logits ``"md,vd->mv"``) is one
+    ``g @ W.T`` (``g @ W``) in that dtype over the decoded weight (lowered here for both), not a float32
+    product; float32 keeps the highest precision. Its values: within the 16-bit rounding of the weight and
+    of the gradient."""
+    w = jax.random.normal(jax.random.key(8), (384, 256) if tied else (256, 384))
+    q = qj.quantize(w, qj.QuantSpec(axis=1 if tied else 0, group_size=128))
     x = jax.random.normal(jax.random.key(9), (8, 256)).astype(dtype)
-    grad = jax.jit(jax.grad(lambda x: qj.qdot(x, q).astype(jnp.float32).sum()))
+    product = (lambda x: qj.qeinsum("md,vd->mv", x, q)) if tied else (lambda x: qj.qdot(x, q))
+    grad = jax.jit(jax.grad(lambda x: product(x).astype(jnp.float32).sum()))
     name = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[dtype]
     for platform in ("tpu", "cuda"):
         text = jax.export.export(grad, platforms=[platform])(x).mlir_module()
         dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
         assert len(dots) == 1, dots
-        want = f"(tensor<8x384x{name}>, tensor<256x384x{name}>) -> tensor<8x256x{name}>"
-        assert want in dots[0] and ("HIGHEST" in dots[0]) == (dtype == jnp.float32), dots[0]
-    g = jax.grad(lambda x: matmul._decoded_product(x, q).sum())(x)  # the off-CPU tangent, run here
+        assert re.findall(r"tensor<[\dx]+x(\w+)>", dots[0]) == [name] * 3, dots[0]
+        assert ("HIGHEST" in dots[0]) == (dtype == jnp.float32), dots[0]
+    off_cpu = matmul._dequant_transposed if tied else matmul._decoded_product  # run here
+    g = jax.grad(lambda x: off_cpu(x, q).sum())(x)
     w_hat = np.asarray(qj.dequantize(q), np.float64)
     eps = 1e-7 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)  # each weight and each sum rounded once
-    error = np.abs(np.asarray(g, np.float64) - w_hat.sum(1))
-    assert (error <= eps * 2 * np.abs(w_hat).sum(1)).all(), error.max()
+    error = np.abs(np.asarray(g, np.float64) - w_hat.sum(1 - tied))
+    assert (error <= eps * 2 * np.abs(w_hat).sum(1 - tied)).all(), error.max()
 
 
 def test_qeinsum_layouts():

@@ -679,7 +679,8 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
     CPU (``auto`` or ``chunked``) block by block over ``W``'s rows, each
     block's nibbles decoded straight into two dots; on other platforms
     (``auto`` or ``dequant``) as one dot over ``W`` decoded to x's dtype
-    (as ``dequant`` does). For every other layout, or ``backend="xla"``, it
+    (as ``dequant`` does; its gradient too, with the decoding recomputed
+    in the backward pass). For every other layout, or ``backend="xla"``, it
     is the reference ``jnp.einsum`` over the dequantized weight. As in ``jnp.einsum``, ``x``'s
     subscripts may hold an ellipsis (``"...d,df->...f"``) and ``->`` may be
     left out (the output is then the ellipsis and the letters that appear
@@ -782,7 +783,7 @@ def _qdot_transposed(x, q: QArray, backend: str):
         elif backend == "dequant":
             y = _dequant_transposed(x2, q)
         elif backend == "auto":
-            y = lax.platform_dependent(x2, q, cpu=chunked, default=_dequant_transposed)
+            y = lax.platform_dependent(x2, q, cpu=chunked, default=jax.checkpoint(_dequant_transposed))
         else:
             y = jnp.dot(x2.astype(jnp.float32), dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
         return y.reshape(lead + (q.shape[0],)).astype(out_dtype)
@@ -792,11 +793,30 @@ def _qdot_transposed(x, q: QArray, backend: str):
 
 def _dequant_transposed(x, q: QArray):
     """The table decoded to x's dtype (bf16, f16, else float32), one dot accumulating in float32: for
-    bf16 / f16 activations half the memory of the float32 decoding, rounded as in ``dequant``."""
+    bf16 / f16 activations half the memory of the float32 decoding, rounded as in ``dequant``; their
+    derivatives multiply in that dtype too (:func:`_wide_dot`)."""
     dtype = _dot_dtype(x.dtype)
-    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    return lax.dot_general(x.astype(dtype), dequantize(q, dtype), (((1,), (1,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    if dtype == jnp.float32:
+        return lax.dot_general(x.astype(dtype), dequantize(q, dtype), (((1,), (1,)), ((), ())),
+                               precision=lax.Precision.HIGHEST)
+    return _wide_dot(x.astype(dtype), dequantize(q, dtype))
+
+
+@jax.custom_jvp
+def _wide_dot(a, b):
+    """``a @ b.T`` for bf16 / f16 operands, summed and returned in float32; its tangents are products in
+    the operands' dtype, so reverse mode multiplies ``g @ b`` on the tensor cores (JAX's own transpose
+    would multiply the float32 cotangent by ``b`` converted to float32)."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(_wide_dot.defjvp, symbolic_zeros=True)
+def _wide_dot_jvp(primals, tangents):
+    a, b = primals
+    terms = [lax.dot_general(u, v, (((1,), (1,)), ((), ()))).astype(jnp.float32)
+             for u, v, t in ((tangents[0], b, tangents[0]), (a, tangents[1], tangents[1]))
+             if not isinstance(t, jax.custom_derivatives.SymbolicZero)]
+    return _wide_dot(a, b), sum(terms[1:], terms[0])
 
 
 class _RowBlocks(NamedTuple):
