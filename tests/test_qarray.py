@@ -1,5 +1,3 @@
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,7 +116,7 @@ def test_a_stack_of_layers_scans_and_vmaps_into_per_layer_qarrays(fmt, layer_axi
     layers = [qj.quantize(w[i], layer_spec) for i in range(3)]
     by_vmap = jax.vmap(lambda a: qj.quantize(a, layer_spec))(w)
     by_stack = jax.tree.map(lambda *a: jnp.stack(a), *layers)
-    stacked_axis = None if layer_axis is None else (layer_axis % 2) + 1
+    stacked_axis = None if layer_axis is None else layer_axis if layer_axis < 0 else layer_axis + 1
     whole = qj.quantize(w, qj.QuantSpec(format=fmt, axis=(1, 2) if layer_axis is None else stacked_axis, group_size=group))
     for q in (by_vmap, by_stack, whole):
         assert q.shape == (3, n, n) and q.nbytes == sum(layer.nbytes for layer in layers)
@@ -132,13 +130,17 @@ def test_a_stack_of_layers_scans_and_vmaps_into_per_layer_qarrays(fmt, layer_axi
 
     x = jax.random.normal(jax.random.key(6), (2, n))
     y, _ = jax.lax.scan(step, x, whole)
-    assert specs == [((n, n), layer_spec if layer_axis != -1 else dataclasses.replace(layer_spec, axis=1))]
+    assert specs == [((n, n), layer_spec)]
     expected = x
     for layer in layers:
         expected = jnp.tanh(qj.qdot(expected, layer))
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
     per_layer = jax.vmap(qj.qdot, in_axes=(None, 0))(x, whole)
     np.testing.assert_allclose(per_layer, jnp.stack([qj.qdot(x, layer) for layer in layers]), rtol=1e-6, atol=1e-6)
+    first_two = jax.tree.map(lambda a: a[:2], whole)  # a slice of the stack, and one layer of it
+    assert first_two.shape == (2, n, n) and first_two.spec == whole.spec
+    np.testing.assert_array_equal(qj.dequantize(first_two), qj.dequantize(whole)[:2])
+    assert jax.tree.structure(jax.tree.map(lambda a: a[2], whole)) == jax.tree.structure(layers[2])
     assert jax.tree.map(lambda a: a.sum(), whole).shape == whole.shape  # leaves that fit no stack: as they were
 
 

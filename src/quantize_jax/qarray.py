@@ -116,21 +116,25 @@ class QArray:
 
 
 def _restacked(shape, spec: QuantSpec, packed, scale, zero_point):
-    """The logical shape and spec of leaves that gained or lost leading axes (``vmap``, ``scan``, a
-    ``jax.tree.map`` that stacks QArrays): ``d`` axes put in front of, or taken off, ``shape`` and the
-    spec's reduced axes moved by ``d``, where the packed codes, scale and zero point all fit that.
-    Anything else (leaves that are not arrays, or do not fit) keeps ``shape`` and ``spec``."""
-    d = len(getattr(packed, "shape", shape)) - len(shape)
-    if d == 0 or not isinstance(getattr(scale, "shape", None), tuple) or len(shape) + d < 1:
+    """The logical shape and spec of leaves whose leading axes changed (``vmap`` and ``scan`` over layers,
+    a ``jax.tree.map`` that stacks QArrays or slices a stack): ``d`` axes put in front of, or taken off,
+    ``shape``, the spec's reduced axes moved by ``d``, where the packed codes, scale and zero point all
+    fit that. Anything else (leaves that are not arrays, or do not fit) keeps ``shape`` and ``spec``."""
+    lead = getattr(packed, "shape", None)
+    if not isinstance(lead, tuple) or not lead or lead[:-1] == tuple(shape[:-1]):
         return shape, spec
-    new_shape = tuple(packed.shape[:d]) + tuple(shape) if d > 0 else tuple(shape[-d:])
-    axes = tuple(a + d for a in spec.reduced_axes(len(shape)))
-    if min(axes) < 0:  # a sliced-off axis was reduced: its scale could not have been sliced
+    if not isinstance(getattr(scale, "shape", None), tuple):
         return shape, spec
-    whole = spec.group_size is None and len(axes) == len(new_shape)
+    d = len(lead) - len(shape)
+    new_shape = tuple(lead[:-1]) + (shape[-1],)
+    axes = tuple(range(len(shape))) if spec.axis is None else (spec.axis,) if isinstance(spec.axis, int) else spec.axis
+    axes = tuple(a if a < 0 else a + d for a in axes)  # counted from the end, an axis stays where it was
+    if not all(-len(new_shape) <= a < len(new_shape) for a in axes):
+        return shape, spec  # a reduced axis was sliced off: its scale could not have been sliced
+    whole = spec.group_size is None and len({a % len(new_shape) for a in axes}) == len(new_shape)
     new_spec = dataclasses.replace(spec, axis=None if whole else axes[0] if len(axes) == 1 else axes)
     lay = _layout.layout(new_shape, new_spec)
-    fits = (tuple(packed.shape) == new_shape[:-1] + (-(-new_shape[-1] // 2),)
+    fits = (lead[-1] == -(-shape[-1] // 2)
             and all(a is None or tuple(getattr(a, "shape", ())) == lay.scale_shape for a in (scale, zero_point)))
     return (new_shape, new_spec) if fits else (shape, spec)
 
