@@ -76,11 +76,14 @@ class QuantDense(nn.Module):
     QAT: ``y = act(x) @ fake_quant(kernel, weight_spec) + bias`` with
     straight-through (and, with ``learn_scale``, LSQ) gradients. Serving: when
     the ``kernel`` parameter is a QArray (see :func:`to_serving_params`),
-    ``y = qdot(act(x), kernel) + bias`` — the same outputs.
+    ``y = qdot(act(x), kernel) + bias`` in the dtype ``nn.Dense`` computes in:
+    the same outputs up to float reassociation, or with ``backend="xla"`` the
+    QAT forward over the dequantized kernel, bit for bit.
 
     Attributes:
       features, use_bias, dtype, param_dtype, precision, kernel_init,
-        bias_init: as for ``nn.Dense`` (same parameter names and shapes).
+        bias_init, promote_dtype: as for ``nn.Dense`` (same parameter names
+        and shapes).
       weight_spec: default int4 per output channel (``axis=0``).
       act_spec: ``None``, ``"int8"`` (W4A8, per token) or a 4-bit QuantSpec
         (dynamic).
@@ -110,6 +113,7 @@ class QuantDense(nn.Module):
     act_spec: QuantSpec | str | None = None
     learn_scale: bool = False
     backend: str = "auto"
+    promote_dtype: Any = nn.dtypes.promote_dtype
 
     @nn.compact
     def __call__(self, inputs):
@@ -117,22 +121,20 @@ class QuantDense(nn.Module):
         if not isinstance(kernel, QArray):  # a packed kernel has no float shape to check against
             kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        x = inputs if self.dtype is None else inputs.astype(self.dtype)
-        if isinstance(kernel, QArray):  # serving parameters
-            x = x if self.act_spec in (None, "int8") else fake_quant(x, self.act_spec)
-            y = matmul.qdot(x, kernel, backend=self.backend, act_quant="int8" if self.act_spec == "int8" else None)
+        bias_shape = (1,) * (jnp.ndim(inputs) - 1) + (-1,)
+        if _served_kernel(self) is not None:
+            return _packed_einsum(self, "...k,kn->...n", inputs, kernel, bias, bias_shape)
+        if isinstance(kernel, QArray):  # serving with backend="xla": the QAT forward, bit for bit
+            kernel_q = dequantize(kernel, kernel.dtype)
         else:
             s, z = self._scale_and_zero(kernel)
             kernel_q = fake_quant(kernel, self.weight_spec, scale=s, zero_point=z)
             if self.is_mutable_collection("qarrays") and not self.is_initializing():  # to_serving_params collects
                 self.put_variable("qarrays", "kernel", quantize(lax.stop_gradient(kernel), self.weight_spec,
                                                                 scale=s, zero_point=z))
-            x, kernel_q = (x, kernel_q) if self.dtype is None else (x, kernel_q.astype(self.dtype))
-            y = lax.dot_general(_act(x, self.act_spec), kernel_q, (((x.ndim - 1,), (0,)), ((), ())),
-                                precision=self.precision)
-        if bias is not None:
-            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
-        return y
+        x, kernel_q, bias = self.promote_dtype(_act(inputs, self.act_spec), kernel_q, bias, dtype=self.dtype)
+        y = lax.dot_general(x, kernel_q, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        return y if bias is None else y + jnp.reshape(bias, bias_shape)
 
     def _scale_and_zero(self, kernel):
         if not self.learn_scale:

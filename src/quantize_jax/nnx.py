@@ -34,6 +34,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -387,18 +388,19 @@ class _ServingLayer(_ActQuant):
 
 
 class ServingLinear(nnx.Linear, _ServingLayer):
-    """The serving form of :class:`QuantLinear`: ``qdot`` over the packed weight, no float matrix."""
+    """The serving form of :class:`QuantLinear`: ``qdot`` over the packed weight, no float matrix, in the
+    dtype ``nnx.Linear`` computes in (``nnx.Linear``'s forward over the dequantized kernel with
+    ``backend="xla"``, a custom ``dot_general``, ``preferred_element_type`` or ``out_sharding``: the QAT
+    outputs bit for bit)."""
 
     __slots__ = ()
 
     def __call__(self, inputs, out_sharding=None):
-        x = self._quant_act(inputs)
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        y = matmul.qdot(x, self.qarray, backend=self.backend, act_quant=self._act_quant)
-        if self.bias is not None:
-            y = y + jnp.reshape(self.bias[...], (1,) * (y.ndim - 1) + (-1,)).astype(y.dtype)
-        return y
+        if not self._packed_product(self.dot_general is not lax.dot_general, out_sharding, True):
+            return self._serving_call(nnx.Linear.__call__, inputs, out_sharding=out_sharding)
+        x, bias = self._promoted(inputs)
+        y = matmul.qdot(x, self.qarray, backend=self.backend, act_quant=self._act_quant).astype(x.dtype)
+        return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
 class ServingConv(nnx.Conv, _ServingLayer):
@@ -643,17 +645,17 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
     """A QAT model -> a serving model whose weights are packed QArrays, no float weights left.
 
     ``QuantLinear`` becomes :class:`ServingLinear` (``qdot`` over the packed
-    weight); ``QuantConv`` / ``QuantEinsum`` / ``QuantLinearGeneral`` become
-    :class:`ServingConv` / :class:`ServingEinsum` / :class:`ServingLinearGeneral`
-    (the packed kernel dequantized inside the forward pass); ``QuantEmbed``
-    becomes :class:`ServingEmbed` (lookups decode only their rows). Outputs equal
-    the QAT model's up to float reassociation (the fast ``qdot`` paths sum
-    in their own order); learned scales carry over. With ``backend="xla"``
-    the Linear layers run QAT's own float32 product on the dequantized
-    weight, which equals the fake-quantized kernel bit for bit: the served
-    model then gives the QAT model's outputs bit for bit on the CPU (and
-    wherever the QAT model's float32 matmuls run at the highest precision),
-    except with W4A8 (``act_spec="int8"``), whose serving sums are integer.
+    weight); ``QuantEinsum`` / ``QuantLinearGeneral`` become
+    :class:`ServingEinsum` / :class:`ServingLinearGeneral` (``qeinsum``);
+    ``QuantConv`` becomes :class:`ServingConv` (the packed kernel dequantized
+    inside the forward pass); ``QuantEmbed`` becomes :class:`ServingEmbed`
+    (lookups decode only their rows). Outputs have the QAT model's dtypes and
+    equal its values up to float reassociation (the packed products sum in
+    their own order, in float32, or for W4A8 in integers); learned scales
+    carry over. With ``backend="xla"`` every layer runs the Flax forward of
+    its QAT layer over the dequantized weight, which equals the
+    fake-quantized kernel bit for bit: the served model then gives the QAT
+    model's outputs bit for bit, in any dtype, W4A8 included.
 
     Args:
       model: a model holding QAT layers (or a single QAT layer).
