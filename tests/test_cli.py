@@ -40,6 +40,20 @@ def test_quantize_then_inspect(weights, capsys, suffix):
     assert "checksum OK" in text and "qarray" in text and "nf4" in text
 
 
+@pytest.mark.parametrize("axis, group, expect", [("0", None, (0, 1, 2)), ("0", "32", 2), ("1", None, (1, 2, 3)),
+                                                ("1", "32", 1)])
+def test_convolution_kernels_keep_one_scale_per_output_channel(tmp_path, capsys, axis, group, expect):
+    """--axis 0 alone reduced only a conv kernel's first spatial axis: more bytes of scales than of codes."""
+    kernel = np.random.default_rng(1).normal(size=(3, 3, 64, 96) if axis == "0" else (96, 64, 3, 3))
+    np.savez(tmp_path / "conv.npz", conv=kernel.astype(np.float32))
+    args = ["quantize", str(tmp_path / "conv.npz"), str(tmp_path / "o.safetensors"), "--axis", axis, "--quiet"]
+    assert main(args + (["--group-size", group] if group else [])) == 0
+    q = qj.load(tmp_path / "o.safetensors")["conv"]
+    assert q.spec.axis == expect and q.shape == kernel.shape
+    assert q.scale.nbytes <= q.packed.nbytes / (4 if group else 50)  # 1 bit of scale per value with groups of 32
+    np.testing.assert_allclose(qj.dequantize(q), kernel, atol=0.5 * np.abs(kernel).max() / 7)
+
+
 def test_errors_are_one_line_with_nonzero_status(weights, capsys):
     tmp, tensors = weights
     assert main(["quantize", str(tmp / "missing.npz"), str(tmp / "o.safetensors")]) == 1

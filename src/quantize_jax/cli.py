@@ -6,6 +6,7 @@ Errors are one line on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -63,7 +64,7 @@ def _quantize(args) -> int:
     rules = []
     for name, t in tensors.items():
         if t.ndim >= 2 and t.size >= args.min_size and jnp.issubdtype(t.dtype, jnp.floating):
-            rules.append(("^" + re.escape(name) + "$", spec))
+            rules.append(("^" + re.escape(name) + "$", _spec_for(t.ndim, spec)))
     try:  # the tensors stay numpy arrays: those left float keep their dtype (jnp would narrow int64 to int32)
         qtree, report = quantize_params(tensors, rules, min_size=args.min_size, progress=not args.quiet)
     except ValueError as e:
@@ -72,6 +73,20 @@ def _quantize(args) -> int:
     io.save(args.output, qtree)
     print(f"wrote {args.output} ({os.path.getsize(args.output)} bytes; input {os.path.getsize(args.input)} bytes)")
     return 0
+
+
+def _spec_for(ndim: int, spec):
+    """``spec`` (from ``--axis`` and ``--group-size``) for a 2-D weight. A tensor of more dimensions (a
+    convolution kernel) keeps one scale per output channel, the last axis for ``--axis 0`` (Flax's
+    ``(..., in, out)``), the first for ``--axis 1`` (PyTorch's ``(out, in, ...)``): its input-channel
+    axis is reduced in groups of ``--group-size``, or without one every other axis (``--axis 0`` alone
+    would reduce only the kernel's first spatial axis, and the scales would outweigh the codes)."""
+    if ndim == 2 or spec.axis not in (0, 1):
+        return spec
+    out = ndim - 1 if spec.axis == 0 else 0
+    if spec.group_size is not None:
+        return dataclasses.replace(spec, axis=ndim - 2 if spec.axis == 0 else 1)
+    return dataclasses.replace(spec, axis=tuple(a for a in range(ndim) if a != out))
 
 
 def _inspect(args) -> int:
@@ -129,7 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, default=None, help="elements per scale along --axis")
     p.add_argument("--method", default=None, choices=list(METHODS))
     p.add_argument("--axis", type=int, default=0,
-                   help="the reduced axis: 0 for (in, out) kernels (Flax), 1 for (out, in) weights (PyTorch)")
+                   help="the reduced axis of 2-D weights: 0 for (in, out) kernels (Flax), 1 for (out, in) weights "
+                        "(PyTorch); kernels of more dimensions keep one scale per output channel (last / first axis)")
     p.add_argument("--min-size", type=int, default=4096, help="tensors with fewer elements stay float")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quantize)
