@@ -232,3 +232,51 @@ def test_w4a8_dense_general_serves_through_the_packed_integer_product():
     np.testing.assert_allclose(layer.apply(served, x), layer.apply(v, x), rtol=1e-5, atol=1e-5)
     hlo = jax.jit(layer.apply).lower(served, x).as_text()
     assert [ln for ln in hlo.splitlines() if "dot_general" in ln and "xi8>" in ln]  # int8 x int8 sums
+
+
+class _LoraMLP(nn.Module):
+    rank: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        spec = qj.QuantSpec(format="nf4", axis=0, group_size=16)
+        h = nn.relu(qj.linen.QuantDense(32, weight_spec=spec, lora_rank=self.rank)(x))
+        return qj.linen.QuantDense(6, weight_spec=spec, lora_rank=self.rank)(h)
+
+
+def test_qlora_adapters_train_over_packed_dense_kernels_and_merge():
+    import optax
+
+    model = _LoraMLP()
+    x = jax.random.normal(jax.random.key(1), (16, 16))
+    target = jax.random.normal(jax.random.key(2), (16, 6))
+    variables = model.init(jax.random.key(0), x)
+    assert variables["lora"]["QuantDense_0"]["a"].shape == (16, 4) and variables["lora"]["QuantDense_1"]["b"].shape == (4, 6)
+    served = qj.linen.to_serving_params(model, variables, x)
+    frozen = served["params"]
+    assert isinstance(frozen["QuantDense_0"]["kernel"], qj.QArray)
+    base = model.apply({"params": frozen}, x)  # no adapters: the plain served layers
+    np.testing.assert_array_equal(model.apply(served, x), base)  # b starts at zero
+
+    def loss(lora):
+        return jnp.mean((model.apply({"params": frozen, "lora": lora}, x) - target) ** 2)
+
+    opt = optax.adam(1e-2)
+    lora, state = served["lora"], opt.init(served["lora"])
+    first = float(loss(lora))
+    for _ in range(30):
+        grads = jax.grad(loss)(lora)
+        updates, state = opt.update(grads, state)
+        lora = optax.apply_updates(lora, updates)
+    assert float(loss(lora)) < 0.7 * first
+    tuned = model.apply({"params": frozen, "lora": lora}, x)
+    merged = qj.linen.merge_lora({"params": frozen, "lora": lora})
+    assert "lora" not in merged
+    q = frozen["QuantDense_0"]["kernel"]
+    a, b = lora["QuantDense_0"]["a"], lora["QuantDense_0"]["b"]
+    expect = qj.quantize(qj.dequantize(q) + a @ b, q.spec)
+    jax.tree.map(np.testing.assert_array_equal, merged["params"]["QuantDense_0"]["kernel"], expect)
+    out = model.apply(merged, x)  # the adapters' product re-rounded to the nf4 grid
+    assert float(jnp.mean((out - tuned) ** 2)) < 0.1 * float(jnp.mean((tuned - base) ** 2))
+    with pytest.raises(ValueError, match=r"merge_lora: the variables hold no 'lora' collection"):
+        qj.linen.merge_lora(merged)

@@ -29,6 +29,7 @@ from jax import lax
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
+from quantize_jax.ptq import merge_low_rank
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -90,6 +91,12 @@ class QuantDense(nn.Module):
       learn_scale: a ``weight_scale`` parameter (and ``weight_zero_point``
         for uint4), initialised from the kernel.
       backend: the ``qdot`` backend when serving.
+      lora_rank: QLoRA: adapters of this rank in the ``"lora"`` collection,
+        ``y += x @ a @ b`` (``a`` He-uniform, ``b`` zeros at init, as
+        ``nnx.LoRA``). ``jax.grad`` over ``variables["lora"]`` trains them
+        while a packed kernel stays frozen; :func:`merge_lora` folds them
+        into the kernel. Without a ``"lora"`` collection (after the merge)
+        the layer is the plain one.
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj
@@ -114,9 +121,25 @@ class QuantDense(nn.Module):
     learn_scale: bool = False
     backend: str = "auto"
     promote_dtype: Any = nn.dtypes.promote_dtype
+    lora_rank: int = 0
 
     @nn.compact
     def __call__(self, inputs):
+        y = self._dense(inputs)
+        if self.lora_rank and (self.is_initializing() or self.has_variable("lora", "a")):
+            k, n = jnp.shape(inputs)[-1], self.features
+
+            def init(shape, fn):
+                return lambda: fn(self.make_rng("params"), shape, self.param_dtype)
+
+            a = self.variable("lora", "a", init((k, self.lora_rank), nn.initializers.he_uniform())).value
+            b = self.variable("lora", "b", init((self.lora_rank, n), nn.initializers.zeros_init())).value
+            x, a, b = self.promote_dtype(inputs, a, b, dtype=self.dtype)
+            y = y + (x @ a @ b).astype(y.dtype)
+        return y
+
+    def _dense(self, inputs):
+        """The layer without adapters: QAT over the float kernel, or serving from a packed one."""
         kernel = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
         if not isinstance(kernel, QArray):  # a packed kernel has no float shape to check against
             kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
@@ -178,6 +201,41 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     out = dict(variables)
     out["params"] = params
     return out
+
+
+def merge_lora(variables):
+    """Fold the QLoRA adapters of :class:`QuantDense` layers (``lora_rank``) into their kernels.
+
+    For every layer with ``a`` and ``b`` in the ``"lora"`` collection, a packed kernel becomes
+    ``quantize(dequantize(kernel) + a @ b)`` with its spec (:func:`~quantize_jax.ptq.merge_low_rank`;
+    re-rounded to the 4-bit grid), a float kernel ``kernel + a @ b``. Returns ``variables`` without
+    the ``"lora"`` collection: the same module then applies the merged kernels alone.
+
+    Raises:
+      ValueError: there is no ``"lora"`` collection, or an adapter has no kernel beside it.
+    """
+    if "lora" not in variables:
+        raise ValueError("merge_lora: the variables hold no 'lora' collection (QuantDense(lora_rank=...) creates it)")
+    out = {k: v for k, v in variables.items() if k != "lora"}
+    out["params"] = _merged_params(variables["params"], variables["lora"], path=())
+    return out
+
+
+def _merged_params(params, lora, path):
+    params = dict(params)
+    for name, value in lora.items():
+        if set(value) == {"a", "b"}:
+            kernel = params.get(name, {}).get("kernel") if isinstance(params.get(name), dict) else None
+            if kernel is None:
+                raise ValueError(f"merge_lora: adapters at {'/'.join(path + (name,))} have no kernel beside them")
+            if isinstance(kernel, QArray):
+                merged = merge_low_rank(kernel, value["a"], value["b"])
+            else:
+                merged = kernel + jnp.matmul(value["a"], value["b"]).astype(kernel.dtype)
+            params[name] = {**params[name], "kernel": merged}
+        else:
+            params[name] = _merged_params(params.get(name, {}), value, path + (name,))
+    return params
 
 
 def _merge(params: dict, qarrays: dict, path) -> None:

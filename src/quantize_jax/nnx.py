@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
+from quantize_jax.ptq import merge_low_rank
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -750,12 +751,8 @@ def merge_lora(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
       ValueError: the model holds no LoRA over a ServingLinear.
     """
     def merged(lora):
-        base = lora.base_module
-        q = base.qarray
-        delta = (lora.lora_a[...].astype(jnp.float32) @ lora.lora_b[...].astype(jnp.float32))
-        w = dequantize(q, jnp.float32) + delta
-        new = nnx.clone(base)
-        new.kernel.set_value(quantize(w.astype(q.dtype), q.spec))
+        new = nnx.clone(lora.base_module)
+        new.kernel.set_value(merge_low_rank(new.qarray, lora.lora_a[...], lora.lora_b[...]))
         return new
 
     if isinstance(model, nnx.LoRA) and isinstance(model.base_module, ServingLinear):
