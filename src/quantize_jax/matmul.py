@@ -812,10 +812,12 @@ def _wide_dot(a, b):
 
 @functools.partial(_wide_dot.defjvp, symbolic_zeros=True)
 def _wide_dot_jvp(primals, tangents):
-    a, b = primals
-    terms = [lax.dot_general(u, v, (((1,), (1,)), ((), ()))).astype(jnp.float32)
-             for u, v, t in ((tangents[0], b, tangents[0]), (a, tangents[1], tangents[1]))
-             if not isinstance(t, jax.custom_derivatives.SymbolicZero)]
+    (a, b), (da, db) = primals, tangents
+    terms = []  # a symbolic zero (the table's, when only the query varies) costs no product
+    if not isinstance(da, jax.custom_derivatives.SymbolicZero):
+        terms.append(lax.dot_general(da, b, (((1,), (1,)), ((), ()))).astype(jnp.float32))
+    if not isinstance(db, jax.custom_derivatives.SymbolicZero):
+        terms.append(lax.dot_general(a, db, (((1,), (1,)), ((), ()))).astype(jnp.float32))
     return _wide_dot(a, b), sum(terms[1:], terms[0])
 
 
