@@ -283,6 +283,13 @@ def make_weights(k, n, spec):
     return qs, bfs
 
 
+def grad_x(f, x):
+    """The gradient of ``f`` at ``x`` for the cotangent ``x`` itself (square weights): the backward product
+    alone, with a cotangent XLA cannot fold (a gradient of a sum would be a dot with ones)."""
+    y, pullback = jax.vjp(f, x)
+    return pullback(x.astype(y.dtype))[0]
+
+
 def activations(m, k, count=N_PAIRS):
     return [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(count)]
 
@@ -386,6 +393,12 @@ def main():
             row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8", backend="native"), xs, qs_channel,
                              "w4a8_channel_int32_"))
             del qs_channel
+        if m >= 64:  # QLoRA's backward through a frozen packed weight, g @ W.T (g: the activations, K = N)
+            row.update(timed(lambda x, q: grad_x(lambda x: qj.qdot(x, q), x), xs, qs, "grad_qdot_"))
+            row.update(timed(lambda x, q: grad_x(lambda x: jnp.dot(  # what qdot's tangent ran before session 10
+                x.astype(jnp.float32), qj.dequantize(q, jnp.float32), precision=jax.lax.Precision.HIGHEST), x),
+                xs, qs, "grad_f32_reference_"))
+            row.update(timed(lambda x, w: grad_x(lambda x: bf16_dot(x, w), x), xs, bfs, "grad_bf16_"))
         if isinstance(qwix_ws, str):
             row["qwix_us"] = qwix_ws
         else:
