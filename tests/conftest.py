@@ -4,6 +4,8 @@ import os
 
 import hypothesis
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import strategies as st
 
@@ -40,3 +42,22 @@ def product_operands(m, k, n, fmt, group):
 def maybe_jit(request):
     """Run a function eagerly and under jax.jit (static args by keyword through functools.partial)."""
     return jax.jit if request.param else (lambda f, **kw: f)
+
+
+# (dtype, param_dtype) of 16-bit models: compute in bf16 over float32 or bf16 parameters, bf16 parameters
+# promoted to float32 inputs, and float16 throughout.
+SIXTEEN_BIT_MODELS = [(jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16), (None, jnp.bfloat16),
+                      (jnp.float16, jnp.float16)]
+
+
+def assert_serves_like_16_bit_qat(out, ref, dtype, param_dtype, act_spec):
+    """A served 16-bit model's outputs against its QAT model's: the dtype the Flax layer computes in, and
+    values within a few roundings of the 16-bit dtype (QAT rounds the decoded kernel and its products to
+    it, the packed products sum ``(q - z) * s`` in float32); for W4A8 an int8 token may move by one (taken
+    from the inputs before or after their 16-bit cast)."""
+    assert ref.dtype == (dtype or jnp.float32) and out.dtype == ref.dtype
+    eps = float(jnp.finfo(dtype or param_dtype).eps)
+    if act_spec == "int8":
+        eps = max(eps, 1 / 127)
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.abs(out - ref).max() <= 8 * eps * np.abs(ref).max()

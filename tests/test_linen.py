@@ -9,6 +9,8 @@ from flax import nnx
 
 import quantize_jax as qj
 
+from .conftest import SIXTEEN_BIT_MODELS, assert_serves_like_16_bit_qat
+
 
 class _MLP(nn.Module):
     spec: qj.QuantSpec
@@ -25,26 +27,18 @@ class _MLP(nn.Module):
         return qj.linen.QuantDense(6, **kw)(nn.relu(qj.linen.QuantDense(32, **kw)(x)))
 
 
-@pytest.mark.parametrize("dtype, param_dtype", [(jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
-                                               (None, jnp.bfloat16), (jnp.float16, jnp.float16)])
+@pytest.mark.parametrize("dtype, param_dtype", SIXTEEN_BIT_MODELS)
 @pytest.mark.parametrize("act_spec", [None, "int8"])
 def test_16_bit_dense_layers_serve_in_their_own_dtype(dtype, param_dtype, act_spec):
     """Served QuantDense computes in the dtype nn.Dense would (it returned float32 for a bf16 layer with
-    float32 parameters), within a few roundings of the 16-bit dtype; ``backend="xla"``: bit for bit."""
+    float32 parameters); ``backend="xla"``: bit for bit."""
     spec = qj.QuantSpec(format="uint4", axis=0, group_size=8)
     x = jax.random.normal(jax.random.key(1), (7, 16))
     model = _MLP(spec, act_spec, dtype=dtype, param_dtype=param_dtype)
     variables = model.init(jax.random.key(0), x)
     ref = model.apply(variables, x)
-    assert ref.dtype == (dtype or jnp.float32)
     served = qj.linen.to_serving_params(model, variables, x)
-    out = model.apply(served, x)
-    assert out.dtype == ref.dtype
-    eps = float(jnp.finfo(dtype or param_dtype).eps)
-    if act_spec == "int8":  # tokens taken from the inputs before / after their 16-bit cast: a code may move by one
-        eps = max(eps, 1 / 127)
-    out, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    assert np.abs(out - ref32).max() <= 8 * eps * np.abs(ref32).max()
+    assert_serves_like_16_bit_qat(model.apply(served, x), ref, dtype, param_dtype, act_spec)
     exact = _MLP(spec, act_spec, dtype=dtype, param_dtype=param_dtype, backend="xla")
     np.testing.assert_array_equal(exact.apply(served, x), ref)
 

@@ -9,7 +9,7 @@ from flax import nnx
 import quantize_jax as qj
 from quantize_jax import demo
 
-from .conftest import FORMATS
+from .conftest import FORMATS, SIXTEEN_BIT_MODELS, assert_serves_like_16_bit_qat
 
 
 def _mlp(**dtypes):
@@ -136,26 +136,16 @@ def test_serving_with_the_xla_backend_is_bit_for_bit(fmt, options):
     np.testing.assert_array_equal(run(served, x), run(qat, x))
 
 
-@pytest.mark.parametrize("dtype, param_dtype", [(jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
-                                               (None, jnp.bfloat16), (jnp.float16, jnp.float16)])
+@pytest.mark.parametrize("dtype, param_dtype", SIXTEEN_BIT_MODELS)
 @pytest.mark.parametrize("act_spec", [None, "int8"])
 def test_16_bit_models_serve_in_their_own_dtype(dtype, param_dtype, act_spec):
     """A served Linear computes in the dtype ``nnx.Linear`` would (it returned float32 for a bf16 model with
-    float32 parameters), its values within a few roundings of the 16-bit dtype (QAT rounds the decoded
-    kernel and its products to it, ``qdot`` sums ``(q - z) * s`` in float32); ``backend="xla"`` gives the
-    QAT outputs bit for bit in every dtype."""
+    float32 parameters); ``backend="xla"`` gives the QAT outputs bit for bit in every dtype."""
     qat = qj.nnx.quantize_model(_mlp(dtype=dtype, param_dtype=param_dtype),
                                 weight_spec=qj.QuantSpec(format="uint4", axis=0, group_size=8), act_spec=act_spec)
     x = jax.random.normal(jax.random.key(1), (7, 16))
     ref = qat(x)
-    assert ref.dtype == (dtype or jnp.float32)
-    out = qj.nnx.to_serving(qat)(x)
-    assert out.dtype == ref.dtype
-    eps = float(jnp.finfo(dtype or param_dtype).eps)
-    if act_spec == "int8":  # tokens taken from the inputs before / after their 16-bit cast: a code may move by one
-        eps = max(eps, 1 / 127)
-    out, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    assert np.abs(out - ref32).max() <= 8 * eps * np.abs(ref32).max()
+    assert_serves_like_16_bit_qat(qj.nnx.to_serving(qat)(x), ref, dtype, param_dtype, act_spec)
     np.testing.assert_array_equal(qj.nnx.to_serving(qat, backend="xla")(x), ref)
 
 
