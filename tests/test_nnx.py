@@ -342,6 +342,31 @@ def test_qlora_adapters_train_over_a_packed_nf4_base_and_merge():
         qj.nnx.merge_lora(served)
 
 
+def test_qlora_over_stacked_layers_stacks_one_adapter_per_layer():
+    """add_lora over layers made by nnx.vmap (it unpacked the stacked weight's shape as (K, N) and failed):
+    adapters stacked (3, 16, r) / (3, r, 16), sliced by nnx.scan with the layers; merge_lora layer by layer."""
+    import optax
+
+    served = qj.nnx.to_serving(qj.nnx.quantize_model(_Stacked(nnx.Rngs(0))))
+    tuned = qj.nnx.add_lora(served, 2, rngs=nnx.Rngs(1))
+    assert tuned.layers.lora_a.shape == (3, 16, 2) and tuned.layers.lora_b.shape == (3, 2, 16)
+    x, y = jax.random.normal(jax.random.key(2), (8, 16)), jax.random.normal(jax.random.key(3), (8, 16))
+    np.testing.assert_array_equal(tuned(x), served(x))
+    opt = nnx.Optimizer(tuned, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    loss = lambda m: jnp.mean((m(x) - y) ** 2)  # noqa: E731
+    before = float(loss(tuned))
+    for _ in range(5):
+        opt.update(tuned, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(tuned))
+    assert float(loss(tuned)) < before
+    merged = qj.nnx.merge_lora(tuned)
+    q = merged.layers.qarray
+    assert q.shape == (3, 16, 16)
+    expected = qj.ptq.merge_low_rank(served.layers.qarray, tuned.layers.lora_a[...], tuned.layers.lora_b[...])
+    jax.tree.map(np.testing.assert_array_equal, q, expected)
+    np.testing.assert_allclose(qj.dequantize(q)[1], qj.dequantize(qj.ptq.merge_low_rank(
+        jax.tree.map(lambda a: a[1], served.layers.qarray), tuned.layers.lora_a[1], tuned.layers.lora_b[1])))
+
+
 @pytest.mark.parametrize("make, x_shape", [
     (lambda dtype: nnx.Einsum("btd,dhk->bthk", (2048, 4, 64), (4, 64), dtype=dtype, rngs=nnx.Rngs(0)), (2, 3, 2048)),
     (lambda dtype: nnx.LinearGeneral((16, 128), 256, axis=(-2, -1), dtype=dtype, rngs=nnx.Rngs(0)), (2, 3, 16, 128)),

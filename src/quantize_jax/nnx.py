@@ -30,6 +30,7 @@ Activation quantization (``act_spec``):
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -700,7 +701,8 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
     base stays packed and frozen (Dettmers et al., 2023, QLoRA).
 
     Args:
-      model: a served model (from :func:`to_serving`) or a single ServingLinear.
+      model: a served model (from :func:`to_serving`) or a single ServingLinear. Layers stacked by
+        ``nnx.vmap`` (run by ``nnx.scan``) get one adapter each, stacked the same way.
       rank: the adapters' rank.
       rngs: for the adapters' initialisation.
       where: a regex over layer paths (``"blocks/0/mlp"``); default: every ServingLinear.
@@ -719,8 +721,20 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
       ('LoRA', True)
     """
     def wrap(layer):
-        k, n = layer.qarray.shape
-        return nnx.LoRA(k, rank, n, base_module=layer, rngs=rngs, **lora_kwargs)
+        *stack, k, n = layer.qarray.shape
+        if not stack:
+            return nnx.LoRA(k, rank, n, base_module=layer, rngs=rngs, **lora_kwargs)
+
+        @nnx.split_rngs(splits=math.prod(stack))  # layers made by nnx.vmap: one adapter each, stacked alike
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def adapters(rngs):
+            return nnx.LoRA(k, rank, n, rngs=rngs, **lora_kwargs)
+
+        lora = adapters(rngs)
+        for param in (lora.lora_a, lora.lora_b):
+            param.set_value(param[...].reshape(tuple(stack) + param.shape[1:]))
+        lora.base_module = nnx.data(layer)  # None (static) when the adapters were made
+        return lora
 
     if isinstance(model, ServingLinear):
         return wrap(model)
