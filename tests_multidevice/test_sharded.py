@@ -261,3 +261,26 @@ def test_sharded_embedding_lookups_and_logits(mesh, names):
         fast_logits = attend(fast, h)  # block by block over the packed table, the vocabulary split or not
         assert fast_logits.sharding.is_equivalent_to(logits.sharding, logits.ndim)
         np.testing.assert_allclose(fast_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pspec", [P(None, None, "model"), P(None, "data", "model")])
+def test_scan_over_a_sharded_stack_of_layers(mesh, pspec):
+    """A stacked (layers, K, N) weight quantized where it lies, scanned layer by layer: each step's QArray
+    is that layer's, sharded as the stack was (the stack's shape and spec used to stay on the slices)."""
+    w = jax.random.normal(jax.random.key(1), (3, 128, 128)) / 11
+    q = qj.sharding.quantize_sharded(jax.device_put(w, NamedSharding(mesh, pspec)), qj.QuantSpec(axis=1, group_size=64))
+    assert q.shape == (3, 128, 128) and q.packed.sharding.spec == pspec
+    carry = NamedSharding(mesh, P("data", None))
+    x = jax.device_put(jax.random.normal(jax.random.key(2), (16, 128)), carry)
+
+    explicit = mesh.axis_types[0] == jax.sharding.AxisType.Explicit
+
+    def layer(h, qi):  # an explicit mesh keeps the output split as the weight's columns: gathered for the carry
+        y = jnp.tanh(qj.qdot(h, qi))
+        return (jax.sharding.reshard(y, carry) if explicit else y), None
+
+    y = jax.jit(lambda x, q: jax.lax.scan(layer, x, q)[0])(x, q)
+    expected = np.asarray(x)
+    for i in range(3):
+        expected = np.tanh(expected @ np.asarray(qj.dequantize(qj.quantize(w[i], qj.QuantSpec(axis=0, group_size=64)))))
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
