@@ -336,10 +336,40 @@ def test_qlora_adapters_train_over_a_packed_nf4_base_and_merge():
     for a, b in zip(jax.tree_util.tree_leaves(merged.layers[0].qarray), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_array_equal(a, b)
     assert float(jnp.mean((merged(x) - y) ** 2)) < 0.5 * losses[0]  # the merge keeps most of what was learned
-    with pytest.raises(ValueError, match="add_lora: no ServingLinear layer matches where='attn'"):
+    with pytest.raises(ValueError, match=r"add_lora: no ServingLinear \(or trailing-axes ServingLinearGeneral\) layer matches where='attn'"):
         qj.nnx.add_lora(served, 4, where="attn", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="merge_lora: the model holds no nnx.LoRA over a ServingLinear"):
+    with pytest.raises(ValueError, match="merge_lora: the model holds no nnx.LoRA over a packed layer"):
         qj.nnx.merge_lora(served)
+
+
+def test_qlora_over_attention_projections():
+    """add_lora adapts the LinearGeneral projections of a served MultiHeadAttention (LoRAGeneral: inputs'
+    contracted axes flattened, the product reshaped to the output axes); merge_lora folds them back."""
+    import optax
+
+    mha = nnx.MultiHeadAttention(num_heads=4, in_features=32, decode=False, rngs=nnx.Rngs(0))
+    served = qj.nnx.to_serving(qj.nnx.quantize_model(mha))
+    tuned = qj.nnx.add_lora(served, 4, rngs=nnx.Rngs(1))
+    assert {type(getattr(tuned, p)).__name__ for p in ("query", "key", "value", "out")} == {"LoRAGeneral"}
+    assert tuned.query.lora_a.shape == (32, 4) and tuned.query.lora_b.shape == (4, 32)  # out (4 heads, 8)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 32))
+    target = jax.random.normal(jax.random.key(3), (2, 5, 32))
+    np.testing.assert_array_equal(tuned(x), served(x))
+    loss = lambda m: jnp.mean((m(x) - target) ** 2)  # noqa: E731
+    opt = nnx.Optimizer(tuned, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    before = float(loss(tuned))
+    for _ in range(10):
+        opt.update(tuned, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(tuned))
+    assert float(loss(tuned)) < 0.9 * before
+    lora = tuned.out  # contracts (heads, head features) = (4, 8) into 32
+    delta = (x.reshape(2, 5, 32) @ lora.lora_a[...] @ lora.lora_b[...])
+    np.testing.assert_allclose(lora(x.reshape(2, 5, 4, 8)), lora.base_module(x.reshape(2, 5, 4, 8)) + delta,
+                               rtol=1e-5, atol=1e-5)
+    merged = qj.nnx.merge_lora(tuned)
+    assert type(merged.query) is qj.nnx.ServingLinearGeneral and merged.query.qarray.shape == (32, 4, 8)
+    expected = qj.ptq.merge_low_rank(served.query.qarray, tuned.query.lora_a[...], tuned.query.lora_b[...])
+    jax.tree.map(np.testing.assert_array_equal, merged.query.qarray, expected)
+    assert float(loss(merged)) < before
 
 
 def test_qlora_over_stacked_layers_stacks_one_adapter_per_layer():

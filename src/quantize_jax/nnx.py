@@ -689,6 +689,32 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
     return model
 
 
+class LoRAGeneral(nnx.LoRA):
+    """``nnx.LoRA`` around a :class:`ServingLinearGeneral` whose inputs contract over their trailing axes
+    (the query / key / value / output projections of ``nnx.MultiHeadAttention``):
+    ``base(x) + x' @ lora_a @ lora_b``, with ``x'`` the contracted axes flattened and the product
+    reshaped to the base's output axes. :func:`add_lora` makes it."""
+
+    def __call__(self, x, **kwargs):
+        base = self.base_module
+        lead = x.shape[: x.ndim - len(base.in_features)]
+        x, lora_a, lora_b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        delta = (x.reshape(lead + (-1,)) @ lora_a @ lora_b).reshape(lead + tuple(base.out_features))
+        return base(x, **kwargs) + delta
+
+
+def _lora_features(layer) -> tuple[tuple, tuple] | None:
+    """``(input axes, output axes)`` of a packed layer that :func:`add_lora` adapts, else None: a
+    ServingLinear, or a ServingLinearGeneral without batch axes contracting its inputs' trailing axes."""
+    if type(layer) is ServingLinear:
+        return (layer.in_features,), (layer.out_features,)
+    if type(layer) is ServingLinearGeneral and not layer.batch_axis:
+        n_in = len(layer.in_features)
+        if tuple(layer.axis) == tuple(range(-n_in, 0)):
+            return tuple(layer.in_features), tuple(layer.out_features)
+    return None
+
+
 def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", inplace: bool = False,
              **lora_kwargs) -> nnx.Module:
     """QLoRA: wrap the packed Linear layers of a served model in ``nnx.LoRA`` adapters.
@@ -698,19 +724,22 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
     ``layer(x) + x @ lora_a @ lora_b``, with ``lora_b`` zero at first (the
     model's outputs are unchanged) and both ``nnx.LoRAParam`` s, so an
     optimizer over ``nnx.LoRAParam`` trains the adapters while the 4-bit
-    base stays packed and frozen (Dettmers et al., 2023, QLoRA).
+    base stays packed and frozen (Dettmers et al., 2023, QLoRA). A
+    :class:`ServingLinearGeneral` that contracts its inputs' trailing axes
+    (the attention projections) becomes a :class:`LoRAGeneral`, the same
+    over its input and output axes flattened.
 
     Args:
-      model: a served model (from :func:`to_serving`) or a single ServingLinear. Layers stacked by
+      model: a served model (from :func:`to_serving`) or a single packed layer. Layers stacked by
         ``nnx.vmap`` (run by ``nnx.scan``) get one adapter each, stacked the same way.
       rank: the adapters' rank.
       rngs: for the adapters' initialisation.
-      where: a regex over layer paths (``"blocks/0/mlp"``); default: every ServingLinear.
+      where: a regex over layer paths (``"blocks/0/mlp"``); default: every such layer.
       inplace: modify ``model`` itself instead of a copy (a single layer is always wrapped anew).
       **lora_kwargs: passed to ``nnx.LoRA`` (``dtype``, ``param_dtype``, initialisers).
 
     Raises:
-      ValueError: no ServingLinear layer matches.
+      ValueError: no such layer matches.
 
     Example:
       >>> from flax import nnx
@@ -721,14 +750,17 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
       ('LoRA', True)
     """
     def wrap(layer):
-        *stack, k, n = layer.qarray.shape
+        ins, outs = _lora_features(layer)
+        shape = layer.qarray.shape
+        stack, k, n = shape[: len(shape) - len(ins) - len(outs)], math.prod(ins), math.prod(outs)
+        cls = nnx.LoRA if type(layer) is ServingLinear else LoRAGeneral
         if not stack:
-            return nnx.LoRA(k, rank, n, base_module=layer, rngs=rngs, **lora_kwargs)
+            return cls(k, rank, n, base_module=layer, rngs=rngs, **lora_kwargs)
 
         @nnx.split_rngs(splits=math.prod(stack))  # layers made by nnx.vmap: one adapter each, stacked alike
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def adapters(rngs):
-            return nnx.LoRA(k, rank, n, rngs=rngs, **lora_kwargs)
+            return cls(k, rank, n, rngs=rngs, **lora_kwargs)
 
         lora = adapters(rngs)
         for param in (lora.lora_a, lora.lora_b):
@@ -736,15 +768,16 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
         lora.base_module = nnx.data(layer)  # None (static) when the adapters were made
         return lora
 
-    if isinstance(model, ServingLinear):
+    if _lora_features(model) is not None:
         return wrap(model)
     if not inplace:
         model = nnx.clone(model)
     regex = re.compile(where)
     targets = [(p, m) for p, m in nnx.iter_modules(model)
-               if type(m) is ServingLinear and regex.search(_path_str(p))]
+               if _lora_features(m) is not None and regex.search(_path_str(p))]
     if not targets:
-        raise ValueError(f"add_lora: no ServingLinear layer matches where={where!r}; serve the model with to_serving first")
+        raise ValueError(f"add_lora: no ServingLinear (or trailing-axes ServingLinearGeneral) layer matches "
+                         f"where={where!r}; serve the model with to_serving first")
     for path, layer in targets:
         _replace(model, path, wrap(layer))
     return model
@@ -753,30 +786,32 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
 def merge_lora(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
     """Fold the adapters of :func:`add_lora` back into packed layers: ``quantize(W + lora_a @ lora_b)``.
 
-    Each ``nnx.LoRA`` over a :class:`ServingLinear` becomes a ServingLinear
-    whose weight is the dequantized base plus the adapters' product,
-    quantized again with the base's spec (its scales recomputed). The
-    merged model is one packed model to save or export; it rounds the
-    adapters' contribution to the 4-bit grid, so its outputs differ from
-    the adapted model's by about the quantization error (keep the adapters
-    apart where that matters).
+    Each ``nnx.LoRA`` (or :class:`LoRAGeneral`) over a packed layer becomes
+    that layer, its weight the dequantized base plus the adapters' product
+    (:func:`~quantize_jax.ptq.merge_low_rank`), quantized again with the
+    base's spec (its scales recomputed). The merged model is one packed
+    model to save or export; it rounds the adapters' contribution to the
+    4-bit grid, so its outputs differ from the adapted model's by about the
+    quantization error (keep the adapters apart where that matters).
 
     Raises:
-      ValueError: the model holds no LoRA over a ServingLinear.
+      ValueError: the model holds no LoRA over a packed layer.
     """
+    def adapted(m) -> bool:
+        return isinstance(m, nnx.LoRA) and _lora_features(m.base_module) is not None
+
     def merged(lora):
         new = nnx.clone(lora.base_module)
         new.kernel.set_value(merge_low_rank(new.qarray, lora.lora_a[...], lora.lora_b[...]))
         return new
 
-    if isinstance(model, nnx.LoRA) and isinstance(model.base_module, ServingLinear):
+    if adapted(model):
         return merged(model)
     if not inplace:
         model = nnx.clone(model)
-    targets = [(p, m) for p, m in nnx.iter_modules(model)
-               if isinstance(m, nnx.LoRA) and isinstance(m.base_module, ServingLinear)]
+    targets = [(p, m) for p, m in nnx.iter_modules(model) if adapted(m)]
     if not targets:
-        raise ValueError("merge_lora: the model holds no nnx.LoRA over a ServingLinear (see add_lora)")
+        raise ValueError("merge_lora: the model holds no nnx.LoRA over a packed layer (see add_lora)")
     for path, lora in targets:
         _replace(model, path, merged(lora))
     return model

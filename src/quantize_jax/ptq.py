@@ -232,7 +232,9 @@ def merge_low_rank(q: QArray, a, b) -> QArray:
 
     The sum is formed in float32 and rounded to the 4-bit grid again (its scales recomputed), so the
     merged weight differs from ``dequantize(q) + a @ b`` by about the quantization error. Stacked
-    layers (``q`` of shape ``(L, K, N)``, ``a`` ``(L, K, r)``, ``b`` ``(L, r, N)``) merge layer by layer.
+    layers (``q`` of shape ``(L, K, N)``, ``a`` ``(L, K, r)``, ``b`` ``(L, r, N)``) merge layer by layer;
+    a kernel with several input or output axes (a ``LinearGeneral``'s, ``(..., in axes, out axes)``)
+    takes ``a @ b`` over those axes flattened, reshaped to its shape.
 
     Example:
       >>> import jax.numpy as jnp, quantize_jax as qj
@@ -242,8 +244,10 @@ def merge_low_rank(q: QArray, a, b) -> QArray:
       [1.5, 0.429, 0.429, 0.429]
     """
     delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
-    if delta.shape != q.shape:
-        raise ValueError(f"merge_low_rank: a @ b has shape {delta.shape}, the weight {q.shape}")
+    stack = delta.shape[:-2]
+    if delta.size != q.size or tuple(q.shape[: len(stack)]) != stack:
+        raise ValueError(f"merge_low_rank: a @ b has shape {delta.shape}, which does not fit the weight {q.shape}")
+    delta = delta.reshape(q.shape)
     return quantize((dequantize(q, jnp.float32) + delta).astype(q.dtype), q.spec)
 
 
