@@ -212,11 +212,10 @@ def _encode(node, path, tensors):
 
         node = nnx.to_pure_dict(node)
     if isinstance(node, dict):
+        as_text = {}  # the file's keys are strings
         for k in node:
             if not isinstance(k, (str, int)) or isinstance(k, bool):
                 raise TypeError(f"save: dict keys must be strings or ints, got {k!r} at {_key(path)!r}")
-        as_text = {}
-        for k in node:  # the file's keys are strings
             if str(k) in as_text:
                 raise ValueError(f"save: keys {as_text[str(k)]!r} and {k!r} at {_key(path)!r} are both {str(k)!r} in the file")
             as_text[str(k)] = k

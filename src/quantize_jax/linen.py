@@ -225,14 +225,15 @@ def _merged_params(params, lora, path):
     params = dict(params)
     for name, value in lora.items():
         if set(value) == {"a", "b"}:
-            kernel = params.get(name, {}).get("kernel") if isinstance(params.get(name), dict) else None
+            layer = params.get(name)
+            kernel = layer.get("kernel") if isinstance(layer, dict) else None
             if kernel is None:
                 raise ValueError(f"merge_lora: adapters at {'/'.join(path + (name,))} have no kernel beside them")
             if isinstance(kernel, QArray):
                 merged = merge_low_rank(kernel, value["a"], value["b"])
             else:
                 merged = kernel + jnp.matmul(value["a"], value["b"]).astype(kernel.dtype)
-            params[name] = {**params[name], "kernel": merged}
+            params[name] = {**layer, "kernel": merged}
         else:
             params[name] = _merged_params(params.get(name, {}), value, path + (name,))
     return params

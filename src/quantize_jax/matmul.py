@@ -783,7 +783,7 @@ def _qdot_transposed(x, q: QArray, backend: str):
         elif backend == "dequant":
             y = _dequant_transposed(x2, q)
         elif backend == "auto":
-            y = lax.platform_dependent(x2, q, cpu=chunked, default=jax.checkpoint(_dequant_transposed))
+            y = lax.platform_dependent(x2, q, cpu=chunked, default=_dequant_transposed)
         else:
             y = jnp.dot(x2.astype(jnp.float32), dequantize(q, jnp.float32).T, precision=lax.Precision.HIGHEST)
         return y.reshape(lead + (q.shape[0],)).astype(out_dtype)
@@ -791,6 +791,7 @@ def _qdot_transposed(x, q: QArray, backend: str):
     return _with_natural_sharding(product, x, q, weight_axis=0)
 
 
+@jax.checkpoint  # reverse mode decodes the table again rather than keep it
 def _dequant_transposed(x, q: QArray):
     """The table decoded to x's dtype (bf16, f16, else float32), one dot accumulating in float32: for
     bf16 / f16 activations half the memory of the float32 decoding, rounded as in ``dequant``; their

@@ -121,9 +121,8 @@ def _restacked(shape, spec: QuantSpec, packed, scale, zero_point):
     ``shape``, the spec's reduced axes moved by ``d``, where the packed codes, scale and zero point all
     fit that. Anything else (leaves that are not arrays, or do not fit) keeps ``shape`` and ``spec``."""
     lead = getattr(packed, "shape", None)
-    if not isinstance(lead, tuple) or not lead or lead[:-1] == tuple(shape[:-1]):
-        return shape, spec
-    if not isinstance(getattr(scale, "shape", None), tuple):
+    if (not isinstance(lead, tuple) or not lead or lead[:-1] == tuple(shape[:-1])
+            or not isinstance(getattr(scale, "shape", None), tuple)):
         return shape, spec
     d = len(lead) - len(shape)
     new_shape = tuple(lead[:-1]) + (shape[-1],)
