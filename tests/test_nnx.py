@@ -336,7 +336,7 @@ def test_qlora_adapters_train_over_a_packed_nf4_base_and_merge():
     for a, b in zip(jax.tree_util.tree_leaves(merged.layers[0].qarray), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_array_equal(a, b)
     assert float(jnp.mean((merged(x) - y) ** 2)) < 0.5 * losses[0]  # the merge keeps most of what was learned
-    with pytest.raises(ValueError, match=r"add_lora: no ServingLinear \(or trailing-axes ServingLinearGeneral\) layer matches where='attn'"):
+    with pytest.raises(ValueError, match=r"add_lora: no ServingLinear, trailing-axes ServingLinearGeneral or ServingEinsum layer matches where='attn'"):
         qj.nnx.add_lora(served, 4, where="attn", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="merge_lora: the model holds no nnx.LoRA over a packed layer"):
         qj.nnx.merge_lora(served)
@@ -367,7 +367,7 @@ def test_qlora_over_attention_projections():
                                rtol=1e-5, atol=1e-5)
     merged = qj.nnx.merge_lora(tuned)
     assert type(merged.query) is qj.nnx.ServingLinearGeneral and merged.query.qarray.shape == (32, 4, 8)
-    expected = qj.ptq.merge_low_rank(served.query.qarray, tuned.query.lora_a[...], tuned.query.lora_b[...])
+    expected = qj.lora.merge_low_rank(served.query.qarray, tuned.query.lora_a[...], tuned.query.lora_b[...])
     jax.tree.map(np.testing.assert_array_equal, merged.query.qarray, expected)
     assert float(loss(merged)) < before
 
@@ -391,10 +391,92 @@ def test_qlora_over_stacked_layers_stacks_one_adapter_per_layer():
     merged = qj.nnx.merge_lora(tuned)
     q = merged.layers.qarray
     assert q.shape == (3, 16, 16)
-    expected = qj.ptq.merge_low_rank(served.layers.qarray, tuned.layers.lora_a[...], tuned.layers.lora_b[...])
+    expected = qj.lora.merge_low_rank(served.layers.qarray, tuned.layers.lora_a[...], tuned.layers.lora_b[...])
     jax.tree.map(np.testing.assert_array_equal, q, expected)
-    np.testing.assert_allclose(qj.dequantize(q)[1], qj.dequantize(qj.ptq.merge_low_rank(
+    np.testing.assert_allclose(qj.dequantize(q)[1], qj.dequantize(qj.lora.merge_low_rank(
         jax.tree.map(lambda a: a[1], served.layers.qarray), tuned.layers.lora_a[1], tuned.layers.lora_b[1])))
+
+
+_EINSUM_SIZES = {"B": 2, "T": 3, "S": 3, "D": 16, "N": 4, "H": 8, "C": 2, "K": 2, "F": 12}
+
+
+@pytest.mark.parametrize("einsum_str, kernel_delta, a_shape, b_shape", [
+    ("BTD,NDH->BTNH", "Dr,rNH->NDH", (16, 3), (3, 4, 8)),  # Gemma's query heads
+    ("BSD,CKDH->CBSKH", "Dr,rCKH->CKDH", (16, 3), (3, 2, 2, 8)),  # its keys and values together
+    ("BTNH,NHD->BTD", "NHr,rD->NHD", (4, 8, 3), (3, 16)),  # its attention output
+    ("BNTH,NHD->BNTD", "NHr,NrD->NHD", (4, 8, 3), (4, 3, 16)),  # heads as a batch axis: one adapter each
+    ("...D,DF->...F", "Dr,rF->DF", (16, 3), (3, 12)),
+])
+def test_qlora_over_einsum_layers(einsum_str, kernel_delta, a_shape, b_shape):
+    """add_lora adapts a served nnx.Einsum (LoRAEinsum): a holds the kernel's batch and contracted axes,
+    b its batch and produced axes; the adapter adds einsum(x, a @ b as a kernel); merge_lora folds it in."""
+    import optax
+
+    x_sub, k_sub = einsum_str.split("->")[0].split(",")
+    kernel_shape = tuple(_EINSUM_SIZES[c] for c in k_sub)
+    x = jax.random.normal(jax.random.key(1), tuple(_EINSUM_SIZES[c] for c in x_sub.replace("...", "BT")))
+    served = qj.nnx.to_serving(qj.nnx.quantize_model(nnx.Einsum(einsum_str, kernel_shape, rngs=nnx.Rngs(0))))
+    tuned = qj.nnx.add_lora(served, 3, rngs=nnx.Rngs(2))
+    assert type(tuned) is qj.nnx.LoRAEinsum
+    assert tuned.lora_a.shape == a_shape and tuned.lora_b.shape == b_shape
+    np.testing.assert_array_equal(tuned(x), served(x))  # lora_b starts at zero
+    tuned.lora_b.set_value(jax.random.normal(jax.random.key(3), b_shape))
+    a, b = tuned.lora_a[...], tuned.lora_b[...]
+    delta = jnp.einsum(kernel_delta, a, b)  # the adapter as one kernel, by the hand-written subscripts
+    np.testing.assert_allclose(tuned(x), served(x) + jnp.einsum(einsum_str, x, delta), rtol=1e-4, atol=1e-4)
+    merged = qj.nnx.merge_lora(tuned)
+    assert type(merged) is qj.nnx.ServingEinsum
+    expected = qj.quantize(qj.dequantize(served.qarray) + delta, served.qarray.spec)
+    jax.tree.map(np.testing.assert_array_equal, merged.qarray, expected)
+
+    target = jax.random.normal(jax.random.key(4), served(x).shape)
+    loss = lambda m: jnp.mean((m(x) - target) ** 2)  # noqa: E731
+    opt = nnx.Optimizer(tuned, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    before = float(loss(tuned))
+    for _ in range(5):
+        opt.update(tuned, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(tuned))
+    assert float(loss(tuned)) < before
+    with pytest.raises(ValueError, match=r"LoRAEinsum: adapters made for einsum_str='.*' cannot run einsum_str='x'"):
+        tuned(x, einsum_str="x")
+
+
+class _StackedHeads(nnx.Module):
+    """Three per-head Einsum layers 'BND,NDF->BNF' (2 heads, kernels stacked (3, 2, 16, 16)) run by nnx.scan."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return nnx.Einsum("BND,NDF->BNF", (2, 16, 16), rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def step(layer, x):
+            return jax.nn.relu(layer(x))
+
+        return step(self.layers, x)
+
+
+def test_qlora_over_stacked_einsum_layers_with_a_batch_axis():
+    """Stacked layers and a batch (heads) axis together: one adapter per layer and head, sliced by nnx.scan."""
+    served = qj.nnx.to_serving(qj.nnx.quantize_model(_StackedHeads(nnx.Rngs(0))))
+    tuned = qj.nnx.add_lora(served, 2, rngs=nnx.Rngs(1))
+    assert tuned.layers.lora_a.shape == (3, 2, 16, 2) and tuned.layers.lora_b.shape == (3, 2, 2, 16)
+    a = tuned.layers.lora_a[...]
+    assert not np.allclose(a[0], a[1]) and not np.allclose(a[0, 0], a[0, 1])  # each initialised on its own
+    x = jax.random.normal(jax.random.key(2), (4, 2, 16))
+    np.testing.assert_array_equal(tuned(x), served(x))
+    tuned.layers.lora_b.set_value(0.1 * jax.random.normal(jax.random.key(3), (3, 2, 2, 16)))
+    h = x  # the scan by hand: each layer's packed kernel plus its per-head adapter product
+    for i in range(3):
+        kernel = qj.dequantize(served.layers.qarray)[i] + jnp.einsum("NDr,NrF->NDF", a[i], tuned.layers.lora_b[i])
+        h = jax.nn.relu(jnp.einsum("BND,NDF->BNF", h, kernel))
+    np.testing.assert_allclose(tuned(x), h, rtol=1e-4, atol=1e-4)
+    merged = qj.nnx.merge_lora(tuned)
+    assert merged.layers.qarray.shape == (3, 2, 16, 16)
+    np.testing.assert_allclose(merged(x), h, rtol=0.2, atol=0.2)  # re-rounded to the 4-bit grid
 
 
 @pytest.mark.parametrize("make, x_shape", [

@@ -29,7 +29,7 @@ from jax import lax
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
-from quantize_jax.ptq import merge_low_rank
+from quantize_jax.lora import merge_low_rank
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -207,7 +207,7 @@ def merge_lora(variables):
     """Fold the QLoRA adapters of :class:`QuantDense` layers (``lora_rank``) into their kernels.
 
     For every layer with ``a`` and ``b`` in the ``"lora"`` collection, a packed kernel becomes
-    ``quantize(dequantize(kernel) + a @ b)`` with its spec (:func:`~quantize_jax.ptq.merge_low_rank`;
+    ``quantize(dequantize(kernel) + a @ b)`` with its spec (:func:`~quantize_jax.lora.merge_low_rank`;
     re-rounded to the 4-bit grid), a float kernel ``kernel + a @ b``. Returns ``variables`` without
     the ``"lora"`` collection: the same module then applies the merged kernels alone.
 

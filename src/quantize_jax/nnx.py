@@ -15,7 +15,8 @@
   :class:`~quantize_jax.QArray` s used through :func:`~quantize_jax.qdot`; its
   outputs equal the QAT model's, and no float weight matrix is left.
 * :func:`add_lora` / :func:`merge_lora`: QLoRA, ``nnx.LoRA`` adapters over
-  the packed layers of a served model, and folded back into packed layers.
+  the packed Linear, LinearGeneral and Einsum layers of a served model, and
+  folded back into packed layers.
 
 Activation quantization (``act_spec``):
 
@@ -41,7 +42,7 @@ from jax.sharding import NamedSharding
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
-from quantize_jax.ptq import merge_low_rank
+from quantize_jax.lora import LowRankEinsum, merge_low_rank
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -703,21 +704,47 @@ class LoRAGeneral(nnx.LoRA):
         return base(x, **kwargs) + delta
 
 
-def _lora_features(layer) -> tuple[tuple, tuple] | None:
-    """``(input axes, output axes)`` of a packed layer that :func:`add_lora` adapts, else None: a
-    ServingLinear, or a ServingLinearGeneral without batch axes contracting its inputs' trailing axes."""
+class LoRAEinsum(nnx.LoRA):
+    """``nnx.LoRA`` around a :class:`ServingEinsum` (Gemma-style projections such as
+    ``"BTD,NDH->BTNH"``): ``base(x)`` plus the adapter of
+    :class:`~quantize_jax.lora.LowRankEinsum` for the base's ``einsum_str``. ``lora_a`` holds the
+    kernel's batch and contracted axes and the rank, ``lora_b`` its batch axes, the rank and its
+    produced axes (for ``"BTD,NDH->BTNH"``: ``(D, r)`` and ``(r, N, H)``), so a kernel axis sharded
+    by name keeps its size on the adapter. :func:`add_lora` makes it."""
+
+    def __call__(self, x, einsum_str=None, **kwargs):
+        base = self.base_module
+        if einsum_str is not None and einsum_str.replace(" ", "") != base.einsum_str.replace(" ", ""):
+            raise ValueError(f"LoRAEinsum: adapters made for einsum_str={base.einsum_str!r} cannot run "
+                             f"einsum_str={einsum_str!r}")
+        x, lora_a, lora_b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        return base(x, **kwargs) + LowRankEinsum.of(base.einsum_str)(x, lora_a, lora_b)
+
+
+def _adapter_layout(layer) -> tuple[type, tuple, tuple, tuple] | None:
+    """``(adapter class, batch axes, contracted axes, produced axes)`` of the kernel of a packed layer
+    that :func:`add_lora` adapts, else None: a ServingLinear, a ServingLinearGeneral without batch axes
+    contracting its inputs' trailing axes, or a ServingEinsum whose ``einsum_str`` factorises
+    (:class:`~quantize_jax.lora.LowRankEinsum`)."""
     if type(layer) is ServingLinear:
-        return (layer.in_features,), (layer.out_features,)
+        return nnx.LoRA, (), (layer.in_features,), (layer.out_features,)
     if type(layer) is ServingLinearGeneral and not layer.batch_axis:
         n_in = len(layer.in_features)
         if tuple(layer.axis) == tuple(range(-n_in, 0)):
-            return tuple(layer.in_features), tuple(layer.out_features)
+            return LoRAGeneral, (), tuple(layer.in_features), tuple(layer.out_features)
+    if type(layer) is ServingEinsum and layer.einsum_str:
+        try:
+            lr = LowRankEinsum.of(layer.einsum_str)
+        except ValueError:
+            return None
+        size = dict(zip(lr.kernel, layer.qarray.shape[-len(lr.kernel):]))
+        return LoRAEinsum, *(tuple(size[c] for c in axes) for axes in (lr.batch, lr.contracted, lr.produced))
     return None
 
 
 def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", inplace: bool = False,
              **lora_kwargs) -> nnx.Module:
-    """QLoRA: wrap the packed Linear layers of a served model in ``nnx.LoRA`` adapters.
+    """QLoRA: wrap the packed Linear and Einsum layers of a served model in ``nnx.LoRA`` adapters.
 
     Each :class:`ServingLinear` whose path ``re.search``-es ``where``
     becomes ``nnx.LoRA(in, rank, out, base_module=layer)``: its output is
@@ -727,7 +754,9 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
     base stays packed and frozen (Dettmers et al., 2023, QLoRA). A
     :class:`ServingLinearGeneral` that contracts its inputs' trailing axes
     (the attention projections) becomes a :class:`LoRAGeneral`, the same
-    over its input and output axes flattened.
+    over its input and output axes flattened; a :class:`ServingEinsum` a
+    :class:`LoRAEinsum` (one adapter per entry of a kernel axis that the
+    einsum keeps from inputs to output, such as heads in ``"BNTH,NHD->BNTD"``).
 
     Args:
       model: a served model (from :func:`to_serving`) or a single packed layer. Layers stacked by
@@ -750,34 +779,36 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
       ('LoRA', True)
     """
     def wrap(layer):
-        ins, outs = _lora_features(layer)
+        cls, batch, ins, outs = _adapter_layout(layer)
         shape = layer.qarray.shape
-        stack, k, n = shape[: len(shape) - len(ins) - len(outs)], math.prod(ins), math.prod(outs)
-        cls = nnx.LoRA if type(layer) is ServingLinear else LoRAGeneral
-        if not stack:
-            return cls(k, rank, n, base_module=layer, rngs=rngs, **lora_kwargs)
+        stack = tuple(shape[: len(shape) - len(batch) - len(ins) - len(outs)])
+        k, n = math.prod(ins), math.prod(outs)
+        if cls is LoRAEinsum:  # a: batch + contracted + rank, b: batch + rank + produced
+            a_shape, b_shape = batch + ins + (rank,), batch + (rank,) + outs
+        else:  # nnx.LoRA's own (in, rank), (rank, out), over the axes flattened
+            batch, a_shape, b_shape = (), (k, rank), (rank, n)
 
-        @nnx.split_rngs(splits=math.prod(stack))  # layers made by nnx.vmap: one adapter each, stacked alike
+        @nnx.split_rngs(splits=math.prod(stack + batch))  # stacked layers and batch axes: one adapter each
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def adapters(rngs):
             return cls(k, rank, n, rngs=rngs, **lora_kwargs)
 
-        lora = adapters(rngs)
-        for param in (lora.lora_a, lora.lora_b):
-            param.set_value(param[...].reshape(tuple(stack) + param.shape[1:]))
+        lora = adapters(rngs) if stack + batch else cls(k, rank, n, rngs=rngs, **lora_kwargs)
+        lora.lora_a.set_value(lora.lora_a[...].reshape(stack + a_shape))
+        lora.lora_b.set_value(lora.lora_b[...].reshape(stack + b_shape))
         lora.base_module = nnx.data(layer)  # None (static) when the adapters were made
         return lora
 
-    if _lora_features(model) is not None:
+    if _adapter_layout(model) is not None:
         return wrap(model)
     if not inplace:
         model = nnx.clone(model)
     regex = re.compile(where)
     targets = [(p, m) for p, m in nnx.iter_modules(model)
-               if _lora_features(m) is not None and regex.search(_path_str(p))]
+               if _adapter_layout(m) is not None and regex.search(_path_str(p))]
     if not targets:
-        raise ValueError(f"add_lora: no ServingLinear (or trailing-axes ServingLinearGeneral) layer matches "
-                         f"where={where!r}; serve the model with to_serving first")
+        raise ValueError(f"add_lora: no ServingLinear, trailing-axes ServingLinearGeneral or ServingEinsum layer "
+                         f"matches where={where!r}; serve the model with to_serving first")
     for path, layer in targets:
         _replace(model, path, wrap(layer))
     return model
@@ -786,9 +817,9 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs, where: str = "", i
 def merge_lora(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
     """Fold the adapters of :func:`add_lora` back into packed layers: ``quantize(W + lora_a @ lora_b)``.
 
-    Each ``nnx.LoRA`` (or :class:`LoRAGeneral`) over a packed layer becomes
+    Each ``nnx.LoRA`` (or :class:`LoRAGeneral`, :class:`LoRAEinsum`) over a packed layer becomes
     that layer, its weight the dequantized base plus the adapters' product
-    (:func:`~quantize_jax.ptq.merge_low_rank`), quantized again with the
+    (:func:`~quantize_jax.lora.merge_low_rank`), quantized again with the
     base's spec (its scales recomputed). The merged model is one packed
     model to save or export; it rounds the adapters' contribution to the
     4-bit grid, so its outputs differ from the adapted model's by about the
@@ -798,11 +829,13 @@ def merge_lora(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
       ValueError: the model holds no LoRA over a packed layer.
     """
     def adapted(m) -> bool:
-        return isinstance(m, nnx.LoRA) and _lora_features(m.base_module) is not None
+        layout = isinstance(m, nnx.LoRA) and _adapter_layout(m.base_module)
+        return bool(layout) and isinstance(m, layout[0])
 
     def merged(lora):
         new = nnx.clone(lora.base_module)
-        new.kernel.set_value(merge_low_rank(new.qarray, lora.lora_a[...], lora.lora_b[...]))
+        subscripts = LowRankEinsum.of(new.einsum_str).kernel_delta if isinstance(lora, LoRAEinsum) else None
+        new.kernel.set_value(merge_low_rank(new.qarray, lora.lora_a[...], lora.lora_b[...], subscripts=subscripts))
         return new
 
     if adapted(model):

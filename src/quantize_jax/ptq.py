@@ -227,30 +227,6 @@ def _choose(path, leaf, compiled, min_size):
     return default_spec(shape, path)
 
 
-def merge_low_rank(q: QArray, a, b) -> QArray:
-    """``quantize(dequantize(q) + a @ b)`` with ``q``'s spec: a LoRA adapter folded into a packed weight.
-
-    The sum is formed in float32 and rounded to the 4-bit grid again (its scales recomputed), so the
-    merged weight differs from ``dequantize(q) + a @ b`` by about the quantization error. Stacked
-    layers (``q`` of shape ``(L, K, N)``, ``a`` ``(L, K, r)``, ``b`` ``(L, r, N)``) merge layer by layer;
-    a kernel with several input or output axes (a ``LinearGeneral``'s, ``(..., in axes, out axes)``)
-    takes ``a @ b`` over those axes flattened, reshaped to its shape.
-
-    Example:
-      >>> import jax.numpy as jnp, quantize_jax as qj
-      >>> q = qj.quantize(jnp.eye(4), qj.QuantSpec(axis=0))
-      >>> merged = qj.ptq.merge_low_rank(q, jnp.ones((4, 1)), jnp.full((1, 4), 0.5))
-      >>> [round(v, 3) for v in qj.dequantize(merged)[0].tolist()]  # 0.5 on the grid of steps 1.5 / 7
-      [1.5, 0.429, 0.429, 0.429]
-    """
-    delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
-    stack = delta.shape[:-2]
-    if delta.size != q.size or tuple(q.shape[: len(stack)]) != stack:
-        raise ValueError(f"merge_low_rank: a @ b has shape {delta.shape}, which does not fit the weight {q.shape}")
-    delta = delta.reshape(q.shape)
-    return quantize((dequantize(q, jnp.float32) + delta).astype(q.dtype), q.spec)
-
-
 def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
     """GPTQ: quantize a Dense kernel ``w`` ``(K, N)`` for inputs ``x`` ``(n, K)`` with error compensation.
 

@@ -1,0 +1,89 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import quantize_jax as qj
+from quantize_jax.lora import LowRankEinsum
+
+_ROLES = ("batch", "contracted", "produced", "free")  # free: an axis of the inputs and output only
+
+
+@st.composite
+def _einsums(draw):
+    """A random einsum 'x,w->y' with a rank-r factorisation: each letter's role, order and size drawn."""
+    letters = "ABCDEF"[: draw(st.integers(2, 6))]
+    roles = dict(zip(letters, draw(st.lists(st.sampled_from(_ROLES), min_size=len(letters), max_size=len(letters)))))
+    roles[letters[0]], roles[letters[1]] = "contracted", "produced"
+    on = lambda *kinds: [c for c in letters if roles[c] in kinds]  # noqa: E731
+    x, w, y = (draw(st.permutations(on(*kinds))) for kinds in
+               (("batch", "contracted", "free"), ("batch", "contracted", "produced"), ("batch", "produced", "free")))
+    sizes = {c: draw(st.integers(1, 3)) for c in letters}
+    return "".join(x) + "," + "".join(w) + "->" + "".join(y), sizes
+
+
+@given(_einsums(), st.integers(1, 3))
+def test_the_adapter_is_the_einsum_over_its_low_rank_kernel(einsum, rank):
+    """einsum(einsum(x, a), b) == einsum(x, W) with W = einsum(a, b) in the kernel's own axis order."""
+    einsum_str, sizes = einsum
+    lr = LowRankEinsum.of(einsum_str)
+    (x_sub, w_sub), _ = einsum_str.split("->")[0].split(","), None
+    a_shape, b_shape = lr.adapter_shapes(tuple(sizes[c] for c in w_sub), rank)
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], tuple(sizes[c] for c in x_sub))
+    a, b = jax.random.normal(keys[1], a_shape), jax.random.normal(keys[2], b_shape)
+    w = jnp.einsum(lr.kernel_delta, a, b)
+    assert w.shape == tuple(sizes[c] for c in w_sub)
+    np.testing.assert_allclose(lr(x, a, b), jnp.einsum(einsum_str, x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lr)(x, a, b), lr(x, a, b), rtol=1e-6, atol=1e-6)
+
+
+def test_subscripts_of_gemma_style_projections():
+    lr = LowRankEinsum.of("BTNH, NHD -> BTD")  # spaces are ignored
+    assert (lr.batch, lr.contracted, lr.produced, lr.a, lr.b) == ("", "NH", "D", "NHa", "aD")
+    heads = LowRankEinsum.of("BNTH,NHD->BNTD")
+    assert (heads.batch, heads.a, heads.b, heads.kernel_delta) == ("N", "NHa", "NaD", "NHa,NaD->NHD")
+    assert LowRankEinsum.of("abc,cd->abd").rank == "e"  # a letter the einsum does not use
+    with pytest.raises(ValueError, match=r"kernel_shape=\(4, 8\) does not match the subscripts 'NHD'"):
+        lr.adapter_shapes((4, 8), 2)
+
+
+@pytest.mark.parametrize("einsum_str, message", [
+    ("BTD,DF", "must read 'inputs,kernel->output'"),
+    ("BTD,DF,FG->BTG", "must read 'inputs,kernel->output'"),
+    ("BTD,D...F->BTF", "must be distinct letters"),
+    ("BTD,DDF->BTF", "must be distinct letters"),
+    ("BTD,DFZ->BTF", r"kernel axes \['Z'\] of 'BTD,DFZ->BTF' are summed over the kernel alone"),
+    ("BTD,D->BT", "must contract an axis of the inputs and produce one of the output"),
+    ("BTF,F->BTF", "must contract an axis of the inputs and produce one of the output"),
+])
+def test_low_rank_einsum_refuses_what_has_no_rank_r_adapter(einsum_str, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankEinsum.of(einsum_str)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "nf4", "fp4"])
+def test_merge_low_rank_rounds_the_sum_to_the_weights_own_spec(fmt):
+    w = jax.random.normal(jax.random.key(0), (4, 16, 8))  # kernel "NDH"
+    q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=(0, 1)))
+    a, b = jax.random.normal(jax.random.key(1), (16, 2)), jax.random.normal(jax.random.key(2), (2, 4, 8))
+    merged = qj.lora.merge_low_rank(q, a, b, subscripts="Dr,rNH->NDH")
+    expected = qj.quantize(qj.dequantize(q) + jnp.einsum("dr,rnh->ndh", a, b), q.spec)
+    assert merged.spec == q.spec and merged.shape == q.shape
+    np.testing.assert_allclose(qj.dequantize(merged), qj.dequantize(expected), rtol=1e-6)  # up to the sums' order
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), q, q)  # two layers: "..." takes the stack axis
+    both = qj.lora.merge_low_rank(stacked, jnp.stack([a, 0 * a]), jnp.stack([b, b]), subscripts="Dr,rNH->NDH")
+    np.testing.assert_allclose(qj.dequantize(both)[0], qj.dequantize(merged), rtol=1e-6)  # a batched dot's sums
+    unchanged = qj.quantize(qj.dequantize(q), q.spec)  # a zero adapter: q re-rounded (fp4's -0 becomes +0)
+    np.testing.assert_array_equal(qj.dequantize(both)[1], qj.dequantize(unchanged))
+
+
+def test_merge_low_rank_names_the_shapes_that_do_not_fit():
+    q = qj.quantize(jnp.ones((8, 6)), qj.QuantSpec(axis=0))
+    with pytest.raises(ValueError, match=r"a \(8, 2\) and b \(2, 5\) make a weight of shape \(8, 5\), which does not "
+                                         r"fit the packed weight \(8, 6\)"):
+        qj.lora.merge_low_rank(q, jnp.ones((8, 2)), jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"make a weight of shape \(6, 8\)"):
+        qj.lora.merge_low_rank(q, jnp.ones((8, 2)), jnp.ones((2, 6)), subscripts="kr,rn->nk")
