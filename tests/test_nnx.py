@@ -479,6 +479,63 @@ def test_qlora_over_stacked_einsum_layers_with_a_batch_axis():
     np.testing.assert_allclose(merged(x), h, rtol=0.2, atol=0.2)  # re-rounded to the 4-bit grid
 
 
+class _GemmaBlock(nnx.Module):
+    """A Gemma-style decoder: tied embeddings and one block of Einsum projections (grouped-query attention
+    with keys and values in one kernel, a gated MLP with gate and up in one kernel)."""
+
+    def __init__(self, rngs, vocab=64, d=32, heads=4, kv_heads=2, head_dim=8, hidden=48):
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.q = nnx.Einsum("BTD,NDH->BTNH", (heads, d, head_dim), rngs=rngs)
+        self.kv = nnx.Einsum("BSD,CKDH->CBSKH", (2, kv_heads, d, head_dim), rngs=rngs)
+        self.o = nnx.Einsum("BTNH,NHD->BTD", (heads, head_dim, d), rngs=rngs)
+        self.gate = nnx.Einsum("BTD,GDF->GBTF", (2, d, hidden), rngs=rngs)
+        self.down = nnx.Einsum("BTF,FD->BTD", (hidden, d), rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        k, v = self.kv(x)
+        q = self.q(x).reshape(b, t, k.shape[-2], -1, k.shape[-1])
+        w = jax.nn.softmax(jnp.einsum("BTKGH,BSKH->BKGTS", q, k) / np.sqrt(k.shape[-1]), axis=-1)
+        x = x + self.o(jnp.einsum("BKGTS,BSKH->BTKGH", w, v).reshape(b, t, -1, k.shape[-1]))
+        gate, up = self.gate(x)
+        return self.embed.attend(x + self.down(jax.nn.gelu(gate) * up))
+
+
+def test_a_gemma_style_model_from_qat_to_qlora_to_an_exported_artifact(tmp_path):
+    """The whole journey over Einsum layers: QAT, packed serving equal to it, QLoRA on every projection
+    under nnx.jit, adapters saved and loaded alone, merged into one packed model, exported for CPU + TPU."""
+    import optax
+
+    ids = jax.random.randint(jax.random.key(0), (4, 12), 0, 64)
+
+    def loss(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(ids[:, :-1]), ids[:, 1:]).mean()
+
+    def train(model, wrt, steps):
+        opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=wrt)
+        step = nnx.jit(lambda m, o: o.update(m, nnx.grad(loss, argnums=nnx.DiffState(0, wrt))(m)))
+        for _ in range(steps):
+            step(model, opt)
+
+    qat = qj.nnx.quantize_model(_GemmaBlock(nnx.Rngs(0)), quantize_embeddings=True)
+    train(qat, nnx.Param, 3)
+    served = qj.nnx.to_serving(qat)
+    np.testing.assert_allclose(loss(served), loss(qat), rtol=1e-5)
+    tuned = qj.nnx.add_lora(served, 4, rngs=nnx.Rngs(1))
+    assert {type(getattr(tuned, p)).__name__ for p in ("q", "kv", "o", "gate", "down")} == {"LoRAEinsum"}
+    train(tuned, nnx.LoRAParam, 8)
+    assert float(loss(tuned)) < 0.98 * float(loss(served))
+    qj.save(tmp_path / "adapters.safetensors", nnx.state(tuned, nnx.LoRAParam))
+    fresh = qj.nnx.add_lora(served, 4, rngs=nnx.Rngs(7))
+    nnx.update(fresh, qj.load(tmp_path / "adapters.safetensors"))
+    np.testing.assert_array_equal(fresh(ids), tuned(ids))
+    merged = qj.nnx.merge_lora(tuned)
+    assert float(loss(merged)) < float(loss(served))
+    blob, params = qj.export.export_nnx(merged, ids, platforms=["cpu", "tpu"])
+    np.testing.assert_allclose(qj.export.load_serving(blob)(params, ids), merged(ids), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("make, x_shape", [
     (lambda dtype: nnx.Einsum("btd,dhk->bthk", (2048, 4, 64), (4, 64), dtype=dtype, rngs=nnx.Rngs(0)), (2, 3, 2048)),
     (lambda dtype: nnx.LinearGeneral((16, 128), 256, axis=(-2, -1), dtype=dtype, rngs=nnx.Rngs(0)), (2, 3, 16, 128)),
