@@ -274,3 +274,54 @@ def test_qlora_adapters_train_over_packed_dense_kernels_and_merge():
     assert float(jnp.mean((out - tuned) ** 2)) < 0.1 * float(jnp.mean((tuned - base) ** 2))
     with pytest.raises(ValueError, match=r"merge_lora: the variables hold no 'lora' collection"):
         qj.linen.merge_lora(merged)
+
+
+class _LoraHeads(nn.Module):
+    """Attention-like projections: 32 features to 4 heads of 8 and back, both QuantDenseGeneral with adapters."""
+
+    @nn.compact
+    def __call__(self, x):
+        heads = qj.linen.QuantDenseGeneral((4, 8), lora_rank=3, name="heads")(x)
+        return qj.linen.QuantDenseGeneral(32, axis=(-2, -1), lora_rank=3, name="out")(jnp.tanh(heads))
+
+
+def test_qlora_over_dense_general_projections():
+    """QuantDenseGeneral(lora_rank=r): adapters over the contracted axes and the features flattened,
+    trained over a packed base, merged into packed kernels (and into float ones before serving)."""
+    import optax
+
+    model = _LoraHeads()
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    target = jax.random.normal(jax.random.key(2), (2, 5, 32))
+    variables = model.init(jax.random.key(0), x)
+    assert variables["lora"]["heads"]["a"].shape == (32, 3) and variables["lora"]["heads"]["b"].shape == (3, 32)
+    assert variables["lora"]["out"]["a"].shape == (32, 3)
+    served = qj.linen.to_serving_params(model, variables, x)
+    frozen = served["params"]
+    np.testing.assert_array_equal(model.apply(served, x), model.apply({"params": frozen}, x))  # b starts at zero
+
+    def loss(lora):
+        return jnp.mean((model.apply({"params": frozen, "lora": lora}, x) - target) ** 2)
+
+    opt = optax.adam(1e-2)
+    lora, state = served["lora"], opt.init(served["lora"])
+    first = float(loss(lora))
+    for _ in range(10):
+        updates, state = opt.update(jax.grad(loss)(lora), state)
+        lora = optax.apply_updates(lora, updates)
+    assert float(loss(lora)) < 0.9 * first
+    a, b = lora["out"]["a"], lora["out"]["b"]  # the output projection contracts (heads, features) = (4, 8)
+    heads = qj.dequantize(frozen["heads"]["kernel"]) + (lora["heads"]["a"] @ lora["heads"]["b"]).reshape(32, 4, 8)
+    h = jnp.tanh(jnp.einsum("btd,dhk->bthk", x, heads) + frozen["heads"]["bias"][None, None])
+    expected = (jnp.einsum("bthk,hkd->btd", h, qj.dequantize(frozen["out"]["kernel"]))
+                + frozen["out"]["bias"][None, None] + h.reshape(2, 5, 32) @ a @ b)
+    np.testing.assert_allclose(model.apply({"params": frozen, "lora": lora}, x), expected, rtol=1e-4, atol=1e-4)
+    merged = qj.linen.merge_lora({"params": frozen, "lora": lora})
+    q = frozen["heads"]["kernel"]
+    want = qj.quantize(qj.dequantize(q) + (lora["heads"]["a"] @ lora["heads"]["b"]).reshape(32, 4, 8), q.spec)
+    jax.tree.map(np.testing.assert_array_equal, merged["params"]["heads"]["kernel"], want)
+    float_merged = qj.linen.merge_lora({"params": variables["params"], "lora": lora})  # QAT kernels: float sums
+    np.testing.assert_allclose(float_merged["params"]["out"]["kernel"],
+                               variables["params"]["out"]["kernel"] + (a @ b).reshape(4, 8, 32), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"QuantDenseGeneral: lora_rank=2 needs batch_dims=\(\), got batch_dims=\(0,\)"):
+        qj.linen.QuantDenseGeneral(4, batch_dims=(0,), lora_rank=2).init(jax.random.key(0), jnp.ones((2, 3, 8)))

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -125,18 +126,7 @@ class QuantDense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs):
-        y = self._dense(inputs)
-        if self.lora_rank and (self.is_initializing() or self.has_variable("lora", "a")):
-            k, n = jnp.shape(inputs)[-1], self.features
-
-            def init(shape, fn):
-                return lambda: fn(self.make_rng("params"), shape, self.param_dtype)
-
-            a = self.variable("lora", "a", init((k, self.lora_rank), nn.initializers.he_uniform())).value
-            b = self.variable("lora", "b", init((self.lora_rank, n), nn.initializers.zeros_init())).value
-            x, a, b = self.promote_dtype(inputs, a, b, dtype=self.dtype)
-            y = y + (x @ a @ b).astype(y.dtype)
-        return y
+        return _with_lora(self, inputs, self._dense(inputs), (inputs.ndim - 1,), (self.features,))
 
     def _dense(self, inputs):
         """The layer without adapters: QAT over the float kernel, or serving from a packed one."""
@@ -172,6 +162,25 @@ class QuantDense(nn.Module):
         return s.astype(spec.scale_dtype), z
 
 
+def _with_lora(module, inputs, y, axes, features):
+    """``y`` plus the layer's QLoRA adapters (``lora_rank``), if it has them: ``x' @ a @ b``, with ``x'``
+    the inputs' contracted ``axes`` moved last and flattened (``a`` ``(K, r)``, He-uniform; ``b``
+    ``(r, N)``, zeros; as ``nnx.LoRA``) and the product reshaped to the output ``features``."""
+    if not module.lora_rank or not (module.is_initializing() or module.has_variable("lora", "a")):
+        return y
+    x = jnp.moveaxis(inputs, axes, range(-len(axes), 0))
+    lead = x.shape[: x.ndim - len(axes)]
+    x = x.reshape(lead + (-1,))
+
+    def init(shape, fn):
+        return lambda: fn(module.make_rng("params"), shape, module.param_dtype)
+
+    a = module.variable("lora", "a", init((x.shape[-1], module.lora_rank), nn.initializers.he_uniform())).value
+    b = module.variable("lora", "b", init((module.lora_rank, math.prod(features)), nn.initializers.zeros_init())).value
+    x, a, b = module.promote_dtype(x, a, b, dtype=module.dtype)
+    return y + (x @ a @ b).reshape(lead + tuple(features)).astype(y.dtype)
+
+
 def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     """QAT variables -> serving variables for the same ``module``.
 
@@ -204,11 +213,11 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
 
 
 def merge_lora(variables):
-    """Fold the QLoRA adapters of :class:`QuantDense` layers (``lora_rank``) into their kernels.
+    """Fold the QLoRA adapters of :class:`QuantDense` / :class:`QuantDenseGeneral` layers (``lora_rank``) into their kernels.
 
     For every layer with ``a`` and ``b`` in the ``"lora"`` collection, a packed kernel becomes
     ``quantize(dequantize(kernel) + a @ b)`` with its spec (:func:`~quantize_jax.lora.merge_low_rank`;
-    re-rounded to the 4-bit grid), a float kernel ``kernel + a @ b``. Returns ``variables`` without
+    re-rounded to the 4-bit grid), a float kernel ``kernel + a @ b`` (reshaped to the kernel). Returns ``variables`` without
     the ``"lora"`` collection: the same module then applies the merged kernels alone.
 
     Raises:
@@ -232,7 +241,7 @@ def _merged_params(params, lora, path):
             if isinstance(kernel, QArray):
                 merged = merge_low_rank(kernel, value["a"], value["b"])
             else:
-                merged = kernel + jnp.matmul(value["a"], value["b"]).astype(kernel.dtype)
+                merged = kernel + jnp.matmul(value["a"], value["b"]).reshape(kernel.shape).astype(kernel.dtype)
             params[name] = {**layer, "kernel": merged}
         else:
             params[name] = _merged_params(params.get(name, {}), value, path + (name,))
@@ -310,19 +319,40 @@ class QuantDenseGeneral(_QuantKernel, nn.DenseGeneral):
 
     Serving (a QArray kernel): :func:`~quantize_jax.qeinsum` over the packed kernel, or with
     ``backend="xla"`` (and for batch dims, a custom ``dot_general``, or W4A8 contracting more than the
-    last axis) the Flax forward over the dequantized kernel, bit for bit the QAT outputs."""
+    last axis) the Flax forward over the dequantized kernel, bit for bit the QAT outputs.
+
+    ``lora_rank`` (without ``batch_dims``): QLoRA adapters as :class:`QuantDense`'s, over the
+    contracted axes and the features each flattened (``a`` ``(prod(contracted), r)``, ``b``
+    ``(r, prod(features))``, their product reshaped to the kernel), for attention projections.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> proj = qj.linen.QuantDenseGeneral((4, 8), lora_rank=2)  # 4 heads of 8 features
+      >>> v = proj.init(jax.random.key(0), jnp.ones((1, 5, 32)))
+      >>> v["params"]["kernel"].shape, v["lora"]["a"].shape, v["lora"]["b"].shape
+      ((32, 4, 8), (32, 2), (2, 32))
+    """
 
     weight_spec: QuantSpec | None = None
     act_spec: QuantSpec | str | None = None
     backend: str = "auto"
+    lora_rank: int = 0
 
+    @nn.compact
     def __call__(self, inputs):
-        q = _served_kernel(self)
         axes = sorted(a % inputs.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
+        features = self.features if isinstance(self.features, tuple) else (self.features,)
+        if self.lora_rank and self.batch_dims:
+            raise ValueError(f"QuantDenseGeneral: lora_rank={self.lora_rank} needs batch_dims=(), "
+                             f"got batch_dims={self.batch_dims!r}")
+        return _with_lora(self, inputs, self._dense_general(inputs, axes, features), tuple(axes), features)
+
+    def _dense_general(self, inputs, axes, features):
+        """The layer without adapters: QAT over the float kernel, or serving from a packed one."""
+        q = _served_kernel(self)
         custom = self.batch_dims or self.dot_general is not None or self.dot_general_cls is not None
         if q is None or custom or (self.act_spec == "int8" and axes != [inputs.ndim - 1]):
             return _QuantKernel.__call__(self, inputs)
-        features = self.features if isinstance(self.features, tuple) else (self.features,)
         subscripts, n_free = matmul.dense_general_subscripts(inputs.ndim, axes, len(features))
         bias = self.get_variable("params", "bias") if self.use_bias else None
         return _packed_einsum(self, subscripts, inputs, q, bias, (1,) * n_free + features)
