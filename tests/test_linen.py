@@ -228,6 +228,22 @@ def test_w4a8_dense_general_serves_through_the_packed_integer_product():
     assert [ln for ln in hlo.splitlines() if "dot_general" in ln and "xi8>" in ln]  # int8 x int8 sums
 
 
+def _train_adapters(model, served, x, target, steps):
+    """Adam over the "lora" collection alone, the packed params frozen: (adapters, first loss, last loss)."""
+    import optax
+
+    def loss(lora):
+        return jnp.mean((model.apply({"params": served["params"], "lora": lora}, x) - target) ** 2)
+
+    opt = optax.adam(1e-2)
+    lora, state = served["lora"], opt.init(served["lora"])
+    first = float(loss(lora))
+    for _ in range(steps):
+        updates, state = opt.update(jax.grad(loss)(lora), state)
+        lora = optax.apply_updates(lora, updates)
+    return lora, first, float(loss(lora))
+
+
 class _LoraMLP(nn.Module):
     rank: int = 4
 
@@ -239,8 +255,6 @@ class _LoraMLP(nn.Module):
 
 
 def test_qlora_adapters_train_over_packed_dense_kernels_and_merge():
-    import optax
-
     model = _LoraMLP()
     x = jax.random.normal(jax.random.key(1), (16, 16))
     target = jax.random.normal(jax.random.key(2), (16, 6))
@@ -252,17 +266,8 @@ def test_qlora_adapters_train_over_packed_dense_kernels_and_merge():
     base = model.apply({"params": frozen}, x)  # no adapters: the plain served layers
     np.testing.assert_array_equal(model.apply(served, x), base)  # b starts at zero
 
-    def loss(lora):
-        return jnp.mean((model.apply({"params": frozen, "lora": lora}, x) - target) ** 2)
-
-    opt = optax.adam(1e-2)
-    lora, state = served["lora"], opt.init(served["lora"])
-    first = float(loss(lora))
-    for _ in range(30):
-        grads = jax.grad(loss)(lora)
-        updates, state = opt.update(grads, state)
-        lora = optax.apply_updates(lora, updates)
-    assert float(loss(lora)) < 0.7 * first
+    lora, first, last = _train_adapters(model, served, x, target, 30)
+    assert last < 0.7 * first
     tuned = model.apply({"params": frozen, "lora": lora}, x)
     merged = qj.linen.merge_lora({"params": frozen, "lora": lora})
     assert "lora" not in merged
@@ -288,8 +293,6 @@ class _LoraHeads(nn.Module):
 def test_qlora_over_dense_general_projections():
     """QuantDenseGeneral(lora_rank=r): adapters over the contracted axes and the features flattened,
     trained over a packed base, merged into packed kernels (and into float ones before serving)."""
-    import optax
-
     model = _LoraHeads()
     x = jax.random.normal(jax.random.key(1), (2, 5, 32))
     target = jax.random.normal(jax.random.key(2), (2, 5, 32))
@@ -300,16 +303,8 @@ def test_qlora_over_dense_general_projections():
     frozen = served["params"]
     np.testing.assert_array_equal(model.apply(served, x), model.apply({"params": frozen}, x))  # b starts at zero
 
-    def loss(lora):
-        return jnp.mean((model.apply({"params": frozen, "lora": lora}, x) - target) ** 2)
-
-    opt = optax.adam(1e-2)
-    lora, state = served["lora"], opt.init(served["lora"])
-    first = float(loss(lora))
-    for _ in range(10):
-        updates, state = opt.update(jax.grad(loss)(lora), state)
-        lora = optax.apply_updates(lora, updates)
-    assert float(loss(lora)) < 0.9 * first
+    lora, first, last = _train_adapters(model, served, x, target, 10)
+    assert last < 0.9 * first
     a, b = lora["out"]["a"], lora["out"]["b"]  # the output projection contracts (heads, features) = (4, 8)
     heads = qj.dequantize(frozen["heads"]["kernel"]) + (lora["heads"]["a"] @ lora["heads"]["b"]).reshape(32, 4, 8)
     h = jnp.tanh(jnp.einsum("btd,dhk->bthk", x, heads) + frozen["heads"]["bias"][None, None])

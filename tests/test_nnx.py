@@ -64,13 +64,13 @@ def test_serving_equals_qat_and_holds_no_float_weights(fmt, options):
 
 
 class _Stacked(nnx.Module):
-    """Three Linear layers made by nnx.vmap (kernels stacked (3, 16, 16)) and run by nnx.scan."""
+    """Three layers made by nnx.vmap (by default Linear, kernels stacked (3, 16, 16)) and run by nnx.scan."""
 
-    def __init__(self, rngs):
+    def __init__(self, rngs, layer=lambda rngs: nnx.Linear(16, 16, rngs=rngs)):
         @nnx.split_rngs(splits=3)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs):
-            return nnx.Linear(16, 16, rngs=rngs)
+            return layer(rngs)
 
         self.layers = make(rngs)
 
@@ -440,28 +440,10 @@ def test_qlora_over_einsum_layers(einsum_str, kernel_delta, a_shape, b_shape):
         tuned(x, einsum_str="x")
 
 
-class _StackedHeads(nnx.Module):
-    """Three per-head Einsum layers 'BND,NDF->BNF' (2 heads, kernels stacked (3, 2, 16, 16)) run by nnx.scan."""
-
-    def __init__(self, rngs):
-        @nnx.split_rngs(splits=3)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make(rngs):
-            return nnx.Einsum("BND,NDF->BNF", (2, 16, 16), rngs=rngs)
-
-        self.layers = make(rngs)
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-        def step(layer, x):
-            return jax.nn.relu(layer(x))
-
-        return step(self.layers, x)
-
-
 def test_qlora_over_stacked_einsum_layers_with_a_batch_axis():
     """Stacked layers and a batch (heads) axis together: one adapter per layer and head, sliced by nnx.scan."""
-    served = qj.nnx.to_serving(qj.nnx.quantize_model(_StackedHeads(nnx.Rngs(0))))
+    heads = lambda rngs: nnx.Einsum("BND,NDF->BNF", (2, 16, 16), rngs=rngs)  # noqa: E731  2 heads
+    served = qj.nnx.to_serving(qj.nnx.quantize_model(_Stacked(nnx.Rngs(0), heads)))
     tuned = qj.nnx.add_lora(served, 2, rngs=nnx.Rngs(1))
     assert tuned.layers.lora_a.shape == (3, 2, 16, 2) and tuned.layers.lora_b.shape == (3, 2, 2, 16)
     a = tuned.layers.lora_a[...]
