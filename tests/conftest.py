@@ -38,6 +38,27 @@ def product_operands(m, k, n, fmt, group):
     return x, qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group or None))
 
 
+# Roles of an einsum's letters, "x,w->y": batch (in all three), contracted (x and w), produced (w and y),
+# free (x and y), summed (x alone).
+_ROLES = ("batch", "contracted", "produced", "free", "summed")
+
+
+@st.composite
+def einsums(draw, roles=_ROLES[:4]):
+    """A random einsum ``"x,w->y"`` that contracts and produces at least one axis of ``w``: each letter's
+    role, order and size (1-3) drawn; returns ``(einsum_str, {letter: size})``."""
+    letters = "ABCDEF"[: draw(st.integers(2, 6))]
+    drawn = draw(st.lists(st.sampled_from(roles), min_size=len(letters), max_size=len(letters)))
+    role = dict(zip(letters, drawn))
+    role[letters[0]], role[letters[1]] = "contracted", "produced"
+    on = lambda *kinds: [c for c in letters if role[c] in kinds]  # noqa: E731
+    x, w, y = (draw(st.permutations(on(*kinds))) for kinds in (("batch", "contracted", "free", "summed"),
+                                                                ("batch", "contracted", "produced"),
+                                                                ("batch", "produced", "free")))
+    sizes = {c: draw(st.integers(1, 3)) for c in letters}
+    return "".join(x) + "," + "".join(w) + "->" + "".join(y), sizes
+
+
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])
 def maybe_jit(request):
     """Run a function eagerly and under jax.jit (static args by keyword through functools.partial)."""

@@ -8,23 +8,9 @@ from hypothesis import strategies as st
 import quantize_jax as qj
 from quantize_jax.lora import LowRankEinsum
 
-_ROLES = ("batch", "contracted", "produced", "free")  # free: an axis of the inputs and output only
+from .conftest import einsums
 
-
-@st.composite
-def _einsums(draw):
-    """A random einsum 'x,w->y' with a rank-r factorisation: each letter's role, order and size drawn."""
-    letters = "ABCDEF"[: draw(st.integers(2, 6))]
-    roles = dict(zip(letters, draw(st.lists(st.sampled_from(_ROLES), min_size=len(letters), max_size=len(letters)))))
-    roles[letters[0]], roles[letters[1]] = "contracted", "produced"
-    on = lambda *kinds: [c for c in letters if roles[c] in kinds]  # noqa: E731
-    x, w, y = (draw(st.permutations(on(*kinds))) for kinds in
-               (("batch", "contracted", "free"), ("batch", "contracted", "produced"), ("batch", "produced", "free")))
-    sizes = {c: draw(st.integers(1, 3)) for c in letters}
-    return "".join(x) + "," + "".join(w) + "->" + "".join(y), sizes
-
-
-@given(_einsums(), st.integers(1, 3))
+@given(einsums(), st.integers(1, 3))
 def test_the_adapter_is_the_einsum_over_its_low_rank_kernel(einsum, rank):
     """einsum(einsum(x, a), b) == einsum(x, W) with W = einsum(a, b) in the kernel's own axis order."""
     einsum_str, sizes = einsum

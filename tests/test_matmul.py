@@ -12,7 +12,7 @@ import quantize_jax as qj
 from quantize_jax import matmul
 from quantize_jax.matmul import PALLAS_MAX_M, PALLAS_MAX_M_FLOAT32
 
-from .conftest import FORMATS, PRODUCTS, product_operands
+from .conftest import FORMATS, PRODUCTS, einsums, product_operands
 
 BACKENDS = ("xla", "chunked", "native", "dequant", "pallas", "auto")
 
@@ -206,6 +206,37 @@ def test_qeinsum_layouts():
     q2 = qj.quantize(w2, qj.QuantSpec(axis=1))
     np.testing.assert_allclose(qj.qeinsum("btd,hdk->bthk", x, q2),
                                jnp.einsum("btd,hdk->bthk", x, qj.dequantize(q2)), rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def _specs(draw, ndim: int, sizes):
+    """A QuantSpec for a weight of ``sizes``: per tensor, some reduced axes, or groups along one axis."""
+    fmt = draw(st.sampled_from(FORMATS))
+    kind = draw(st.sampled_from(["tensor", "axes", "group"]))
+    if kind == "tensor":
+        return qj.QuantSpec(format=fmt)
+    if kind == "group":
+        axis = draw(st.integers(0, ndim - 1))
+        return qj.QuantSpec(format=fmt, axis=axis, group_size=draw(st.integers(1, max(1, sizes[axis]))))
+    axes = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+    return qj.QuantSpec(format=fmt, axis=tuple(sorted(axes)))
+
+
+@settings(max_examples=25)
+@given(einsums(roles=("batch", "contracted", "produced", "free", "summed")), st.data(),
+       st.sampled_from(("auto", "xla", "chunked", "dequant", "native")))
+def test_qeinsum_of_any_layout_equals_the_einsum_over_the_dequantized_weight(einsum, data, backend):
+    """Random einsums (kernel batch axes, axes summed over x alone, any order) and scale layouts: the fast
+    paths (flattened qdot, transposed logits) where they apply, the reference elsewhere."""
+    subscripts, sizes = einsum
+    x_sub, w_sub = subscripts.split("->")[0].split(",")
+    x = jax.random.normal(jax.random.key(0), tuple(sizes[c] for c in x_sub))
+    w_shape = tuple(sizes[c] for c in w_sub)
+    q = qj.quantize(jax.random.normal(jax.random.key(1), w_shape), data.draw(_specs(len(w_shape), w_shape)))
+    ref = np.einsum(subscripts, np.asarray(x, np.float64), np.asarray(qj.dequantize(q), np.float64))
+    y = jax.jit(lambda x, q: qj.qeinsum(subscripts, x, q, backend=backend))(x, q)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("subscripts", ["...d,dhk->...hk", "...d,dhk->hk...", "btd,dhk", "b...,dhk->b...hk",
