@@ -303,6 +303,50 @@ def test_embedding_gradients_and_errors():
     assert one(jnp.array([[0, 5]])).shape == (1, 2, 8)
 
 
+def test_gptq_serving_beats_rounding_to_nearest_on_correlated_inputs():
+    """to_serving_gptq: each Linear kernel quantized by GPTQ for the inputs recorded over the batches (the
+    first layer's are the batches themselves, so its QArray is ptq.gptq of them all); less output error."""
+    model = _mlp()
+    mix = jax.random.normal(jax.random.key(2), (16, 16))
+    batches = [jax.random.normal(jax.random.key(10 + i), (64, 16)) @ mix for i in range(4)]
+    test = jax.random.normal(jax.random.key(3), (256, 16)) @ mix
+    spec = qj.QuantSpec(axis=0, group_size=8)
+    qat = qj.nnx.quantize_model(model, weight_spec=spec)
+    gptq = qj.nnx.to_serving_gptq(qat, batches, progress=False)
+    assert type(qat.layers[0]) is qj.nnx.QuantLinear  # the QAT model is left as it was
+    assert type(gptq.layers[0]) is qj.nnx.ServingLinear and type(gptq.layers[2]) is qj.nnx.ServingLinear
+    first, expected = gptq.layers[0].qarray, qj.ptq.gptq(qat.layers[0].kernel[...], jnp.concatenate(batches), spec)
+    assert first.spec == spec and float(jnp.mean(first.packed == expected.packed)) > 0.99  # batch sums: last bits
+    np.testing.assert_allclose(first.scale, expected.scale, rtol=1e-5)
+    error = lambda m: float(jnp.mean((m(test) - model(test)) ** 2))  # noqa: E731
+    assert error(gptq) < 0.85 * error(qj.nnx.to_serving(qat))
+    only_last = qj.nnx.to_serving_gptq(qat, iter(batches), where="layers/2", progress=False)  # any iterable
+    jax.tree.map(np.testing.assert_array_equal, only_last.layers[0].qarray, qj.nnx.to_serving(qat).layers[0].qarray)
+
+
+class _TwoArgs(nnx.Module):
+    def __init__(self):
+        self.used = qj.nnx.QuantLinear(8, 8, rngs=nnx.Rngs(0))
+        self.unused = qj.nnx.QuantLinear(8, 8, rngs=nnx.Rngs(1))
+
+    def __call__(self, x, shift):
+        return self.used(x + shift)
+
+
+def test_gptq_serving_refuses_what_it_cannot_calibrate():
+    model, x = _TwoArgs(), jnp.ones((4, 8))
+    served = qj.nnx.to_serving_gptq(model, [(x, 1.0)], where="^used", progress=False)  # tuples: several arguments
+    assert type(served.used) is qj.nnx.ServingLinear and type(served.unused) is qj.nnx.ServingLinear
+    with pytest.raises(ValueError, match="to_serving_gptq: layer 'unused' was never called on the batches"):
+        qj.nnx.to_serving_gptq(model, [(x, 1.0)], progress=False)
+    with pytest.raises(ValueError, match="to_serving_gptq: batches is empty"):
+        qj.nnx.to_serving_gptq(model, [], progress=False)
+    learned = qj.nnx.quantize_model(_mlp(), learn_scale=True)
+    with pytest.raises(ValueError, match=r"to_serving_gptq: no QuantLinear matching where='' has its scales along "
+                                         r"the inputs \(weight_spec axis=0, grouped or not\) without learned scales"):
+        qj.nnx.to_serving_gptq(learned, [jnp.ones((2, 16))], progress=False)
+
+
 def test_qlora_adapters_train_over_a_packed_nf4_base_and_merge():
     import optax
 

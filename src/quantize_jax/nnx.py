@@ -14,6 +14,8 @@
 * :func:`to_serving` turns a QAT model into one whose weights are packed
   :class:`~quantize_jax.QArray` s used through :func:`~quantize_jax.qdot`; its
   outputs equal the QAT model's, and no float weight matrix is left.
+* :func:`to_serving_gptq`: the same with GPTQ kernels, for the inputs each
+  Linear layer sees on calibration batches.
 * :func:`add_lora` / :func:`merge_lora`: QLoRA, ``nnx.LoRA`` adapters over
   the packed Linear, LinearGeneral and Einsum layers of a served model, and
   folded back into packed layers.
@@ -43,6 +45,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, merge_low_rank
+from quantize_jax.ptq import gptq_from_hessian
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -690,6 +693,118 @@ def to_serving(model: nnx.Module, *, backend: str = "auto", inplace: bool = Fals
     return model
 
 
+class _InputMoment(nnx.Variable):
+    """What :func:`to_serving_gptq` records of a layer's inputs: ``sum x^T x`` and the rows summed."""
+
+
+class _InputRecorder(nnx.Module):
+    """A QuantLinear that also adds its inputs' ``x^T x`` (float32, highest precision) and row count up."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        k = layer.in_features
+        self.xtx = _InputMoment(jnp.zeros((k, k), jnp.float32))
+        self.rows = _InputMoment(jnp.zeros((), jnp.float32))
+
+    def __call__(self, inputs, *args, **kwargs):
+        x = jnp.reshape(inputs, (-1, jnp.shape(inputs)[-1])).astype(jnp.float32)
+        self.xtx.set_value(self.xtx[...] + jnp.dot(x.T, x, precision=lax.Precision.HIGHEST))
+        self.rows.set_value(self.rows[...] + x.shape[0])
+        return self.layer(inputs, *args, **kwargs)
+
+
+def _gptq_ready(layer) -> bool:
+    """Whether GPTQ can quantize this layer's kernel: an unstacked QuantLinear without learned scales
+    whose weight spec puts its scales along the inputs (``axis=0``, grouped or not)."""
+    if type(layer) is not QuantLinear or layer.learn_scale or layer.kernel.ndim != 2:
+        return False
+    return layer.weight_spec.reduced_axes(2) == (0,)
+
+
+def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, backend: str = "auto",
+                    progress: bool = True) -> nnx.Module:
+    """:func:`to_serving` with GPTQ kernels: each packed Linear kernel quantized for the inputs it sees.
+
+    ``model(*batch)`` runs (in eval mode, jitted) over every batch, and each
+    matched :class:`QuantLinear` adds up its inputs' ``x^T x``; then
+    :func:`~quantize_jax.ptq.gptq_from_hessian` quantizes its float kernel
+    with its ``weight_spec`` for that second moment (Frantar et al., 2022),
+    and the served model takes that QArray in place of rounding to nearest.
+    The inputs are those of the QAT model, whose other layers are already
+    fake-quantized as they will be served (one pass, not layer by layer);
+    memory is one ``(K, K)`` float32 matrix per layer, whatever the batches.
+
+    GPTQ applies to unstacked ``QuantLinear`` layers without learned scales
+    whose ``weight_spec`` reduces the input axis (``axis=0``, grouped or not);
+    every other layer is served as :func:`to_serving` serves it.
+
+    Args:
+      model: a QAT model (from :func:`quantize_model`), trained or not.
+      batches: an iterable of calibration batches, each the model's argument
+        or a tuple of its arguments.
+      where: a regex over layer paths; default every layer GPTQ applies to.
+      damp: GPTQ's dampening, relative to the mean diagonal of ``x^T x / n``.
+      backend: the served layers' ``qdot`` backend.
+      progress: tqdm progress bars over the batches and the layers.
+
+    Returns:
+      The served model (``model`` is left as it was).
+
+    Raises:
+      ValueError: no layer GPTQ applies to matches ``where``, ``batches`` is
+        empty, or a matched layer was never called.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> from flax import nnx
+      >>> qat = qj.nnx.quantize_model(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))))
+      >>> x = jax.random.normal(jax.random.key(1), (4, 32, 64))  # 4 batches of 32 rows
+      >>> served = qj.nnx.to_serving_gptq(qat, x, progress=False)
+      >>> type(served.layers[0]).__name__, served(x[0]).shape
+      ('ServingLinear', (32, 8))
+    """
+    regex = re.compile(where)
+    recording = nnx.clone(model)
+    targets = [p for p, m in nnx.iter_modules(recording) if _gptq_ready(m) and regex.search(_path_str(p))]
+    if not targets:
+        raise ValueError(f"to_serving_gptq: no QuantLinear matching where={where!r} has its scales along the "
+                         f"inputs (weight_spec axis=0, grouped or not) without learned scales")
+    for path in targets:
+        _replace(recording, path, _InputRecorder(_module_at(recording, path)))
+    recording.eval()
+    seen = 0
+    for batch in _progress(batches, progress, "to_serving_gptq: inputs", "batch"):
+        _record(recording, batch if isinstance(batch, tuple) else (batch,))
+        seen += 1
+    if not seen:
+        raise ValueError("to_serving_gptq: batches is empty; give at least one calibration batch")
+    served = to_serving(model, backend=backend)
+    for path in _progress(targets, progress, "to_serving_gptq: GPTQ", "layer"):
+        recorder = _module_at(recording, path)
+        rows = float(recorder.rows[...])
+        if not rows:
+            raise ValueError(f"to_serving_gptq: layer {_path_str(path)!r} was never called on the batches")
+        layer = _module_at(model, path)
+        q = gptq_from_hessian(layer.kernel[...], recorder.xtx[...] / rows, layer.weight_spec, damp=damp)
+        rounded = _module_at(served, path).kernel
+        rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
+    return served
+
+
+@nnx.jit
+def _record(model, args) -> None:
+    """One calibration batch through a model whose layers record their inputs (the outputs are dropped)."""
+    model(*args)
+
+
+def _progress(items, show: bool, desc: str, unit: str):
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
+
+
 class LoRAGeneral(nnx.LoRA):
     """``nnx.LoRA`` around a :class:`ServingLinearGeneral` whose inputs contract over their trailing axes
     (the query / key / value / output projections of ``nnx.MultiHeadAttention``):
@@ -850,10 +965,14 @@ def merge_lora(model: nnx.Module, *, inplace: bool = False) -> nnx.Module:
     return model
 
 
+def _module_at(model, path):
+    for p in path:
+        model = model[p] if isinstance(p, int) else getattr(model, p)
+    return model
+
+
 def _replace(model, path, new) -> None:
-    parent = model
-    for p in path[:-1]:
-        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    parent = _module_at(model, path[:-1])
     if isinstance(path[-1], int):
         parent[path[-1]] = new
     else:

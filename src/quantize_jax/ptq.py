@@ -257,23 +257,55 @@ def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
       >>> err(qj.ptq.gptq(w, x, spec)) < err(qj.quantize(w, spec))
       True
     """
-    w = check_float_array(w, "w", "gptq")
     x = check_float_array(x, "x", "gptq")
-    if w.ndim != 2 or x.ndim < 2 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"gptq: expected w of shape (K, N) and x of shape (..., K), got w {w.shape} and x {x.shape}")
+    if x.ndim < 2 or jnp.ndim(w) != 2 or x.shape[-1] != jnp.shape(w)[0]:
+        raise ValueError(f"gptq: expected w of shape (K, N) and x of shape (..., K), got w {jnp.shape(w)} and "
+                         f"x {x.shape}")
+    _check_finite(x, "x")
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return gptq_from_hessian(w, _mean_outer(x), spec, damp=damp)
+
+
+def gptq_from_hessian(w, h, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
+    """:func:`gptq` from the inputs' second moment ``h = x^T x / n`` ``(K, K)`` instead of the inputs:
+    for inputs seen in batches (sum each batch's ``x^T x``, divide by the rows), as
+    :func:`quantize_jax.nnx.to_serving_gptq` does. ``gptq(w, x, spec)`` is
+    ``gptq_from_hessian(w, x.T @ x / n, spec)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> x = jax.random.normal(jax.random.key(0), (256, 64))
+      >>> w = jax.random.normal(jax.random.key(1), (64, 16))
+      >>> q = qj.ptq.gptq_from_hessian(w, x.T @ x / 256, qj.QuantSpec(axis=0))
+      >>> q.shape
+      (64, 16)
+    """
+    w = check_float_array(w, "w", "gptq")
+    h = check_float_array(h, "h", "gptq")
+    if w.ndim != 2 or h.shape != (w.shape[0],) * 2:
+        raise ValueError(f"gptq: expected w of shape (K, N) and h of shape (K, K), got w {w.shape} and h {h.shape}")
     lay = _layout.layout(w.shape, spec, "w")
     if not (lay.group_axis == 0 or (lay.group_axis is None and lay.reduced == (0,))):
         raise ValueError(f"gptq: the spec must put scales along axis 0 (axis=0, optionally grouped), got axis={spec.axis!r}")
-    for name, a in (("w", w), ("x", x)):
-        if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
-            raise ValueError(f"gptq: {name} of shape {a.shape} holds NaN or Inf")
-    x = x.reshape(-1, x.shape[-1])
-    s, z, w_hat = _gptq_jit(w.astype(jnp.float32), x.astype(jnp.float32), spec, float(damp))
+    _check_finite(w, "w")
+    _check_finite(h, "h")
+    s, z, w_hat = _gptq_jit(w.astype(jnp.float32), h.astype(jnp.float32), spec, float(damp))
     return quantize(w_hat.astype(w.dtype), spec, scale=s, zero_point=z)  # w_hat's values lie on the grid
 
 
+def _check_finite(a, name: str) -> None:
+    if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
+        raise ValueError(f"gptq: {name} of shape {a.shape} holds NaN or Inf")
+
+
+@jax.jit
+def _mean_outer(x):
+    """``x^T x / n`` for inputs ``(n, K)``: the second moment GPTQ's Hessian is made of."""
+    return x.T @ x / x.shape[0]
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _gptq_jit(w, x, spec, damp):
+def _gptq_jit(w, h, spec, damp):
     """GPTQ with lazy batch updates: rows are quantized one by one inside a block (a scale group, or
     128 rows per channel), and the block's accumulated errors reach the later rows in one matmul."""
     k, n = w.shape
@@ -282,7 +314,6 @@ def _gptq_jit(w, x, spec, damp):
     block = lay.group_size if grouped else min(128, k)
     n_blocks = -(-k // block)
     kp = n_blocks * block
-    h = x.T @ x / x.shape[0]
     h = h + jnp.diag((jnp.diag(h) == 0).astype(h.dtype))  # inputs the calibration never sets: rounded to nearest
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
     u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T  # upper factor: H^-1 = U^T U
