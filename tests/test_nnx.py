@@ -324,6 +324,37 @@ def test_gptq_serving_beats_rounding_to_nearest_on_correlated_inputs():
     jax.tree.map(np.testing.assert_array_equal, only_last.layers[0].qarray, qj.nnx.to_serving(qat).layers[0].qarray)
 
 
+def test_gptq_serving_of_attention_projections_and_stacked_layers():
+    """LinearGeneral projections (inputs' trailing axes flattened into K, outputs into N) and layers stacked
+    by nnx.vmap (each on the inputs nnx.scan hands it): the QArrays keep to_serving's layout and spec."""
+    mix = jax.random.normal(jax.random.key(2), (32, 32))
+    batches = [jax.random.normal(jax.random.key(10 + i), (4, 8, 32)) @ mix for i in range(3)]
+    mha = nnx.MultiHeadAttention(num_heads=4, in_features=32, decode=False, rngs=nnx.Rngs(0))
+    qat = qj.nnx.quantize_model(mha)
+    served, rounded = qj.nnx.to_serving_gptq(qat, batches, progress=False), qj.nnx.to_serving(qat)
+    for name in ("query", "key", "value", "out"):
+        q, r = getattr(served, name).qarray, getattr(rounded, name).qarray
+        assert (q.shape, q.spec, q.scale.shape) == (r.shape, r.spec, r.scale.shape)
+    x = jnp.concatenate(batches).reshape(-1, 32)  # the query's inputs: the batches themselves
+    expected = qj.ptq.gptq(qat.query.kernel[...].reshape(32, 32), x, qj.QuantSpec(axis=0))
+    np.testing.assert_allclose(qj.dequantize(served.query.qarray).reshape(32, 32), qj.dequantize(expected),
+                               rtol=1e-5, atol=1e-6)
+    test = jax.random.normal(jax.random.key(3), (4, 8, 32)) @ mix
+    error = lambda m: float(jnp.mean((m(test) - mha(test)) ** 2))  # noqa: E731
+    assert error(served) < error(rounded)
+
+    floats = _Stacked(nnx.Rngs(0))
+    stacked = qj.nnx.quantize_model(floats, weight_spec=qj.QuantSpec(axis=0, group_size=8))
+    x = jax.random.normal(jax.random.key(4), (64, 16)) @ mix[:16, :16]
+    served, rounded = qj.nnx.to_serving_gptq(stacked, [x], progress=False), qj.nnx.to_serving(stacked)
+    q, r = served.layers.qarray, rounded.layers.qarray
+    assert (q.shape, q.spec, q.scale.shape) == (r.shape, r.spec, r.scale.shape) == ((3, 16, 16), r.spec, (3, 2, 16))
+    first = qj.ptq.gptq(stacked.layers.kernel[...][0], x, qj.QuantSpec(axis=0, group_size=8))
+    np.testing.assert_allclose(qj.dequantize(q)[0], qj.dequantize(first), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(qj.dequantize(q)[1], qj.dequantize(r)[1])  # the later layers too, on their own inputs
+    assert float(jnp.mean((served(x) - floats(x)) ** 2)) < float(jnp.mean((rounded(x) - floats(x)) ** 2))
+
+
 class _TwoArgs(nnx.Module):
     def __init__(self):
         self.used = qj.nnx.QuantLinear(8, 8, rngs=nnx.Rngs(0))
@@ -342,8 +373,8 @@ def test_gptq_serving_refuses_what_it_cannot_calibrate():
     with pytest.raises(ValueError, match="to_serving_gptq: batches is empty"):
         qj.nnx.to_serving_gptq(model, [], progress=False)
     learned = qj.nnx.quantize_model(_mlp(), learn_scale=True)
-    with pytest.raises(ValueError, match=r"to_serving_gptq: no QuantLinear matching where='' has its scales along "
-                                         r"the inputs \(weight_spec axis=0, grouped or not\) without learned scales"):
+    with pytest.raises(ValueError, match=r"to_serving_gptq: no QuantLinear or trailing-axes QuantLinearGeneral matching "
+                                         r"where='' reduces exactly its input axes \(weight_spec\) without learned"):
         qj.nnx.to_serving_gptq(learned, [jnp.ones((2, 16))], progress=False)
 
 

@@ -33,16 +33,18 @@ Activation quantization (``act_spec``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 from flax import nnx
+from jax import lax
 from jax.sharding import NamedSharding
 
-from quantize_jax import matmul
+from quantize_jax import _layout, matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, merge_low_rank
 from quantize_jax.ptq import gptq_from_hessian
@@ -698,27 +700,60 @@ class _InputMoment(nnx.Variable):
 
 
 class _InputRecorder(nnx.Module):
-    """A QuantLinear that also adds its inputs' ``x^T x`` (float32, highest precision) and row count up."""
+    """A layer that also adds its inputs' ``x^T x`` (contracted axes flattened to ``k``; float32 at the
+    highest precision) and their row count up; stacked layers (``stack``) each their own, under ``nnx.scan``."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, stack: tuple, k: int):
         self.layer = layer
-        k = layer.in_features
-        self.xtx = _InputMoment(jnp.zeros((k, k), jnp.float32))
-        self.rows = _InputMoment(jnp.zeros((), jnp.float32))
+        self.xtx = _InputMoment(jnp.zeros(stack + (k, k), jnp.float32))
+        self.rows = _InputMoment(jnp.zeros(stack, jnp.float32))
 
     def __call__(self, inputs, *args, **kwargs):
-        x = jnp.reshape(inputs, (-1, jnp.shape(inputs)[-1])).astype(jnp.float32)
+        x = jnp.reshape(inputs, (-1, self.xtx.shape[-1])).astype(jnp.float32)
         self.xtx.set_value(self.xtx[...] + jnp.dot(x.T, x, precision=lax.Precision.HIGHEST))
         self.rows.set_value(self.rows[...] + x.shape[0])
         return self.layer(inputs, *args, **kwargs)
 
 
-def _gptq_ready(layer) -> bool:
-    """Whether GPTQ can quantize this layer's kernel: an unstacked QuantLinear without learned scales
-    whose weight spec puts its scales along the inputs (``axis=0``, grouped or not)."""
-    if type(layer) is not QuantLinear or layer.learn_scale or layer.kernel.ndim != 2:
-        return False
-    return layer.weight_spec.reduced_axes(2) == (0,)
+def _gptq_view(layer) -> int | None:
+    """The number of input axes of the kernel of a layer GPTQ can quantize, else None: a QuantLinear, or a
+    QuantLinearGeneral contracting its inputs' trailing axes without batch axes (stacked or not), without
+    learned scales, whose weight spec reduces exactly its input axes (a group size then splits the one
+    input axis). GPTQ sees the kernel as ``(K, N)``, input and output axes each flattened."""
+    if type(layer) is QuantLinear:
+        n_in = 1
+    elif type(layer) is QuantLinearGeneral and not layer.batch_axis:
+        n_in = len(layer.in_features)
+        if tuple(layer.axis) != tuple(range(-n_in, 0)):
+            return None
+    else:
+        return None
+    _, own = _split_stack(layer)
+    ok = not layer.learn_scale and layer.weight_spec.reduced_axes(len(own)) == tuple(range(n_in))
+    return n_in if ok else None
+
+
+def _gptq_kernel(layer, xtx, rows, damp: float, path: str) -> QArray:
+    """The layer's kernel (each stacked layer's on its own) quantized by GPTQ for its inputs' moments,
+    in the layer's own layout and spec, as :func:`to_serving` would hold it."""
+    stack, own = _split_stack(layer)
+    n_in, spec = _gptq_view(layer), layer.weight_spec
+    k = math.prod(own[:n_in])
+    flat_spec = dataclasses.replace(spec, axis=0)
+    scale_shape = _layout.layout(own, spec).scale_shape
+    kernel = layer.kernel[...]
+    quantized = []
+    for index in np.ndindex(*stack):
+        if not float(rows[index]):
+            where = f"{path!r}" + (f", stacked layer {index}" if stack else "")
+            raise ValueError(f"to_serving_gptq: layer {where} was never called on the batches")
+        flat = gptq_from_hessian(kernel[index].reshape(k, -1), xtx[index] / rows[index], flat_spec, damp=damp)
+        z = None if flat.zero_point is None else flat.zero_point.reshape(scale_shape)
+        on_grid = dequantize(flat, jnp.float32).reshape(own).astype(kernel.dtype)  # GPTQ's values lie on its grid
+        quantized.append(quantize(on_grid, spec, scale=flat.scale.reshape(scale_shape), zero_point=z))
+    if not stack:
+        return quantized[0]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)
 
 
 def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, backend: str = "auto",
@@ -726,7 +761,7 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     """:func:`to_serving` with GPTQ kernels: each packed Linear kernel quantized for the inputs it sees.
 
     ``model(*batch)`` runs (in eval mode, jitted) over every batch, and each
-    matched :class:`QuantLinear` adds up its inputs' ``x^T x``; then
+    matched layer adds up its inputs' ``x^T x``; then
     :func:`~quantize_jax.ptq.gptq_from_hessian` quantizes its float kernel
     with its ``weight_spec`` for that second moment (Frantar et al., 2022),
     and the served model takes that QArray in place of rounding to nearest.
@@ -734,9 +769,13 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     fake-quantized as they will be served (one pass, not layer by layer);
     memory is one ``(K, K)`` float32 matrix per layer, whatever the batches.
 
-    GPTQ applies to unstacked ``QuantLinear`` layers without learned scales
-    whose ``weight_spec`` reduces the input axis (``axis=0``, grouped or not);
-    every other layer is served as :func:`to_serving` serves it.
+    GPTQ applies to :class:`QuantLinear` layers and to :class:`QuantLinearGeneral`
+    layers that contract their inputs' trailing axes (the projections of
+    ``nnx.MultiHeadAttention``), stacked by ``nnx.vmap`` or not (each layer
+    of a stack on its own inputs), without learned scales, whose
+    ``weight_spec`` reduces exactly their input axes (the default: one scale
+    per output feature; a group size splits the one input axis). Every
+    other layer is served as :func:`to_serving` serves it.
 
     Args:
       model: a QAT model (from :func:`quantize_model`), trained or not.
@@ -765,12 +804,15 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     """
     regex = re.compile(where)
     recording = nnx.clone(model)
-    targets = [p for p, m in nnx.iter_modules(recording) if _gptq_ready(m) and regex.search(_path_str(p))]
+    targets = [p for p, m in nnx.iter_modules(recording)
+               if _gptq_view(m) is not None and regex.search(_path_str(p))]
     if not targets:
-        raise ValueError(f"to_serving_gptq: no QuantLinear matching where={where!r} has its scales along the "
-                         f"inputs (weight_spec axis=0, grouped or not) without learned scales")
+        raise ValueError(f"to_serving_gptq: no QuantLinear or trailing-axes QuantLinearGeneral matching "
+                         f"where={where!r} reduces exactly its input axes (weight_spec) without learned scales")
     for path in targets:
-        _replace(recording, path, _InputRecorder(_module_at(recording, path)))
+        layer = _module_at(recording, path)
+        stack, own = _split_stack(layer)
+        _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[: _gptq_view(layer)])))
     recording.eval()
     seen = 0
     for batch in _progress(batches, progress, "to_serving_gptq: inputs", "batch"):
@@ -781,11 +823,7 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     served = to_serving(model, backend=backend)
     for path in _progress(targets, progress, "to_serving_gptq: GPTQ", "layer"):
         recorder = _module_at(recording, path)
-        rows = float(recorder.rows[...])
-        if not rows:
-            raise ValueError(f"to_serving_gptq: layer {_path_str(path)!r} was never called on the batches")
-        layer = _module_at(model, path)
-        q = gptq_from_hessian(layer.kernel[...], recorder.xtx[...] / rows, layer.weight_spec, damp=damp)
+        q = _gptq_kernel(_module_at(model, path), recorder.xtx[...], recorder.rows[...], damp, _path_str(path))
         rounded = _module_at(served, path).kernel
         rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
     return served
