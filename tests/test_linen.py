@@ -320,3 +320,50 @@ def test_qlora_over_dense_general_projections():
                                variables["params"]["out"]["kernel"] + (a @ b).reshape(4, 8, 32), rtol=1e-6)
     with pytest.raises(ValueError, match=r"QuantDenseGeneral: lora_rank=2 needs batch_dims=\(\), got batch_dims=\(0,\)"):
         qj.linen.QuantDenseGeneral(4, batch_dims=(0,), lora_rank=2).init(jax.random.key(0), jnp.ones((2, 3, 8)))
+
+
+class _GptqMLP(nn.Module):
+    learn_scale: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        spec = qj.QuantSpec(axis=0, group_size=8)
+        h = nn.relu(qj.linen.QuantDense(32, weight_spec=spec, learn_scale=self.learn_scale)(x))
+        return qj.linen.QuantDense(6, weight_spec=spec, learn_scale=self.learn_scale)(h)
+
+
+def test_gptq_serving_params_beat_rounding_to_nearest_on_correlated_inputs():
+    """to_serving_params_gptq: each QuantDense kernel quantized by GPTQ for the inputs recorded over the
+    batches (the first layer's are the batches: its QArray is ptq.gptq of them all); less output error."""
+    model = _GptqMLP()
+    mix = jax.random.normal(jax.random.key(2), (16, 16))
+    batches = [jax.random.normal(jax.random.key(10 + i), (64, 16)) @ mix for i in range(4)]
+    variables = model.init(jax.random.key(0), batches[0])
+    served = qj.linen.to_serving_params_gptq(model, variables, iter(batches), progress=False)
+    rounded = qj.linen.to_serving_params(model, variables, batches[0])
+    assert isinstance(variables["params"]["QuantDense_0"]["kernel"], jax.Array)  # the QAT variables are left alone
+    first = served["params"]["QuantDense_0"]["kernel"]
+    expected = qj.ptq.gptq(variables["params"]["QuantDense_0"]["kernel"], jnp.concatenate(batches), first.spec)
+    assert float(jnp.mean(first.packed == expected.packed)) > 0.99  # the batches' sums: last bits
+    np.testing.assert_allclose(first.scale, expected.scale, rtol=1e-5)
+    def float_forward(x):  # the float model: the kernels as trained, unquantized
+        p = variables["params"]
+        h = nn.relu(x @ p["QuantDense_0"]["kernel"] + p["QuantDense_0"]["bias"][None])
+        return h @ p["QuantDense_1"]["kernel"] + p["QuantDense_1"]["bias"][None]
+
+    test = jax.random.normal(jax.random.key(3), (256, 16)) @ mix
+    error = lambda v: float(jnp.mean((model.apply(v, test) - float_forward(test)) ** 2))  # noqa: E731
+    assert error(served) < 0.85 * error(rounded)
+
+
+def test_gptq_serving_params_refuse_what_they_cannot_calibrate():
+    x = jnp.ones((4, 16))
+    model = _GptqMLP(learn_scale=True)
+    with pytest.raises(ValueError, match="to_serving_params_gptq: no QuantDense without learned scales"):
+        qj.linen.to_serving_params_gptq(model, model.init(jax.random.key(0), x), [x], progress=False)
+    with pytest.raises(ValueError, match="to_serving_params_gptq: batches is empty"):
+        qj.linen.to_serving_params_gptq(_GptqMLP(), _GptqMLP().init(jax.random.key(0), x), [], progress=False)
+    scanned = nn.scan(_Cell, variable_axes={"params": 0, "qarrays": 0}, split_rngs={"params": True}, length=3)()
+    with pytest.raises(ValueError, match=r"to_serving_params_gptq: a QuantDense inside nn.scan / nn.vmap"):
+        qj.linen.to_serving_params_gptq(scanned, scanned.init(jax.random.key(0), x, None), [(x, None)],
+                                        progress=False)

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -31,6 +32,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import merge_low_rank
+from quantize_jax.ptq import gptq_from_hessian, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -210,6 +212,82 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     out = dict(variables)
     out["params"] = params
     return out
+
+
+def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float = 0.01, progress: bool = True):
+    """:func:`to_serving_params` with GPTQ kernels for the :class:`QuantDense` layers.
+
+    ``module.apply(variables, *batch)`` runs (jitted) over every batch while
+    each eligible ``QuantDense`` adds up its inputs' ``x^T x``; then
+    :func:`~quantize_jax.ptq.gptq_from_hessian` quantizes its float kernel
+    with its ``weight_spec`` for that second moment, in place of rounding to
+    nearest (as :func:`quantize_jax.nnx.to_serving_gptq` does for NNX).
+    Eligible: ``QuantDense`` layers outside ``nn.scan`` / ``nn.vmap``, without
+    learned scales, whose ``weight_spec`` reduces the input axis (``axis=0``,
+    grouped or not); every other layer is served as
+    :func:`to_serving_params` serves it.
+
+    Args:
+      module, variables: the QAT module and its variables.
+      batches: an iterable of calibration batches, each the module's argument
+        or a tuple of its arguments.
+      damp: GPTQ's dampening, relative to the mean diagonal of ``x^T x / n``.
+      progress: tqdm progress bars.
+
+    Raises:
+      ValueError: ``batches`` is empty, no eligible layer was called, or an
+        eligible layer sits inside ``nn.scan`` / ``nn.vmap``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> layer = qj.linen.QuantDense(8)
+      >>> x = jax.random.normal(jax.random.key(1), (4, 32, 64))  # 4 batches of 32 rows
+      >>> variables = layer.init(jax.random.key(0), x[0])
+      >>> served = qj.linen.to_serving_params_gptq(layer, variables, x, progress=False)
+      >>> type(served["params"]["kernel"]).__name__
+      'QArray'
+    """
+    specs = {}  # path -> weight spec, filled while the recording apply is traced
+
+    def record(next_fun, args, kwargs, context):
+        layer = context.module
+        if (context.method_name == "__call__" and type(layer) is QuantDense and not layer.learn_scale
+                and layer.weight_spec.reduced_axes(2) == (0,)):
+            x = jnp.reshape(args[0], (-1, jnp.shape(args[0])[-1])).astype(jnp.float32)
+            specs[layer.path] = layer.weight_spec
+            moments[layer.path] = (jnp.dot(x.T, x, precision=lax.Precision.HIGHEST), x.shape[0])
+        return next_fun(*args, **kwargs)
+
+    @jax.jit
+    def batch_moments(variables, args):
+        moments.clear()
+        with nn.intercept_methods(record):
+            module.apply(variables, *args)
+        return dict(moments)
+
+    moments, totals, first = {}, {}, None
+    for batch in progress_bar(batches, progress, "to_serving_params_gptq: inputs", "batch"):
+        args = batch if isinstance(batch, tuple) else (batch,)
+        first = first or args
+        try:
+            seen = batch_moments(variables, args)
+        except jax.errors.UnexpectedTracerError:
+            raise ValueError("to_serving_params_gptq: a QuantDense inside nn.scan / nn.vmap is not supported; "
+                             "serve such layers with to_serving_params") from None
+        for path, (xtx, rows) in seen.items():
+            total = totals.get(path, (0.0, 0.0))
+            totals[path] = (total[0] + xtx, total[1] + rows)
+    if first is None:
+        raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
+    if not totals:
+        raise ValueError("to_serving_params_gptq: no QuantDense without learned scales and with its scales along the "
+                         "inputs (weight_spec axis=0, grouped or not) was called by the module")
+    served = to_serving_params(module, variables, *first)
+    for path, (xtx, rows) in progress_bar(list(totals.items()), progress, "to_serving_params_gptq: GPTQ", "layer"):
+        kernel = functools.reduce(lambda tree, name: tree[name], path, variables["params"])["kernel"]
+        layer = functools.reduce(lambda tree, name: tree[name], path, served["params"])
+        layer["kernel"] = gptq_from_hessian(kernel, xtx / rows, specs[path], damp=damp)
+    return served
 
 
 def merge_lora(variables):

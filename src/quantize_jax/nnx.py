@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import _layout, matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, merge_low_rank
-from quantize_jax.ptq import gptq_from_hessian
+from quantize_jax.ptq import gptq_from_hessian, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -815,13 +815,13 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
         _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[: _gptq_view(layer)])))
     recording.eval()
     seen = 0
-    for batch in _progress(batches, progress, "to_serving_gptq: inputs", "batch"):
+    for batch in progress_bar(batches, progress, "to_serving_gptq: inputs", "batch"):
         _record(recording, batch if isinstance(batch, tuple) else (batch,))
         seen += 1
     if not seen:
         raise ValueError("to_serving_gptq: batches is empty; give at least one calibration batch")
     served = to_serving(model, backend=backend)
-    for path in _progress(targets, progress, "to_serving_gptq: GPTQ", "layer"):
+    for path in progress_bar(targets, progress, "to_serving_gptq: GPTQ", "layer"):
         recorder = _module_at(recording, path)
         q = _gptq_kernel(_module_at(model, path), recorder.xtx[...], recorder.rows[...], damp, _path_str(path))
         rounded = _module_at(served, path).kernel
@@ -833,14 +833,6 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
 def _record(model, args) -> None:
     """One calibration batch through a model whose layers record their inputs (the outputs are dropped)."""
     model(*args)
-
-
-def _progress(items, show: bool, desc: str, unit: str):
-    if not show:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=unit)
 
 
 class LoRAGeneral(nnx.LoRA):

@@ -151,12 +151,7 @@ def quantize_params(params, rules=None, *, min_size: int = 4096, calibration: Ma
     calibration = dict(calibration or {})
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda a: isinstance(a, QArray))
     out, reports = [], []
-    iterator = leaves
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(leaves, desc="quantize_params", unit="leaf")
-    for key_path, leaf in iterator:
+    for key_path, leaf in progress_bar(leaves, progress, "quantize_params", "leaf"):
         path = path_str(key_path)
         spec = _choose(path, leaf, compiled, min_size)
         nbytes = _nbytes(leaf)
@@ -185,6 +180,15 @@ def quantize_params(params, rules=None, *, min_size: int = 4096, calibration: Ma
     if calibration:
         raise ValueError(f"quantize_params: calibration given for paths that were not quantized: {sorted(calibration)}")
     return jax.tree_util.tree_unflatten(treedef, out), PTQReport(tuple(reports))
+
+
+def progress_bar(items, show: bool, desc: str, unit: str):
+    """``items`` behind a tqdm progress bar when ``show``, else as they are."""
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
 
 
 class _NonFinite(Exception):
