@@ -367,3 +367,21 @@ def test_gptq_serving_params_refuse_what_they_cannot_calibrate():
     with pytest.raises(ValueError, match=r"to_serving_params_gptq: a QuantDense inside nn.scan / nn.vmap"):
         qj.linen.to_serving_params_gptq(scanned, scanned.init(jax.random.key(0), x, None), [(x, None)],
                                         progress=False)
+
+
+class _Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        shared = qj.linen.QuantDense(16)
+        return shared(shared(x))
+
+
+def test_gptq_serving_params_of_a_layer_called_twice_take_both_inputs():
+    x = jax.random.normal(jax.random.key(0), (32, 16))
+    model = _Twice()
+    variables = model.init(jax.random.key(1), x)
+    served = qj.linen.to_serving_params_gptq(model, variables, [x], progress=False)
+    inner = qj.linen.QuantDense(16).apply({"params": variables["params"]["QuantDense_0"]}, x)
+    expected = qj.ptq.gptq(variables["params"]["QuantDense_0"]["kernel"], jnp.concatenate([x, inner]),
+                           qj.QuantSpec(axis=0))
+    assert float(jnp.mean(served["params"]["QuantDense_0"]["kernel"].packed == expected.packed)) > 0.99

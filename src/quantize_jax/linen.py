@@ -255,7 +255,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
                 and layer.weight_spec.reduced_axes(2) == (0,)):
             x = jnp.reshape(args[0], (-1, jnp.shape(args[0])[-1])).astype(jnp.float32)
             specs[layer.path] = layer.weight_spec
-            moments[layer.path] = (jnp.dot(x.T, x, precision=lax.Precision.HIGHEST), x.shape[0])
+            xtx, rows = moments.get(layer.path, (0.0, 0))  # a layer called twice adds both inputs up
+            moments[layer.path] = (xtx + jnp.dot(x.T, x, precision=lax.Precision.HIGHEST), rows + x.shape[0])
         return next_fun(*args, **kwargs)
 
     @jax.jit
