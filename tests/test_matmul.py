@@ -222,7 +222,7 @@ def _specs(draw, ndim: int, sizes):
     return qj.QuantSpec(format=fmt, axis=tuple(sorted(axes)))
 
 
-@settings(max_examples=25)
+@settings(max_examples=12)
 @given(einsums(roles=("batch", "contracted", "produced", "free", "summed")), st.data(),
        st.sampled_from(("auto", "xla", "chunked", "dequant", "native")))
 def test_qeinsum_of_any_layout_equals_the_einsum_over_the_dequantized_weight(einsum, data, backend):
