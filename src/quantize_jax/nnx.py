@@ -882,8 +882,9 @@ def _adapter_layout(layer) -> tuple[type, tuple, tuple, tuple] | None:
             lr = LowRankEinsum.of(layer.einsum_str)
         except ValueError:
             return None
-        size = dict(zip(lr.kernel, layer.qarray.shape[-len(lr.kernel):]))
-        return LoRAEinsum, *(tuple(size[c] for c in axes) for axes in (lr.batch, lr.contracted, lr.produced))
+        a_shape, b_shape = lr.adapter_shapes(layer.qarray.shape[-len(lr.kernel):], rank=1)
+        n_batch = len(lr.batch)
+        return LoRAEinsum, a_shape[:n_batch], a_shape[n_batch:-1], b_shape[n_batch + 1:]
     return None
 
 
