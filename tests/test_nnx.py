@@ -355,6 +355,31 @@ def test_gptq_serving_of_attention_projections_and_stacked_layers():
     assert float(jnp.mean((served(x) - floats(x)) ** 2)) < float(jnp.mean((rounded(x) - floats(x)) ** 2))
 
 
+def test_gptq_serving_of_gemma_style_einsum_layers():
+    """QuantEinsum layers whose inputs end with the contracted axes: the kernel's input axes moved first
+    and flattened for GPTQ, its QArray back in the layer's layout (per output feature, or groups)."""
+    model = _GemmaBlock(nnx.Rngs(0))
+    rules = [("^q$", qj.QuantSpec(axis=1, group_size=16)), ("^kv$", qj.QuantSpec(axis=2)),
+             ("^o$", qj.QuantSpec(axis=(0, 1))), ("^gate$", qj.QuantSpec(axis=1)), ("^down$", qj.QuantSpec(axis=0))]
+    qat = qj.nnx.quantize_model(model, rules)
+    ids = [jax.random.randint(jax.random.key(i), (4, 12), 0, 64) for i in range(3)]
+    served, rounded = qj.nnx.to_serving_gptq(qat, ids, progress=False), qj.nnx.to_serving(qat)
+    for name in ("q", "kv", "o", "gate", "down"):
+        q, r = getattr(served, name).qarray, getattr(rounded, name).qarray
+        assert (q.shape, q.spec, q.scale.shape) == (r.shape, r.spec, r.scale.shape)
+        assert not np.allclose(qj.dequantize(q), qj.dequantize(r))
+    x = jnp.concatenate([model.embed(i) for i in ids]).reshape(-1, 32)  # what q and kv multiply
+    for name, spec, axes in (("q", qj.QuantSpec(axis=0, group_size=16), (1, 0, 2)),  # (N, D, H) -> (D, N, H)
+                             ("kv", qj.QuantSpec(axis=0), (2, 0, 1, 3))):  # (C, K, D, H) -> (D, C, K, H)
+        kernel = getattr(qat, name).kernel[...]
+        expected = qj.dequantize(qj.ptq.gptq(kernel.transpose(axes).reshape(32, -1), x, spec))
+        np.testing.assert_allclose(qj.dequantize(getattr(served, name).qarray),
+                                   expected.reshape(tuple(kernel.shape[a] for a in axes)).transpose(np.argsort(axes)),
+                                   rtol=1e-5, atol=1e-6)
+    error = lambda m: sum(float(jnp.sum((m(i) - model(i)) ** 2)) for i in ids)  # noqa: E731
+    assert error(served) < error(rounded)
+
+
 class _TwoArgs(nnx.Module):
     def __init__(self):
         self.used = qj.nnx.QuantLinear(8, 8, rngs=nnx.Rngs(0))
@@ -373,8 +398,8 @@ def test_gptq_serving_refuses_what_it_cannot_calibrate():
     with pytest.raises(ValueError, match="to_serving_gptq: batches is empty"):
         qj.nnx.to_serving_gptq(model, [], progress=False)
     learned = qj.nnx.quantize_model(_mlp(), learn_scale=True)
-    with pytest.raises(ValueError, match=r"to_serving_gptq: no QuantLinear or trailing-axes QuantLinearGeneral matching "
-                                         r"where='' reduces exactly its input axes \(weight_spec\) without learned"):
+    with pytest.raises(ValueError, match=r"to_serving_gptq: no QuantLinear, QuantLinearGeneral or QuantEinsum GPTQ can "
+                                         r"quantize matches where='': none reduces exactly its input axes"):
         qj.nnx.to_serving_gptq(learned, [jnp.ones((2, 16))], progress=False)
 
 

@@ -715,42 +715,61 @@ class _InputRecorder(nnx.Module):
         return self.layer(inputs, *args, **kwargs)
 
 
-def _gptq_view(layer) -> int | None:
-    """The number of input axes of the kernel of a layer GPTQ can quantize, else None: a QuantLinear, or a
-    QuantLinearGeneral contracting its inputs' trailing axes without batch axes (stacked or not), without
-    learned scales, whose weight spec reduces exactly its input axes (a group size then splits the one
-    input axis). GPTQ sees the kernel as ``(K, N)``, input and output axes each flattened."""
+def _gptq_view(layer) -> tuple[tuple[int, ...], int] | None:
+    """How GPTQ sees the kernel of a layer it can quantize, else None: ``(axes, n_in)``, the kernel's axes
+    reordered input axes first (``n_in`` of them), flattened into ``(K, N)``. Such a layer is a
+    QuantLinear; a QuantLinearGeneral contracting its inputs' trailing axes without batch axes; or a
+    QuantEinsum without kernel batch axes whose inputs end with the contracted axes in the kernel's order
+    (``"BTD,NDH->BTNH"``, ``"BTNH,NHD->BTD"``); stacked or not, without learned scales, its weight spec
+    reducing exactly the input axes (a group size then splits the one input axis)."""
     if type(layer) is QuantLinear:
-        n_in = 1
+        axes, n_in = (0, 1), 1
     elif type(layer) is QuantLinearGeneral and not layer.batch_axis:
         n_in = len(layer.in_features)
         if tuple(layer.axis) != tuple(range(-n_in, 0)):
             return None
+        axes = tuple(range(n_in + len(layer.out_features)))
+    elif type(layer) is QuantEinsum and layer.einsum_str:
+        try:
+            lr = LowRankEinsum.of(layer.einsum_str)
+        except ValueError:
+            return None
+        if lr.batch or not lr.inputs.endswith(lr.contracted):
+            return None
+        axes, n_in = tuple(lr.kernel.index(c) for c in lr.contracted + lr.produced), len(lr.contracted)
     else:
         return None
     _, own = _split_stack(layer)
-    ok = not layer.learn_scale and layer.weight_spec.reduced_axes(len(own)) == tuple(range(n_in))
-    return n_in if ok else None
+    ok = not layer.learn_scale and layer.weight_spec.reduced_axes(len(own)) == tuple(sorted(axes[:n_in]))
+    return (axes, n_in) if ok else None
 
 
 def _gptq_kernel(layer, xtx, rows, damp: float, path: str) -> QArray:
     """The layer's kernel (each stacked layer's on its own) quantized by GPTQ for its inputs' moments,
     in the layer's own layout and spec, as :func:`to_serving` would hold it."""
     stack, own = _split_stack(layer)
-    n_in, spec = _gptq_view(layer), layer.weight_spec
-    k = math.prod(own[:n_in])
+    (axes, n_in), spec = _gptq_view(layer), layer.weight_spec
+    viewed = tuple(own[a] for a in axes)
+    back = tuple(int(a) for a in np.argsort(axes))
     flat_spec = dataclasses.replace(spec, axis=0)
     scale_shape = _layout.layout(own, spec).scale_shape
+
+    def placed(a):  # GPTQ's (groups, N) scales -> the layer's own scale layout
+        if a is None:
+            return None
+        return a.reshape(a.shape[:1] + (1,) * (n_in - 1) + viewed[n_in:]).transpose(back).reshape(scale_shape)
+
     kernel = layer.kernel[...]
     quantized = []
     for index in np.ndindex(*stack):
         if not float(rows[index]):
             where = f"{path!r}" + (f", stacked layer {index}" if stack else "")
             raise ValueError(f"to_serving_gptq: layer {where} was never called on the batches")
-        flat = gptq_from_hessian(kernel[index].reshape(k, -1), xtx[index] / rows[index], flat_spec, damp=damp)
-        z = None if flat.zero_point is None else flat.zero_point.reshape(scale_shape)
-        on_grid = dequantize(flat, jnp.float32).reshape(own).astype(kernel.dtype)  # GPTQ's values lie on its grid
-        quantized.append(quantize(on_grid, spec, scale=flat.scale.reshape(scale_shape), zero_point=z))
+        w = kernel[index].transpose(axes).reshape(math.prod(viewed[:n_in]), -1)
+        flat = gptq_from_hessian(w, xtx[index] / rows[index], flat_spec, damp=damp)
+        on_grid = dequantize(flat, jnp.float32).reshape(viewed).transpose(back)  # GPTQ's values lie on its grid
+        quantized.append(quantize(on_grid.astype(kernel.dtype), spec, scale=placed(flat.scale),
+                                  zero_point=placed(flat.zero_point)))
     if not stack:
         return quantized[0]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)
@@ -769,13 +788,16 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     fake-quantized as they will be served (one pass, not layer by layer);
     memory is one ``(K, K)`` float32 matrix per layer, whatever the batches.
 
-    GPTQ applies to :class:`QuantLinear` layers and to :class:`QuantLinearGeneral`
+    GPTQ applies to :class:`QuantLinear` layers, :class:`QuantLinearGeneral`
     layers that contract their inputs' trailing axes (the projections of
-    ``nnx.MultiHeadAttention``), stacked by ``nnx.vmap`` or not (each layer
-    of a stack on its own inputs), without learned scales, whose
-    ``weight_spec`` reduces exactly their input axes (the default: one scale
-    per output feature; a group size splits the one input axis). Every
-    other layer is served as :func:`to_serving` serves it.
+    ``nnx.MultiHeadAttention``) and :class:`QuantEinsum` layers without
+    kernel batch axes whose inputs end with the contracted axes (Gemma's
+    ``"BTD,NDH->BTNH"`` with ``QuantSpec(axis=1)``, ``"BTNH,NHD->BTD"``),
+    stacked by ``nnx.vmap`` or not (each layer of a stack on its own
+    inputs), without learned scales, whose ``weight_spec`` reduces exactly
+    their input axes (one scale per output feature; a group size splits a
+    single input axis). Every other layer is served as :func:`to_serving`
+    serves it.
 
     Args:
       model: a QAT model (from :func:`quantize_model`), trained or not.
@@ -807,12 +829,14 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     targets = [p for p, m in nnx.iter_modules(recording)
                if _gptq_view(m) is not None and regex.search(_path_str(p))]
     if not targets:
-        raise ValueError(f"to_serving_gptq: no QuantLinear or trailing-axes QuantLinearGeneral matching "
-                         f"where={where!r} reduces exactly its input axes (weight_spec) without learned scales")
+        raise ValueError(f"to_serving_gptq: no QuantLinear, QuantLinearGeneral or QuantEinsum GPTQ can quantize "
+                         f"matches where={where!r}: none reduces exactly its input axes (weight_spec) without "
+                         f"learned scales")
     for path in targets:
         layer = _module_at(recording, path)
         stack, own = _split_stack(layer)
-        _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[: _gptq_view(layer)])))
+        axes, n_in = _gptq_view(layer)
+        _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[a] for a in axes[:n_in])))
     recording.eval()
     seen = 0
     for batch in progress_bar(batches, progress, "to_serving_gptq: inputs", "batch"):
