@@ -385,3 +385,44 @@ def test_gptq_serving_params_of_a_layer_called_twice_take_both_inputs():
     expected = qj.ptq.gptq(variables["params"]["QuantDense_0"]["kernel"], jnp.concatenate([x, inner]),
                            qj.QuantSpec(axis=0))
     assert float(jnp.mean(served["params"]["QuantDense_0"]["kernel"].packed == expected.packed)) > 0.99
+
+
+class _LoraEinsums(nn.Module):
+    """Gemma-style einsum projections with adapters: query heads, per-head mixing (heads a batch axis), output."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = qj.linen.QuantEinsum((4, 32, 8), "BTD,NDH->BTNH", use_bias=False, lora_rank=3, name="q")(x)
+        h = jnp.tanh(h).transpose(0, 2, 1, 3)  # (B, N, T, H)
+        h = qj.linen.QuantEinsum((4, 8, 8), "BNTH,NHK->BNTK", use_bias=False, lora_rank=3, name="mix")(h)
+        return qj.linen.QuantEinsum((4, 8, 32), "BNTK,NKD->BTD", lora_rank=3, name="o")(jnp.tanh(h))
+
+
+def test_qlora_over_einsum_layers_held_in_the_kernels_axes():
+    """QuantEinsum(lora_rank=r): a and b in the kernel's own axes (size 1 where they do not reach), their
+    weight sum_r a[..., r] b[..., r]; trained over packed kernels and merged from the shapes alone."""
+    model = _LoraEinsums()
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    target = jax.random.normal(jax.random.key(2), (2, 5, 32))
+    variables = model.init(jax.random.key(0), x)
+    lora = variables["lora"]
+    assert (lora["q"]["a"].shape, lora["q"]["b"].shape) == ((1, 32, 1, 3), (4, 1, 8, 3))
+    assert (lora["mix"]["a"].shape, lora["mix"]["b"].shape) == ((4, 8, 1, 3), (4, 1, 8, 3))  # N: one per head
+    served = qj.linen.to_serving_params(model, variables, x)
+    np.testing.assert_array_equal(model.apply(served, x), model.apply({"params": served["params"]}, x))
+    lora, first, last = _train_adapters(model, served, x, target, 10)
+    assert last < 0.9 * first
+    frozen = served["params"]
+    weight = {k: (np.asarray(v["a"]) * np.asarray(v["b"])).sum(-1) for k, v in lora.items()}  # broadcast by numpy
+    kernel = {k: qj.dequantize(v["kernel"]) + weight[k] for k, v in frozen.items()}
+    h = jnp.tanh(jnp.einsum("BTD,NDH->BTNH", x, kernel["q"])).transpose(0, 2, 1, 3)
+    h = jnp.tanh(jnp.einsum("BNTH,NHK->BNTK", h, kernel["mix"]))
+    expected = jnp.einsum("BNTK,NKD->BTD", h, kernel["o"]) + frozen["o"]["bias"][None, None]
+    np.testing.assert_allclose(model.apply({"params": frozen, "lora": lora}, x), expected, rtol=1e-4, atol=1e-4)
+    merged = qj.linen.merge_lora({"params": frozen, "lora": lora})
+    q = frozen["mix"]["kernel"]
+    np.testing.assert_allclose(qj.dequantize(merged["params"]["mix"]["kernel"]),
+                               qj.dequantize(qj.quantize(qj.dequantize(q) + weight["mix"], q.spec)), rtol=1e-6)
+    float_merged = qj.linen.merge_lora({"params": variables["params"], "lora": lora})
+    np.testing.assert_allclose(float_merged["params"]["o"]["kernel"],
+                               variables["params"]["o"]["kernel"] + weight["o"], rtol=1e-5, atol=1e-6)

@@ -24,6 +24,10 @@ def test_the_adapter_is_the_einsum_over_its_low_rank_kernel(einsum, rank):
     assert w.shape == tuple(sizes[c] for c in w_sub)
     np.testing.assert_allclose(lr(x, a, b), jnp.einsum(einsum_str, x, w), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jax.jit(lr)(x, a, b), lr(x, a, b), rtol=1e-6, atol=1e-6)
+    a_al, b_al = (jax.random.normal(k, s) for k, s in zip(keys[1:], lr.aligned_shapes(w.shape, rank)))
+    w_al = qj.lora.low_rank_weight(a_al, b_al, w.shape)  # in the kernel's own axes: broadcast, sum over r
+    np.testing.assert_allclose(w_al, (np.asarray(a_al) * np.asarray(b_al)).sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lr(x, a_al, b_al), jnp.einsum(einsum_str, x, w_al), rtol=1e-5, atol=1e-5)
 
 
 def test_subscripts_of_gemma_style_projections():
@@ -68,8 +72,8 @@ def test_merge_low_rank_rounds_the_sum_to_the_weights_own_spec(fmt):
 
 def test_merge_low_rank_names_the_shapes_that_do_not_fit():
     q = qj.quantize(jnp.ones((8, 6)), qj.QuantSpec(axis=0))
-    with pytest.raises(ValueError, match=r"a \(8, 2\) and b \(2, 5\) make a weight of shape \(8, 5\), which does not "
-                                         r"fit the packed weight \(8, 6\)"):
+    with pytest.raises(ValueError, match=r"low_rank_weight: the adapters a \(8, 2\) and b \(2, 5\) make no weight of "
+                                         r"the kernel's shape \(8, 6\)"):
         qj.lora.merge_low_rank(q, jnp.ones((8, 2)), jnp.ones((2, 5)))
-    with pytest.raises(ValueError, match=r"make a weight of shape \(6, 8\)"):
+    with pytest.raises(ValueError, match=r"a \(8, 2\) and b \(2, 6\) make no weight of the kernel's shape \(8, 6\)"):
         qj.lora.merge_low_rank(q, jnp.ones((8, 2)), jnp.ones((2, 6)), subscripts="kr,rn->nk")

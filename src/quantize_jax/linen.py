@@ -31,7 +31,7 @@ from jax import lax
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
-from quantize_jax.lora import merge_low_rank
+from quantize_jax.lora import LowRankEinsum, low_rank_weight, merge_low_rank
 from quantize_jax.ptq import gptq_from_hessian, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
@@ -173,14 +173,20 @@ def _with_lora(module, inputs, y, axes, features):
     x = jnp.moveaxis(inputs, axes, range(-len(axes), 0))
     lead = x.shape[: x.ndim - len(axes)]
     x = x.reshape(lead + (-1,))
+    rank = module.lora_rank
+    a, b = _lora_variables(module, (x.shape[-1], rank), (rank, math.prod(features)), nn.initializers.he_uniform())
+    x, a, b = module.promote_dtype(x, a, b, dtype=module.dtype)
+    return y + (x @ a @ b).reshape(lead + tuple(features)).astype(y.dtype)
 
+
+def _lora_variables(module, a_shape, b_shape, a_init):
+    """The adapters ``a`` (``a_init``) and ``b`` (zeros, so the adapted layer starts as the layer) in
+    the ``"lora"`` collection."""
     def init(shape, fn):
         return lambda: fn(module.make_rng("params"), shape, module.param_dtype)
 
-    a = module.variable("lora", "a", init((x.shape[-1], module.lora_rank), nn.initializers.he_uniform())).value
-    b = module.variable("lora", "b", init((module.lora_rank, math.prod(features)), nn.initializers.zeros_init())).value
-    x, a, b = module.promote_dtype(x, a, b, dtype=module.dtype)
-    return y + (x @ a @ b).reshape(lead + tuple(features)).astype(y.dtype)
+    return (module.variable("lora", "a", init(a_shape, a_init)).value,
+            module.variable("lora", "b", init(b_shape, nn.initializers.zeros_init())).value)
 
 
 def to_serving_params(module: nn.Module, variables, *args, **kwargs):
@@ -292,11 +298,13 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
 
 
 def merge_lora(variables):
-    """Fold the QLoRA adapters of :class:`QuantDense` / :class:`QuantDenseGeneral` layers (``lora_rank``) into their kernels.
+    """Fold the QLoRA adapters (``lora_rank``) of :class:`QuantDense`, :class:`QuantDenseGeneral` and
+    :class:`QuantEinsum` layers into their kernels.
 
     For every layer with ``a`` and ``b`` in the ``"lora"`` collection, a packed kernel becomes
     ``quantize(dequantize(kernel) + a @ b)`` with its spec (:func:`~quantize_jax.lora.merge_low_rank`;
-    re-rounded to the 4-bit grid), a float kernel ``kernel + a @ b`` (reshaped to the kernel). Returns ``variables`` without
+    re-rounded to the 4-bit grid), a float kernel ``kernel + a @ b`` (the product as
+    :func:`~quantize_jax.lora.low_rank_weight` shapes it to the kernel). Returns ``variables`` without
     the ``"lora"`` collection: the same module then applies the merged kernels alone.
 
     Raises:
@@ -320,7 +328,7 @@ def _merged_params(params, lora, path):
             if isinstance(kernel, QArray):
                 merged = merge_low_rank(kernel, value["a"], value["b"])
             else:
-                merged = kernel + jnp.matmul(value["a"], value["b"]).reshape(kernel.shape).astype(kernel.dtype)
+                merged = kernel + low_rank_weight(value["a"], value["b"], kernel.shape).astype(kernel.dtype)
             params[name] = {**layer, "kernel": merged}
         else:
             params[name] = _merged_params(params.get(name, {}), value, path + (name,))
@@ -442,15 +450,42 @@ class QuantEinsum(_QuantKernel, nn.Einsum):
 
     Serving (a QArray kernel): :func:`~quantize_jax.qeinsum` over the packed kernel, or with
     ``backend="xla"`` (and for ``preferred_element_type``, or W4A8 contracting more than the inputs' last
-    axis) the Flax forward over the dequantized kernel, bit for bit the QAT outputs."""
+    axis) the Flax forward over the dequantized kernel, bit for bit the QAT outputs.
+
+    ``lora_rank``: QLoRA adapters in the ``"lora"`` collection, held in the kernel's own axes
+    (:meth:`~quantize_jax.lora.LowRankEinsum.aligned_shapes`: ``a`` over the contracted and batch axes,
+    ``b`` over the produced and batch axes, size 1 elsewhere, the rank last), so that
+    :func:`merge_lora` finds their weight from the shapes alone.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> q = qj.linen.QuantEinsum((4, 32, 8), "BTD,NDH->BTNH", use_bias=False, lora_rank=2)
+      >>> v = q.init(jax.random.key(0), jnp.ones((1, 5, 32)))
+      >>> v["lora"]["a"].shape, v["lora"]["b"].shape
+      ((1, 32, 1, 2), (4, 1, 8, 2))
+    """
 
     weight_spec: QuantSpec | None = None
     act_spec: QuantSpec | str | None = None
     backend: str = "auto"
+    lora_rank: int = 0
 
+    @nn.compact
     def __call__(self, inputs, einsum_str=None):
-        q = _served_kernel(self)
         subscripts = (einsum_str or self.einsum_str or "").replace(" ", "")
+        y = self._einsum(inputs, einsum_str, subscripts)
+        if not self.lora_rank or not (self.is_initializing() or self.has_variable("lora", "a")):
+            return y
+        lr = LowRankEinsum.of(subscripts)
+        axes = lambda letters: tuple(i for i, c in enumerate(lr.kernel) if c in letters)  # noqa: E731
+        a_init = nn.initializers.he_uniform(in_axis=axes(lr.contracted), out_axis=-1, batch_axis=axes(lr.batch))
+        a, b = _lora_variables(self, *lr.aligned_shapes(self.shape, self.lora_rank), a_init)
+        x, a, b = self.promote_dtype(inputs, a, b, dtype=self.dtype)
+        return y + lr(x, a, b).astype(y.dtype)
+
+    def _einsum(self, inputs, einsum_str, subscripts):
+        """The layer without adapters: QAT over the float kernel, or serving from a packed one."""
+        q = _served_kernel(self)
         last_only = matmul.contracts_last_axis_only(subscripts)
         if q is None or self.preferred_element_type is not None or (self.act_spec == "int8" and not last_only):
             return _QuantKernel.__call__(self, inputs, einsum_str)

@@ -18,6 +18,7 @@ order) and its weight ``einsum(a, b)`` in the kernel's own axis order.
 from __future__ import annotations
 
 import dataclasses
+import math
 import string
 
 import jax.numpy as jnp
@@ -107,11 +108,68 @@ class LowRankEinsum:
         return (sizes(self.batch + self.contracted) + (rank,),
                 sizes(self.batch) + (rank,) + sizes(self.produced))
 
+    def aligned_shapes(self, kernel_shape, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of ``a`` and ``b`` held in the kernel's own axes, size 1 where they do not reach
+        (``a`` the produced axes, ``b`` the contracted ones), and the rank last: a layout whose weight
+        :func:`low_rank_weight` finds from the shapes alone (Linen's ``"lora"`` collection)."""
+        a, b = self.adapter_shapes(kernel_shape, rank)  # checks the shape
+        return (tuple(1 if c in self.produced else d for c, d in zip(self.kernel, kernel_shape)) + (rank,),
+                tuple(1 if c in self.contracted else d for c, d in zip(self.kernel, kernel_shape)) + (rank,))
+
     def __call__(self, x, a, b):
-        """The adapter's output ``einsum(einsum(x, a), b)``, in the einsum's output axes."""
+        """The adapter's output ``einsum(einsum(x, a), b)``, in the einsum's output axes; ``a`` and ``b``
+        as :meth:`adapter_shapes` or as :meth:`aligned_shapes` give them."""
+        a_sub, b_sub = self.a, self.b
+        if jnp.ndim(a) == len(self.kernel) + 1:  # aligned: the kernel's axes they reach, in its order
+            a_sub, b_sub = ("".join(c for c in self.kernel if c not in skip) + self.rank
+                            for skip in (self.produced, self.contracted))
+            a, b = (jnp.reshape(v, [d for c, d in zip(self.kernel, jnp.shape(v)) if c in sub] + [jnp.shape(v)[-1]])
+                    for v, sub in ((a, a_sub), (b, b_sub)))
         narrow = "".join(c for c in self.inputs if c not in self.contracted) + self.rank
-        t = jnp.einsum(f"{self.inputs},{self.a}->{narrow}", x, a)
-        return jnp.einsum(f"{narrow},{self.b}->{self.output}", t, b)
+        t = jnp.einsum(f"{self.inputs},{a_sub}->{narrow}", x, a)
+        return jnp.einsum(f"{narrow},{b_sub}->{self.output}", t, b)
+
+
+def low_rank_weight(a, b, shape, *, subscripts: str | None = None):
+    """The float32 weight a rank-r adapter adds to a kernel of ``shape``.
+
+    * ``subscripts`` given: ``einsum(subscripts, a, b)`` per layer (:attr:`LowRankEinsum.kernel_delta`,
+      e.g. ``"Da,aNH->NDH"``), leading stacked-layer axes added by ``...``;
+    * ``a`` and ``b`` held in the kernel's own axes (:meth:`LowRankEinsum.aligned_shapes`: one more
+      axis than the kernel, the rank): ``sum_r a[..., r] * b[..., r]``, axes of size 1 broadcast;
+    * else ``a @ b`` (stacked layers batched), reshaped to ``shape`` (a kernel with several input or
+      output axes takes ``a @ b`` over them flattened).
+
+    Raises:
+      ValueError: the adapters' weight does not fit ``shape``.
+    """
+    a, b, shape = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), tuple(shape)
+
+    def misfit():
+        return ValueError(f"low_rank_weight: the adapters a {a.shape} and b {b.shape} make no weight of the "
+                          f"kernel's shape {shape}")
+
+    if subscripts is not None:
+        lhs, _, k_sub = subscripts.replace(" ", "").partition("->")
+        a_sub, b_sub = lhs.split(",")
+        delta = jnp.einsum(f"...{a_sub},...{b_sub}->...{k_sub}", a, b)
+        if delta.shape != shape:
+            raise misfit()
+        return delta
+    if a.ndim == b.ndim == len(shape) + 1:  # in the kernel's own axes, the rank last
+        if a.shape[-1] != b.shape[-1] or not all(p in (1, d) and q in (1, d) and (d == 1 or d in (p, q))
+                                                  for p, q, d in zip(a.shape, b.shape, shape)):
+            raise misfit()
+        letters, rank = string.ascii_letters[: len(shape)], string.ascii_letters[len(shape)]
+        subs = ["".join(c for c, d in zip(letters, v.shape) if d != 1) for v in (a, b)]
+        squeezed = [v.reshape([d for d in v.shape[:-1] if d != 1] + [v.shape[-1]]) for v in (a, b)]
+        out = "".join(c for c in letters if c in subs[0] + subs[1])
+        return jnp.einsum(f"{subs[0]}{rank},{subs[1]}{rank}->{out}", *squeezed).reshape(shape)
+    delta = jnp.matmul(a, b)
+    stack = delta.shape[:-2]
+    if delta.size != math.prod(shape) or shape[: len(stack)] != stack:
+        raise misfit()
+    return delta.reshape(shape)
 
 
 def merge_low_rank(q: QArray, a, b, *, subscripts: str | None = None) -> QArray:
@@ -137,17 +195,5 @@ def merge_low_rank(q: QArray, a, b, *, subscripts: str | None = None) -> QArray:
       >>> [round(v, 3) for v in qj.dequantize(merged)[0].tolist()]  # 0.5 on the grid of steps 1.5 / 7
       [1.5, 0.429, 0.429, 0.429]
     """
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    if subscripts is None:
-        delta = jnp.matmul(a, b)
-        stack = delta.shape[:-2]
-        fits = delta.size == q.size and tuple(q.shape[: len(stack)]) == stack
-    else:
-        lhs, _, k_sub = subscripts.replace(" ", "").partition("->")
-        a_sub, b_sub = lhs.split(",")
-        delta = jnp.einsum(f"...{a_sub},...{b_sub}->...{k_sub}", a, b)
-        fits = delta.shape == q.shape
-    if not fits:
-        raise ValueError(f"merge_low_rank: the adapters a {a.shape} and b {b.shape} make a weight of shape "
-                         f"{delta.shape}, which does not fit the packed weight {q.shape}")
-    return quantize((dequantize(q, jnp.float32) + delta.reshape(q.shape)).astype(q.dtype), q.spec)
+    delta = low_rank_weight(a, b, q.shape, subscripts=subscripts)
+    return quantize((dequantize(q, jnp.float32) + delta).astype(q.dtype), q.spec)
