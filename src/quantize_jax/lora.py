@@ -9,10 +9,12 @@ For a Dense kernel ``(K, N)`` the adapters are ``a`` ``(K, r)`` and ``b``
 * produced (in ``y``, not in ``x``): on ``b``, which maps the rank to it;
 * a batch axis (in ``x`` and ``y``, e.g. heads): on both, one adapter each;
 
-so ``a``'s axes are ``batch + contracted + r`` and ``b``'s ``batch + r + produced``,
-the adapter's output ``einsum(einsum(x, a), b)`` (``x @ a`` first: the cheap
-order) and its weight ``einsum(a, b)`` in the kernel's own axis order.
-:func:`merge_low_rank` folds that weight into the packed one.
+so ``a``'s axes are ``batch + contracted + r`` and ``b``'s ``batch + r + produced``
+(NNX's :class:`~quantize_jax.nnx.LoRAEinsum`), or both the kernel's own axes with
+size 1 where they do not reach and the rank last (Linen's ``QuantEinsum``, whose
+merge sees only arrays); the adapter's output is ``einsum(einsum(x, a), b)``
+(``x @ a`` first: the cheap order), its weight (:func:`low_rank_weight`) ``einsum(a, b)``
+in the kernel's own axis order. :func:`merge_low_rank` folds that weight into the packed one.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class LowRankEinsum:
         """The shapes of ``a`` and ``b`` held in the kernel's own axes, size 1 where they do not reach
         (``a`` the produced axes, ``b`` the contracted ones), and the rank last: a layout whose weight
         :func:`low_rank_weight` finds from the shapes alone (Linen's ``"lora"`` collection)."""
-        a, b = self.adapter_shapes(kernel_shape, rank)  # checks the shape
+        self.adapter_shapes(kernel_shape, rank)  # checks the shape
         return (tuple(1 if c in self.produced else d for c, d in zip(self.kernel, kernel_shape)) + (rank,),
                 tuple(1 if c in self.contracted else d for c, d in zip(self.kernel, kernel_shape)) + (rank,))
 
