@@ -359,12 +359,12 @@ def test_gptq_serving_params_beat_rounding_to_nearest_on_correlated_inputs():
 def test_gptq_serving_params_refuse_what_they_cannot_calibrate():
     x = jnp.ones((4, 16))
     model = _GptqMLP(learn_scale=True)
-    with pytest.raises(ValueError, match="to_serving_params_gptq: no QuantDense without learned scales"):
+    with pytest.raises(ValueError, match="to_serving_params_gptq: no layer GPTQ can quantize was called"):
         qj.linen.to_serving_params_gptq(model, model.init(jax.random.key(0), x), [x], progress=False)
     with pytest.raises(ValueError, match="to_serving_params_gptq: batches is empty"):
         qj.linen.to_serving_params_gptq(_GptqMLP(), _GptqMLP().init(jax.random.key(0), x), [], progress=False)
     scanned = nn.scan(_Cell, variable_axes={"params": 0, "qarrays": 0}, split_rngs={"params": True}, length=3)()
-    with pytest.raises(ValueError, match=r"to_serving_params_gptq: a QuantDense inside nn.scan / nn.vmap"):
+    with pytest.raises(ValueError, match=r"to_serving_params_gptq: a layer inside nn.scan / nn.vmap"):
         qj.linen.to_serving_params_gptq(scanned, scanned.init(jax.random.key(0), x, None), [(x, None)],
                                         progress=False)
 
@@ -426,3 +426,32 @@ def test_qlora_over_einsum_layers_held_in_the_kernels_axes():
     float_merged = qj.linen.merge_lora({"params": variables["params"], "lora": lora})
     np.testing.assert_allclose(float_merged["params"]["o"]["kernel"],
                                variables["params"]["o"]["kernel"] + weight["o"], rtol=1e-5, atol=1e-6)
+
+
+class _GptqHeads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        a = qj.linen.QuantDenseGeneral((4, 8), weight_spec=qj.QuantSpec(axis=0), name="general")(x)
+        b = qj.linen.QuantEinsum((4, 32, 8), "BTD,NDH->BTNH", weight_spec=qj.QuantSpec(axis=1, group_size=16),
+                                 name="einsum")(x)
+        return a + b
+
+
+def test_gptq_serving_params_of_dense_general_and_einsum_projections():
+    """QuantDenseGeneral ((D, N, H): D first) and QuantEinsum ((N, D, H): D moved first for GPTQ, groups
+    along it): each QArray is GPTQ of its kernel viewed as (D, N * H) for the inputs, in its own layout."""
+    model = _GptqHeads()
+    mix = jax.random.normal(jax.random.key(2), (32, 32))
+    batches = [jax.random.normal(jax.random.key(10 + i), (2, 16, 32)) @ mix for i in range(2)]
+    variables = model.init(jax.random.key(0), batches[0])
+    served = qj.linen.to_serving_params_gptq(model, variables, batches, progress=False)
+    rounded = qj.linen.to_serving_params(model, variables, batches[0])
+    x = jnp.concatenate(batches).reshape(-1, 32)
+    for name, axes, spec in (("general", (0, 1, 2), qj.QuantSpec(axis=0)),
+                             ("einsum", (1, 0, 2), qj.QuantSpec(axis=0, group_size=16))):
+        kernel, q = variables["params"][name]["kernel"], served["params"][name]["kernel"]
+        r = rounded["params"][name]["kernel"]
+        assert (q.shape, q.spec, q.scale.shape) == (r.shape, r.spec, r.scale.shape)
+        expected = qj.dequantize(qj.ptq.gptq(kernel.transpose(axes).reshape(32, -1), x, spec))
+        np.testing.assert_allclose(qj.dequantize(q), expected.reshape(32, 4, 8).transpose(np.argsort(axes)),
+                                   rtol=1e-5, atol=1e-6)

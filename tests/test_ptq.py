@@ -131,3 +131,12 @@ def test_embedding_tables_default_to_one_scale_per_row():
     np.testing.assert_array_equal(qj.take(table, ids), qj.dequantize(table)[ids])
     assert qj.ptq.default_spec((1000, 64), "tok/embedding") == qj.QuantSpec(axis=1, method="mse")
     assert qj.ptq.default_spec((1000, 64), "tok/kernel").axis == 0  # other 2-D leaves: per output channel
+
+
+def test_gptq_kernel_needs_a_spec_over_exactly_the_input_axes():
+    w, h = jnp.ones((4, 16, 8)), jnp.eye(16)
+    with pytest.raises(ValueError, match=r"gptq: the spec must reduce exactly the input axes \(1,\) of w of shape "
+                                         r"\(4, 16, 8\), got axis=\(0, 1\)"):
+        qj.ptq.gptq_kernel(w, h, qj.QuantSpec(axis=(0, 1)), input_axes=(1,))
+    q = qj.ptq.gptq_kernel(w, h, qj.QuantSpec(axis=-2), input_axes=(-2,))  # negative axes as numpy counts them
+    assert q.shape == (4, 16, 8) and bool((qj.dequantize(q) == 1).all())

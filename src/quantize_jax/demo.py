@@ -8,7 +8,6 @@ against it. Data: the 1,797 digits that ship inside scikit-learn (no download).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -32,7 +32,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import LowRankEinsum, low_rank_weight, merge_low_rank
-from quantize_jax.ptq import gptq_from_hessian, progress_bar
+from quantize_jax.ptq import gptq_kernel, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -221,17 +221,20 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
 
 
 def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float = 0.01, progress: bool = True):
-    """:func:`to_serving_params` with GPTQ kernels for the :class:`QuantDense` layers.
+    """:func:`to_serving_params` with GPTQ kernels, each quantized for the inputs it sees.
 
     ``module.apply(variables, *batch)`` runs (jitted) over every batch while
-    each eligible ``QuantDense`` adds up its inputs' ``x^T x``; then
-    :func:`~quantize_jax.ptq.gptq_from_hessian` quantizes its float kernel
-    with its ``weight_spec`` for that second moment, in place of rounding to
-    nearest (as :func:`quantize_jax.nnx.to_serving_gptq` does for NNX).
-    Eligible: ``QuantDense`` layers outside ``nn.scan`` / ``nn.vmap``, without
-    learned scales, whose ``weight_spec`` reduces the input axis (``axis=0``,
-    grouped or not); every other layer is served as
-    :func:`to_serving_params` serves it.
+    each eligible layer adds up its inputs' ``x^T x``; then
+    :func:`~quantize_jax.ptq.gptq_kernel` quantizes its float kernel with its
+    weight spec for that second moment, in place of rounding to nearest (as
+    :func:`quantize_jax.nnx.to_serving_gptq` does for NNX). Eligible, outside
+    ``nn.scan`` / ``nn.vmap``: :class:`QuantDense` without learned scales,
+    :class:`QuantDenseGeneral` contracting its inputs' trailing axes without
+    batch dims, and :class:`QuantEinsum` (its ``einsum_str`` an attribute)
+    without kernel batch axes whose inputs end with the contracted axes, when
+    the weight spec reduces exactly the kernel's input axes (one scale per
+    output feature, or groups along a single input axis). Every other layer
+    is served as :func:`to_serving_params` serves it.
 
     Args:
       module, variables: the QAT module and its variables.
@@ -253,16 +256,16 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       >>> type(served["params"]["kernel"]).__name__
       'QArray'
     """
-    specs = {}  # path -> weight spec, filled while the recording apply is traced
+    views = {}  # path -> (weight spec, the kernel's input axes), filled while the recording apply is traced
 
     def record(next_fun, args, kwargs, context):
-        layer = context.module
-        if (context.method_name == "__call__" and type(layer) is QuantDense and not layer.learn_scale
-                and layer.weight_spec.reduced_axes(2) == (0,)):
-            x = jnp.reshape(args[0], (-1, jnp.shape(args[0])[-1])).astype(jnp.float32)
-            specs[layer.path] = layer.weight_spec
-            xtx, rows = moments.get(layer.path, (0.0, 0))  # a layer called twice adds both inputs up
-            moments[layer.path] = (xtx + jnp.dot(x.T, x, precision=lax.Precision.HIGHEST), rows + x.shape[0])
+        view = _gptq_view(context.module, args[0]) if context.method_name == "__call__" else None
+        if view is not None:
+            path, n_in = context.module.path, len(view[1])
+            x = jnp.reshape(args[0], (-1, math.prod(jnp.shape(args[0])[-n_in:]))).astype(jnp.float32)
+            views[path] = view
+            xtx, rows = moments.get(path, (0.0, 0))  # a layer called twice adds both inputs up
+            moments[path] = (xtx + jnp.dot(x.T, x, precision=lax.Precision.HIGHEST), rows + x.shape[0])
         return next_fun(*args, **kwargs)
 
     @jax.jit
@@ -279,7 +282,7 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
         try:
             seen = batch_moments(variables, args)
         except jax.errors.UnexpectedTracerError:
-            raise ValueError("to_serving_params_gptq: a QuantDense inside nn.scan / nn.vmap is not supported; "
+            raise ValueError("to_serving_params_gptq: a layer inside nn.scan / nn.vmap is not supported; "
                              "serve such layers with to_serving_params") from None
         for path, (xtx, rows) in seen.items():
             total = totals.get(path, (0.0, 0.0))
@@ -287,14 +290,43 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     if first is None:
         raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
     if not totals:
-        raise ValueError("to_serving_params_gptq: no QuantDense without learned scales and with its scales along the "
-                         "inputs (weight_spec axis=0, grouped or not) was called by the module")
+        raise ValueError("to_serving_params_gptq: no layer GPTQ can quantize was called by the module (QuantDense, "
+                         "QuantDenseGeneral or QuantEinsum whose weight spec reduces exactly its input axes)")
     served = to_serving_params(module, variables, *first)
     for path, (xtx, rows) in progress_bar(list(totals.items()), progress, "to_serving_params_gptq: GPTQ", "layer"):
         kernel = functools.reduce(lambda tree, name: tree[name], path, variables["params"])["kernel"]
         layer = functools.reduce(lambda tree, name: tree[name], path, served["params"])
-        layer["kernel"] = gptq_from_hessian(kernel, xtx / rows, specs[path], damp=damp)
+        spec, input_axes = views[path]
+        layer["kernel"] = gptq_kernel(kernel, xtx / rows, spec, input_axes=input_axes, damp=damp)
     return served
+
+
+def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...]] | None:
+    """``(weight spec, the kernel's input axes)`` of a Linen layer :func:`to_serving_params_gptq` can
+    quantize (its inputs' trailing axes contracted with those kernel axes, in order), else None."""
+    if type(layer) is QuantDense:
+        spec, kernel_ndim, input_axes = layer.weight_spec, 2, (0,)
+        if layer.learn_scale:
+            return None
+    elif type(layer) is QuantDenseGeneral:
+        axes = sorted(a % inputs.ndim for a in (layer.axis if isinstance(layer.axis, tuple) else (layer.axis,)))
+        if layer.batch_dims or axes != list(range(inputs.ndim - len(axes), inputs.ndim)):
+            return None
+        features = layer.features if isinstance(layer.features, tuple) else (layer.features,)
+        spec, kernel_ndim, input_axes = layer.weight_spec, len(axes) + len(features), tuple(range(len(axes)))
+    elif type(layer) is QuantEinsum and layer.einsum_str:
+        try:
+            lr = LowRankEinsum.of(layer.einsum_str)
+        except ValueError:
+            return None
+        if lr.batch or not lr.inputs.endswith(lr.contracted):
+            return None
+        spec, kernel_ndim = layer.weight_spec, len(layer.shape)
+        input_axes = tuple(lr.kernel.index(c) for c in lr.contracted)
+    else:
+        return None
+    spec = spec or QuantSpec(axis=tuple(range(kernel_ndim - 1)))  # _QuantKernel's default
+    return (spec, input_axes) if spec.reduced_axes(kernel_ndim) == tuple(sorted(input_axes)) else None
 
 
 def merge_lora(variables):

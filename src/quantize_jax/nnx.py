@@ -33,7 +33,6 @@ Activation quantization (``act_spec``):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
@@ -44,10 +43,10 @@ from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding
 
-from quantize_jax import _layout, matmul
+from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, merge_low_rank
-from quantize_jax.ptq import gptq_from_hessian, progress_bar
+from quantize_jax.ptq import gptq_kernel, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -747,29 +746,16 @@ def _gptq_view(layer) -> tuple[tuple[int, ...], int] | None:
 def _gptq_kernel(layer, xtx, rows, damp: float, path: str) -> QArray:
     """The layer's kernel (each stacked layer's on its own) quantized by GPTQ for its inputs' moments,
     in the layer's own layout and spec, as :func:`to_serving` would hold it."""
-    stack, own = _split_stack(layer)
-    (axes, n_in), spec = _gptq_view(layer), layer.weight_spec
-    viewed = tuple(own[a] for a in axes)
-    back = tuple(int(a) for a in np.argsort(axes))
-    flat_spec = dataclasses.replace(spec, axis=0)
-    scale_shape = _layout.layout(own, spec).scale_shape
-
-    def placed(a):  # GPTQ's (groups, N) scales -> the layer's own scale layout
-        if a is None:
-            return None
-        return a.reshape(a.shape[:1] + (1,) * (n_in - 1) + viewed[n_in:]).transpose(back).reshape(scale_shape)
-
+    stack, _ = _split_stack(layer)
+    axes, n_in = _gptq_view(layer)
     kernel = layer.kernel[...]
     quantized = []
     for index in np.ndindex(*stack):
         if not float(rows[index]):
             where = f"{path!r}" + (f", stacked layer {index}" if stack else "")
             raise ValueError(f"to_serving_gptq: layer {where} was never called on the batches")
-        w = kernel[index].transpose(axes).reshape(math.prod(viewed[:n_in]), -1)
-        flat = gptq_from_hessian(w, xtx[index] / rows[index], flat_spec, damp=damp)
-        on_grid = dequantize(flat, jnp.float32).reshape(viewed).transpose(back)  # GPTQ's values lie on its grid
-        quantized.append(quantize(on_grid.astype(kernel.dtype), spec, scale=placed(flat.scale),
-                                  zero_point=placed(flat.zero_point)))
+        quantized.append(gptq_kernel(kernel[index], xtx[index] / rows[index], layer.weight_spec,
+                                     input_axes=axes[:n_in], damp=damp))
     if not stack:
         return quantized[0]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)

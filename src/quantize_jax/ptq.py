@@ -297,6 +297,45 @@ def gptq_from_hessian(w, h, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
     return quantize(w_hat.astype(w.dtype), spec, scale=s, zero_point=z)  # w_hat's values lie on the grid
 
 
+def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01) -> QArray:
+    """GPTQ for a kernel of any layout: ``w``'s ``input_axes`` (in the order the inputs are flattened)
+    are contracted with the inputs, whose second moment ``h`` is ``(K, K)``; the rest are outputs.
+
+    The kernel is viewed as ``(K, N)`` (input axes first, flattened; the others in their order),
+    quantized by :func:`gptq_from_hessian` per output feature (or in groups along a single input axis),
+    and returned in its own layout and ``spec``, which must reduce exactly the input axes: for
+    ``"BTD,NDH->BTNH"`` (kernel ``(N, D, H)``), ``input_axes=(1,)`` and ``QuantSpec(axis=1)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> w = jax.random.normal(jax.random.key(0), (4, 64, 8))  # (heads, features, head features)
+      >>> x = jax.random.normal(jax.random.key(1), (256, 64))
+      >>> q = qj.ptq.gptq_kernel(w, x.T @ x / 256, qj.QuantSpec(axis=1), input_axes=(1,))
+      >>> q.shape, q.scale.shape
+      ((4, 64, 8), (4, 1, 8))
+    """
+    w = check_float_array(w, "w", "gptq")
+    input_axes = tuple(a % w.ndim for a in input_axes)
+    if spec.reduced_axes(w.ndim, name="w", shape=w.shape) != tuple(sorted(input_axes)):
+        raise ValueError(f"gptq: the spec must reduce exactly the input axes {input_axes} of w of shape {w.shape}, "
+                         f"got axis={spec.axis!r}")
+    n_in = len(input_axes)
+    axes = input_axes + tuple(a for a in range(w.ndim) if a not in input_axes)
+    viewed = tuple(w.shape[a] for a in axes)
+    back = tuple(int(a) for a in np.argsort(axes))
+    flat = gptq_from_hessian(w.transpose(axes).reshape(math.prod(viewed[:n_in]), -1), h,
+                             dataclasses.replace(spec, axis=0), damp=damp)
+    scale_shape = _layout.layout(w.shape, spec).scale_shape
+
+    def placed(a):  # the (groups, N) scales of the (K, N) view -> the kernel's own scale layout
+        if a is None:
+            return None
+        return a.reshape(a.shape[:1] + (1,) * (n_in - 1) + viewed[n_in:]).transpose(back).reshape(scale_shape)
+
+    on_grid = dequantize(flat, jnp.float32).reshape(viewed).transpose(back)  # GPTQ's values lie on its grid
+    return quantize(on_grid.astype(w.dtype), spec, scale=placed(flat.scale), zero_point=placed(flat.zero_point))
+
+
 def _check_finite(a, name: str) -> None:
     if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
         raise ValueError(f"gptq: {name} of shape {a.shape} holds NaN or Inf")
