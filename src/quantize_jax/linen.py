@@ -31,7 +31,7 @@ from jax import lax
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
-from quantize_jax.lora import LowRankEinsum, low_rank_weight, merge_low_rank
+from quantize_jax.lora import LowRankEinsum, low_rank_weight, matrix_input_axes, merge_low_rank
 from quantize_jax.ptq import gptq_kernel, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
@@ -314,15 +314,8 @@ def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...]] | None:
             return None
         features = layer.features if isinstance(layer.features, tuple) else (layer.features,)
         spec, kernel_ndim, input_axes = layer.weight_spec, len(axes) + len(features), tuple(range(len(axes)))
-    elif type(layer) is QuantEinsum and layer.einsum_str:
-        try:
-            lr = LowRankEinsum.of(layer.einsum_str)
-        except ValueError:
-            return None
-        if lr.batch or not lr.inputs.endswith(lr.contracted):
-            return None
-        spec, kernel_ndim = layer.weight_spec, len(layer.shape)
-        input_axes = tuple(lr.kernel.index(c) for c in lr.contracted)
+    elif type(layer) is QuantEinsum and layer.einsum_str and matrix_input_axes(layer.einsum_str):
+        spec, kernel_ndim, input_axes = layer.weight_spec, len(layer.shape), matrix_input_axes(layer.einsum_str)
     else:
         return None
     spec = spec or QuantSpec(axis=tuple(range(kernel_ndim - 1)))  # _QuantKernel's default

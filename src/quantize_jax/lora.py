@@ -132,6 +132,25 @@ class LowRankEinsum:
         return jnp.einsum(f"{narrow},{b_sub}->{self.output}", t, b)
 
 
+def matrix_input_axes(einsum_str: str) -> tuple[int, ...] | None:
+    """The kernel axes of an einsum layer ``"x,w->y"`` that take the inputs' trailing axes, in the
+    kernel's order, when the product is a plain ``(M, K) @ (K, N)`` after reshapes (no kernel batch axes,
+    x ending with the contracted axes in that order); else None. GPTQ needs that view.
+
+    Example:
+      >>> from quantize_jax.lora import matrix_input_axes
+      >>> matrix_input_axes("BTD,NDH->BTNH"), matrix_input_axes("BNTH,NHD->BNTD")
+      ((1,), None)
+    """
+    try:
+        lr = LowRankEinsum.of(einsum_str)
+    except ValueError:
+        return None
+    if lr.batch or not lr.inputs.endswith(lr.contracted):
+        return None
+    return tuple(lr.kernel.index(c) for c in lr.contracted)
+
+
 def low_rank_weight(a, b, shape, *, subscripts: str | None = None):
     """The float32 weight a rank-r adapter adds to a kernel of ``shape``.
 

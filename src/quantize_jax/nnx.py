@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
-from quantize_jax.lora import LowRankEinsum, merge_low_rank
+from quantize_jax.lora import LowRankEinsum, matrix_input_axes, merge_low_rank
 from quantize_jax.ptq import gptq_kernel, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
@@ -728,14 +728,9 @@ def _gptq_view(layer) -> tuple[tuple[int, ...], int] | None:
         if tuple(layer.axis) != tuple(range(-n_in, 0)):
             return None
         axes = tuple(range(n_in + len(layer.out_features)))
-    elif type(layer) is QuantEinsum and layer.einsum_str:
-        try:
-            lr = LowRankEinsum.of(layer.einsum_str)
-        except ValueError:
-            return None
-        if lr.batch or not lr.inputs.endswith(lr.contracted):
-            return None
-        axes, n_in = tuple(lr.kernel.index(c) for c in lr.contracted + lr.produced), len(lr.contracted)
+    elif type(layer) is QuantEinsum and layer.einsum_str and matrix_input_axes(layer.einsum_str):
+        inputs = matrix_input_axes(layer.einsum_str)
+        axes, n_in = inputs + tuple(a for a in range(len(layer.kernel_shape)) if a not in inputs), len(inputs)
     else:
         return None
     _, own = _split_stack(layer)
