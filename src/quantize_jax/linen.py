@@ -168,7 +168,7 @@ def _with_lora(module, inputs, y, axes, features):
     """``y`` plus the layer's QLoRA adapters (``lora_rank``), if it has them: ``x' @ a @ b``, with ``x'``
     the inputs' contracted ``axes`` moved last and flattened (``a`` ``(K, r)``, He-uniform; ``b``
     ``(r, N)``, zeros; as ``nnx.LoRA``) and the product reshaped to the output ``features``."""
-    if not module.lora_rank or not (module.is_initializing() or module.has_variable("lora", "a")):
+    if not _adapted(module):
         return y
     x = jnp.moveaxis(inputs, axes, range(-len(axes), 0))
     lead = x.shape[: x.ndim - len(axes)]
@@ -177,6 +177,12 @@ def _with_lora(module, inputs, y, axes, features):
     a, b = _lora_variables(module, (x.shape[-1], rank), (rank, math.prod(features)), nn.initializers.he_uniform())
     x, a, b = module.promote_dtype(x, a, b, dtype=module.dtype)
     return y + (x @ a @ b).reshape(lead + tuple(features)).astype(y.dtype)
+
+
+def _adapted(module) -> bool:
+    """Whether a layer with ``lora_rank`` has its adapters: at init, or when the ``"lora"`` collection
+    holds them (after :func:`merge_lora`, without it, the layer is the plain one)."""
+    return bool(module.lora_rank) and (module.is_initializing() or module.has_variable("lora", "a"))
 
 
 def _lora_variables(module, a_shape, b_shape, a_init):
@@ -309,16 +315,15 @@ def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...]] | None:
         if layer.learn_scale:
             return None
     elif type(layer) is QuantDenseGeneral:
-        axes = sorted(a % inputs.ndim for a in (layer.axis if isinstance(layer.axis, tuple) else (layer.axis,)))
+        axes, features = layer._axes_and_features(inputs.ndim)
         if layer.batch_dims or axes != list(range(inputs.ndim - len(axes), inputs.ndim)):
             return None
-        features = layer.features if isinstance(layer.features, tuple) else (layer.features,)
         spec, kernel_ndim, input_axes = layer.weight_spec, len(axes) + len(features), tuple(range(len(axes)))
     elif type(layer) is QuantEinsum and layer.einsum_str and matrix_input_axes(layer.einsum_str):
         spec, kernel_ndim, input_axes = layer.weight_spec, len(layer.shape), matrix_input_axes(layer.einsum_str)
     else:
         return None
-    spec = spec or QuantSpec(axis=tuple(range(kernel_ndim - 1)))  # _QuantKernel's default
+    spec = _kernel_spec(spec, kernel_ndim)
     return (spec, input_axes) if spec.reduced_axes(kernel_ndim) == tuple(sorted(input_axes)) else None
 
 
@@ -373,6 +378,11 @@ def _merge(params: dict, qarrays: dict, path) -> None:
             _merge(params[name], value, path + (name,))
 
 
+def _kernel_spec(weight_spec: QuantSpec | None, ndim: int) -> QuantSpec:
+    """A Linen layer's weight spec: its own, or one scale per last kernel axis entry."""
+    return weight_spec or QuantSpec(axis=tuple(range(ndim - 1)) if ndim > 1 else None)
+
+
 class _QuantKernel:
     """Mixin for Flax Linen layers: their ``kernel`` parameter is read fake-quantized (QAT), or, when the
     parameter is a QArray (serving variables from :func:`to_serving_params`), dequantized; the layer's
@@ -386,7 +396,7 @@ class _QuantKernel:
             if isinstance(stored, QArray):
                 return dequantize(stored, stored.dtype)
         kernel = super().param(name, init_fn, *init_args, **init_kwargs)
-        spec = self.weight_spec or QuantSpec(axis=tuple(range(kernel.ndim - 1)) if kernel.ndim > 1 else None)
+        spec = _kernel_spec(self.weight_spec, kernel.ndim)
         if self.is_mutable_collection("qarrays") and not self.is_initializing():
             self.put_variable("qarrays", "kernel", quantize(lax.stop_gradient(kernel), spec))
         return fake_quant(kernel, spec)
@@ -452,12 +462,16 @@ class QuantDenseGeneral(_QuantKernel, nn.DenseGeneral):
 
     @nn.compact
     def __call__(self, inputs):
-        axes = sorted(a % inputs.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
-        features = self.features if isinstance(self.features, tuple) else (self.features,)
+        axes, features = self._axes_and_features(inputs.ndim)
         if self.lora_rank and self.batch_dims:
             raise ValueError(f"QuantDenseGeneral: lora_rank={self.lora_rank} needs batch_dims=(), "
                              f"got batch_dims={self.batch_dims!r}")
         return _with_lora(self, inputs, self._dense_general(inputs, axes, features), tuple(axes), features)
+
+    def _axes_and_features(self, ndim: int) -> tuple[list[int], tuple[int, ...]]:
+        """The inputs' contracted axes (sorted, non-negative) and the output features, as tuples would give."""
+        axes = sorted(a % ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
+        return axes, self.features if isinstance(self.features, tuple) else (self.features,)
 
     def _dense_general(self, inputs, axes, features):
         """The layer without adapters: QAT over the float kernel, or serving from a packed one."""
@@ -499,7 +513,7 @@ class QuantEinsum(_QuantKernel, nn.Einsum):
     def __call__(self, inputs, einsum_str=None):
         subscripts = (einsum_str or self.einsum_str or "").replace(" ", "")
         y = self._einsum(inputs, einsum_str, subscripts)
-        if not self.lora_rank or not (self.is_initializing() or self.has_variable("lora", "a")):
+        if not _adapted(self):
             return y
         lr = LowRankEinsum.of(subscripts)
         axes = lambda letters: tuple(i for i, c in enumerate(lr.kernel) if c in letters)  # noqa: E731

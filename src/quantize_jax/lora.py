@@ -102,10 +102,7 @@ class LowRankEinsum:
 
     def adapter_shapes(self, kernel_shape, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of ``a`` and ``b`` for one kernel of ``kernel_shape``."""
-        if len(kernel_shape) != len(self.kernel):
-            raise ValueError(f"LowRankEinsum: kernel_shape={tuple(kernel_shape)} does not match the subscripts "
-                             f"{self.kernel!r}")
-        size = dict(zip(self.kernel, kernel_shape))
+        size = self._sizes(kernel_shape)
         sizes = lambda letters: tuple(size[c] for c in letters)  # noqa: E731
         return (sizes(self.batch + self.contracted) + (rank,),
                 sizes(self.batch) + (rank,) + sizes(self.produced))
@@ -114,9 +111,16 @@ class LowRankEinsum:
         """The shapes of ``a`` and ``b`` held in the kernel's own axes, size 1 where they do not reach
         (``a`` the produced axes, ``b`` the contracted ones), and the rank last: a layout whose weight
         :func:`low_rank_weight` finds from the shapes alone (Linen's ``"lora"`` collection)."""
-        self.adapter_shapes(kernel_shape, rank)  # checks the shape
-        return (tuple(1 if c in self.produced else d for c, d in zip(self.kernel, kernel_shape)) + (rank,),
-                tuple(1 if c in self.contracted else d for c, d in zip(self.kernel, kernel_shape)) + (rank,))
+        size = self._sizes(kernel_shape)
+        return (tuple(1 if c in self.produced else size[c] for c in self.kernel) + (rank,),
+                tuple(1 if c in self.contracted else size[c] for c in self.kernel) + (rank,))
+
+    def _sizes(self, kernel_shape) -> dict[str, int]:
+        """Each kernel letter's size in ``kernel_shape``."""
+        if len(kernel_shape) != len(self.kernel):
+            raise ValueError(f"LowRankEinsum: kernel_shape={tuple(kernel_shape)} does not match the subscripts "
+                             f"{self.kernel!r}")
+        return dict(zip(self.kernel, kernel_shape))
 
     def __call__(self, x, a, b):
         """The adapter's output ``einsum(einsum(x, a), b)``, in the einsum's output axes; ``a`` and ``b``

@@ -714,35 +714,32 @@ class _InputRecorder(nnx.Module):
         return self.layer(inputs, *args, **kwargs)
 
 
-def _gptq_view(layer) -> tuple[tuple[int, ...], int] | None:
-    """How GPTQ sees the kernel of a layer it can quantize, else None: ``(axes, n_in)``, the kernel's axes
-    reordered input axes first (``n_in`` of them), flattened into ``(K, N)``. Such a layer is a
+def _gptq_input_axes(layer) -> tuple[int, ...] | None:
+    """The kernel axes a layer GPTQ can quantize contracts with its inputs' trailing axes, in order (GPTQ
+    sees the kernel as ``(K, N)``, those axes first and flattened), else None. Such a layer is a
     QuantLinear; a QuantLinearGeneral contracting its inputs' trailing axes without batch axes; or a
     QuantEinsum without kernel batch axes whose inputs end with the contracted axes in the kernel's order
     (``"BTD,NDH->BTNH"``, ``"BTNH,NHD->BTD"``); stacked or not, without learned scales, its weight spec
     reducing exactly the input axes (a group size then splits the one input axis)."""
     if type(layer) is QuantLinear:
-        axes, n_in = (0, 1), 1
+        axes = (0,)
     elif type(layer) is QuantLinearGeneral and not layer.batch_axis:
-        n_in = len(layer.in_features)
-        if tuple(layer.axis) != tuple(range(-n_in, 0)):
+        axes = tuple(range(len(layer.in_features)))
+        if tuple(layer.axis) != tuple(range(-len(axes), 0)):
             return None
-        axes = tuple(range(n_in + len(layer.out_features)))
-    elif type(layer) is QuantEinsum and layer.einsum_str and matrix_input_axes(layer.einsum_str):
-        inputs = matrix_input_axes(layer.einsum_str)
-        axes, n_in = inputs + tuple(a for a in range(len(layer.kernel_shape)) if a not in inputs), len(inputs)
+    elif type(layer) is QuantEinsum and layer.einsum_str:
+        axes = matrix_input_axes(layer.einsum_str)
     else:
         return None
     _, own = _split_stack(layer)
-    ok = not layer.learn_scale and layer.weight_spec.reduced_axes(len(own)) == tuple(sorted(axes[:n_in]))
-    return (axes, n_in) if ok else None
+    ok = axes and not layer.learn_scale and layer.weight_spec.reduced_axes(len(own)) == tuple(sorted(axes))
+    return axes if ok else None
 
 
-def _gptq_kernel(layer, xtx, rows, damp: float, path: str) -> QArray:
+def _gptq_kernel(layer, input_axes, xtx, rows, damp: float, path: str) -> QArray:
     """The layer's kernel (each stacked layer's on its own) quantized by GPTQ for its inputs' moments,
     in the layer's own layout and spec, as :func:`to_serving` would hold it."""
     stack, _ = _split_stack(layer)
-    axes, n_in = _gptq_view(layer)
     kernel = layer.kernel[...]
     quantized = []
     for index in np.ndindex(*stack):
@@ -750,7 +747,7 @@ def _gptq_kernel(layer, xtx, rows, damp: float, path: str) -> QArray:
             where = f"{path!r}" + (f", stacked layer {index}" if stack else "")
             raise ValueError(f"to_serving_gptq: layer {where} was never called on the batches")
         quantized.append(gptq_kernel(kernel[index], xtx[index] / rows[index], layer.weight_spec,
-                                     input_axes=axes[:n_in], damp=damp))
+                                     input_axes=input_axes, damp=damp))
     if not stack:
         return quantized[0]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)
@@ -807,17 +804,16 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     """
     regex = re.compile(where)
     recording = nnx.clone(model)
-    targets = [p for p, m in nnx.iter_modules(recording)
-               if _gptq_view(m) is not None and regex.search(_path_str(p))]
+    targets = [(p, axes) for p, m in nnx.iter_modules(recording)
+               if (axes := _gptq_input_axes(m)) is not None and regex.search(_path_str(p))]
     if not targets:
         raise ValueError(f"to_serving_gptq: no QuantLinear, QuantLinearGeneral or QuantEinsum GPTQ can quantize "
                          f"matches where={where!r}: none reduces exactly its input axes (weight_spec) without "
                          f"learned scales")
-    for path in targets:
+    for path, axes in targets:
         layer = _module_at(recording, path)
         stack, own = _split_stack(layer)
-        axes, n_in = _gptq_view(layer)
-        _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[a] for a in axes[:n_in])))
+        _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[a] for a in axes)))
     recording.eval()
     seen = 0
     for batch in progress_bar(batches, progress, "to_serving_gptq: inputs", "batch"):
@@ -826,9 +822,9 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     if not seen:
         raise ValueError("to_serving_gptq: batches is empty; give at least one calibration batch")
     served = to_serving(model, backend=backend)
-    for path in progress_bar(targets, progress, "to_serving_gptq: GPTQ", "layer"):
+    for path, axes in progress_bar(targets, progress, "to_serving_gptq: GPTQ", "layer"):
         recorder = _module_at(recording, path)
-        q = _gptq_kernel(_module_at(model, path), recorder.xtx[...], recorder.rows[...], damp, _path_str(path))
+        q = _gptq_kernel(_module_at(model, path), axes, recorder.xtx[...], recorder.rows[...], damp, _path_str(path))
         rounded = _module_at(served, path).kernel
         rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
     return served
