@@ -380,11 +380,12 @@ def test_gptq_serving_params_of_a_layer_called_twice_take_both_inputs():
     x = jax.random.normal(jax.random.key(0), (32, 16))
     model = _Twice()
     variables = model.init(jax.random.key(1), x)
-    served = qj.linen.to_serving_params_gptq(model, variables, [x], progress=False)
     inner = qj.linen.QuantDense(16).apply({"params": variables["params"]["QuantDense_0"]}, x)
-    expected = qj.ptq.gptq(variables["params"]["QuantDense_0"]["kernel"], jnp.concatenate([x, inner]),
-                           qj.QuantSpec(axis=0))
-    assert float(jnp.mean(served["params"]["QuantDense_0"]["kernel"].packed == expected.packed)) > 0.99
+    for act_order in (False, True):
+        served = qj.linen.to_serving_params_gptq(model, variables, [x], act_order=act_order, progress=False)
+        expected = qj.ptq.gptq(variables["params"]["QuantDense_0"]["kernel"], jnp.concatenate([x, inner]),
+                               qj.QuantSpec(axis=0), act_order=act_order)
+        assert float(jnp.mean(served["params"]["QuantDense_0"]["kernel"].packed == expected.packed)) > 0.99
 
 
 class _LoraEinsums(nn.Module):
@@ -434,12 +435,14 @@ class _GptqHeads(nn.Module):
         a = qj.linen.QuantDenseGeneral((4, 8), weight_spec=qj.QuantSpec(axis=0), name="general")(x)
         b = qj.linen.QuantEinsum((4, 32, 8), "BTD,NDH->BTNH", weight_spec=qj.QuantSpec(axis=1, group_size=16),
                                  name="einsum")(x)
-        return a + b
+        c = qj.linen.QuantEinsum((4, 32, 8), "BTD,NDH->BTNH", name="shared")(x)  # default: one scale per H
+        return a + b + c
 
 
 def test_gptq_serving_params_of_dense_general_and_einsum_projections():
     """QuantDenseGeneral ((D, N, H): D first) and QuantEinsum ((N, D, H): D moved first for GPTQ, groups
-    along it): each QArray is GPTQ of its kernel viewed as (D, N * H) for the inputs, in its own layout."""
+    along it): each QArray is GPTQ of its kernel viewed as (D, N * H) for the inputs, in its own layout.
+    QuantEinsum's default spec (scales shared across N) keeps rounding's scales, with less output error."""
     model = _GptqHeads()
     mix = jax.random.normal(jax.random.key(2), (32, 32))
     batches = [jax.random.normal(jax.random.key(10 + i), (2, 16, 32)) @ mix for i in range(2)]
@@ -455,3 +458,7 @@ def test_gptq_serving_params_of_dense_general_and_einsum_projections():
         expected = qj.dequantize(qj.ptq.gptq(kernel.transpose(axes).reshape(32, -1), x, spec))
         np.testing.assert_allclose(qj.dequantize(q), expected.reshape(32, 4, 8).transpose(np.argsort(axes)),
                                    rtol=1e-5, atol=1e-6)
+    kernel, q, r = (v["params"]["shared"]["kernel"] for v in (variables, served, rounded))
+    np.testing.assert_array_equal(q.scale, r.scale)
+    error = lambda k: float(jnp.sum((jnp.einsum("bd,ndh->bnh", x, kernel - qj.dequantize(k))) ** 2))  # noqa: E731
+    assert error(q) < 0.8 * error(r)

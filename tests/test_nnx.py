@@ -305,7 +305,8 @@ def test_embedding_gradients_and_errors():
 
 def test_gptq_serving_beats_rounding_to_nearest_on_correlated_inputs():
     """to_serving_gptq: each Linear kernel quantized by GPTQ for the inputs recorded over the batches (the
-    first layer's are the batches themselves, so its QArray is ptq.gptq of them all); less output error."""
+    first layer's are the batches themselves, so its QArray is ptq.gptq of them all); less output error;
+    where= picks the layers, act_order= reaches GPTQ."""
     model = _mlp()
     mix = jax.random.normal(jax.random.key(2), (16, 16))
     batches = [jax.random.normal(jax.random.key(10 + i), (64, 16)) @ mix for i in range(4)]
@@ -320,8 +321,12 @@ def test_gptq_serving_beats_rounding_to_nearest_on_correlated_inputs():
     np.testing.assert_allclose(first.scale, expected.scale, rtol=1e-5)
     error = lambda m: float(jnp.mean((m(test) - model(test)) ** 2))  # noqa: E731
     assert error(gptq) < 0.85 * error(qj.nnx.to_serving(qat))
-    only_last = qj.nnx.to_serving_gptq(qat, iter(batches), where="layers/2", progress=False)  # any iterable
-    jax.tree.map(np.testing.assert_array_equal, only_last.layers[0].qarray, qj.nnx.to_serving(qat).layers[0].qarray)
+    only_first = qj.nnx.to_serving_gptq(qat, iter(batches), where="layers/0", act_order=True,  # any iterable
+                                        progress=False)
+    jax.tree.map(np.testing.assert_array_equal, only_first.layers[2].qarray, qj.nnx.to_serving(qat).layers[2].qarray)
+    expected = qj.ptq.gptq(qat.layers[0].kernel[...], jnp.concatenate(batches), spec, act_order=True)
+    assert float(jnp.mean(only_first.layers[0].qarray.packed == expected.packed)) > 0.99
+    assert float(jnp.mean(only_first.layers[0].qarray.packed == first.packed)) < 0.9  # another walk
 
 
 def test_gptq_serving_of_attention_projections_and_stacked_layers():
@@ -357,10 +362,12 @@ def test_gptq_serving_of_attention_projections_and_stacked_layers():
 
 def test_gptq_serving_of_gemma_style_einsum_layers():
     """QuantEinsum layers whose inputs end with the contracted axes: the kernel's input axes moved first
-    and flattened for GPTQ, its QArray back in the layer's layout (per output feature, or groups)."""
+    and flattened for GPTQ, its QArray back in the layer's layout (per output feature, or groups; the
+    gate's spec, QuantEinsum's default, shares each scale across G too and keeps rounding's scales)."""
     model = _GemmaBlock(nnx.Rngs(0))
     rules = [("^q$", qj.QuantSpec(axis=1, group_size=16)), ("^kv$", qj.QuantSpec(axis=2)),
-             ("^o$", qj.QuantSpec(axis=(0, 1))), ("^gate$", qj.QuantSpec(axis=1)), ("^down$", qj.QuantSpec(axis=0))]
+             ("^o$", qj.QuantSpec(axis=(0, 1))), ("^gate$", qj.QuantSpec(axis=(0, 1))),
+             ("^down$", qj.QuantSpec(axis=0))]
     qat = qj.nnx.quantize_model(model, rules)
     ids = [jax.random.randint(jax.random.key(i), (4, 12), 0, 64) for i in range(3)]
     served, rounded = qj.nnx.to_serving_gptq(qat, ids, progress=False), qj.nnx.to_serving(qat)
@@ -368,6 +375,8 @@ def test_gptq_serving_of_gemma_style_einsum_layers():
         q, r = getattr(served, name).qarray, getattr(rounded, name).qarray
         assert (q.shape, q.spec, q.scale.shape) == (r.shape, r.spec, r.scale.shape)
         assert not np.allclose(qj.dequantize(q), qj.dequantize(r))
+    assert served.gate.qarray.spec.axis == (0, 1)
+    np.testing.assert_array_equal(served.gate.qarray.scale, rounded.gate.qarray.scale)
     x = jnp.concatenate([model.embed(i) for i in ids]).reshape(-1, 32)  # what q and kv multiply
     for name, spec, axes in (("q", qj.QuantSpec(axis=0, group_size=16), (1, 0, 2)),  # (N, D, H) -> (D, N, H)
                              ("kv", qj.QuantSpec(axis=0), (2, 0, 1, 3))):  # (C, K, D, H) -> (D, C, K, H)
@@ -399,7 +408,7 @@ def test_gptq_serving_refuses_what_it_cannot_calibrate():
         qj.nnx.to_serving_gptq(model, [], progress=False)
     learned = qj.nnx.quantize_model(_mlp(), learn_scale=True)
     with pytest.raises(ValueError, match=r"to_serving_gptq: no QuantLinear, QuantLinearGeneral or QuantEinsum GPTQ can "
-                                         r"quantize matches where='': none reduces exactly its input axes"):
+                                         r"quantize matches where='': none has a weight_spec reducing its input axes"):
         qj.nnx.to_serving_gptq(learned, [jnp.ones((2, 16))], progress=False)
 
 

@@ -32,7 +32,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import LowRankEinsum, low_rank_weight, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import gptq_kernel, progress_bar
+from quantize_jax.ptq import gptq_applies, gptq_kernel, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -226,7 +226,8 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     return out
 
 
-def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float = 0.01, progress: bool = True):
+def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float = 0.01, act_order: bool = False,
+                           progress: bool = True):
     """:func:`to_serving_params` with GPTQ kernels, each quantized for the inputs it sees.
 
     ``module.apply(variables, *batch)`` runs (jitted) over every batch while
@@ -238,8 +239,9 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     :class:`QuantDenseGeneral` contracting its inputs' trailing axes without
     batch dims, and :class:`QuantEinsum` (its ``einsum_str`` an attribute)
     without kernel batch axes whose inputs end with the contracted axes, when
-    the weight spec reduces exactly the kernel's input axes (one scale per
-    output feature, or groups along a single input axis). Every other layer
+    the weight spec reduces the kernel's input axes (one scale per output
+    feature, groups along a single input axis, or, without groups, scales
+    shared across outputs too, fixed before GPTQ's walk). Every other layer
     is served as :func:`to_serving_params` serves it.
 
     Args:
@@ -247,6 +249,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       batches: an iterable of calibration batches, each the module's argument
         or a tuple of its arguments.
       damp: GPTQ's dampening, relative to the mean diagonal of ``x^T x / n``.
+      act_order: GPTQ walks each kernel's inputs by decreasing energy (groups
+        then take their scales before the walk; :func:`~quantize_jax.ptq.gptq`).
       progress: tqdm progress bars.
 
     Raises:
@@ -297,13 +301,14 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
         raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
     if not totals:
         raise ValueError("to_serving_params_gptq: no layer GPTQ can quantize was called by the module (QuantDense, "
-                         "QuantDenseGeneral or QuantEinsum whose weight spec reduces exactly its input axes)")
+                         "QuantDenseGeneral or QuantEinsum whose weight spec reduces its input axes)")
     served = to_serving_params(module, variables, *first)
     for path, (xtx, rows) in progress_bar(list(totals.items()), progress, "to_serving_params_gptq: GPTQ", "layer"):
         kernel = functools.reduce(lambda tree, name: tree[name], path, variables["params"])["kernel"]
         layer = functools.reduce(lambda tree, name: tree[name], path, served["params"])
         spec, input_axes = views[path]
-        layer["kernel"] = gptq_kernel(kernel, xtx / rows, spec, input_axes=input_axes, damp=damp)
+        layer["kernel"] = gptq_kernel(kernel, xtx / rows, spec, input_axes=input_axes, damp=damp,
+                                      act_order=act_order)
     return served
 
 
@@ -324,7 +329,7 @@ def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...]] | None:
     else:
         return None
     spec = _kernel_spec(spec, kernel_ndim)
-    return (spec, input_axes) if spec.reduced_axes(kernel_ndim) == tuple(sorted(input_axes)) else None
+    return (spec, input_axes) if gptq_applies(spec, kernel_ndim, input_axes) else None
 
 
 def merge_lora(variables):

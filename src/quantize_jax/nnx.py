@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import gptq_kernel, progress_bar
+from quantize_jax.ptq import gptq_applies, gptq_kernel, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -720,7 +720,7 @@ def _gptq_input_axes(layer) -> tuple[int, ...] | None:
     QuantLinear; a QuantLinearGeneral contracting its inputs' trailing axes without batch axes; or a
     QuantEinsum without kernel batch axes whose inputs end with the contracted axes in the kernel's order
     (``"BTD,NDH->BTNH"``, ``"BTNH,NHD->BTD"``); stacked or not, without learned scales, its weight spec
-    reducing exactly the input axes (a group size then splits the one input axis)."""
+    one :func:`~quantize_jax.ptq.gptq_applies` to."""
     if type(layer) is QuantLinear:
         axes = (0,)
     elif type(layer) is QuantLinearGeneral and not layer.batch_axis:
@@ -732,11 +732,11 @@ def _gptq_input_axes(layer) -> tuple[int, ...] | None:
     else:
         return None
     _, own = _split_stack(layer)
-    ok = axes and not layer.learn_scale and layer.weight_spec.reduced_axes(len(own)) == tuple(sorted(axes))
+    ok = axes and not layer.learn_scale and gptq_applies(layer.weight_spec, len(own), axes)
     return axes if ok else None
 
 
-def _gptq_kernel(layer, input_axes, xtx, rows, damp: float, path: str) -> QArray:
+def _gptq_kernel(layer, input_axes, xtx, rows, path: str, **gptq_options) -> QArray:
     """The layer's kernel (each stacked layer's on its own) quantized by GPTQ for its inputs' moments,
     in the layer's own layout and spec, as :func:`to_serving` would hold it."""
     stack, _ = _split_stack(layer)
@@ -747,14 +747,14 @@ def _gptq_kernel(layer, input_axes, xtx, rows, damp: float, path: str) -> QArray
             where = f"{path!r}" + (f", stacked layer {index}" if stack else "")
             raise ValueError(f"to_serving_gptq: layer {where} was never called on the batches")
         quantized.append(gptq_kernel(kernel[index], xtx[index] / rows[index], layer.weight_spec,
-                                     input_axes=input_axes, damp=damp))
+                                     input_axes=input_axes, **gptq_options))
     if not stack:
         return quantized[0]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)
 
 
-def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, backend: str = "auto",
-                    progress: bool = True) -> nnx.Module:
+def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, act_order: bool = False,
+                    backend: str = "auto", progress: bool = True) -> nnx.Module:
     """:func:`to_serving` with GPTQ kernels: each packed Linear kernel quantized for the inputs it sees.
 
     ``model(*batch)`` runs (in eval mode, jitted) over every batch, and each
@@ -770,12 +770,13 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     layers that contract their inputs' trailing axes (the projections of
     ``nnx.MultiHeadAttention``) and :class:`QuantEinsum` layers without
     kernel batch axes whose inputs end with the contracted axes (Gemma's
-    ``"BTD,NDH->BTNH"`` with ``QuantSpec(axis=1)``, ``"BTNH,NHD->BTD"``),
-    stacked by ``nnx.vmap`` or not (each layer of a stack on its own
-    inputs), without learned scales, whose ``weight_spec`` reduces exactly
-    their input axes (one scale per output feature; a group size splits a
-    single input axis). Every other layer is served as :func:`to_serving`
-    serves it.
+    ``"BTD,NDH->BTNH"``, ``"BTNH,NHD->BTD"``), stacked by ``nnx.vmap`` or
+    not (each layer of a stack on its own inputs), without learned scales,
+    whose ``weight_spec`` reduces their input axes: one scale per output
+    feature, groups splitting a single input axis, or (without groups)
+    scales shared across outputs too, such as the default ``QuantEinsum``
+    spec of ``"BTD,NDH->BTNH"`` (one scale per ``H``), fixed before GPTQ's
+    walk. Every other layer is served as :func:`to_serving` serves it.
 
     Args:
       model: a QAT model (from :func:`quantize_model`), trained or not.
@@ -783,6 +784,8 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
         or a tuple of its arguments.
       where: a regex over layer paths; default every layer GPTQ applies to.
       damp: GPTQ's dampening, relative to the mean diagonal of ``x^T x / n``.
+      act_order: GPTQ walks each kernel's inputs by decreasing energy (groups
+        then take their scales before the walk; :func:`~quantize_jax.ptq.gptq`).
       backend: the served layers' ``qdot`` backend.
       progress: tqdm progress bars over the batches and the layers.
 
@@ -808,7 +811,7 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
                if (axes := _gptq_input_axes(m)) is not None and regex.search(_path_str(p))]
     if not targets:
         raise ValueError(f"to_serving_gptq: no QuantLinear, QuantLinearGeneral or QuantEinsum GPTQ can quantize "
-                         f"matches where={where!r}: none reduces exactly its input axes (weight_spec) without "
+                         f"matches where={where!r}: none has a weight_spec reducing its input axes without "
                          f"learned scales")
     for path, axes in targets:
         layer = _module_at(recording, path)
@@ -824,7 +827,8 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     served = to_serving(model, backend=backend)
     for path, axes in progress_bar(targets, progress, "to_serving_gptq: GPTQ", "layer"):
         recorder = _module_at(recording, path)
-        q = _gptq_kernel(_module_at(model, path), axes, recorder.xtx[...], recorder.rows[...], damp, _path_str(path))
+        q = _gptq_kernel(_module_at(model, path), axes, recorder.xtx[...], recorder.rows[...], _path_str(path),
+                         damp=damp, act_order=act_order)
         rounded = _module_at(served, path).kernel
         rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
     return served

@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 
 from quantize_jax import _layout
-from quantize_jax.calibrate import check_float_array, grouped_scale
+from quantize_jax.calibrate import check_float_array, compute_scale, grouped_scale
 from quantize_jax.qarray import QArray, dequantize, quantize
 from quantize_jax.rules import compile_rules
 from quantize_jax.spec import QuantSpec
@@ -231,7 +231,7 @@ def _choose(path, leaf, compiled, min_size):
     return default_spec(shape, path)
 
 
-def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
+def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = False) -> QArray:
     """GPTQ: quantize a Dense kernel ``w`` ``(K, N)`` for inputs ``x`` ``(n, K)`` with error compensation.
 
     Rows of ``w`` (input features) are quantized in order; after each, the
@@ -240,6 +240,12 @@ def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
     the paper). Group scales are fixed when the walk reaches their group,
     from the weights as updated so far.
 
+    With ``act_order`` the rows are walked by decreasing ``diag(H)`` (the
+    inputs with the most energy first, while most rows remain to absorb
+    their error: AutoGPTQ's ``desc_act``); groups then take their scales
+    from the weights before the walk ("static groups"), since a group's
+    rows are scattered over it.
+
     Args:
       w: ``(K, N)`` float kernel.
       x: ``(..., K)`` calibration inputs of the layer (leading axes are
@@ -247,6 +253,7 @@ def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
       spec: scales along K: per output channel (``axis=0``) or groups along
         axis 0; any format and method.
       damp: the dampening, relative to the mean diagonal of ``H``.
+      act_order: walk the rows by decreasing ``diag(H)``.
 
     Returns:
       A QArray whose ``x @ dequantize(q)`` approximates ``x @ w`` better than
@@ -267,10 +274,10 @@ def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
                          f"x {x.shape}")
     _check_finite(x, "x")
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return gptq_from_hessian(w, _mean_outer(x), spec, damp=damp)
+    return gptq_from_hessian(w, _mean_outer(x), spec, damp=damp, act_order=act_order)
 
 
-def gptq_from_hessian(w, h, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
+def gptq_from_hessian(w, h, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = False) -> QArray:
     """:func:`gptq` from the inputs' second moment ``h = x^T x / n`` ``(K, K)`` instead of the inputs:
     for inputs seen in batches (sum each batch's ``x^T x``, divide by the rows), as
     :func:`quantize_jax.nnx.to_serving_gptq` does. ``gptq(w, x, spec)`` is
@@ -284,27 +291,37 @@ def gptq_from_hessian(w, h, spec: QuantSpec, *, damp: float = 0.01) -> QArray:
       >>> q.shape
       (64, 16)
     """
+    w, h = _checked_matrix(w, h)
+    lay = _layout.layout(w.shape, spec, "w")
+    if not (lay.group_axis == 0 or (lay.group_axis is None and lay.reduced == (0,))):
+        raise ValueError(f"gptq: the spec must put scales along axis 0 (axis=0, optionally grouped), got axis={spec.axis!r}")
+    s, z, w_hat = _gptq_jit(w.astype(jnp.float32), h.astype(jnp.float32), spec, float(damp), None, bool(act_order))
+    return quantize(w_hat.astype(w.dtype), spec, scale=s, zero_point=z)  # w_hat's values lie on the grid
+
+
+def _checked_matrix(w, h):
+    """``w`` ``(K, N)`` and ``h`` ``(K, K)`` as float arrays, checked for shape and for NaN / Inf."""
     w = check_float_array(w, "w", "gptq")
     h = check_float_array(h, "h", "gptq")
     if w.ndim != 2 or h.shape != (w.shape[0],) * 2:
         raise ValueError(f"gptq: expected w of shape (K, N) and h of shape (K, K), got w {w.shape} and h {h.shape}")
-    lay = _layout.layout(w.shape, spec, "w")
-    if not (lay.group_axis == 0 or (lay.group_axis is None and lay.reduced == (0,))):
-        raise ValueError(f"gptq: the spec must put scales along axis 0 (axis=0, optionally grouped), got axis={spec.axis!r}")
     _check_finite(w, "w")
     _check_finite(h, "h")
-    s, z, w_hat = _gptq_jit(w.astype(jnp.float32), h.astype(jnp.float32), spec, float(damp))
-    return quantize(w_hat.astype(w.dtype), spec, scale=s, zero_point=z)  # w_hat's values lie on the grid
+    return w, h
 
 
-def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01) -> QArray:
+def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01, act_order: bool = False) -> QArray:
     """GPTQ for a kernel of any layout: ``w``'s ``input_axes`` (in the order the inputs are flattened)
     are contracted with the inputs, whose second moment ``h`` is ``(K, K)``; the rest are outputs.
 
     The kernel is viewed as ``(K, N)`` (input axes first, flattened; the others in their order),
     quantized by :func:`gptq_from_hessian` per output feature (or in groups along a single input axis),
-    and returned in its own layout and ``spec``, which must reduce exactly the input axes: for
-    ``"BTD,NDH->BTNH"`` (kernel ``(N, D, H)``), ``input_axes=(1,)`` and ``QuantSpec(axis=1)``.
+    and returned in its own layout and ``spec``, which must reduce the input axes: for
+    ``"BTD,NDH->BTNH"`` (kernel ``(N, D, H)``), ``input_axes=(1,)`` and ``QuantSpec(axis=1)``. A spec
+    that also reduces output axes (``QuantSpec(axis=(0, 1))``: one scale per ``H``, shared by the heads;
+    or per tensor) is computed from the whole kernel first and held fixed while GPTQ walks the inputs
+    ("static groups"), since a scale cannot be chosen when one of its columns is reached. ``damp`` and
+    ``act_order`` are :func:`gptq`'s.
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj
@@ -316,15 +333,30 @@ def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01) -> QAr
     """
     w = check_float_array(w, "w", "gptq")
     input_axes = tuple(a % w.ndim for a in input_axes)
-    if spec.reduced_axes(w.ndim, name="w", shape=w.shape) != tuple(sorted(input_axes)):
-        raise ValueError(f"gptq: the spec must reduce exactly the input axes {input_axes} of w of shape {w.shape}, "
-                         f"got axis={spec.axis!r}")
+    spec.reduced_axes(w.ndim, name="w", shape=w.shape)  # axes out of range: named
+    if not gptq_applies(spec, w.ndim, input_axes):
+        raise ValueError(f"gptq: the spec must reduce the input axes {input_axes} of w of shape {w.shape} (and "
+                         f"may reduce output axes too, without groups), got axis={spec.axis!r}, "
+                         f"group_size={spec.group_size!r}")
     n_in = len(input_axes)
     axes = input_axes + tuple(a for a in range(w.ndim) if a not in input_axes)
     viewed = tuple(w.shape[a] for a in axes)
     back = tuple(int(a) for a in np.argsort(axes))
-    flat = gptq_from_hessian(w.transpose(axes).reshape(math.prod(viewed[:n_in]), -1), h,
-                             dataclasses.replace(spec, axis=0), damp=damp)
+    matrix = w.transpose(axes).reshape(math.prod(viewed[:n_in]), -1)
+    by_column = dataclasses.replace(spec, axis=0)
+    if spec.reduced_axes(w.ndim) != tuple(sorted(input_axes)):  # scales shared across outputs: fixed first
+        scale, zero_point = compute_scale(w, spec)
+
+        def columns(a):  # the kernel's scale broadcast to every output feature, as a (1, N) row of the view
+            return jnp.broadcast_to(a, w.shape).transpose(axes)[(0,) * n_in].reshape(1, -1)
+
+        matrix, h = _checked_matrix(matrix, h)
+        fixed = (columns(scale), jnp.zeros((1, matrix.shape[1])) if zero_point is None else columns(zero_point))
+        on_grid = _gptq_jit(matrix.astype(jnp.float32), h.astype(jnp.float32), by_column, float(damp), fixed,
+                            bool(act_order))[2]
+        return quantize(on_grid.reshape(viewed).transpose(back).astype(w.dtype), spec, scale=scale,
+                        zero_point=zero_point)
+    flat = gptq_from_hessian(matrix, h, by_column, damp=damp, act_order=act_order)
     scale_shape = _layout.layout(w.shape, spec).scale_shape
 
     def placed(a):  # the (groups, N) scales of the (K, N) view -> the kernel's own scale layout
@@ -347,50 +379,73 @@ def _mean_outer(x):
     return x.T @ x / x.shape[0]
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _gptq_jit(w, h, spec, damp):
+def gptq_applies(spec: QuantSpec, ndim: int, input_axes) -> bool:
+    """Whether :func:`gptq_kernel` can quantize a kernel of rank ``ndim`` whose ``input_axes`` meet the
+    inputs with ``spec``: its scales reduce exactly the input axes (per output feature, or groups along
+    a single input axis), or, without groups, the input axes and some output axes (scales shared across
+    outputs, fixed from the whole kernel before the walk, as "static groups")."""
+    reduced = set(spec.reduced_axes(ndim, name="w"))
+    wanted = {a % ndim for a in input_axes}
+    return reduced == wanted or (spec.group_size is None and reduced > wanted)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 5))
+def _gptq_jit(w, h, spec, damp, fixed=None, act_order=False):
     """GPTQ with lazy batch updates: rows are quantized one by one inside a block (a scale group, or
-    128 rows per channel), and the block's accumulated errors reach the later rows in one matmul."""
+    128 rows), and the block's accumulated errors reach the later rows in one matmul.
+
+    Scales are per channel from the weights as they are, or ``fixed`` (``(scale, zero_point)`` rows
+    ``(1, N)``); groups take theirs when the walk reaches them, or, with ``act_order`` (rows walked by
+    decreasing ``diag(H)``, so a group's rows are scattered over the walk), from the weights before it."""
     k, n = w.shape
     lay = _layout.layout(w.shape, spec)
     grouped = lay.group_axis == 0
-    block = lay.group_size if grouped else min(128, k)
+    dynamic = grouped and not act_order  # a block is a group: its scale is set when the walk reaches it
+    block = lay.group_size if dynamic else min(128, k)
     n_blocks = -(-k // block)
     kp = n_blocks * block
+    fmt = spec.fmt
+    sdt = jnp.dtype(spec.scale_dtype)
+    one_group = QuantSpec(format=spec.format, axis=0, method=spec.method, scale_dtype=spec.scale_dtype,
+                          percentile=spec.percentile, mse_steps=spec.mse_steps, mse_min_ratio=spec.mse_min_ratio)
+    if dynamic:
+        s0 = z0 = jnp.zeros((lay.n_groups, n))
+    elif grouped:
+        s0, z0 = (_layout.scale_from_groups(a, lay) if a is not None else None
+                  for a in grouped_scale(_layout.to_groups(w, lay), lay, spec))
+    else:
+        s0, z0 = fixed or grouped_scale(w, _layout.layout((k, n), one_group), one_group)
+    scales0, zeros0 = s0.astype(sdt), (jnp.zeros_like(s0) if z0 is None else z0).astype(sdt)
+    group_of_row = jnp.arange(k) // lay.group_size if grouped else jnp.zeros(k, jnp.int32)
     h = h + jnp.diag((jnp.diag(h) == 0).astype(h.dtype))  # inputs the calibration never sets: rounded to nearest
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
+    if act_order:
+        order = jnp.argsort(-jnp.diag(h), stable=True)
+        w, h, group_of_row = w[order], h[order][:, order], group_of_row[order]
     u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T  # upper factor: H^-1 = U^T U
     pad = kp - k
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(kp) >= k).astype(u.dtype))  # padded rows: inert
     wp = jnp.pad(w, ((0, pad), (0, 0)))
-    one_group = QuantSpec(format=spec.format, axis=0, method=spec.method, scale_dtype=spec.scale_dtype,
-                          percentile=spec.percentile, mse_steps=spec.mse_steps, mse_min_ratio=spec.mse_min_ratio)
-    fmt = spec.fmt
-    sdt = jnp.dtype(spec.scale_dtype)
-    if grouped:  # a block is a group: its scale is fixed when the walk reaches it
-        scales0, zeros0 = jnp.ones((n_blocks, n), sdt), jnp.zeros((n_blocks, n), sdt)
-    else:  # per channel: one scale from the weights as they are
-        s0, z0 = grouped_scale(w, _layout.layout((k, n), one_group), one_group)
-        scales0, zeros0 = s0.astype(sdt), (jnp.zeros_like(s0) if z0 is None else z0).astype(sdt)
+    group_of_row = jnp.pad(group_of_row, (0, pad))
     block_lay = _layout.layout((block, n), one_group)
 
     def run_block(b, carry):
         wc, scales, zeros = carry
         i0 = b * block
         wb = lax.dynamic_slice_in_dim(wc, i0, block, axis=0)
-        if grouped:
+        if dynamic:
             valid = (i0 + jnp.arange(block)) < k
             s_g, z_g = grouped_scale(jnp.where(valid[:, None], wb, 0.0), block_lay, one_group)
             scales = lax.dynamic_update_slice_in_dim(scales, s_g.astype(sdt), b, axis=0)
             if z_g is not None:
                 zeros = lax.dynamic_update_slice_in_dim(zeros, z_g.astype(sdt), b, axis=0)
-        g = b if grouped else 0
-        s_row, z_row = scales[g], (zeros[g] if fmt.has_zero_point else None)
         ub = lax.dynamic_slice(u, (i0, i0), (block, block))
+        groups = lax.dynamic_slice_in_dim(group_of_row, i0, block)
 
         def row(r, c):
             wb, errs = c
-            w_r = wb[r]
+            w_r, g = wb[r], groups[r]
+            s_row, z_row = scales[g], (zeros[g] if fmt.has_zero_point else None)
             q_r = dequantize_codes(quantize_to_codes(w_r, s_row, z_row, fmt), s_row, z_row, fmt)
             e = (w_r - q_r) / ub[r, r]
             wb = (wb - ub[r][:, None] * e[None, :]).at[r].set(q_r)
@@ -403,4 +458,5 @@ def _gptq_jit(w, h, spec, damp):
         return wc - u_rows.T @ errs, scales, zeros
 
     wq, scales, zeros = lax.fori_loop(0, n_blocks, run_block, (wp, scales0, zeros0))
-    return scales, (zeros if fmt.has_zero_point else None), wq[:k]
+    wq = wq[:k][jnp.argsort(order)] if act_order else wq[:k]
+    return scales, (zeros if fmt.has_zero_point else None), wq
