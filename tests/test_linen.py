@@ -442,7 +442,8 @@ class _GptqHeads(nn.Module):
 def test_gptq_serving_params_of_dense_general_and_einsum_projections():
     """QuantDenseGeneral ((D, N, H): D first) and QuantEinsum ((N, D, H): D moved first for GPTQ, groups
     along it): each QArray is GPTQ of its kernel viewed as (D, N * H) for the inputs, in its own layout.
-    QuantEinsum's default spec (scales shared across N) keeps rounding's scales, with less output error."""
+    QuantEinsum's default spec (scales shared across N) keeps rounding's scales, with less output error.
+    Calibrated one layer per pass (max_moment_bytes), the kernels come out the same."""
     model = _GptqHeads()
     mix = jax.random.normal(jax.random.key(2), (32, 32))
     batches = [jax.random.normal(jax.random.key(10 + i), (2, 16, 32)) @ mix for i in range(2)]
@@ -458,6 +459,14 @@ def test_gptq_serving_params_of_dense_general_and_einsum_projections():
         expected = qj.dequantize(qj.ptq.gptq(kernel.transpose(axes).reshape(32, -1), x, spec))
         np.testing.assert_allclose(qj.dequantize(q), expected.reshape(32, 4, 8).transpose(np.argsort(axes)),
                                    rtol=1e-5, atol=1e-6)
+    for one_each in (qj.linen.to_serving_params_gptq(model, variables, batches, max_moment_bytes=1, progress=False),
+                     qj.linen.to_serving_params_gptq(model, variables, iter(batches), max_moment_bytes=10**9,
+                                                     progress=False)):  # three passes; one over an iterator
+        for name in ("general", "einsum", "shared"):
+            got, want = one_each["params"][name]["kernel"].packed, served["params"][name]["kernel"].packed
+            assert float(jnp.mean(got == want)) > 0.99
+    with pytest.raises(ValueError, match=r"max_moment_bytes=1 needs 3 passes over the batches, which is an iterator"):
+        qj.linen.to_serving_params_gptq(model, variables, iter(batches), max_moment_bytes=1, progress=False)
     kernel, q, r = (v["params"]["shared"]["kernel"] for v in (variables, served, rounded))
     np.testing.assert_array_equal(q.scale, r.scale)
     error = lambda k: float(jnp.sum((jnp.einsum("bd,ndh->bnh", x, kernel - qj.dequantize(k))) ** 2))  # noqa: E731

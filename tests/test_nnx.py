@@ -331,7 +331,8 @@ def test_gptq_serving_beats_rounding_to_nearest_on_correlated_inputs():
 
 def test_gptq_serving_of_attention_projections_and_stacked_layers():
     """LinearGeneral projections (inputs' trailing axes flattened into K, outputs into N) and layers stacked
-    by nnx.vmap (each on the inputs nnx.scan hands it): the QArrays keep to_serving's layout and spec."""
+    by nnx.vmap (each on the inputs nnx.scan hands it): the QArrays keep to_serving's layout and spec.
+    Calibrated in passes of at most two layers' moments, the projections come out the same."""
     mix = jax.random.normal(jax.random.key(2), (32, 32))
     batches = [jax.random.normal(jax.random.key(10 + i), (4, 8, 32)) @ mix for i in range(3)]
     mha = nnx.MultiHeadAttention(num_heads=4, in_features=32, decode=False, rngs=nnx.Rngs(0))
@@ -347,6 +348,15 @@ def test_gptq_serving_of_attention_projections_and_stacked_layers():
     test = jax.random.normal(jax.random.key(3), (4, 8, 32)) @ mix
     error = lambda m: float(jnp.mean((m(test) - mha(test)) ** 2))  # noqa: E731
     assert error(served) < error(rounded)
+    moment = 32 * 32 * 4  # each projection's x^T x, float32: two per pass
+    two_passes = qj.nnx.to_serving_gptq(qat, batches, max_moment_bytes=2 * moment + 1, progress=False)
+    for name in ("query", "key", "value", "out"):
+        assert float(jnp.mean(getattr(two_passes, name).qarray.packed == getattr(served, name).qarray.packed)) > 0.99
+    with pytest.raises(ValueError, match=r"to_serving_gptq: max_moment_bytes=8193 needs 2 passes over the batches, "
+                                         r"which is an iterator \(list_iterator\) and can be read once; give a list"):
+        qj.nnx.to_serving_gptq(qat, iter(batches), max_moment_bytes=2 * moment + 1, progress=False)
+    with pytest.raises(ValueError, match=r"max_moment_bytes must be a positive int or None, got 0"):
+        qj.nnx.to_serving_gptq(qat, batches, max_moment_bytes=0, progress=False)
 
     floats = _Stacked(nnx.Rngs(0))
     stacked = qj.nnx.quantize_model(floats, weight_spec=qj.QuantSpec(axis=0, group_size=8))

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -32,7 +33,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import LowRankEinsum, low_rank_weight, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import gptq_applies, gptq_kernel, progress_bar
+from quantize_jax.ptq import gptq_applies, gptq_kernel, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -227,7 +228,7 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
 
 
 def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float = 0.01, act_order: bool = False,
-                           progress: bool = True):
+                           max_moment_bytes: int | None = None, progress: bool = True):
     """:func:`to_serving_params` with GPTQ kernels, each quantized for the inputs it sees.
 
     ``module.apply(variables, *batch)`` runs (jitted) over every batch while
@@ -251,6 +252,9 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       damp: GPTQ's dampening, relative to the mean diagonal of ``x^T x / n``.
       act_order: GPTQ walks each kernel's inputs by decreasing energy (groups
         then take their scales before the walk; :func:`~quantize_jax.ptq.gptq`).
+      max_moment_bytes: the most bytes of recorded ``x^T x`` at a time: the
+        layers are calibrated in passes over the batches (a layer larger than
+        that alone), which must then be iterable again; ``None``: one pass.
       progress: tqdm progress bars.
 
     Raises:
@@ -268,47 +272,71 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     """
     views = {}  # path -> (weight spec, the kernel's input axes), filled while the recording apply is traced
 
-    def record(next_fun, args, kwargs, context):
+    def record(wanted, next_fun, args, kwargs, context):
         view = _gptq_view(context.module, args[0]) if context.method_name == "__call__" else None
-        if view is not None:
-            path, n_in = context.module.path, len(view[1])
+        path = context.module.path
+        if view is not None and (wanted is None or path in wanted):
+            n_in = len(view[1])
             x = jnp.reshape(args[0], (-1, math.prod(jnp.shape(args[0])[-n_in:]))).astype(jnp.float32)
             views[path] = view
             xtx, rows = moments.get(path, (0.0, 0))  # a layer called twice adds both inputs up
             moments[path] = (xtx + jnp.dot(x.T, x, precision=lax.Precision.HIGHEST), rows + x.shape[0])
         return next_fun(*args, **kwargs)
 
-    @jax.jit
-    def batch_moments(variables, args):
+    @functools.partial(jax.jit, static_argnums=2)
+    def batch_moments(variables, args, wanted):  # wanted: the layer paths to record, None for all
         moments.clear()
-        with nn.intercept_methods(record):
+        with nn.intercept_methods(functools.partial(record, wanted)):
             module.apply(variables, *args)
         return dict(moments)
 
-    moments, totals, first = {}, {}, None
-    for batch in progress_bar(batches, progress, "to_serving_params_gptq: inputs", "batch"):
-        args = batch if isinstance(batch, tuple) else (batch,)
-        first = first or args
+    def as_args(batch):
+        return batch if isinstance(batch, tuple) else (batch,)
+
+    def moments_of(args, wanted):
         try:
-            seen = batch_moments(variables, args)
+            return batch_moments(variables, args, wanted)
         except jax.errors.UnexpectedTracerError:
             raise ValueError("to_serving_params_gptq: a layer inside nn.scan / nn.vmap is not supported; "
                              "serve such layers with to_serving_params") from None
-        for path, (xtx, rows) in seen.items():
-            total = totals.get(path, (0.0, 0.0))
-            totals[path] = (total[0] + xtx, total[1] + rows)
-    if first is None:
-        raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
-    if not totals:
-        raise ValueError("to_serving_params_gptq: no layer GPTQ can quantize was called by the module (QuantDense, "
-                         "QuantDenseGeneral or QuantEinsum whose weight spec reduces its input axes)")
-    served = to_serving_params(module, variables, *first)
-    for path, (xtx, rows) in progress_bar(list(totals.items()), progress, "to_serving_params_gptq: GPTQ", "layer"):
-        kernel = functools.reduce(lambda tree, name: tree[name], path, variables["params"])["kernel"]
-        layer = functools.reduce(lambda tree, name: tree[name], path, served["params"])
-        spec, input_axes = views[path]
-        layer["kernel"] = gptq_kernel(kernel, xtx / rows, spec, input_axes=input_axes, damp=damp,
-                                      act_order=act_order)
+
+    def summed(wanted, label):  # every wanted layer's x^T x and rows over all batches, and the first batch
+        totals, first = {}, None
+        for batch in progress_bar(batches, progress, f"{label}: inputs", "batch"):
+            first = first or as_args(batch)
+            for path, (xtx, rows) in moments_of(as_args(batch), wanted).items():
+                total = totals.get(path, (0.0, 0.0))
+                totals[path] = (total[0] + xtx, total[1] + rows)
+        if first is None:
+            raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
+        return totals, first
+
+    moments, passes = {}, [None]
+    if max_moment_bytes is not None:  # which layers record, from the first batch's shapes, then in passes
+        remaining = iter(batches)
+        head = next(remaining, None)
+        if head is None:
+            raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
+        if remaining is batches:  # an iterator: the batch read goes back in front
+            batches = itertools.chain([head], remaining)
+        shapes = jax.eval_shape(lambda args: moments_of(args, None), as_args(head))
+        passes = [frozenset(chunk) for chunk in moment_passes(list(shapes), lambda p: 4 * shapes[p][0].size,
+                                                              max_moment_bytes, batches, "to_serving_params_gptq")]
+    served = None
+    for number, wanted in enumerate(passes, 1):
+        label = "to_serving_params_gptq" + (f" (pass {number} of {len(passes)})" if len(passes) > 1 else "")
+        totals, first = summed(wanted, label)
+        if not totals:
+            raise ValueError("to_serving_params_gptq: no layer GPTQ can quantize was called by the module "
+                             "(QuantDense, QuantDenseGeneral or QuantEinsum whose weight spec reduces its input axes)")
+        if served is None:
+            served = to_serving_params(module, variables, *first)
+        for path, (xtx, rows) in progress_bar(list(totals.items()), progress, f"{label}: GPTQ", "layer"):
+            kernel = functools.reduce(lambda tree, name: tree[name], path, variables["params"])["kernel"]
+            layer = functools.reduce(lambda tree, name: tree[name], path, served["params"])
+            spec, input_axes = views[path]
+            layer["kernel"] = gptq_kernel(kernel, xtx / rows, spec, input_axes=input_axes, damp=damp,
+                                          act_order=act_order)
     return served
 
 

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import gptq_applies, gptq_kernel, progress_bar
+from quantize_jax.ptq import gptq_applies, gptq_kernel, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -754,7 +754,8 @@ def _gptq_kernel(layer, input_axes, xtx, rows, path: str, **gptq_options) -> QAr
 
 
 def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, act_order: bool = False,
-                    backend: str = "auto", progress: bool = True) -> nnx.Module:
+                    max_moment_bytes: int | None = None, backend: str = "auto",
+                    progress: bool = True) -> nnx.Module:
     """:func:`to_serving` with GPTQ kernels: each packed Linear kernel quantized for the inputs it sees.
 
     ``model(*batch)`` runs (in eval mode, jitted) over every batch, and each
@@ -763,8 +764,11 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     with its ``weight_spec`` for that second moment (Frantar et al., 2022),
     and the served model takes that QArray in place of rounding to nearest.
     The inputs are those of the QAT model, whose other layers are already
-    fake-quantized as they will be served (one pass, not layer by layer);
-    memory is one ``(K, K)`` float32 matrix per layer, whatever the batches.
+    fake-quantized as they will be served (not layer by layer). Memory is
+    one ``(K, K)`` float32 matrix per layer, whatever the batches: for a
+    large model (a 7B-parameter LLM's layers hold tens of GB of them), give
+    ``max_moment_bytes`` and the layers are calibrated in several passes
+    over the batches, each holding at most that many bytes of moments.
 
     GPTQ applies to :class:`QuantLinear` layers, :class:`QuantLinearGeneral`
     layers that contract their inputs' trailing axes (the projections of
@@ -786,6 +790,9 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
       damp: GPTQ's dampening, relative to the mean diagonal of ``x^T x / n``.
       act_order: GPTQ walks each kernel's inputs by decreasing energy (groups
         then take their scales before the walk; :func:`~quantize_jax.ptq.gptq`).
+      max_moment_bytes: the most bytes of recorded ``x^T x`` at a time (a
+        layer larger than that gets a pass of its own); ``None``: one pass.
+        Several passes need ``batches`` that can be iterated again (a list).
       backend: the served layers' ``qdot`` backend.
       progress: tqdm progress bars over the batches and the layers.
 
@@ -806,31 +813,39 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
       ('ServingLinear', (32, 8))
     """
     regex = re.compile(where)
-    recording = nnx.clone(model)
-    targets = [(p, axes) for p, m in nnx.iter_modules(recording)
+    targets = [(p, axes) for p, m in nnx.iter_modules(model)
                if (axes := _gptq_input_axes(m)) is not None and regex.search(_path_str(p))]
     if not targets:
         raise ValueError(f"to_serving_gptq: no QuantLinear, QuantLinearGeneral or QuantEinsum GPTQ can quantize "
                          f"matches where={where!r}: none has a weight_spec reducing its input axes without "
                          f"learned scales")
-    for path, axes in targets:
-        layer = _module_at(recording, path)
-        stack, own = _split_stack(layer)
-        _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[a] for a in axes)))
-    recording.eval()
-    seen = 0
-    for batch in progress_bar(batches, progress, "to_serving_gptq: inputs", "batch"):
-        _record(recording, batch if isinstance(batch, tuple) else (batch,))
-        seen += 1
-    if not seen:
-        raise ValueError("to_serving_gptq: batches is empty; give at least one calibration batch")
+
+    def moment_bytes(target):
+        stack, own = _split_stack(_module_at(model, target[0]))
+        return 4 * math.prod(stack) * math.prod(own[a] for a in target[1]) ** 2
+
+    passes = moment_passes(targets, moment_bytes, max_moment_bytes, batches, "to_serving_gptq")
     served = to_serving(model, backend=backend)
-    for path, axes in progress_bar(targets, progress, "to_serving_gptq: GPTQ", "layer"):
-        recorder = _module_at(recording, path)
-        q = _gptq_kernel(_module_at(model, path), axes, recorder.xtx[...], recorder.rows[...], _path_str(path),
-                         damp=damp, act_order=act_order)
-        rounded = _module_at(served, path).kernel
-        rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
+    for number, chunk in enumerate(passes, 1):
+        recording = nnx.clone(model)
+        for path, axes in chunk:
+            layer = _module_at(recording, path)
+            stack, own = _split_stack(layer)
+            _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[a] for a in axes)))
+        recording.eval()
+        seen = 0
+        label = "to_serving_gptq" + (f" (pass {number} of {len(passes)})" if len(passes) > 1 else "")
+        for batch in progress_bar(batches, progress, f"{label}: inputs", "batch"):
+            _record(recording, batch if isinstance(batch, tuple) else (batch,))
+            seen += 1
+        if not seen:
+            raise ValueError("to_serving_gptq: batches is empty; give at least one calibration batch")
+        for path, axes in progress_bar(chunk, progress, f"{label}: GPTQ", "layer"):
+            recorder = _module_at(recording, path)
+            q = _gptq_kernel(_module_at(model, path), axes, recorder.xtx[...], recorder.rows[...],
+                             _path_str(path), damp=damp, act_order=act_order)
+            rounded = _module_at(served, path).kernel
+            rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
     return served
 
 

@@ -191,6 +191,28 @@ def progress_bar(items, show: bool, desc: str, unit: str):
     return tqdm(items, desc=desc, unit=unit)
 
 
+def moment_passes(layers, nbytes, max_bytes, batches, fn: str) -> list[list]:
+    """``layers`` split, in order, into passes over the calibration ``batches`` whose recorded moments
+    (``nbytes(layer)`` each) add up to at most ``max_bytes`` (one pass when None; a layer larger than
+    that alone). Several passes need ``batches`` that can be iterated again: an iterator is refused."""
+    if max_bytes is None:
+        return [list(layers)]
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ValueError(f"{fn}: max_moment_bytes must be a positive int or None, got {max_bytes!r}")
+    passes, used = [], 0
+    for layer in layers:
+        size = nbytes(layer)
+        if not passes or used + size > max_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(layer)
+        used += size
+    if len(passes) > 1 and iter(batches) is batches:
+        raise ValueError(f"{fn}: max_moment_bytes={max_bytes} needs {len(passes)} passes over the batches, which "
+                         f"is an iterator ({type(batches).__name__}) and can be read once; give a list")
+    return passes
+
+
 class _NonFinite(Exception):
     pass
 
