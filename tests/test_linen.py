@@ -334,7 +334,8 @@ class _GptqMLP(nn.Module):
 
 def test_gptq_serving_params_beat_rounding_to_nearest_on_correlated_inputs():
     """to_serving_params_gptq: each QuantDense kernel quantized by GPTQ for the inputs recorded over the
-    batches (the first layer's are the batches: its QArray is ptq.gptq of them all); less output error."""
+    batches (the first layer's are the batches: its QArray is ptq.gptq of them all); less output error.
+    Sequential: the second layer's inputs come through the first one's GPTQ kernel."""
     model = _GptqMLP()
     mix = jax.random.normal(jax.random.key(2), (16, 16))
     batches = [jax.random.normal(jax.random.key(10 + i), (64, 16)) @ mix for i in range(4)]
@@ -354,6 +355,13 @@ def test_gptq_serving_params_beat_rounding_to_nearest_on_correlated_inputs():
     test = jax.random.normal(jax.random.key(3), (256, 16)) @ mix
     error = lambda v: float(jnp.mean((model.apply(v, test) - float_forward(test)) ** 2))  # noqa: E731
     assert error(served) < 0.85 * error(rounded)
+    # sequential: the second layer records its inputs through the first one's GPTQ kernel
+    in_order = qj.linen.to_serving_params_gptq(model, variables, batches, sequential=True, progress=False)
+    np.testing.assert_array_equal(in_order["params"]["QuantDense_0"]["kernel"].packed, first.packed)
+    layer0 = {"params": in_order["params"]["QuantDense_0"]}
+    hidden = jnp.concatenate([nn.relu(qj.linen.QuantDense(32, weight_spec=first.spec).apply(layer0, b)) for b in batches])
+    expected = qj.ptq.gptq(variables["params"]["QuantDense_1"]["kernel"], hidden, first.spec)
+    assert float(jnp.mean(in_order["params"]["QuantDense_1"]["kernel"].packed == expected.packed)) > 0.99
 
 
 def test_gptq_serving_params_refuse_what_they_cannot_calibrate():

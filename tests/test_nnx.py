@@ -306,7 +306,8 @@ def test_embedding_gradients_and_errors():
 def test_gptq_serving_beats_rounding_to_nearest_on_correlated_inputs():
     """to_serving_gptq: each Linear kernel quantized by GPTQ for the inputs recorded over the batches (the
     first layer's are the batches themselves, so its QArray is ptq.gptq of them all); less output error;
-    where= picks the layers, act_order= reaches GPTQ."""
+    where= picks the layers, act_order= reaches GPTQ; sequential: the second layer's inputs come through
+    the first one's GPTQ kernel."""
     model = _mlp()
     mix = jax.random.normal(jax.random.key(2), (16, 16))
     batches = [jax.random.normal(jax.random.key(10 + i), (64, 16)) @ mix for i in range(4)]
@@ -327,6 +328,13 @@ def test_gptq_serving_beats_rounding_to_nearest_on_correlated_inputs():
     expected = qj.ptq.gptq(qat.layers[0].kernel[...], jnp.concatenate(batches), spec, act_order=True)
     assert float(jnp.mean(only_first.layers[0].qarray.packed == expected.packed)) > 0.99
     assert float(jnp.mean(only_first.layers[0].qarray.packed == first.packed)) < 0.9  # another walk
+    in_order = qj.nnx.to_serving_gptq(qat, batches, sequential=True, progress=False)
+    np.testing.assert_array_equal(in_order.layers[0].qarray.packed, first.packed)
+    hidden = jnp.concatenate([nnx.relu(in_order.layers[0](b)) for b in batches])  # through its GPTQ kernel
+    expected = qj.ptq.gptq(qat.layers[2].kernel[...], hidden, spec)
+    assert float(jnp.mean(in_order.layers[2].qarray.packed == expected.packed)) > 0.99
+    with pytest.raises(ValueError, match=r"sequential=True needs 2 passes over the batches, which is an iterator"):
+        qj.nnx.to_serving_gptq(qat, iter(batches), sequential=True, progress=False)
 
 
 def test_gptq_serving_of_attention_projections_and_stacked_layers():

@@ -33,7 +33,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import LowRankEinsum, low_rank_weight, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import gptq_applies, gptq_kernel, moment_passes, progress_bar
+from quantize_jax.ptq import check_reiterable, gptq_applies, gptq_kernel, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -228,7 +228,7 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
 
 
 def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float = 0.01, act_order: bool = False,
-                           max_moment_bytes: int | None = None, progress: bool = True):
+                           max_moment_bytes: int | None = None, sequential: bool = False, progress: bool = True):
     """:func:`to_serving_params` with GPTQ kernels, each quantized for the inputs it sees.
 
     ``module.apply(variables, *batch)`` runs (jitted) over every batch while
@@ -255,6 +255,9 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       max_moment_bytes: the most bytes of recorded ``x^T x`` at a time: the
         layers are calibrated in passes over the batches (a layer larger than
         that alone), which must then be iterable again; ``None``: one pass.
+      sequential: one layer per pass, in the order the module calls them,
+        each recording its inputs through the served variables, the layers
+        before it already GPTQ's (as the paper quantizes layer after layer).
       progress: tqdm progress bars.
 
     Raises:
@@ -293,18 +296,18 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     def as_args(batch):
         return batch if isinstance(batch, tuple) else (batch,)
 
-    def moments_of(args, wanted):
+    def moments_of(args, wanted, using):
         try:
-            return batch_moments(variables, args, wanted)
+            return batch_moments(using, args, wanted)
         except jax.errors.UnexpectedTracerError:
             raise ValueError("to_serving_params_gptq: a layer inside nn.scan / nn.vmap is not supported; "
                              "serve such layers with to_serving_params") from None
 
-    def summed(wanted, label):  # every wanted layer's x^T x and rows over all batches, and the first batch
+    def summed(wanted, label, using):  # every wanted layer's x^T x and rows over all batches; the first batch
         totals, first = {}, None
         for batch in progress_bar(batches, progress, f"{label}: inputs", "batch"):
             first = first or as_args(batch)
-            for path, (xtx, rows) in moments_of(as_args(batch), wanted).items():
+            for path, (xtx, rows) in moments_of(as_args(batch), wanted, using).items():
                 total = totals.get(path, (0.0, 0.0))
                 totals[path] = (total[0] + xtx, total[1] + rows)
         if first is None:
@@ -312,20 +315,23 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
         return totals, first
 
     moments, passes = {}, [None]
-    if max_moment_bytes is not None:  # which layers record, from the first batch's shapes, then in passes
+    if max_moment_bytes is not None or sequential:  # the layers that record, from the first batch's shapes
         remaining = iter(batches)
         head = next(remaining, None)
         if head is None:
             raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
         if remaining is batches:  # an iterator: the batch read goes back in front
             batches = itertools.chain([head], remaining)
-        shapes = jax.eval_shape(lambda args: moments_of(args, None), as_args(head))
+        shapes = jax.eval_shape(lambda args: moments_of(args, None, variables), as_args(head))  # in call order
         passes = [frozenset(chunk) for chunk in moment_passes(list(shapes), lambda p: 4 * shapes[p][0].size,
-                                                              max_moment_bytes, batches, "to_serving_params_gptq")]
+                                                              max_moment_bytes, "to_serving_params_gptq",
+                                                              sequential=sequential)]
+        check_reiterable(batches, len(passes), "to_serving_params_gptq",
+                         "sequential=True" if sequential else f"max_moment_bytes={max_moment_bytes}")
     served = None
     for number, wanted in enumerate(passes, 1):
         label = "to_serving_params_gptq" + (f" (pass {number} of {len(passes)})" if len(passes) > 1 else "")
-        totals, first = summed(wanted, label)
+        totals, first = summed(wanted, label, served if sequential and served is not None else variables)
         if not totals:
             raise ValueError("to_serving_params_gptq: no layer GPTQ can quantize was called by the module "
                              "(QuantDense, QuantDenseGeneral or QuantEinsum whose weight spec reduces its input axes)")

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import gptq_applies, gptq_kernel, moment_passes, progress_bar
+from quantize_jax.ptq import check_reiterable, gptq_applies, gptq_kernel, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -754,7 +754,7 @@ def _gptq_kernel(layer, input_axes, xtx, rows, path: str, **gptq_options) -> QAr
 
 
 def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, act_order: bool = False,
-                    max_moment_bytes: int | None = None, backend: str = "auto",
+                    max_moment_bytes: int | None = None, sequential: bool = False, backend: str = "auto",
                     progress: bool = True) -> nnx.Module:
     """:func:`to_serving` with GPTQ kernels: each packed Linear kernel quantized for the inputs it sees.
 
@@ -768,7 +768,12 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     one ``(K, K)`` float32 matrix per layer, whatever the batches: for a
     large model (a 7B-parameter LLM's layers hold tens of GB of them), give
     ``max_moment_bytes`` and the layers are calibrated in several passes
-    over the batches, each holding at most that many bytes of moments.
+    over the batches, each holding at most that many bytes of moments. With
+    ``sequential=True`` each layer has a pass of its own, in the order
+    ``nnx.iter_modules`` lists them, and the layers of earlier passes are
+    served by their GPTQ kernels while later ones record (as GPTQ's paper
+    quantizes a network layer after layer): one pass per layer, for inputs
+    as the served model will see them where that order follows the data.
 
     GPTQ applies to :class:`QuantLinear` layers, :class:`QuantLinearGeneral`
     layers that contract their inputs' trailing axes (the projections of
@@ -793,6 +798,8 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
       max_moment_bytes: the most bytes of recorded ``x^T x`` at a time (a
         layer larger than that gets a pass of its own); ``None``: one pass.
         Several passes need ``batches`` that can be iterated again (a list).
+      sequential: one layer per pass, each recording its inputs with the
+        layers before it already served by GPTQ (a list of batches, again).
       backend: the served layers' ``qdot`` backend.
       progress: tqdm progress bars over the batches and the layers.
 
@@ -824,10 +831,14 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
         stack, own = _split_stack(_module_at(model, target[0]))
         return 4 * math.prod(stack) * math.prod(own[a] for a in target[1]) ** 2
 
-    passes = moment_passes(targets, moment_bytes, max_moment_bytes, batches, "to_serving_gptq")
+    passes = moment_passes(targets, moment_bytes, max_moment_bytes, "to_serving_gptq", sequential=sequential)
+    check_reiterable(batches, len(passes), "to_serving_gptq",
+                     "sequential=True" if sequential else f"max_moment_bytes={max_moment_bytes}")
     served = to_serving(model, backend=backend)
     for number, chunk in enumerate(passes, 1):
         recording = nnx.clone(model)
+        for path, _ in (target for earlier in passes[:number - 1] for target in earlier) if sequential else ():
+            _replace(recording, path, nnx.clone(_module_at(served, path)))  # served by its GPTQ kernel already
         for path, axes in chunk:
             layer = _module_at(recording, path)
             stack, own = _split_stack(layer)

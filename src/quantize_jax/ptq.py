@@ -191,14 +191,14 @@ def progress_bar(items, show: bool, desc: str, unit: str):
     return tqdm(items, desc=desc, unit=unit)
 
 
-def moment_passes(layers, nbytes, max_bytes, batches, fn: str) -> list[list]:
-    """``layers`` split, in order, into passes over the calibration ``batches`` whose recorded moments
+def moment_passes(layers, nbytes, max_bytes, fn: str, *, sequential: bool = False) -> list[list]:
+    """``layers`` split, in order, into passes over the calibration batches whose recorded moments
     (``nbytes(layer)`` each) add up to at most ``max_bytes`` (one pass when None; a layer larger than
-    that alone). Several passes need ``batches`` that can be iterated again: an iterator is refused."""
-    if max_bytes is None:
-        return [list(layers)]
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+    that alone), or one layer per pass when ``sequential``."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
         raise ValueError(f"{fn}: max_moment_bytes must be a positive int or None, got {max_bytes!r}")
+    if sequential or max_bytes is None:
+        return [[layer] for layer in layers] if sequential else [list(layers)]
     passes, used = [], 0
     for layer in layers:
         size = nbytes(layer)
@@ -207,10 +207,14 @@ def moment_passes(layers, nbytes, max_bytes, batches, fn: str) -> list[list]:
             used = 0
         passes[-1].append(layer)
         used += size
-    if len(passes) > 1 and iter(batches) is batches:
-        raise ValueError(f"{fn}: max_moment_bytes={max_bytes} needs {len(passes)} passes over the batches, which "
-                         f"is an iterator ({type(batches).__name__}) and can be read once; give a list")
     return passes
+
+
+def check_reiterable(batches, passes: int, fn: str, why: str) -> None:
+    """Refuse an iterator of calibration batches (read once) where ``passes`` > 1 passes need them."""
+    if passes > 1 and iter(batches) is batches:
+        raise ValueError(f"{fn}: {why} needs {passes} passes over the batches, which is an iterator "
+                         f"({type(batches).__name__}) and can be read once; give a list")
 
 
 class _NonFinite(Exception):
