@@ -261,8 +261,9 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       progress: tqdm progress bars.
 
     Raises:
-      ValueError: ``batches`` is empty, no eligible layer was called, or an
-        eligible layer sits inside ``nn.scan`` / ``nn.vmap``.
+      ValueError: ``batches`` is empty (or an iterator where several passes
+        need it), no eligible layer was called, an eligible layer sits inside
+        ``nn.scan`` / ``nn.vmap``, or ``max_moment_bytes`` is not a positive int.
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj

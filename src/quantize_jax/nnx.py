@@ -763,8 +763,8 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     :func:`~quantize_jax.ptq.gptq_from_hessian` quantizes its float kernel
     with its ``weight_spec`` for that second moment (Frantar et al., 2022),
     and the served model takes that QArray in place of rounding to nearest.
-    The inputs are those of the QAT model, whose other layers are already
-    fake-quantized as they will be served (not layer by layer). Memory is
+    By default the inputs are those of the QAT model, whose other layers are
+    fake-quantized by rounding (one pass, not layer by layer). Memory is
     one ``(K, K)`` float32 matrix per layer, whatever the batches: for a
     large model (a 7B-parameter LLM's layers hold tens of GB of them), give
     ``max_moment_bytes`` and the layers are calibrated in several passes
@@ -808,7 +808,8 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
 
     Raises:
       ValueError: no layer GPTQ applies to matches ``where``, ``batches`` is
-        empty, or a matched layer was never called.
+        empty (or an iterator where several passes need it), a matched layer
+        was never called, or ``max_moment_bytes`` is not a positive int.
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj
