@@ -211,11 +211,13 @@ def test_gptq_act_order_walks_rows_by_decreasing_energy_with_static_groups():
 
 def test_moment_passes_fill_each_pass_in_order_and_give_a_large_layer_its_own():
     sizes = {"a": 3, "b": 3, "c": 10, "d": 1}
-    assert qj.ptq.moment_passes(list(sizes), sizes.get, 6, "f") == [["a", "b"], ["c"], ["d"]]
-    assert qj.ptq.moment_passes(list(sizes), sizes.get, None, "f") == [["a", "b", "c", "d"]]
-    assert qj.ptq.moment_passes(list(sizes), sizes.get, None, "f", sequential=True) == [["a"], ["b"], ["c"], ["d"]]
+    assert qj.ptq.moment_passes(list(sizes), sizes.get, 6, [], "f") == [["a", "b"], ["c"], ["d"]]
+    assert qj.ptq.moment_passes(list(sizes), sizes.get, None, [], "f") == [["a", "b", "c", "d"]]
+    assert qj.ptq.moment_passes(list(sizes), sizes.get, None, [], "f", sequential=True) == [["a"], ["b"], ["c"], ["d"]]
     with pytest.raises(ValueError, match=r"f: max_moment_bytes must be a positive int or None, got 2.5"):
-        qj.ptq.moment_passes(list(sizes), sizes.get, 2.5, "f")
-    qj.ptq.check_reiterable(iter([1]), 1, "f", "why")  # one pass: an iterator will do
-    with pytest.raises(ValueError, match=r"f: why needs 2 passes over the batches, which is an iterator"):
-        qj.ptq.check_reiterable(iter([1]), 2, "f", "why")
+        qj.ptq.moment_passes(list(sizes), sizes.get, 2.5, [], "f")
+    assert qj.ptq.moment_passes(list(sizes), sizes.get, 100, iter([1]), "f") == [["a", "b", "c", "d"]]  # one pass
+    with pytest.raises(ValueError, match=r"f: max_moment_bytes=6 needs 3 passes over the batches, which is an iter"):
+        qj.ptq.moment_passes(list(sizes), sizes.get, 6, iter([1]), "f")
+    with pytest.raises(ValueError, match=r"f: sequential=True needs 4 passes over the batches, which is an iter"):
+        qj.ptq.moment_passes(list(sizes), sizes.get, None, iter([1]), "f", sequential=True)

@@ -33,7 +33,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import LowRankEinsum, low_rank_weight, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import check_reiterable, gptq_applies, gptq_kernel, moment_passes, progress_bar
+from quantize_jax.ptq import gptq_applies, gptq_kernel, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -325,10 +325,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
             batches = itertools.chain([head], remaining)
         shapes = jax.eval_shape(lambda args: moments_of(args, None, variables), as_args(head))  # in call order
         passes = [frozenset(chunk) for chunk in moment_passes(list(shapes), lambda p: 4 * shapes[p][0].size,
-                                                              max_moment_bytes, "to_serving_params_gptq",
+                                                              max_moment_bytes, batches, "to_serving_params_gptq",
                                                               sequential=sequential)]
-        check_reiterable(batches, len(passes), "to_serving_params_gptq",
-                         "sequential=True" if sequential else f"max_moment_bytes={max_moment_bytes}")
     served = None
     for number, wanted in enumerate(passes, 1):
         label = "to_serving_params_gptq" + (f" (pass {number} of {len(passes)})" if len(passes) > 1 else "")

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import check_reiterable, gptq_applies, gptq_kernel, moment_passes, progress_bar
+from quantize_jax.ptq import gptq_applies, gptq_kernel, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -832,14 +832,13 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
         stack, own = _split_stack(_module_at(model, target[0]))
         return 4 * math.prod(stack) * math.prod(own[a] for a in target[1]) ** 2
 
-    passes = moment_passes(targets, moment_bytes, max_moment_bytes, "to_serving_gptq", sequential=sequential)
-    check_reiterable(batches, len(passes), "to_serving_gptq",
-                     "sequential=True" if sequential else f"max_moment_bytes={max_moment_bytes}")
+    passes = moment_passes(targets, moment_bytes, max_moment_bytes, batches, "to_serving_gptq", sequential=sequential)
     served = to_serving(model, backend=backend)
     for number, chunk in enumerate(passes, 1):
         recording = nnx.clone(model)
-        for path, _ in (target for earlier in passes[:number - 1] for target in earlier) if sequential else ():
-            _replace(recording, path, nnx.clone(_module_at(served, path)))  # served by its GPTQ kernel already
+        if sequential:  # the layers of the earlier passes, served by their GPTQ kernels already
+            for ((path, _),) in passes[:number - 1]:
+                _replace(recording, path, nnx.clone(_module_at(served, path)))
         for path, axes in chunk:
             layer = _module_at(recording, path)
             stack, own = _split_stack(layer)

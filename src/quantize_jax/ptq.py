@@ -191,30 +191,29 @@ def progress_bar(items, show: bool, desc: str, unit: str):
     return tqdm(items, desc=desc, unit=unit)
 
 
-def moment_passes(layers, nbytes, max_bytes, fn: str, *, sequential: bool = False) -> list[list]:
-    """``layers`` split, in order, into passes over the calibration batches whose recorded moments
+def moment_passes(layers, nbytes, max_bytes, batches, fn: str, *, sequential: bool = False) -> list[list]:
+    """``layers`` split, in order, into passes over the calibration ``batches`` whose recorded moments
     (``nbytes(layer)`` each) add up to at most ``max_bytes`` (one pass when None; a layer larger than
-    that alone), or one layer per pass when ``sequential``."""
+    that alone), or one layer per pass when ``sequential``. Several passes read ``batches`` again: an
+    iterator (read once) is refused."""
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
         raise ValueError(f"{fn}: max_moment_bytes must be a positive int or None, got {max_bytes!r}")
     if sequential or max_bytes is None:
-        return [[layer] for layer in layers] if sequential else [list(layers)]
-    passes, used = [], 0
-    for layer in layers:
-        size = nbytes(layer)
-        if not passes or used + size > max_bytes:
-            passes.append([])
-            used = 0
-        passes[-1].append(layer)
-        used += size
-    return passes
-
-
-def check_reiterable(batches, passes: int, fn: str, why: str) -> None:
-    """Refuse an iterator of calibration batches (read once) where ``passes`` > 1 passes need them."""
-    if passes > 1 and iter(batches) is batches:
-        raise ValueError(f"{fn}: {why} needs {passes} passes over the batches, which is an iterator "
+        passes = [[layer] for layer in layers] if sequential else [list(layers)]
+    else:
+        passes, used = [], 0
+        for layer in layers:
+            size = nbytes(layer)
+            if not passes or used + size > max_bytes:
+                passes.append([])
+                used = 0
+            passes[-1].append(layer)
+            used += size
+    if len(passes) > 1 and iter(batches) is batches:
+        why = "sequential=True" if sequential else f"max_moment_bytes={max_bytes}"
+        raise ValueError(f"{fn}: {why} needs {len(passes)} passes over the batches, which is an iterator "
                          f"({type(batches).__name__}) and can be read once; give a list")
+    return passes
 
 
 class _NonFinite(Exception):
@@ -359,7 +358,7 @@ def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01, act_or
     """
     w = check_float_array(w, "w", "gptq")
     input_axes = tuple(a % w.ndim for a in input_axes)
-    spec.reduced_axes(w.ndim, name="w", shape=w.shape)  # axes out of range: named
+    reduced = spec.reduced_axes(w.ndim, name="w", shape=w.shape)  # axes out of range: named
     if not gptq_applies(spec, w.ndim, input_axes):
         raise ValueError(f"gptq: the spec must reduce the input axes {input_axes} of w of shape {w.shape} (and "
                          f"may reduce output axes too, without groups), got axis={spec.axis!r}, "
@@ -370,14 +369,14 @@ def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01, act_or
     back = tuple(int(a) for a in np.argsort(axes))
     matrix = w.transpose(axes).reshape(math.prod(viewed[:n_in]), -1)
     by_column = dataclasses.replace(spec, axis=0)
-    if spec.reduced_axes(w.ndim) != tuple(sorted(input_axes)):  # scales shared across outputs: fixed first
+    if reduced != tuple(sorted(input_axes)):  # scales shared across outputs: fixed first
         scale, zero_point = compute_scale(w, spec)
 
         def columns(a):  # the kernel's scale broadcast to every output feature, as a (1, N) row of the view
             return jnp.broadcast_to(a, w.shape).transpose(axes)[(0,) * n_in].reshape(1, -1)
 
         matrix, h = _checked_matrix(matrix, h)
-        fixed = (columns(scale), jnp.zeros((1, matrix.shape[1])) if zero_point is None else columns(zero_point))
+        fixed = tuple(None if a is None else columns(a) for a in (scale, zero_point))
         on_grid = _gptq_jit(matrix.astype(jnp.float32), h.astype(jnp.float32), by_column, float(damp), fixed,
                             bool(act_order))[2]
         return quantize(on_grid.reshape(viewed).transpose(back).astype(w.dtype), spec, scale=scale,
