@@ -377,6 +377,43 @@ def test_gptq_serving_params_refuse_what_they_cannot_calibrate():
                                         progress=False)
 
 
+class _GptqCNN(nn.Module):
+    conv: type = qj.linen.QuantConv
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(self.conv(8, (3, 3), name="first")(x))
+        x = nn.relu(self.conv(8, (3, 3), strides=2, padding="CIRCULAR", name="down")(x))
+        return self.conv(8, (1, 1), conv_general_dilated=jax.lax.conv_general_dilated, name="custom")(x)
+
+
+def test_gptq_serving_params_of_conv_layers_calibrate_on_their_patches():
+    """QuantConv kernels quantized by GPTQ for the patches their convolution multiplies (after CIRCULAR
+    padding, with strides); a layer with its own convolution function keeps rounding."""
+    dims = ("NHWC", "HWIO", "NHWC")
+    noise = [jax.random.normal(jax.random.key(10 + i), (8, 10, 10, 3)) for i in range(3)]
+    batches = [jnp.cumsum(jnp.cumsum(b, axis=1), axis=2) / 4 for b in noise]  # neighbouring pixels correlate
+    model = _GptqCNN()
+    variables = model.init(jax.random.key(0), batches[0])
+    served = qj.linen.to_serving_params_gptq(model, variables, batches, progress=False)
+    rounded = qj.linen.to_serving_params(model, variables, batches[0])
+    params = variables["params"]
+    hidden = [nn.relu(qj.linen.QuantConv(8, (3, 3)).apply({"params": params["first"]}, b)) for b in batches]
+    for name, inputs, strides, padding in (
+            ("first", batches, (1, 1), "SAME"),
+            ("down", [jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap") for h in hidden], (2, 2), "VALID")):
+        kernel = params[name]["kernel"]
+        rows, axes = qj.ptq.conv_rows(jnp.concatenate(inputs), kernel, strides, padding, dimension_numbers=dims)
+        expected = qj.ptq.gptq_kernel(kernel, qj.ptq.gram(rows) / len(rows), qj.QuantSpec(axis=(0, 1, 2)),
+                                      input_axes=axes)
+        assert float(jnp.mean(served["params"][name]["kernel"].packed == expected.packed)) > 0.99
+    jax.tree.map(np.testing.assert_array_equal, served["params"]["custom"], rounded["params"]["custom"])
+    test = jnp.cumsum(jnp.cumsum(jax.random.normal(jax.random.key(3), (16, 10, 10, 3)), axis=1), axis=2) / 4
+    reference = _GptqCNN(conv=nn.Conv).apply(variables, test)  # the float model
+    error = lambda v: float(jnp.mean((model.apply(v, test) - reference) ** 2))  # noqa: E731
+    assert error(served) < 0.85 * error(rounded)
+
+
 class _Twice(nn.Module):
     @nn.compact
     def __call__(self, x):

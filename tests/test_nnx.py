@@ -407,6 +407,46 @@ def test_gptq_serving_of_gemma_style_einsum_layers():
     assert error(served) < error(rounded)
 
 
+class _ThreeConvs(nnx.Module):
+    def __init__(self, rngs):
+        self.first = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.down = nnx.Conv(8, 8, (3, 3), strides=2, padding="CIRCULAR", rngs=rngs)
+        self.grouped = nnx.Conv(8, 8, (1, 1), feature_group_count=2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.grouped(nnx.relu(self.down(nnx.relu(self.first(x)))))
+
+
+def _smooth_images(key, n):
+    """Images whose neighbouring pixels correlate (random walks along both axes): patches GPTQ can exploit."""
+    return jnp.cumsum(jnp.cumsum(jax.random.normal(key, (n, 10, 10, 3)), axis=1), axis=2) / 4
+
+
+def test_gptq_serving_of_conv_layers_calibrates_on_their_patches():
+    """QuantConv kernels quantized by GPTQ for the patches they multiply (as the layer's convolution call
+    sees them: after CIRCULAR padding, with its strides); a grouped convolution keeps rounding."""
+    dims = ("NHWC", "HWIO", "NHWC")
+    model = _ThreeConvs(nnx.Rngs(0))
+    batches = [_smooth_images(jax.random.key(10 + i), 8) for i in range(3)]
+    qat = qj.nnx.quantize_model(model)
+    served, rounded = qj.nnx.to_serving_gptq(qat, batches, progress=False), qj.nnx.to_serving(qat)
+    assert type(served.first) is qj.nnx.ServingConv
+    hidden = [nnx.relu(qat.first(b)) for b in batches]  # the QAT model's (one pass, not sequential)
+    for name, inputs, strides, padding in (
+            ("first", batches, (1, 1), "SAME"),
+            ("down", [jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap") for h in hidden], (2, 2), "VALID")):
+        kernel = getattr(qat, name).kernel[...]
+        rows, axes = qj.ptq.conv_rows(jnp.concatenate(inputs), kernel, strides, padding, dimension_numbers=dims)
+        expected = qj.ptq.gptq_kernel(kernel, qj.ptq.gram(rows) / len(rows), qat.first.weight_spec, input_axes=axes)
+        q = getattr(served, name).qarray
+        assert q.spec == expected.spec and float(jnp.mean(q.packed == expected.packed)) > 0.99
+        assert float(jnp.mean(q.packed == getattr(rounded, name).qarray.packed)) < 0.9
+    jax.tree.map(np.testing.assert_array_equal, served.grouped.qarray, rounded.grouped.qarray)
+    test = _smooth_images(jax.random.key(3), 16)
+    error = lambda m: float(jnp.mean((m(test) - model(test)) ** 2))  # noqa: E731
+    assert error(served) < 0.85 * error(rounded)
+
+
 class _TwoArgs(nnx.Module):
     def __init__(self):
         self.used = qj.nnx.QuantLinear(8, 8, rngs=nnx.Rngs(0))
@@ -425,8 +465,9 @@ def test_gptq_serving_refuses_what_it_cannot_calibrate():
     with pytest.raises(ValueError, match="to_serving_gptq: batches is empty"):
         qj.nnx.to_serving_gptq(model, [], progress=False)
     learned = qj.nnx.quantize_model(_mlp(), learn_scale=True)
-    with pytest.raises(ValueError, match=r"to_serving_gptq: no QuantLinear, QuantLinearGeneral or QuantEinsum GPTQ can "
-                                         r"quantize matches where='': none has a weight_spec reducing its input axes"):
+    with pytest.raises(ValueError, match=r"to_serving_gptq: no QuantLinear, QuantConv, QuantLinearGeneral or "
+                                         r"QuantEinsum GPTQ can quantize matches where='': none has a weight_spec "
+                                         r"reducing its input axes"):
         qj.nnx.to_serving_gptq(learned, [jnp.ones((2, 16))], progress=False)
 
 

@@ -221,3 +221,33 @@ def test_moment_passes_fill_each_pass_in_order_and_give_a_large_layer_its_own():
         qj.ptq.moment_passes(list(sizes), sizes.get, 6, iter([1]), "f")
     with pytest.raises(ValueError, match=r"f: sequential=True needs 4 passes over the batches, which is an iter"):
         qj.ptq.moment_passes(list(sizes), sizes.get, None, iter([1]), "f", sequential=True)
+
+
+@pytest.mark.parametrize("dims, kernel_shape, options", [
+    (("NHWC", "HWIO", "NHWC"), (3, 3, 4, 5), dict(window_strides=(1, 1), padding="SAME")),
+    (("NHWC", "HWIO", "NHWC"), (3, 2, 4, 5), dict(window_strides=(2, 1), padding=((1, 2), (0, 1)),
+                                                  lhs_dilation=(1, 2), rhs_dilation=(2, 1))),
+    (("NCHW", "OIHW", "NCHW"), (5, 4, 2, 3), dict(window_strides=(1, 2), padding="VALID")),  # PyTorch's layout
+    (("NWC", "WIO", "NWC"), (3, 4, 5), dict(window_strides=(1,), padding="SAME")),
+])
+def test_conv_rows_are_the_patches_the_kernel_multiplies(dims, kernel_shape, options):
+    """rows @ (the kernel, its input axes first and flattened) is the convolution, for strides, padding,
+    dilations and layouts; the kernel's input axes are its input channels, then its spatial axes."""
+    lhs_shape = {"NHWC": (2, 7, 6, 4), "NCHW": (2, 4, 7, 6), "NWC": (2, 9, 4)}[dims[0]]
+    x = jax.random.normal(jax.random.key(0), lhs_shape)
+    w = jax.random.normal(jax.random.key(1), kernel_shape)
+    rows, axes = qj.ptq.conv_rows(x, w, dimension_numbers=dims, precision="highest", **options)
+    assert axes == tuple(dims[1].index(c) for c in "I" + dims[1].replace("I", "").replace("O", ""))
+    out_axis = dims[1].index("O")
+    matrix = np.asarray(w, np.float64).transpose(axes + (out_axis,)).reshape(len(rows[0]), -1)
+    y = jax.lax.conv_general_dilated(x, w, dimension_numbers=dims, precision="highest", **options)
+    y = np.moveaxis(np.asarray(y), dims[2].index("C"), -1).reshape(-1, kernel_shape[out_axis])
+    assert rows.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(rows, np.float64) @ matrix, y, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_rows_refuse_grouped_convolutions():
+    x, w = jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="conv_rows: grouped convolutions are not supported, got "
+                                         "feature_group_count=2, batch_group_count=1"):
+        qj.ptq.conv_rows(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)

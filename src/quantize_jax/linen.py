@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
 import math
@@ -33,7 +34,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import LowRankEinsum, low_rank_weight, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import gptq_applies, gptq_kernel, moment_passes, progress_bar
+from quantize_jax.ptq import conv_rows, gptq_applies, gptq_kernel, gram, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -237,6 +238,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     weight spec for that second moment, in place of rounding to nearest (as
     :func:`quantize_jax.nnx.to_serving_gptq` does for NNX). Eligible, outside
     ``nn.scan`` / ``nn.vmap``: :class:`QuantDense` without learned scales,
+    :class:`QuantConv` neither grouped nor masked (its inputs are the patches
+    its kernel multiplies, :func:`~quantize_jax.ptq.conv_rows`),
     :class:`QuantDenseGeneral` contracting its inputs' trailing axes without
     batch dims, and :class:`QuantEinsum` (its ``einsum_str`` an attribute)
     without kernel batch axes whose inputs end with the contracted axes, when
@@ -276,15 +279,25 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     """
     views = {}  # path -> (weight spec, the kernel's input axes), filled while the recording apply is traced
 
+    def add(path, view, x):
+        views[path] = view
+        xtx, rows = moments.get(path, (0.0, 0))  # a layer called twice adds both inputs up
+        moments[path] = (xtx + gram(x), rows + x.shape[0])
+
     def record(wanted, next_fun, args, kwargs, context):
         view = _gptq_view(context.module, args[0]) if context.method_name == "__call__" else None
         path = context.module.path
-        if view is not None and (wanted is None or path in wanted):
-            n_in = len(view[1])
-            x = jnp.reshape(args[0], (-1, math.prod(jnp.shape(args[0])[-n_in:]))).astype(jnp.float32)
-            views[path] = view
-            xtx, rows = moments.get(path, (0.0, 0))  # a layer called twice adds both inputs up
-            moments[path] = (xtx + jnp.dot(x.T, x, precision=lax.Precision.HIGHEST), rows + x.shape[0])
+        if view is None or (wanted is not None and path not in wanted):
+            return next_fun(*args, **kwargs)
+        if isinstance(context.module, QuantConv):  # its rows: the patches of its convolution's inputs
+            token = _conv_recorder.set(lambda *conv_args, **conv_kwargs: add(path, view, conv_rows(
+                *conv_args, **conv_kwargs)[0]))
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                _conv_recorder.reset(token)
+        n_in = len(view[1])
+        add(path, view, jnp.reshape(args[0], (-1, math.prod(jnp.shape(args[0])[-n_in:]))))
         return next_fun(*args, **kwargs)
 
     @functools.partial(jax.jit, static_argnums=2)
@@ -333,7 +346,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
         totals, first = summed(wanted, label, served if sequential and served is not None else variables)
         if not totals:
             raise ValueError("to_serving_params_gptq: no layer GPTQ can quantize was called by the module "
-                             "(QuantDense, QuantDenseGeneral or QuantEinsum whose weight spec reduces its input axes)")
+                             "(QuantDense, QuantConv, QuantDenseGeneral or QuantEinsum whose weight spec reduces its input "
+                             "axes)")
         if served is None:
             served = to_serving_params(module, variables, *first)
         for path, (xtx, rows) in progress_bar(list(totals.items()), progress, f"{label}: GPTQ", "layer"):
@@ -352,6 +366,12 @@ def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...]] | None:
         spec, kernel_ndim, input_axes = layer.weight_spec, 2, (0,)
         if layer.learn_scale:
             return None
+    elif type(layer) is QuantConv:
+        if (layer.conv_general_dilated is not _recordable_conv or layer.conv_general_dilated_cls is not None
+                or layer.feature_group_count != 1 or layer.mask is not None):
+            return None
+        d = 1 if isinstance(layer.kernel_size, int) else len(layer.kernel_size)
+        spec, kernel_ndim, input_axes = layer.weight_spec, d + 2, (d,) + tuple(range(d))  # patches: channels first
     elif type(layer) is QuantDenseGeneral:
         axes, features = layer._axes_and_features(inputs.ndim)
         if layer.batch_dims or axes != list(range(inputs.ndim - len(axes), inputs.ndim)):
@@ -443,8 +463,24 @@ class _QuantKernel:
         return super().__call__(_act(inputs, self.act_spec), *args, **kwargs)
 
 
+_conv_recorder = contextvars.ContextVar("quantize_jax_conv_recorder", default=None)
+
+
+def _recordable_conv(lhs, rhs, *args, **kwargs):
+    """``lax.conv_general_dilated``, whose arguments :func:`to_serving_params_gptq` reads while it records
+    a :class:`QuantConv`'s inputs (the recorder it sets for the duration of that layer's call)."""
+    recorder = _conv_recorder.get()
+    if recorder is not None:
+        recorder(lhs, rhs, *args, **kwargs)
+    return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
 class QuantConv(_QuantKernel, nn.Conv):
     """``nn.Conv`` with a fake-quantized kernel (default: int4 per output channel); serves from QArray params.
+
+    Its ``conv_general_dilated`` is ``lax.conv_general_dilated`` through a hook that lets
+    :func:`to_serving_params_gptq` read the patches its kernel multiplies; a layer given another
+    convolution function is served by rounding instead.
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj
@@ -456,6 +492,7 @@ class QuantConv(_QuantKernel, nn.Conv):
 
     weight_spec: QuantSpec | None = None
     act_spec: QuantSpec | str | None = None
+    conv_general_dilated: Any = _recordable_conv
 
 
 def _served_kernel(module) -> QArray | None:

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import gptq_applies, gptq_kernel, moment_passes, progress_bar
+from quantize_jax.ptq import conv_rows, gptq_applies, gptq_kernel, gram, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -700,29 +700,49 @@ class _InputMoment(nnx.Variable):
 
 class _InputRecorder(nnx.Module):
     """A layer that also adds its inputs' ``x^T x`` (contracted axes flattened to ``k``; float32 at the
-    highest precision) and their row count up; stacked layers (``stack``) each their own, under ``nnx.scan``."""
+    highest precision) and their row count up; stacked layers (``stack``) each their own, under ``nnx.scan``.
+    A convolution's rows are the patches its kernel multiplies (:func:`~quantize_jax.ptq.conv_rows`), read
+    off the arguments of its ``conv_general_dilated`` call."""
 
     def __init__(self, layer, stack: tuple, k: int):
         self.layer = layer
         self.xtx = _InputMoment(jnp.zeros(stack + (k, k), jnp.float32))
         self.rows = _InputMoment(jnp.zeros(stack, jnp.float32))
 
-    def __call__(self, inputs, *args, **kwargs):
-        x = jnp.reshape(inputs, (-1, self.xtx.shape[-1])).astype(jnp.float32)
-        self.xtx.set_value(self.xtx[...] + jnp.dot(x.T, x, precision=lax.Precision.HIGHEST))
+    def _add(self, x):
+        self.xtx.set_value(self.xtx[...] + gram(x))
         self.rows.set_value(self.rows[...] + x.shape[0])
-        return self.layer(inputs, *args, **kwargs)
+
+    def __call__(self, inputs, *args, **kwargs):
+        if not isinstance(self.layer, nnx.Conv):
+            self._add(jnp.reshape(inputs, (-1, self.xtx.shape[-1])))
+            return self.layer(inputs, *args, **kwargs)
+        conv = self.layer.conv_general_dilated
+
+        def recording(lhs, rhs, *conv_args, **conv_kwargs):
+            self._add(conv_rows(lhs, rhs, *conv_args, **conv_kwargs)[0])
+            return conv(lhs, rhs, *conv_args, **conv_kwargs)
+
+        self.layer.conv_general_dilated = recording
+        try:
+            return self.layer(inputs, *args, **kwargs)
+        finally:
+            self.layer.conv_general_dilated = conv
 
 
 def _gptq_input_axes(layer) -> tuple[int, ...] | None:
     """The kernel axes a layer GPTQ can quantize contracts with its inputs' trailing axes, in order (GPTQ
     sees the kernel as ``(K, N)``, those axes first and flattened), else None. Such a layer is a
-    QuantLinear; a QuantLinearGeneral contracting its inputs' trailing axes without batch axes; or a
-    QuantEinsum without kernel batch axes whose inputs end with the contracted axes in the kernel's order
-    (``"BTD,NDH->BTNH"``, ``"BTNH,NHD->BTD"``); stacked or not, without learned scales, its weight spec
-    one :func:`~quantize_jax.ptq.gptq_applies` to."""
+    QuantLinear; a QuantConv neither grouped nor masked (its inputs are its patches, channels first); a
+    QuantLinearGeneral contracting its inputs' trailing axes without batch axes; or a QuantEinsum without
+    kernel batch axes whose inputs end with the contracted axes in the kernel's order (``"BTD,NDH->BTNH"``,
+    ``"BTNH,NHD->BTD"``); stacked or not, without learned scales, its weight spec one
+    :func:`~quantize_jax.ptq.gptq_applies` to."""
     if type(layer) is QuantLinear:
         axes = (0,)
+    elif type(layer) is QuantConv and layer.feature_group_count == 1 and layer.mask is None:
+        d = len(layer.kernel_size)  # Flax's kernels are (spatial..., in, out); patches put channels first
+        axes = (d,) + tuple(range(d))
     elif type(layer) is QuantLinearGeneral and not layer.batch_axis:
         axes = tuple(range(len(layer.in_features)))
         if tuple(layer.axis) != tuple(range(-len(axes), 0)):
@@ -756,7 +776,7 @@ def _gptq_kernel(layer, input_axes, xtx, rows, path: str, **gptq_options) -> QAr
 def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, act_order: bool = False,
                     max_moment_bytes: int | None = None, sequential: bool = False, backend: str = "auto",
                     progress: bool = True) -> nnx.Module:
-    """:func:`to_serving` with GPTQ kernels: each packed Linear kernel quantized for the inputs it sees.
+    """:func:`to_serving` with GPTQ kernels: each packed Linear or Conv kernel quantized for the inputs it sees.
 
     ``model(*batch)`` runs (in eval mode, jitted) over every batch, and each
     matched layer adds up its inputs' ``x^T x``; then
@@ -775,7 +795,9 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     quantizes a network layer after layer): one pass per layer, for inputs
     as the served model will see them where that order follows the data.
 
-    GPTQ applies to :class:`QuantLinear` layers, :class:`QuantLinearGeneral`
+    GPTQ applies to :class:`QuantLinear` layers, :class:`QuantConv` layers
+    neither grouped nor masked (their inputs are the patches the kernel
+    multiplies, :func:`~quantize_jax.ptq.conv_rows`), :class:`QuantLinearGeneral`
     layers that contract their inputs' trailing axes (the projections of
     ``nnx.MultiHeadAttention``) and :class:`QuantEinsum` layers without
     kernel batch axes whose inputs end with the contracted axes (Gemma's
@@ -824,9 +846,9 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     targets = [(p, axes) for p, m in nnx.iter_modules(model)
                if (axes := _gptq_input_axes(m)) is not None and regex.search(_path_str(p))]
     if not targets:
-        raise ValueError(f"to_serving_gptq: no QuantLinear, QuantLinearGeneral or QuantEinsum GPTQ can quantize "
-                         f"matches where={where!r}: none has a weight_spec reducing its input axes without "
-                         f"learned scales")
+        raise ValueError(f"to_serving_gptq: no QuantLinear, QuantConv, QuantLinearGeneral or QuantEinsum GPTQ "
+                         f"can quantize matches where={where!r}: none has a weight_spec reducing its input axes "
+                         f"without learned scales")
 
     def moment_bytes(target):
         stack, own = _split_stack(_module_at(model, target[0]))

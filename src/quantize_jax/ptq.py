@@ -8,7 +8,9 @@ reports per leaf: path, shape, spec, SQNR and bytes before and after.
 ``gptq(w, x, spec)`` quantizes a ``(K, N)`` Dense kernel column by column
 with error compensation (Frantar et al., 2022, "GPTQ: Accurate Post-Training
 Quantization for Generative Pre-trained Transformers"): minimising
-``||x @ w - x @ w_hat||^2`` instead of ``||w - w_hat||^2``.
+``||x @ w - x @ w_hat||^2`` instead of ``||w - w_hat||^2``; ``gptq_kernel``
+does the same for kernels of any layout, and ``conv_rows`` gives a
+convolution's inputs as the rows its kernel multiplies.
 """
 
 from __future__ import annotations
@@ -391,6 +393,48 @@ def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01, act_or
 
     on_grid = dequantize(flat, jnp.float32).reshape(viewed).transpose(back)  # GPTQ's values lie on its grid
     return quantize(on_grid.astype(w.dtype), spec, scale=placed(flat.scale), zero_point=placed(flat.zero_point))
+
+
+def conv_rows(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count: int = 1, batch_group_count: int = 1, **options) -> tuple[jax.Array, tuple[int, ...]]:
+    """The rows a convolution multiplies its kernel with (im2col), for GPTQ of a conv kernel.
+
+    Takes :func:`jax.lax.conv_general_dilated`'s arguments (``options`` such as
+    ``precision`` do not change the rows) and returns ``(rows, input_axes)``:
+    ``rows`` ``(n, K)`` float32, one per output position, with
+    ``conv(lhs, rhs) == rows @ rhs.transpose(input_axes + (out,)).reshape(K, -1)``
+    (up to float reassociation), and ``input_axes`` the kernel axes ``K``
+    flattens, in order (the input channels, then the spatial axes): what
+    :func:`gptq_kernel` takes with ``h = rows^T rows / n``. Memory: the
+    inputs times the kernel's spatial size.
+
+    Example:
+      >>> import jax, quantize_jax as qj
+      >>> x = jax.random.normal(jax.random.key(0), (8, 10, 10, 4))   # NHWC
+      >>> w = jax.random.normal(jax.random.key(1), (3, 3, 4, 16))    # HWIO
+      >>> rows, axes = qj.ptq.conv_rows(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      >>> rows.shape, axes
+      ((800, 36), (2, 0, 1))
+      >>> h = qj.ptq.gram(rows) / len(rows)
+      >>> qj.ptq.gptq_kernel(w, h, qj.QuantSpec(axis=(0, 1, 2)), input_axes=axes).shape
+      (3, 3, 4, 16)
+    """
+    if feature_group_count != 1 or batch_group_count != 1:
+        raise ValueError(f"conv_rows: grouped convolutions are not supported, got feature_group_count="
+                         f"{feature_group_count}, batch_group_count={batch_group_count}")
+    dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
+    spatial = tuple(jnp.shape(rhs)[a] for a in dn.rhs_spec[2:])
+    patches = lax.conv_general_dilated_patches(lhs, spatial, window_strides, padding, lhs_dilation, rhs_dilation,
+                                               dn, precision=lax.Precision.HIGHEST)  # one-hot filters: exact copies
+    rows = jnp.moveaxis(patches, dn.out_spec[1], -1)
+    return rows.reshape(-1, rows.shape[-1]).astype(jnp.float32), tuple(int(a) for a in dn.rhs_spec[1:])
+
+
+def gram(rows) -> jax.Array:
+    """``rows^T rows`` in float32 at the highest precision: the second moment calibration adds up over
+    batches (divided by the row count, GPTQ's ``h``) for rows ``(n, K)``."""
+    rows = jnp.asarray(rows, jnp.float32)
+    return jnp.dot(rows.T, rows, precision=lax.Precision.HIGHEST)
 
 
 def _check_finite(a, name: str) -> None:
