@@ -371,10 +371,45 @@ def test_gptq_serving_params_refuse_what_they_cannot_calibrate():
         qj.linen.to_serving_params_gptq(model, model.init(jax.random.key(0), x), [x], progress=False)
     with pytest.raises(ValueError, match="to_serving_params_gptq: batches is empty"):
         qj.linen.to_serving_params_gptq(_GptqMLP(), _GptqMLP().init(jax.random.key(0), x), [], progress=False)
-    scanned = nn.scan(_Cell, variable_axes={"params": 0, "qarrays": 0}, split_rngs={"params": True}, length=3)()
-    with pytest.raises(ValueError, match=r"to_serving_params_gptq: a layer inside nn.scan / nn.vmap"):
+    scanned = nn.scan(_Cell, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
+    with pytest.raises(ValueError, match=re.escape(
+            "to_serving_params_gptq: layers inside nn.scan / nn.vmap record their inputs in the 'qarrays' "
+            "collection: scan it like 'params' (variable_axes={'params': 0, 'qarrays': 0})")):
         qj.linen.to_serving_params_gptq(scanned, scanned.init(jax.random.key(0), x, None), [(x, None)],
                                         progress=False)
+
+
+class _ScannedMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x, _ = nn.scan(_Cell, variable_axes={"params": 0, "qarrays": 0}, split_rngs={"params": True}, length=3)()(
+            x, None)
+        return qj.linen.QuantDense(4)(x)
+
+
+def test_gptq_serving_params_of_layers_stacked_by_nn_scan():
+    """Layers of an nn.scan record their inputs into the scanned "qarrays" collection: each layer of the
+    stack is quantized by GPTQ for its own inputs, the QArrays stacked as to_serving_params stacks them."""
+    mix = jax.random.normal(jax.random.key(2), (16, 16))
+    batches = [jax.random.normal(jax.random.key(10 + i), (64, 16)) @ mix for i in range(3)]
+    model = _ScannedMLP()
+    variables = model.init(jax.random.key(0), batches[0])
+    served = qj.linen.to_serving_params_gptq(model, variables, batches, progress=False)
+    rounded = qj.linen.to_serving_params(model, variables, batches[0])
+    q, r = (v["params"]["Scan_Cell_0"]["QuantDense_0"]["kernel"] for v in (served, rounded))
+    assert (q.shape, q.spec, q.scale.shape) == (r.shape, r.spec, r.scale.shape) == ((3, 16, 16), r.spec, (3, 1, 16))
+    cell = variables["params"]["Scan_Cell_0"]["QuantDense_0"]
+    x = jnp.concatenate(batches)
+    for i in range(2):  # each layer on its own inputs: the QAT model's, through the layers before it
+        expected = qj.ptq.gptq(cell["kernel"][i], x, qj.QuantSpec(axis=0))
+        assert float(jnp.mean(q.packed[i] == expected.packed)) > 0.99
+        layer = {"params": {"kernel": cell["kernel"][i], "bias": cell["bias"][i]}}
+        x = nn.relu(qj.linen.QuantDense(16).apply(layer, x))
+    head, rounded_head = (v["params"]["QuantDense_0"]["kernel"] for v in (served, rounded))
+    assert float(jnp.mean(head.packed == rounded_head.packed)) < 0.9  # the head too, outside the scan
+    in_two = qj.linen.to_serving_params_gptq(model, variables, batches, max_moment_bytes=16 * 16 * 4 * 3,
+                                             progress=False)
+    assert float(jnp.mean(in_two["params"]["Scan_Cell_0"]["QuantDense_0"]["kernel"].packed == q.packed)) > 0.99
 
 
 class _GptqCNN(nn.Module):

@@ -27,6 +27,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+from flax.errors import ModifyScopeVariableError
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -34,7 +35,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import LowRankEinsum, low_rank_weight, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import conv_rows, gptq_applies, gptq_kernel, gram, moment_passes, progress_bar
+from quantize_jax.ptq import conv_rows, gptq_applies, gptq_stacked, gram, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -146,7 +147,7 @@ class QuantDense(nn.Module):
         else:
             s, z = self._scale_and_zero(kernel)
             kernel_q = fake_quant(kernel, self.weight_spec, scale=s, zero_point=z)
-            if self.is_mutable_collection("qarrays") and not self.is_initializing():  # to_serving_params collects
+            if _collects_qarrays(self):  # to_serving_params collects
                 self.put_variable("qarrays", "kernel", quantize(lax.stop_gradient(kernel), self.weight_spec,
                                                                 scale=s, zero_point=z))
         x, kernel_q, bias = self.promote_dtype(_act(inputs, self.act_spec), kernel_q, bias, dtype=self.dtype)
@@ -236,8 +237,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     each eligible layer adds up its inputs' ``x^T x``; then
     :func:`~quantize_jax.ptq.gptq_kernel` quantizes its float kernel with its
     weight spec for that second moment, in place of rounding to nearest (as
-    :func:`quantize_jax.nnx.to_serving_gptq` does for NNX). Eligible, outside
-    ``nn.scan`` / ``nn.vmap``: :class:`QuantDense` without learned scales,
+    :func:`quantize_jax.nnx.to_serving_gptq` does for NNX). Eligible:
+    :class:`QuantDense` without learned scales,
     :class:`QuantConv` neither grouped nor masked (its inputs are the patches
     its kernel multiplies, :func:`~quantize_jax.ptq.conv_rows`),
     :class:`QuantDenseGeneral` contracting its inputs' trailing axes without
@@ -246,7 +247,11 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     the weight spec reduces the kernel's input axes (one scale per output
     feature, groups along a single input axis, or, without groups, scales
     shared across outputs too, fixed before GPTQ's walk). Every other layer
-    is served as :func:`to_serving_params` serves it.
+    is served as :func:`to_serving_params` serves it. Layers stacked by
+    ``nn.scan`` / ``nn.vmap`` record their inputs in the ``"qarrays"``
+    collection, which must be scanned like ``"params"`` (as
+    :func:`to_serving_params` needs): each layer of the stack is quantized
+    for its own inputs.
 
     Args:
       module, variables: the QAT module and its variables.
@@ -266,7 +271,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     Raises:
       ValueError: ``batches`` is empty (or an iterator where several passes
         need it), no eligible layer was called, an eligible layer sits inside
-        ``nn.scan`` / ``nn.vmap``, or ``max_moment_bytes`` is not a positive int.
+        ``nn.scan`` / ``nn.vmap`` that do not stack ``"qarrays"``, or
+        ``max_moment_bytes`` is not a positive int.
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj
@@ -277,35 +283,40 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       >>> type(served["params"]["kernel"]).__name__
       'QArray'
     """
-    views = {}  # path -> (weight spec, the kernel's input axes), filled while the recording apply is traced
+    views = {}  # path -> (weight spec, the kernel's input axes), in call order; filled while recording is traced
 
-    def add(path, view, x):
-        views[path] = view
-        xtx, rows = moments.get(path, (0.0, 0))  # a layer called twice adds both inputs up
-        moments[path] = (xtx + gram(x), rows + x.shape[0])
+    def add(layer, view, x):  # into the "qarrays" collection, which nn.scan / nn.vmap stack like the params
+        views.setdefault(layer.path, view)
+        xtx, rows = gram(x), jnp.float32(x.shape[0])
+        if layer.has_variable("qarrays", _XTX):  # a layer called twice adds both inputs up
+            xtx, rows = xtx + layer.get_variable("qarrays", _XTX), rows + layer.get_variable("qarrays", _ROWS)
+        layer.put_variable("qarrays", _XTX, xtx)
+        layer.put_variable("qarrays", _ROWS, rows)
 
     def record(wanted, next_fun, args, kwargs, context):
-        view = _gptq_view(context.module, args[0]) if context.method_name == "__call__" else None
-        path = context.module.path
-        if view is None or (wanted is not None and path not in wanted):
+        layer = context.module
+        view = _gptq_view(layer, args[0]) if context.method_name == "__call__" else None
+        if view is None or (wanted is not None and layer.path not in wanted):
             return next_fun(*args, **kwargs)
-        if isinstance(context.module, QuantConv):  # its rows: the patches of its convolution's inputs
-            token = _conv_recorder.set(lambda *conv_args, **conv_kwargs: add(path, view, conv_rows(
+        if isinstance(layer, QuantConv):  # its rows: the patches of its convolution's inputs
+            token = _conv_recorder.set(lambda *conv_args, **conv_kwargs: add(layer, view, conv_rows(
                 *conv_args, **conv_kwargs)[0]))
             try:
                 return next_fun(*args, **kwargs)
             finally:
                 _conv_recorder.reset(token)
-        n_in = len(view[1])
-        add(path, view, jnp.reshape(args[0], (-1, math.prod(jnp.shape(args[0])[-n_in:]))))
+        add(layer, view, jnp.reshape(args[0], (-1, math.prod(jnp.shape(args[0])[-len(view[1]):]))))
         return next_fun(*args, **kwargs)
 
     @functools.partial(jax.jit, static_argnums=2)
     def batch_moments(variables, args, wanted):  # wanted: the layer paths to record, None for all
-        moments.clear()
-        with nn.intercept_methods(functools.partial(record, wanted)):
-            module.apply(variables, *args)
-        return dict(moments)
+        token = _recording.set(True)
+        try:
+            with nn.intercept_methods(functools.partial(record, wanted)):
+                _, state = module.apply(variables, *args, mutable=["qarrays"])
+        finally:
+            _recording.reset(token)
+        return dict(_recorded(state.get("qarrays", {}), ()))
 
     def as_args(batch):
         return batch if isinstance(batch, tuple) else (batch,)
@@ -313,9 +324,10 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     def moments_of(args, wanted, using):
         try:
             return batch_moments(using, args, wanted)
-        except jax.errors.UnexpectedTracerError:
-            raise ValueError("to_serving_params_gptq: a layer inside nn.scan / nn.vmap is not supported; "
-                             "serve such layers with to_serving_params") from None
+        except ModifyScopeVariableError:
+            raise ValueError("to_serving_params_gptq: layers inside nn.scan / nn.vmap record their inputs in the "
+                             "'qarrays' collection: scan it like 'params' (variable_axes={'params': 0, "
+                             "'qarrays': 0}), as to_serving_params needs") from None
 
     def summed(wanted, label, using):  # every wanted layer's x^T x and rows over all batches; the first batch
         totals, first = {}, None
@@ -328,7 +340,7 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
             raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
         return totals, first
 
-    moments, passes = {}, [None]
+    passes = [None]
     if max_moment_bytes is not None or sequential:  # the layers that record, from the first batch's shapes
         remaining = iter(batches)
         head = next(remaining, None)
@@ -336,9 +348,10 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
             raise ValueError("to_serving_params_gptq: batches is empty; give at least one calibration batch")
         if remaining is batches:  # an iterator: the batch read goes back in front
             batches = itertools.chain([head], remaining)
-        shapes = jax.eval_shape(lambda args: moments_of(args, None, variables), as_args(head))  # in call order
-        passes = [frozenset(chunk) for chunk in moment_passes(list(shapes), lambda p: 4 * shapes[p][0].size,
-                                                              max_moment_bytes, batches, "to_serving_params_gptq",
+        shapes = jax.eval_shape(lambda args: moments_of(args, None, variables), as_args(head))
+        passes = [frozenset(chunk) for chunk in moment_passes([p for p in views if p in shapes],  # call order
+                                                              lambda p: 4 * shapes[p][0].size, max_moment_bytes,
+                                                              batches, "to_serving_params_gptq",
                                                               sequential=sequential)]
     served = None
     for number, wanted in enumerate(passes, 1):
@@ -354,9 +367,28 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
             kernel = functools.reduce(lambda tree, name: tree[name], path, variables["params"])["kernel"]
             layer = functools.reduce(lambda tree, name: tree[name], path, served["params"])
             spec, input_axes = views[path]
-            layer["kernel"] = gptq_kernel(kernel, xtx / rows, spec, input_axes=input_axes, damp=damp,
-                                          act_order=act_order)
+            layer["kernel"] = gptq_stacked(kernel, xtx, rows, spec, input_axes=input_axes, fn="to_serving_params_gptq",
+                                           where="/".join(path), damp=damp, act_order=act_order)
     return served
+
+
+_XTX, _ROWS = "gptq_xtx", "gptq_rows"  # what to_serving_params_gptq records of a layer's inputs
+_recording = contextvars.ContextVar("quantize_jax_recording_moments", default=False)
+
+
+def _recorded(tree: dict, path: tuple):
+    """``(layer path, (x^T x, rows))`` for every layer that recorded its inputs into ``tree`` (``"qarrays"``)."""
+    if _XTX in tree:
+        yield path, (tree[_XTX], tree[_ROWS])
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            yield from _recorded(value, path + (name,))
+
+
+def _collects_qarrays(layer) -> bool:
+    """Whether ``layer`` puts its quantized kernel into the ``"qarrays"`` collection (for
+    :func:`to_serving_params`; not while :func:`to_serving_params_gptq` records inputs there)."""
+    return layer.is_mutable_collection("qarrays") and not layer.is_initializing() and not _recording.get()
 
 
 def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...]] | None:
@@ -455,7 +487,7 @@ class _QuantKernel:
                 return dequantize(stored, stored.dtype)
         kernel = super().param(name, init_fn, *init_args, **init_kwargs)
         spec = _kernel_spec(self.weight_spec, kernel.ndim)
-        if self.is_mutable_collection("qarrays") and not self.is_initializing():
+        if _collects_qarrays(self):
             self.put_variable("qarrays", "kernel", quantize(lax.stop_gradient(kernel), spec))
         return fake_quant(kernel, spec)
 
@@ -640,7 +672,7 @@ class QuantEmbed(nn.Embed):
             return
         table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype)
         spec = self.weight_spec or QuantSpec(format="int4", axis=1)
-        if self.is_mutable_collection("qarrays") and not self.is_initializing():
+        if _collects_qarrays(self):
             self.put_variable("qarrays", "embedding", quantize(lax.stop_gradient(table), spec))
         self.embedding = fake_quant(table, spec)
 

@@ -38,7 +38,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding
@@ -46,7 +45,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import conv_rows, gptq_applies, gptq_kernel, gram, moment_passes, progress_bar
+from quantize_jax.ptq import conv_rows, gptq_applies, gptq_stacked, gram, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -756,23 +755,6 @@ def _gptq_input_axes(layer) -> tuple[int, ...] | None:
     return axes if ok else None
 
 
-def _gptq_kernel(layer, input_axes, xtx, rows, path: str, **gptq_options) -> QArray:
-    """The layer's kernel (each stacked layer's on its own) quantized by GPTQ for its inputs' moments,
-    in the layer's own layout and spec, as :func:`to_serving` would hold it."""
-    stack, _ = _split_stack(layer)
-    kernel = layer.kernel[...]
-    quantized = []
-    for index in np.ndindex(*stack):
-        if not float(rows[index]):
-            where = f"{path!r}" + (f", stacked layer {index}" if stack else "")
-            raise ValueError(f"to_serving_gptq: layer {where} was never called on the batches")
-        quantized.append(gptq_kernel(kernel[index], xtx[index] / rows[index], layer.weight_spec,
-                                     input_axes=input_axes, **gptq_options))
-    if not stack:
-        return quantized[0]
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)
-
-
 def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, act_order: bool = False,
                     max_moment_bytes: int | None = None, sequential: bool = False, backend: str = "auto",
                     progress: bool = True) -> nnx.Module:
@@ -875,8 +857,10 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
             raise ValueError("to_serving_gptq: batches is empty; give at least one calibration batch")
         for path, axes in progress_bar(chunk, progress, f"{label}: GPTQ", "layer"):
             recorder = _module_at(recording, path)
-            q = _gptq_kernel(_module_at(model, path), axes, recorder.xtx[...], recorder.rows[...],
-                             _path_str(path), damp=damp, act_order=act_order)
+            layer = _module_at(model, path)
+            q = gptq_stacked(layer.kernel[...], recorder.xtx[...], recorder.rows[...], layer.weight_spec,
+                             input_axes=axes, fn="to_serving_gptq", where=_path_str(path), damp=damp,
+                             act_order=act_order)
             rounded = _module_at(served, path).kernel
             rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
     return served

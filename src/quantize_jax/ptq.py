@@ -437,6 +437,28 @@ def gram(rows) -> jax.Array:
     return jnp.dot(rows.T, rows, precision=lax.Precision.HIGHEST)
 
 
+def gptq_stacked(kernel, xtx, rows, spec: QuantSpec, *, input_axes, fn: str, where: str, damp: float = 0.01,
+                 act_order: bool = False) -> QArray:
+    """:func:`gptq_kernel` for a layer's kernel from its recorded ``xtx`` (``sum x^T x``) and ``rows``; a
+    layer stacked by ``vmap`` / ``scan`` (``rows`` of shape ``stack``, the kernel and ``xtx`` with those
+    leading axes) quantizes each of its layers on its own inputs and returns their QArrays stacked.
+    ``fn`` and ``where`` (the layer's path) name a layer that recorded no row."""
+    stack = tuple(jnp.shape(rows))
+    if tuple(jnp.shape(kernel)[:len(stack)]) != stack or tuple(jnp.shape(xtx)[:len(stack)]) != stack:
+        raise ValueError(f"{fn}: layer {where!r} recorded inputs for layers stacked {stack}, but its kernel has "
+                         f"shape {tuple(jnp.shape(kernel))}: stack its parameters along the same leading axes")
+    quantized = []
+    for index in np.ndindex(*stack):
+        if not float(rows[index]):
+            which = f"{where!r}" + (f", stacked layer {index}" if stack else "")
+            raise ValueError(f"{fn}: layer {which} was never called on the batches")
+        quantized.append(gptq_kernel(kernel[index], xtx[index] / rows[index], spec, input_axes=input_axes, damp=damp,
+                                     act_order=act_order))
+    if not stack:
+        return quantized[0]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)
+
+
 def _check_finite(a, name: str) -> None:
     if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
         raise ValueError(f"gptq: {name} of shape {a.shape} holds NaN or Inf")
