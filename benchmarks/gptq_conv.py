@@ -1,9 +1,10 @@
-"""GPTQ for convolutions: the digits CNN of ``quantize-jax demo`` served int4 by rounding or by GPTQ.
+"""GPTQ for convolutions: digits CNNs served int4 by rounding or by GPTQ.
 
     python benchmarks/gptq_conv.py [--epochs 30] [--batches 4]
 
-Trains the demo's float CNN (two convolutions and a Linear head) on
-scikit-learn's digits, then serves it int4 without QAT: rounded to nearest
+Trains two float CNNs on scikit-learn's digits (the CNN of ``quantize-jax
+demo``: two convolutions and a Linear head; and a MobileNet-style one with
+a depthwise convolution), then serves each int4 without QAT: rounded to nearest
 (``to_serving``), GPTQ for the Linear head alone (what ``to_serving_gptq``
 covered before it took convolutions), and GPTQ for every layer, in one pass
 and layer by layer (``sequential=True``); calibrated on training images.
@@ -25,12 +26,36 @@ from _timing import machine, write_json
 from quantize_jax import demo
 
 
-def _layer_inputs(model, x):
-    """The float model's inputs to each layer, as its forward pass computes them."""
+def _cnn_inputs(model, x):
+    """The float demo CNN's inputs to each layer, as its forward pass computes them."""
     images = x.reshape(x.shape[:-1] + (8, 8, 1))
     h1 = nnx.relu(model.conv1(images))
     h2 = nnx.relu(model.conv2(h1))
     return {"conv1": images, "conv2": h1, "out": h2.reshape(h2.shape[0], -1)}
+
+
+class Separable(nnx.Module):
+    """A MobileNet-style digits CNN: a 3x3 convolution, a depthwise 3x3 with stride 2 (one group per
+    channel), a pointwise 1x1, global average pooling and a Linear head."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(1, 32, (3, 3), rngs=rngs)
+        self.depthwise = nnx.Conv(32, 32, (3, 3), strides=(2, 2), feature_group_count=32, rngs=rngs)
+        self.pointwise = nnx.Conv(32, 64, (1, 1), rngs=rngs)
+        self.out = nnx.Linear(64, 10, rngs=rngs)
+
+    def layer_inputs(self, x):
+        images = x.reshape(x.shape[:-1] + (8, 8, 1))
+        h1 = nnx.relu(self.stem(images))
+        h2 = nnx.relu(self.depthwise(h1))
+        return {"stem": images, "depthwise": h1, "pointwise": h2,
+                "out": nnx.relu(self.pointwise(h2)).mean(axis=(1, 2))}
+
+    def __call__(self, x):
+        return self.out(self.layer_inputs(x)["out"])
+
+
+NETWORKS = {"demo CNN": (demo.CNN, _cnn_inputs), "separable CNN": (Separable, Separable.layer_inputs)}
 
 
 def _layer_error(served, model, layer: str, x) -> float:
@@ -45,39 +70,41 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/gptq_conv_cpu.json")
     args = ap.parse_args()
     data = demo.load_digits()
-    model = demo.CNN(nnx.Rngs(0))
-    demo.train(model, data, epochs=args.epochs, lr=2e-3, desc="float CNN")
     (x_train, _), (x_test, _) = data
     calibration = [jnp.asarray(x_train[i * 128:(i + 1) * 128]) for i in range(args.batches)]
     x_test = jnp.asarray(x_test)
-    reference, inputs = model(x_test), _layer_inputs(model, x_test)
     result = {"machine": machine(), "epochs": args.epochs, "calibration_images": 128 * args.batches,
-              "test_images": len(x_test), "float32_accuracy": demo.accuracy(model, data)}
-    print(f"float32: held-out accuracy {result['float32_accuracy']:.4f}")
-    print(f"{'spec':22} {'serving':26} {'accuracy':>8} {'logit MSE':>10} {'seconds':>7}   layer error / rounding's")
-    for fmt in ("int4", "nf4", "uint4"):
-        label = f"{fmt} per channel"  # one scale per output channel: every kernel axis but the last reduced
-        qat = qj.nnx.quantize_model(model, {"^conv": qj.QuantSpec(format=fmt, axis=(0, 1, 2)),
-                                            "^out$": qj.QuantSpec(format=fmt, axis=0)})
-        rounded = qj.nnx.to_serving(qat)
-        servings = {"round to nearest": lambda: qj.nnx.to_serving(qat),
-                    "GPTQ, Linear head only": lambda: qj.nnx.to_serving_gptq(qat, calibration, where="^out$",
-                                                                                progress=False),
-                    "GPTQ, all layers": lambda: qj.nnx.to_serving_gptq(qat, calibration, progress=False),
-                    "GPTQ, all, sequential": lambda: qj.nnx.to_serving_gptq(qat, calibration, sequential=True,
-                                                                            progress=False)}
-        for name, make in servings.items():
-            t0 = time.perf_counter()
-            served = make()
-            seconds = time.perf_counter() - t0
-            mse = float(jnp.mean((served(x_test) - reference) ** 2))
-            ratios = {layer: _layer_error(served, model, layer, x) / _layer_error(rounded, model, layer, x)
-                      for layer, x in inputs.items()}
-            row = {"accuracy": demo.accuracy(served, data), "logit_mse": mse, "seconds": seconds,
-                   "layer_error_vs_rounding": ratios}
-            result[f"{label}, {name}"] = row
-            shown = "  ".join(f"{k} {v:.2f}" for k, v in ratios.items())
-            print(f"{label:22} {name:26} {row['accuracy']:8.4f} {mse:10.4g} {seconds:7.2f}   {shown}")
+              "test_images": len(x_test)}
+    for net, (make, layer_inputs) in NETWORKS.items():
+        model = make(nnx.Rngs(0))
+        demo.train(model, data, epochs=args.epochs, lr=2e-3, desc=f"float {net}")
+        reference, inputs = model(x_test), layer_inputs(model, x_test)
+        result[f"{net}, float32 accuracy"] = demo.accuracy(model, data)
+        print(f"\n{net}, float32: held-out accuracy {result[f'{net}, float32 accuracy']:.4f}")
+        print(f"{'spec':18} {'serving':24} {'accuracy':>8} {'logit MSE':>10} {'seconds':>7}   layer error / rounding's")
+        for fmt in ("int4", "nf4", "uint4"):
+            label = f"{fmt} per channel"  # one scale per output channel: every kernel axis but the last reduced
+            qat = qj.nnx.quantize_model(model, {"^out$": qj.QuantSpec(format=fmt, axis=0),
+                                                ".*": qj.QuantSpec(format=fmt, axis=(0, 1, 2))})
+            rounded = qj.nnx.to_serving(qat)
+            servings = {"round to nearest": lambda: qj.nnx.to_serving(qat),
+                        "GPTQ, Linear head only": lambda: qj.nnx.to_serving_gptq(qat, calibration, where="^out$",
+                                                                                    progress=False),
+                        "GPTQ, all layers": lambda: qj.nnx.to_serving_gptq(qat, calibration, progress=False),
+                        "GPTQ, all, sequential": lambda: qj.nnx.to_serving_gptq(qat, calibration, sequential=True,
+                                                                                progress=False)}
+            for name, make_served in servings.items():
+                t0 = time.perf_counter()
+                served = make_served()
+                seconds = time.perf_counter() - t0
+                mse = float(jnp.mean((served(x_test) - reference) ** 2))
+                ratios = {layer: _layer_error(served, model, layer, x) / _layer_error(rounded, model, layer, x)
+                          for layer, x in inputs.items()}
+                row = {"accuracy": demo.accuracy(served, data), "logit_mse": mse, "seconds": seconds,
+                       "layer_error_vs_rounding": ratios}
+                result[f"{net}, {label}, {name}"] = row
+                shown = "  ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+                print(f"{label:18} {name:24} {row['accuracy']:8.4f} {mse:10.4g} {seconds:7.2f}   {shown}")
     write_json(args.out, result)
 
 

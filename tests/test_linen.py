@@ -419,12 +419,14 @@ class _GptqCNN(nn.Module):
     def __call__(self, x):
         x = nn.relu(self.conv(8, (3, 3), name="first")(x))
         x = nn.relu(self.conv(8, (3, 3), strides=2, padding="CIRCULAR", name="down")(x))
+        x = nn.relu(self.conv(8, (3, 3), feature_group_count=8, name="depthwise")(x))
         return self.conv(8, (1, 1), conv_general_dilated=jax.lax.conv_general_dilated, name="custom")(x)
 
 
 def test_gptq_serving_params_of_conv_layers_calibrate_on_their_patches():
     """QuantConv kernels quantized by GPTQ for the patches their convolution multiplies (after CIRCULAR
-    padding, with strides); a layer with its own convolution function keeps rounding."""
+    padding, with strides; a depthwise one channel by channel); a layer with its own convolution function
+    keeps rounding."""
     dims = ("NHWC", "HWIO", "NHWC")
     noise = [jax.random.normal(jax.random.key(10 + i), (8, 10, 10, 3)) for i in range(3)]
     batches = [jnp.cumsum(jnp.cumsum(b, axis=1), axis=2) / 4 for b in noise]  # neighbouring pixels correlate
@@ -442,6 +444,13 @@ def test_gptq_serving_params_of_conv_layers_calibrate_on_their_patches():
         expected = qj.ptq.gptq_kernel(kernel, qj.ptq.gram(rows) / len(rows), qj.QuantSpec(axis=(0, 1, 2)),
                                       input_axes=axes)
         assert float(jnp.mean(served["params"][name]["kernel"].packed == expected.packed)) > 0.99
+    down = qj.linen.QuantConv(8, (3, 3), strides=2, padding="CIRCULAR")
+    inputs = jnp.concatenate([nn.relu(down.apply({"params": params["down"]}, h)) for h in hidden])
+    kernel = params["depthwise"]["kernel"]
+    rows, axes = qj.ptq.conv_rows(inputs, kernel, (1, 1), "SAME", dimension_numbers=dims, feature_group_count=8)
+    expected = qj.ptq.gptq_kernel(kernel, qj.ptq.gram(rows, groups=8) / len(rows), qj.QuantSpec(axis=(0, 1, 2)),
+                                  input_axes=axes, groups=8)
+    assert float(jnp.mean(served["params"]["depthwise"]["kernel"].packed == expected.packed)) > 0.99
     jax.tree.map(np.testing.assert_array_equal, served["params"]["custom"], rounded["params"]["custom"])
     test = jnp.cumsum(jnp.cumsum(jax.random.normal(jax.random.key(3), (16, 10, 10, 3)), axis=1), axis=2) / 4
     reference = _GptqCNN(conv=nn.Conv).apply(variables, test)  # the float model

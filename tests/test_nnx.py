@@ -424,7 +424,8 @@ def _smooth_images(key, n):
 
 def test_gptq_serving_of_conv_layers_calibrates_on_their_patches():
     """QuantConv kernels quantized by GPTQ for the patches they multiply (as the layer's convolution call
-    sees them: after CIRCULAR padding, with its strides); a grouped convolution keeps rounding."""
+    sees them: after CIRCULAR padding, with its strides); a grouped convolution's groups each on their own
+    inputs; with a scale shared across its groups it keeps rounding."""
     dims = ("NHWC", "HWIO", "NHWC")
     model = _ThreeConvs(nnx.Rngs(0))
     batches = [_smooth_images(jax.random.key(10 + i), 8) for i in range(3)]
@@ -441,10 +442,18 @@ def test_gptq_serving_of_conv_layers_calibrates_on_their_patches():
         q = getattr(served, name).qarray
         assert q.spec == expected.spec and float(jnp.mean(q.packed == expected.packed)) > 0.99
         assert float(jnp.mean(q.packed == getattr(rounded, name).qarray.packed)) < 0.9
-    jax.tree.map(np.testing.assert_array_equal, served.grouped.qarray, rounded.grouped.qarray)
+    inputs = jnp.concatenate([nnx.relu(qat.down(h)) for h in hidden])
+    rows, axes = qj.ptq.conv_rows(inputs, qat.grouped.kernel[...], (1, 1), "SAME", dimension_numbers=dims,
+                                  feature_group_count=2)
+    expected = qj.ptq.gptq_kernel(qat.grouped.kernel[...], qj.ptq.gram(rows, groups=2) / len(rows),
+                                  qat.grouped.weight_spec, input_axes=axes, groups=2)
+    assert float(jnp.mean(served.grouped.qarray.packed == expected.packed)) > 0.99
     test = _smooth_images(jax.random.key(3), 16)
     error = lambda m: float(jnp.mean((m(test) - model(test)) ** 2))  # noqa: E731
     assert error(served) < 0.85 * error(rounded)
+    shared = qj.nnx.quantize_model(model, {"grouped": qj.QuantSpec(axis=None), ".*": None})  # one scale, both groups
+    with pytest.raises(ValueError, match="to_serving_gptq: no QuantLinear, QuantConv"):
+        qj.nnx.to_serving_gptq(shared, batches, progress=False)
 
 
 class _TwoArgs(nnx.Module):

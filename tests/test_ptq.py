@@ -246,8 +246,36 @@ def test_conv_rows_are_the_patches_the_kernel_multiplies(dims, kernel_shape, opt
     np.testing.assert_allclose(np.asarray(rows, np.float64) @ matrix, y, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_rows_refuse_grouped_convolutions():
-    x, w = jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 4))
-    with pytest.raises(ValueError, match="conv_rows: grouped convolutions are not supported, got "
-                                         "feature_group_count=2, batch_group_count=1"):
-        qj.ptq.conv_rows(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
+def test_gptq_kernel_of_a_grouped_convolution_walks_each_group_on_its_own_inputs():
+    """feature_group_count=G: conv_rows' columns are G blocks, each the inputs of one group of outputs;
+    gptq_kernel(groups=G) equals each group's own walk on gram(rows, G)[g], the groups side by side."""
+    dims, groups = ("NHWC", "HWIO", "NHWC"), 4
+    x = jnp.cumsum(jax.random.normal(jax.random.key(0), (4, 9, 9, 8)), axis=1)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 2, 12))  # 8 input channels in 4 groups of 2; 3 outputs each
+    rows, axes = qj.ptq.conv_rows(x, w, (1, 1), "SAME", dimension_numbers=dims, feature_group_count=groups)
+    conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dims,  # noqa: E731
+                                                  feature_group_count=groups, precision="highest")
+    blocks = rows.reshape(len(rows), groups, -1)
+    matrix = w.transpose(2, 0, 1, 3).reshape(18, groups, 3)
+    by_group = jnp.einsum("ngk,kgo->ngo", blocks, matrix, precision="highest").reshape(-1, 12)
+    np.testing.assert_allclose(by_group, conv(w).reshape(-1, 12), rtol=1e-5, atol=1e-4)
+    h = qj.ptq.gram(rows, groups=groups) / len(rows)
+    assert h.shape == (groups, 18, 18)
+    spec = qj.QuantSpec(axis=(0, 1, 2))
+    q = qj.ptq.gptq_kernel(w, h, spec, input_axes=axes, groups=groups)
+    assert (q.shape, q.spec, q.scale.shape) == ((3, 3, 2, 12), spec, (1, 1, 1, 12))
+    for g in range(groups):
+        alone = qj.ptq.gptq_kernel(w[..., 3 * g:3 * g + 3], h[g], spec, input_axes=axes)
+        np.testing.assert_allclose(qj.dequantize(q)[..., 3 * g:3 * g + 3], qj.dequantize(alone), rtol=1e-6, atol=1e-6)
+    error = lambda k: float(jnp.mean((conv(k) - conv(w)) ** 2))  # noqa: E731
+    assert error(qj.dequantize(q)) < 0.85 * error(qj.dequantize(qj.quantize(w, spec)))
+    with pytest.raises(ValueError, match=re.escape("gptq: groups=5 must divide the single output axis of w of shape "
+                                                   "(3, 3, 2, 12) (input axes (2, 0, 1))")):
+        qj.ptq.gptq_kernel(w, h, spec, input_axes=axes, groups=5)
+    with pytest.raises(ValueError, match=re.escape("gptq: with groups=4, expected h of shape (4, 18, 18) and a spec "
+                                                   "reducing the input axes (2, 0, 1) alone, got h (4, 18, 18) and "
+                                                   "axis=None")):
+        qj.ptq.gptq_kernel(w, h, qj.QuantSpec(), input_axes=axes, groups=groups)
+    with pytest.raises(ValueError, match="conv_rows: convolutions grouped over the batch are not supported, got "
+                                         "batch_group_count=2"):
+        qj.ptq.conv_rows(x, w, (1, 1), "SAME", dimension_numbers=dims, batch_group_count=2)

@@ -239,8 +239,9 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     weight spec for that second moment, in place of rounding to nearest (as
     :func:`quantize_jax.nnx.to_serving_gptq` does for NNX). Eligible:
     :class:`QuantDense` without learned scales,
-    :class:`QuantConv` neither grouped nor masked (its inputs are the patches
-    its kernel multiplies, :func:`~quantize_jax.ptq.conv_rows`),
+    :class:`QuantConv` without a mask (its inputs are the patches its kernel
+    multiplies, :func:`~quantize_jax.ptq.conv_rows`; grouped ones with one
+    scale per output channel),
     :class:`QuantDenseGeneral` contracting its inputs' trailing axes without
     batch dims, and :class:`QuantEinsum` (its ``einsum_str`` an attribute)
     without kernel batch axes whose inputs end with the contracted axes, when
@@ -287,7 +288,7 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
 
     def add(layer, view, x):  # into the "qarrays" collection, which nn.scan / nn.vmap stack like the params
         views.setdefault(layer.path, view)
-        xtx, rows = gram(x), jnp.float32(x.shape[0])
+        xtx, rows = gram(x, view[2] if view[2] > 1 else None), jnp.float32(x.shape[0])
         if layer.has_variable("qarrays", _XTX):  # a layer called twice adds both inputs up
             xtx, rows = xtx + layer.get_variable("qarrays", _XTX), rows + layer.get_variable("qarrays", _ROWS)
         layer.put_variable("qarrays", _XTX, xtx)
@@ -366,9 +367,9 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
         for path, (xtx, rows) in progress_bar(list(totals.items()), progress, f"{label}: GPTQ", "layer"):
             kernel = functools.reduce(lambda tree, name: tree[name], path, variables["params"])["kernel"]
             layer = functools.reduce(lambda tree, name: tree[name], path, served["params"])
-            spec, input_axes = views[path]
+            spec, input_axes, groups = views[path]
             layer["kernel"] = gptq_stacked(kernel, xtx, rows, spec, input_axes=input_axes, fn="to_serving_params_gptq",
-                                           where="/".join(path), damp=damp, act_order=act_order)
+                                           where="/".join(path), groups=groups, damp=damp, act_order=act_order)
     return served
 
 
@@ -391,19 +392,24 @@ def _collects_qarrays(layer) -> bool:
     return layer.is_mutable_collection("qarrays") and not layer.is_initializing() and not _recording.get()
 
 
-def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...]] | None:
-    """``(weight spec, the kernel's input axes)`` of a Linen layer :func:`to_serving_params_gptq` can
-    quantize (its inputs' trailing axes contracted with those kernel axes, in order), else None."""
+def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...], int] | None:
+    """``(weight spec, the kernel's input axes, groups)`` of a Linen layer :func:`to_serving_params_gptq`
+    can quantize (its inputs' trailing axes, or a convolution's patches, contracted with those kernel axes,
+    in order; a grouped convolution's groups), else None."""
     if type(layer) is QuantDense:
         spec, kernel_ndim, input_axes = layer.weight_spec, 2, (0,)
         if layer.learn_scale:
             return None
     elif type(layer) is QuantConv:
         if (layer.conv_general_dilated is not _recordable_conv or layer.conv_general_dilated_cls is not None
-                or layer.feature_group_count != 1 or layer.mask is not None):
+                or layer.mask is not None):
             return None
         d = 1 if isinstance(layer.kernel_size, int) else len(layer.kernel_size)
         spec, kernel_ndim, input_axes = layer.weight_spec, d + 2, (d,) + tuple(range(d))  # patches: channels first
+        groups = layer.feature_group_count
+        if groups > 1:  # each group its own walk: no scale may span groups
+            spec = _kernel_spec(spec, kernel_ndim)
+            return (spec, input_axes, groups) if set(spec.reduced_axes(kernel_ndim)) == set(input_axes) else None
     elif type(layer) is QuantDenseGeneral:
         axes, features = layer._axes_and_features(inputs.ndim)
         if layer.batch_dims or axes != list(range(inputs.ndim - len(axes), inputs.ndim)):
@@ -414,7 +420,7 @@ def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...]] | None:
     else:
         return None
     spec = _kernel_spec(spec, kernel_ndim)
-    return (spec, input_axes) if gptq_applies(spec, kernel_ndim, input_axes) else None
+    return (spec, input_axes, 1) if gptq_applies(spec, kernel_ndim, input_axes) else None
 
 
 def merge_lora(variables):

@@ -705,11 +705,12 @@ class _InputRecorder(nnx.Module):
 
     def __init__(self, layer, stack: tuple, k: int):
         self.layer = layer
-        self.xtx = _InputMoment(jnp.zeros(stack + (k, k), jnp.float32))
+        self.groups = _input_groups(layer)  # a grouped convolution's: one (k, k) moment per group
+        self.xtx = _InputMoment(jnp.zeros(stack + ((self.groups,) if self.groups > 1 else ()) + (k, k), jnp.float32))
         self.rows = _InputMoment(jnp.zeros(stack, jnp.float32))
 
     def _add(self, x):
-        self.xtx.set_value(self.xtx[...] + gram(x))
+        self.xtx.set_value(self.xtx[...] + gram(x, self.groups if self.groups > 1 else None))
         self.rows.set_value(self.rows[...] + x.shape[0])
 
     def __call__(self, inputs, *args, **kwargs):
@@ -729,19 +730,27 @@ class _InputRecorder(nnx.Module):
             self.layer.conv_general_dilated = conv
 
 
+def _input_groups(layer) -> int:
+    """How many groups a layer's inputs split into, each with outputs of its own (``feature_group_count``)."""
+    return layer.feature_group_count if isinstance(layer, nnx.Conv) else 1
+
+
 def _gptq_input_axes(layer) -> tuple[int, ...] | None:
     """The kernel axes a layer GPTQ can quantize contracts with its inputs' trailing axes, in order (GPTQ
     sees the kernel as ``(K, N)``, those axes first and flattened), else None. Such a layer is a
-    QuantLinear; a QuantConv neither grouped nor masked (its inputs are its patches, channels first); a
+    QuantLinear; a QuantConv without a mask (its inputs are its patches, channels first; grouped, with
+    one scale per output channel); a
     QuantLinearGeneral contracting its inputs' trailing axes without batch axes; or a QuantEinsum without
     kernel batch axes whose inputs end with the contracted axes in the kernel's order (``"BTD,NDH->BTNH"``,
     ``"BTNH,NHD->BTD"``); stacked or not, without learned scales, its weight spec one
     :func:`~quantize_jax.ptq.gptq_applies` to."""
     if type(layer) is QuantLinear:
         axes = (0,)
-    elif type(layer) is QuantConv and layer.feature_group_count == 1 and layer.mask is None:
+    elif type(layer) is QuantConv and layer.mask is None:
         d = len(layer.kernel_size)  # Flax's kernels are (spatial..., in, out); patches put channels first
         axes = (d,) + tuple(range(d))
+        if layer.feature_group_count > 1 and set(layer.weight_spec.reduced_axes(d + 2)) != set(axes):
+            return None  # groups each take their own walk: no scale may span them
     elif type(layer) is QuantLinearGeneral and not layer.batch_axis:
         axes = tuple(range(len(layer.in_features)))
         if tuple(layer.axis) != tuple(range(-len(axes), 0)):
@@ -778,8 +787,9 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     as the served model will see them where that order follows the data.
 
     GPTQ applies to :class:`QuantLinear` layers, :class:`QuantConv` layers
-    neither grouped nor masked (their inputs are the patches the kernel
-    multiplies, :func:`~quantize_jax.ptq.conv_rows`), :class:`QuantLinearGeneral`
+    without a mask (their inputs are the patches the kernel multiplies,
+    :func:`~quantize_jax.ptq.conv_rows`; grouped and depthwise ones with one
+    scale per output channel, each group on its own inputs), :class:`QuantLinearGeneral`
     layers that contract their inputs' trailing axes (the projections of
     ``nnx.MultiHeadAttention``) and :class:`QuantEinsum` layers without
     kernel batch axes whose inputs end with the contracted axes (Gemma's
@@ -833,8 +843,9 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
                          f"without learned scales")
 
     def moment_bytes(target):
-        stack, own = _split_stack(_module_at(model, target[0]))
-        return 4 * math.prod(stack) * math.prod(own[a] for a in target[1]) ** 2
+        layer = _module_at(model, target[0])
+        stack, own = _split_stack(layer)
+        return 4 * math.prod(stack) * _input_groups(layer) * math.prod(own[a] for a in target[1]) ** 2
 
     passes = moment_passes(targets, moment_bytes, max_moment_bytes, batches, "to_serving_gptq", sequential=sequential)
     served = to_serving(model, backend=backend)
@@ -859,8 +870,8 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
             recorder = _module_at(recording, path)
             layer = _module_at(model, path)
             q = gptq_stacked(layer.kernel[...], recorder.xtx[...], recorder.rows[...], layer.weight_spec,
-                             input_axes=axes, fn="to_serving_gptq", where=_path_str(path), damp=damp,
-                             act_order=act_order)
+                             input_axes=axes, fn="to_serving_gptq", where=_path_str(path),
+                             groups=_input_groups(layer), damp=damp, act_order=act_order)
             rounded = _module_at(served, path).kernel
             rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
     return served

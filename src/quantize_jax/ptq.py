@@ -337,7 +337,8 @@ def _checked_matrix(w, h):
     return w, h
 
 
-def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01, act_order: bool = False) -> QArray:
+def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, groups: int = 1, damp: float = 0.01,
+                act_order: bool = False) -> QArray:
     """GPTQ for a kernel of any layout: ``w``'s ``input_axes`` (in the order the inputs are flattened)
     are contracted with the inputs, whose second moment ``h`` is ``(K, K)``; the rest are outputs.
 
@@ -348,7 +349,10 @@ def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01, act_or
     that also reduces output axes (``QuantSpec(axis=(0, 1))``: one scale per ``H``, shared by the heads;
     or per tensor) is computed from the whole kernel first and held fixed while GPTQ walks the inputs
     ("static groups"), since a scale cannot be chosen when one of its columns is reached. ``damp`` and
-    ``act_order`` are :func:`gptq`'s.
+    ``act_order`` are :func:`gptq`'s. ``groups`` (a grouped convolution's ``feature_group_count``):
+    the single output axis splits into that many contiguous groups, each multiplying inputs of its own,
+    whose moments ``h`` ``(groups, K, K)`` holds (:func:`gram` with ``groups``); the spec must then
+    reduce exactly the input axes.
 
     Example:
       >>> import jax, jax.numpy as jnp, quantize_jax as qj
@@ -365,6 +369,8 @@ def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01, act_or
         raise ValueError(f"gptq: the spec must reduce the input axes {input_axes} of w of shape {w.shape} (and "
                          f"may reduce output axes too, without groups), got axis={spec.axis!r}, "
                          f"group_size={spec.group_size!r}")
+    if groups != 1:
+        return _gptq_groups(w, h, spec, input_axes, reduced, groups, damp, act_order)
     n_in = len(input_axes)
     axes = input_axes + tuple(a for a in range(w.ndim) if a not in input_axes)
     viewed = tuple(w.shape[a] for a in axes)
@@ -395,6 +401,36 @@ def gptq_kernel(w, h, spec: QuantSpec, *, input_axes, damp: float = 0.01, act_or
     return quantize(on_grid.astype(w.dtype), spec, scale=placed(flat.scale), zero_point=placed(flat.zero_point))
 
 
+def _gptq_groups(w, h, spec, input_axes, reduced, groups, damp, act_order) -> QArray:
+    """:func:`gptq_kernel` of each output group of a grouped convolution's kernel on its own moments
+    ``h[g]``, in one vmapped walk; the groups' values and scales put back side by side."""
+    outputs = [a for a in range(w.ndim) if a not in input_axes]
+    if (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or len(outputs) != 1
+            or w.shape[outputs[0]] % groups):
+        raise ValueError(f"gptq: groups={groups!r} must divide the single output axis of w of shape {w.shape} "
+                         f"(input axes {input_axes})")
+    (out,) = outputs
+    k = math.prod(w.shape[a] for a in input_axes)
+    h = check_float_array(h, "h", "gptq")
+    if h.shape != (groups, k, k) or reduced != tuple(sorted(input_axes)):
+        raise ValueError(f"gptq: with groups={groups}, expected h of shape {(groups, k, k)} and a spec reducing the "
+                         f"input axes {input_axes} alone, got h {h.shape} and axis={spec.axis!r}")
+    _check_finite(w, "w")
+    _check_finite(h, "h")
+    split = jnp.moveaxis(w.reshape(w.shape[:out] + (groups, -1) + w.shape[out + 1:]), out, 0)
+
+    def one(w_g, h_g):  # one group: its values on the grid and its scales, in the kernel's layout
+        q = gptq_kernel(w_g, h_g, spec, input_axes=input_axes, damp=damp, act_order=act_order)
+        return dequantize(q, jnp.float32), q.scale, q.zero_point
+
+    on_grid, scale, zero_point = jax.vmap(one)(split, h)
+
+    def joined(a):  # (groups, ..., n / groups, ...) -> (..., n, ...), the groups side by side
+        return None if a is None else jnp.moveaxis(a, 0, out).reshape(a.shape[1:out + 1] + (-1,) + a.shape[out + 2:])
+
+    return quantize(joined(on_grid).astype(w.dtype), spec, scale=joined(scale), zero_point=joined(zero_point))
+
+
 def conv_rows(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
               feature_group_count: int = 1, batch_group_count: int = 1, **options) -> tuple[jax.Array, tuple[int, ...]]:
     """The rows a convolution multiplies its kernel with (im2col), for GPTQ of a conv kernel.
@@ -406,7 +442,11 @@ def conv_rows(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     (up to float reassociation), and ``input_axes`` the kernel axes ``K``
     flattens, in order (the input channels, then the spatial axes): what
     :func:`gptq_kernel` takes with ``h = rows^T rows / n``. Memory: the
-    inputs times the kernel's spatial size.
+    inputs times the kernel's spatial size. For a grouped convolution
+    (``feature_group_count=G``, depthwise when ``G`` is the channel count)
+    the ``K`` columns are ``G`` contiguous blocks, one per group of input
+    channels, the inputs of that group's outputs: ``gram(rows, groups=G)``
+    holds their moments and :func:`gptq_kernel` takes them with ``groups=G``.
 
     Example:
       >>> import jax, quantize_jax as qj
@@ -419,9 +459,9 @@ def conv_rows(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
       >>> qj.ptq.gptq_kernel(w, h, qj.QuantSpec(axis=(0, 1, 2)), input_axes=axes).shape
       (3, 3, 4, 16)
     """
-    if feature_group_count != 1 or batch_group_count != 1:
-        raise ValueError(f"conv_rows: grouped convolutions are not supported, got feature_group_count="
-                         f"{feature_group_count}, batch_group_count={batch_group_count}")
+    if batch_group_count != 1:
+        raise ValueError(f"conv_rows: convolutions grouped over the batch are not supported, got batch_group_count="
+                         f"{batch_group_count}")
     dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
     spatial = tuple(jnp.shape(rhs)[a] for a in dn.rhs_spec[2:])
     patches = lax.conv_general_dilated_patches(lhs, spatial, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -430,19 +470,25 @@ def conv_rows(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     return rows.reshape(-1, rows.shape[-1]).astype(jnp.float32), tuple(int(a) for a in dn.rhs_spec[1:])
 
 
-def gram(rows) -> jax.Array:
+def gram(rows, groups: int | None = None) -> jax.Array:
     """``rows^T rows`` in float32 at the highest precision: the second moment calibration adds up over
-    batches (divided by the row count, GPTQ's ``h``) for rows ``(n, K)``."""
+    batches (divided by the row count, GPTQ's ``h``) for rows ``(n, K)``. With ``groups``, the columns
+    split into that many contiguous blocks and each block's own: ``(groups, K / groups, K / groups)``
+    (a grouped convolution's, :func:`conv_rows`)."""
     rows = jnp.asarray(rows, jnp.float32)
-    return jnp.dot(rows.T, rows, precision=lax.Precision.HIGHEST)
+    if groups is None:
+        return jnp.dot(rows.T, rows, precision=lax.Precision.HIGHEST)
+    blocks = rows.reshape(rows.shape[0], groups, -1)
+    return jnp.einsum("ngk,ngl->gkl", blocks, blocks, precision=lax.Precision.HIGHEST)
 
 
-def gptq_stacked(kernel, xtx, rows, spec: QuantSpec, *, input_axes, fn: str, where: str, damp: float = 0.01,
-                 act_order: bool = False) -> QArray:
+def gptq_stacked(kernel, xtx, rows, spec: QuantSpec, *, input_axes, fn: str, where: str, groups: int = 1,
+                 damp: float = 0.01, act_order: bool = False) -> QArray:
     """:func:`gptq_kernel` for a layer's kernel from its recorded ``xtx`` (``sum x^T x``) and ``rows``; a
     layer stacked by ``vmap`` / ``scan`` (``rows`` of shape ``stack``, the kernel and ``xtx`` with those
     leading axes) quantizes each of its layers on its own inputs and returns their QArrays stacked.
-    ``fn`` and ``where`` (the layer's path) name a layer that recorded no row."""
+    ``fn`` and ``where`` (the layer's path) name a layer that recorded no row; ``groups`` is
+    :func:`gptq_kernel`'s."""
     stack = tuple(jnp.shape(rows))
     if tuple(jnp.shape(kernel)[:len(stack)]) != stack or tuple(jnp.shape(xtx)[:len(stack)]) != stack:
         raise ValueError(f"{fn}: layer {where!r} recorded inputs for layers stacked {stack}, but its kernel has "
@@ -452,8 +498,8 @@ def gptq_stacked(kernel, xtx, rows, spec: QuantSpec, *, input_axes, fn: str, whe
         if not float(rows[index]):
             which = f"{where!r}" + (f", stacked layer {index}" if stack else "")
             raise ValueError(f"{fn}: layer {which} was never called on the batches")
-        quantized.append(gptq_kernel(kernel[index], xtx[index] / rows[index], spec, input_axes=input_axes, damp=damp,
-                                     act_order=act_order))
+        quantized.append(gptq_kernel(kernel[index], xtx[index] / rows[index], spec, input_axes=input_axes,
+                                     groups=groups, damp=damp, act_order=act_order))
     if not stack:
         return quantized[0]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)
