@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flax import nnx
 
 import quantize_jax as qj
@@ -244,6 +246,33 @@ def test_conv_rows_are_the_patches_the_kernel_multiplies(dims, kernel_shape, opt
     y = np.moveaxis(np.asarray(y), dims[2].index("C"), -1).reshape(-1, kernel_shape[out_axis])
     assert rows.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(rows, np.float64) @ matrix, y, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15)
+@given(st.data())
+def test_conv_rows_over_random_convolutions(data):
+    """Any spatial rank up to 2, kernel size, stride, padding, dilations and channel groups: each group's
+    block of rows times that group's kernel view is the convolution's output for that group."""
+    d = data.draw(st.integers(1, 2), label="spatial axes")
+    size = tuple(data.draw(st.integers(1, 3)) for _ in range(d))
+    groups, c_in, c_out = (data.draw(st.integers(1, 3)) for _ in range(3))
+    lhs_dilation = tuple(data.draw(st.integers(1, 2)) for _ in range(d))
+    padding = data.draw(st.sampled_from(["SAME", "VALID", "explicit"] if max(lhs_dilation) == 1 else ["explicit"]))
+    if padding == "explicit":  # lax takes no padding by name with input dilation
+        padding = tuple((data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))) for _ in range(d))
+    options = dict(window_strides=tuple(data.draw(st.integers(1, 2)) for _ in range(d)), padding=padding,
+                   lhs_dilation=lhs_dilation, rhs_dilation=tuple(data.draw(st.integers(1, 2)) for _ in range(d)),
+                   feature_group_count=groups)
+    dims = ("NWC", "WIO", "NWC") if d == 1 else ("NHWC", "HWIO", "NHWC")
+    x = jax.random.normal(jax.random.key(0), (2,) + (7,) * d + (groups * c_in,))
+    w = jax.random.normal(jax.random.key(1), size + (c_in, groups * c_out))
+    rows, axes = qj.ptq.conv_rows(x, w, dimension_numbers=dims, **options)
+    assert axes == (d,) + tuple(range(d))
+    y = jax.lax.conv_general_dilated(x, w, dimension_numbers=dims, precision="highest", **options)
+    matrix = np.asarray(w, np.float64).transpose(axes + (d + 1,)).reshape(-1, groups, c_out)
+    blocks = np.asarray(rows, np.float64).reshape(len(rows), groups, -1)
+    np.testing.assert_allclose(np.einsum("ngk,kgo->ngo", blocks, matrix).reshape(-1, groups * c_out),
+                               np.asarray(y).reshape(-1, groups * c_out), rtol=1e-5, atol=1e-5)
 
 
 def test_gptq_kernel_of_a_grouped_convolution_walks_each_group_on_its_own_inputs():

@@ -158,7 +158,8 @@ DEPLOY = [
     ("md", """# From trained parameters to a TPU artifact
 
 Post-training quantization of a parameter tree with a report, `mse` and GPTQ against round-to-nearest,
-a checksummed checkpoint, and `jax.export` for TPU — all on a CPU."""),
+a checksummed checkpoint, a GPTQ checkpoint in AutoGPTQ's layout, and `jax.export` for TPU — all on a
+CPU."""),
     ("code", """import os, tempfile
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
@@ -192,6 +193,17 @@ try:
     qj.load(path)
 except qj.CheckpointError as e:
     print("altered file refused:", e)"""),
+    ("md", """## A GPTQ checkpoint in AutoGPTQ's layout
+
+The GPTQ layer above with float16 scales, written as AutoGPTQ writes GPTQ layers (`qweight`, `qzeros`,
+`scales`, `g_idx`: the layout Hugging Face transformers and vLLM load, with the `quantization_config`
+entry returned for `config.json`), and read back as a QArray with the same values."""),
+    ("code", """from quantize_jax.gptq_checkpoint import load_gptq, save_gptq
+gptq_path = os.path.join(tempfile.mkdtemp(), "gptq.safetensors")
+layer = qj.ptq.gptq(w, x, qj.QuantSpec(axis=0, group_size=128, scale_dtype="float16"))
+print(save_gptq(gptq_path, {"layer0": layer, "layer0.bias": np.zeros(512, np.float32)}))
+back = load_gptq(gptq_path, dtype=jnp.float32)
+print(back["layer0"], "| same values:", bool((qj.dequantize(back["layer0"]) == qj.dequantize(layer)).all()))"""),
     ("md", "## Export the serving function for CPU and TPU"),
     ("code", """def serve(p, x):
     h = x
