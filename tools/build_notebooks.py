@@ -198,11 +198,10 @@ except qj.CheckpointError as e:
 The GPTQ layer above with float16 scales, written as AutoGPTQ writes GPTQ layers (`qweight`, `qzeros`,
 `scales`, `g_idx`: the layout Hugging Face transformers and vLLM load, with the `quantization_config`
 entry returned for `config.json`), and read back as a QArray with the same values."""),
-    ("code", """from quantize_jax.gptq_checkpoint import load_gptq, save_gptq
-gptq_path = os.path.join(tempfile.mkdtemp(), "gptq.safetensors")
+    ("code", """gptq_path = os.path.join(tempfile.mkdtemp(), "gptq.safetensors")
 layer = qj.ptq.gptq(w, x, qj.QuantSpec(axis=0, group_size=128, scale_dtype="float16"))
-print(save_gptq(gptq_path, {"layer0": layer, "layer0.bias": np.zeros(512, np.float32)}))
-back = load_gptq(gptq_path, dtype=jnp.float32)
+print(qj.hf_checkpoints.save(gptq_path, {"layer0": layer, "layer0.bias": np.zeros(512, np.float32)}))
+back = qj.hf_checkpoints.load(gptq_path, dtype=jnp.float32)
 print(back["layer0"], "| same values:", bool((qj.dequantize(back["layer0"]) == qj.dequantize(layer)).all()))"""),
     ("md", "## Export the serving function for CPU and TPU"),
     ("code", """def serve(p, x):

@@ -12,7 +12,7 @@ import importlib
 
 from quantize_jax.calibrate import compute_scale
 from quantize_jax import export
-from quantize_jax import gptq_checkpoint
+from quantize_jax import hf_checkpoints
 from quantize_jax import lora
 from quantize_jax import sharding
 from quantize_jax.formats import FORMATS

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import quantize_jax as qj
-from quantize_jax.gptq_checkpoint import from_gptq, load_gptq, save_gptq, to_gptq
+from quantize_jax.hf_checkpoints import from_awq, from_gptq, load, save, to_awq, to_gptq
 
 
 def _autogptq_pack(intweight, zeros, scales, group_size):
@@ -81,10 +81,10 @@ def test_gptq_quantized_layers_round_trip_through_a_checkpoint_file(tmp_path):
                                                            scale_dtype="float16")),
               "model.up.bias": np.arange(32, dtype=np.float32)}
     path = os.path.join(tmp_path, "model.safetensors")
-    config = save_gptq(path, layers, checkpoint_format="gptq_v2")
+    config = save(path, layers, checkpoint_format="gptq_v2")
     assert config == {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "desc_act": False,
                       "checkpoint_format": "gptq_v2"}
-    loaded = load_gptq(path, dtype=jnp.float32, checkpoint_format="gptq_v2")
+    loaded = load(path, dtype=jnp.float32, checkpoint_format="gptq_v2")
     assert sorted(loaded) == ["model.down", "model.up", "model.up.bias"]
     for name in ("model.up", "model.down"):
         a, b = loaded[name], layers[name]
@@ -100,15 +100,56 @@ def test_what_gptq_checkpoints_cannot_hold_is_refused():
     with pytest.raises(ValueError, match=re.escape("to_gptq: expected int4 or uint4 with scales along axis 0")):
         to_gptq(qj.quantize(w, qj.QuantSpec(axis=1)))  # scales along the outputs
     zero = qj.quantize(jnp.abs(w), qj.QuantSpec(format="uint4", axis=0))  # all positive: zero points 0
-    with pytest.raises(ValueError, match=re.escape("to_gptq: zero points must be integers in [1, 15] for "
-                                                   "checkpoint_format='gptq', got values from 0")):
+    with pytest.raises(ValueError, match=re.escape("to_gptq: zero points must be integers in [1, 15], got values "
+                                                   "from 0")):
         to_gptq(zero)
     assert from_gptq(**to_gptq(zero, checkpoint_format="gptq_v2"), checkpoint_format="gptq_v2").spec.format == "uint4"
     tensors = to_gptq(qj.quantize(w, qj.QuantSpec(axis=0, group_size=32)))
     shuffled = np.random.default_rng(0).permutation(tensors["g_idx"])  # act order
     with pytest.raises(ValueError, match=r"from_gptq: g_idx must put rows in contiguous groups of 32 .*\(act order"):
         from_gptq(**{**tensors, "g_idx": shuffled})
-    with pytest.raises(ValueError, match=r"from_gptq: expected qweight \(K / 8, N\), qzeros \(G, N / 8\)"):
+    with pytest.raises(ValueError, match=r"from_gptq: expected qzeros \(G, N / 8\) and scales \(G, N\) with G "
+                                         r"dividing K = 64 and N = 16"):
         from_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"][:, :8])
     with pytest.raises(ValueError, match="checkpoint_format must be one of"):
         to_gptq(qj.quantize(w, qj.QuantSpec(axis=0)), checkpoint_format="awq")
+    with pytest.raises(ValueError, match=r"load: layout must be one of \['gptq', 'awq'\], got 'exl2'"):
+        load("model.safetensors", layout="exl2")
+
+
+def _autoawq_pack(intweight, zeros):
+    """AutoAWQ's GEMM ``pack`` for 4 bits, loop for loop: eight outputs per int32 word in the order
+    (0, 2, 4, 6, 1, 3, 5, 7), for the codes (K, N) and the zero points (G, N) alike."""
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+
+    def pack(values):
+        packed = np.zeros((values.shape[0], values.shape[1] // 8), np.uint32)
+        for col in range(values.shape[1] // 8):
+            for i in range(8):
+                packed[:, col] |= values[:, col * 8 + order_map[i]].astype(np.uint32) << (i * 4)
+        return packed.astype(np.int32)
+
+    return pack(intweight), pack(zeros)
+
+
+def test_awq_layers_packed_as_autoawq_packs_them_read_back_with_its_values(tmp_path):
+    rng = np.random.default_rng(2)
+    intweight = rng.integers(0, 16, (64, 16)).astype(np.uint8)
+    zeros = rng.integers(0, 16, (2, 16))  # AWQ stores zero points as they are: 0 included
+    scales = rng.uniform(0.01, 0.1, (2, 16)).astype(np.float16)
+    qweight, qzeros = _autoawq_pack(intweight, zeros)
+    q = from_awq(qweight, qzeros, scales)
+    assert q.spec == qj.QuantSpec(format="uint4", axis=0, group_size=32, scale_dtype="float16")
+    g = np.arange(64) // 32
+    expected = (intweight.astype(np.float16) - zeros[g].astype(np.float16)) * scales[g]  # AutoAWQ's, in float16
+    np.testing.assert_array_equal(np.asarray(qj.dequantize(q)), expected)
+    back = to_awq(q)
+    np.testing.assert_array_equal(back["qweight"], qweight)
+    np.testing.assert_array_equal(back["qzeros"], qzeros)
+    one = np.zeros((1, 8), np.uint8)
+    one[0] = np.arange(1, 9)  # outputs 0..7 of one row: slots hold outputs 0, 2, 4, 6, 1, 3, 5, 7
+    assert _autoawq_pack(one, one)[0][0, 0] == np.uint32(0x86427531).view(np.int32)
+    path = os.path.join(tmp_path, "awq.safetensors")
+    assert save(path, {"layer": q}, layout="awq") == {"quant_method": "awq", "bits": 4, "group_size": 32,
+                                                      "zero_point": True, "version": "gemm"}
+    jax.tree.map(np.testing.assert_array_equal, load(path, layout="awq")["layer"], q)
