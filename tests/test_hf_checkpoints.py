@@ -153,3 +153,29 @@ def test_awq_layers_packed_as_autoawq_packs_them_read_back_with_its_values(tmp_p
     assert save(path, {"layer": q}, layout="awq") == {"quant_method": "awq", "bits": 4, "group_size": 32,
                                                       "zero_point": True, "version": "gemm"}
     jax.tree.map(np.testing.assert_array_equal, load(path, layout="awq")["layer"], q)
+
+
+def test_a_served_nnx_model_goes_out_as_a_gptq_checkpoint_and_back_into_an_abstract_one(tmp_path):
+    """The packed kernels of a served model written in GPTQ's layout, read back and set into the same model
+    built abstractly (nnx.eval_shape: no float weights made): the same outputs, bit for bit."""
+    from flax import nnx
+
+    spec = qj.QuantSpec(axis=0, group_size=8, scale_dtype="float16")
+
+    def served():
+        model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(32, 8, rngs=nnx.Rngs(1)))
+        return qj.nnx.to_serving(qj.nnx.quantize_model(model, weight_spec=spec))
+
+    model = served()
+    tensors = {f"layers.{i}": model.layers[i].qarray for i in (0, 2)}
+    tensors.update({f"layers.{i}.bias": np.asarray(model.layers[i].bias[...]) for i in (0, 2)})
+    path = os.path.join(tmp_path, "model.safetensors")
+    assert save(path, tensors)["sym"]
+    loaded = load(path, dtype=jnp.float32)
+    abstract = nnx.eval_shape(served)
+    for i in (0, 2):
+        assert loaded[f"layers.{i}"].spec == spec
+        abstract.layers[i].kernel.set_value(loaded[f"layers.{i}"])
+        abstract.layers[i].bias.set_value(jnp.asarray(loaded[f"layers.{i}.bias"]))
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    np.testing.assert_array_equal(abstract(x), model(x))

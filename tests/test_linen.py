@@ -458,6 +458,23 @@ def test_gptq_serving_params_of_conv_layers_calibrate_on_their_patches():
     assert error(served) < 0.85 * error(rounded)
 
 
+def test_gptq_serving_params_of_expert_einsums_walk_each_expert_on_its_own_tokens():
+    """A QuantEinsum whose kernel leads with a batch axis of the einsum (experts): each expert's slice by
+    GPTQ on its own tokens, the QArray in the layer's layout."""
+    mix = jax.random.normal(jax.random.key(2), (3, 16, 16))
+    batches = [jnp.einsum("ecd,edk->eck", jax.random.normal(jax.random.key(10 + i), (3, 32, 16)), mix)
+               for i in range(2)]
+    layer = qj.linen.QuantEinsum(shape=(3, 16, 8), einsum_str="ECD,EDF->ECF", weight_spec=qj.QuantSpec(axis=1))
+    variables = layer.init(jax.random.key(0), batches[0])
+    served = qj.linen.to_serving_params_gptq(layer, variables, batches, progress=False)
+    q = served["params"]["kernel"]
+    assert (q.shape, q.spec, q.scale.shape) == ((3, 16, 8), qj.QuantSpec(axis=1), (3, 1, 8))
+    x = jnp.concatenate(batches, axis=1)
+    for e in range(3):
+        expected = qj.ptq.gptq(variables["params"]["kernel"][e], x[e], qj.QuantSpec(axis=0))
+        assert float(jnp.mean(q.packed[e] == expected.packed)) > 0.99
+
+
 class _Twice(nn.Module):
     @nn.compact
     def __call__(self, x):

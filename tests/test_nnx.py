@@ -456,6 +456,51 @@ def test_gptq_serving_of_conv_layers_calibrates_on_their_patches():
         qj.nnx.to_serving_gptq(shared, batches, progress=False)
 
 
+class _Experts(nnx.Module):
+    """A mixture of experts' expert layers over tokens already dispatched (E, C, D), as einsums whose kernels
+    lead with the expert axis, and a per-head output projection (heads a batch axis of its kernel)."""
+
+    def __init__(self, rngs):
+        self.up = nnx.Einsum("ECD,EDF->ECF", (4, 16, 24), rngs=rngs)
+        self.down = nnx.Einsum("ECF,EFD->ECD", (4, 24, 16), rngs=rngs)
+        self.heads = nnx.Einsum("...ED,EDH->...EH", (4, 16, 8), rngs=rngs)
+
+    def __call__(self, x):
+        h = self.down(nnx.relu(self.up(x)))
+        return self.heads(jnp.swapaxes(h, 0, 1))
+
+
+def test_gptq_serving_of_einsum_kernels_with_batch_axes_walks_each_entry_on_its_own_inputs():
+    """Kernels whose leading axes are batch axes of the einsum (a mixture of experts' E): each expert's
+    slice quantized by GPTQ on the tokens routed to it, the QArrays in the layer's layout and spec; a spec
+    whose scales span the experts (QuantEinsum's default here) keeps rounding."""
+    mix = jax.random.normal(jax.random.key(2), (4, 16, 16))  # each expert's tokens correlated their own way
+    batches = [jnp.einsum("ecd,edk->eck", jax.random.normal(jax.random.key(10 + i), (4, 32, 16)), mix)
+               for i in range(3)]
+    model = _Experts(nnx.Rngs(0))
+    per_expert = qj.QuantSpec(axis=1, group_size=8)
+    qat = qj.nnx.quantize_model(model, {"^up$": per_expert, "^down$": qj.QuantSpec(axis=1), "^heads$": None})
+    served, rounded = qj.nnx.to_serving_gptq(qat, batches, progress=False), qj.nnx.to_serving(qat)
+    q, r = served.up.qarray, rounded.up.qarray
+    assert (q.shape, q.spec, q.scale.shape) == (r.shape, r.spec, r.scale.shape) == ((4, 16, 24), per_expert,
+                                                                                      (4, 2, 24))
+    x = jnp.concatenate(batches, axis=1)
+    for e in range(4):
+        expected = qj.ptq.gptq(qat.up.kernel[...][e], x[e], qj.QuantSpec(axis=0, group_size=8))
+        assert float(jnp.mean(q.packed[e] == expected.packed)) > 0.99
+        np.testing.assert_allclose(q.scale[e], expected.scale, rtol=1e-5)
+    error = lambda m: sum(float(jnp.sum((m(b) - model(b)) ** 2)) for b in batches)  # noqa: E731
+    assert error(served) < 0.85 * error(rounded)
+    shared = qj.nnx.quantize_model(model, {"^heads$": qj.QuantSpec(axis=(0, 1)), ".*": None})  # one scale per H
+    with pytest.raises(ValueError, match="to_serving_gptq: no QuantLinear, QuantConv"):
+        qj.nnx.to_serving_gptq(shared, batches, progress=False)
+    heads = qj.nnx.quantize_model(model, {"^heads$": qj.QuantSpec(axis=1), ".*": None})  # per head and feature
+    hidden = jnp.swapaxes(jnp.concatenate([model.down(nnx.relu(model.up(b))) for b in batches], axis=1), 0, 1)
+    q = qj.nnx.to_serving_gptq(heads, batches, progress=False).heads.qarray  # "...ED": E counted from the end
+    expected = qj.ptq.gptq(heads.heads.kernel[...][2], hidden[:, 2], qj.QuantSpec(axis=0))
+    assert float(jnp.mean(q.packed[2] == expected.packed)) > 0.99
+
+
 class _TwoArgs(nnx.Module):
     def __init__(self):
         self.used = qj.nnx.QuantLinear(8, 8, rngs=nnx.Rngs(0))

@@ -34,8 +34,8 @@ from jax import lax
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
-from quantize_jax.lora import LowRankEinsum, low_rank_weight, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import conv_rows, gptq_applies, gptq_stacked, gram, moment_passes, progress_bar
+from quantize_jax.lora import LowRankEinsum, gptq_einsum_axes, low_rank_weight, merge_low_rank
+from quantize_jax.ptq import GptqView, conv_rows, gptq_stacked, gram, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -244,8 +244,9 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     scale per output channel),
     :class:`QuantDenseGeneral` contracting its inputs' trailing axes without
     batch dims, and :class:`QuantEinsum` (its ``einsum_str`` an attribute)
-    without kernel batch axes whose inputs end with the contracted axes, when
-    the weight spec reduces the kernel's input axes (one scale per output
+    whose inputs end with the contracted axes (kernel batch axes, such as
+    experts, leading the kernel: each entry on its own inputs), when the
+    weight spec reduces the kernel's input axes and no batch axis (one scale per output
     feature, groups along a single input axis, or, without groups, scales
     shared across outputs too, fixed before GPTQ's walk). Every other layer
     is served as :func:`to_serving_params` serves it. Layers stacked by
@@ -284,11 +285,12 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       >>> type(served["params"]["kernel"]).__name__
       'QArray'
     """
-    views = {}  # path -> (weight spec, the kernel's input axes), in call order; filled while recording is traced
+    views = {}  # path -> GptqView, in call order; filled while recording is traced
 
     def add(layer, view, x):  # into the "qarrays" collection, which nn.scan / nn.vmap stack like the params
         views.setdefault(layer.path, view)
-        xtx, rows = gram(x, view[2] if view[2] > 1 else None), jnp.float32(x.shape[0])
+        xtx = gram(x, view.groups if view.groups > 1 else None)
+        rows = jnp.full(x.shape[:-2], x.shape[-2], jnp.float32)
         if layer.has_variable("qarrays", _XTX):  # a layer called twice adds both inputs up
             xtx, rows = xtx + layer.get_variable("qarrays", _XTX), rows + layer.get_variable("qarrays", _ROWS)
         layer.put_variable("qarrays", _XTX, xtx)
@@ -306,7 +308,7 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
                 return next_fun(*args, **kwargs)
             finally:
                 _conv_recorder.reset(token)
-        add(layer, view, jnp.reshape(args[0], (-1, math.prod(jnp.shape(args[0])[-len(view[1]):]))))
+        add(layer, view, view.rows(args[0]))
         return next_fun(*args, **kwargs)
 
     @functools.partial(jax.jit, static_argnums=2)
@@ -367,9 +369,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
         for path, (xtx, rows) in progress_bar(list(totals.items()), progress, f"{label}: GPTQ", "layer"):
             kernel = functools.reduce(lambda tree, name: tree[name], path, variables["params"])["kernel"]
             layer = functools.reduce(lambda tree, name: tree[name], path, served["params"])
-            spec, input_axes, groups = views[path]
-            layer["kernel"] = gptq_stacked(kernel, xtx, rows, spec, input_axes=input_axes, fn="to_serving_params_gptq",
-                                           where="/".join(path), groups=groups, damp=damp, act_order=act_order)
+            layer["kernel"] = gptq_stacked(kernel, xtx, rows, views[path], fn="to_serving_params_gptq",
+                                           where="/".join(path), damp=damp, act_order=act_order)
     return served
 
 
@@ -392,10 +393,11 @@ def _collects_qarrays(layer) -> bool:
     return layer.is_mutable_collection("qarrays") and not layer.is_initializing() and not _recording.get()
 
 
-def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...], int] | None:
-    """``(weight spec, the kernel's input axes, groups)`` of a Linen layer :func:`to_serving_params_gptq`
-    can quantize (its inputs' trailing axes, or a convolution's patches, contracted with those kernel axes,
-    in order; a grouped convolution's groups), else None."""
+def _gptq_view(layer, inputs) -> GptqView | None:
+    """How GPTQ sees the kernel of a Linen layer :func:`to_serving_params_gptq` can quantize (its inputs'
+    trailing axes, or a convolution's patches, contracted with the view's input axes; an einsum's kernel
+    batch axes leading it, :func:`~quantize_jax.lora.gptq_einsum_axes`), else None."""
+    batch, groups = (), 1
     if type(layer) is QuantDense:
         spec, kernel_ndim, input_axes = layer.weight_spec, 2, (0,)
         if layer.learn_scale:
@@ -407,20 +409,18 @@ def _gptq_view(layer, inputs) -> tuple[QuantSpec, tuple[int, ...], int] | None:
         d = 1 if isinstance(layer.kernel_size, int) else len(layer.kernel_size)
         spec, kernel_ndim, input_axes = layer.weight_spec, d + 2, (d,) + tuple(range(d))  # patches: channels first
         groups = layer.feature_group_count
-        if groups > 1:  # each group its own walk: no scale may span groups
-            spec = _kernel_spec(spec, kernel_ndim)
-            return (spec, input_axes, groups) if set(spec.reduced_axes(kernel_ndim)) == set(input_axes) else None
     elif type(layer) is QuantDenseGeneral:
         axes, features = layer._axes_and_features(inputs.ndim)
         if layer.batch_dims or axes != list(range(inputs.ndim - len(axes), inputs.ndim)):
             return None
         spec, kernel_ndim, input_axes = layer.weight_spec, len(axes) + len(features), tuple(range(len(axes)))
-    elif type(layer) is QuantEinsum and layer.einsum_str and matrix_input_axes(layer.einsum_str):
-        spec, kernel_ndim, input_axes = layer.weight_spec, len(layer.shape), matrix_input_axes(layer.einsum_str)
+    elif type(layer) is QuantEinsum and layer.einsum_str and gptq_einsum_axes(layer.einsum_str):
+        spec, kernel_ndim = layer.weight_spec, len(layer.shape)
+        batch, input_axes = gptq_einsum_axes(layer.einsum_str)
     else:
         return None
-    spec = _kernel_spec(spec, kernel_ndim)
-    return (spec, input_axes, 1) if gptq_applies(spec, kernel_ndim, input_axes) else None
+    view = GptqView(_kernel_spec(spec, kernel_ndim), input_axes, batch, groups)
+    return view if view.entry(kernel_ndim) is not None else None
 
 
 def merge_lora(variables):

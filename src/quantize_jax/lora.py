@@ -136,23 +136,28 @@ class LowRankEinsum:
         return jnp.einsum(f"{narrow},{b_sub}->{self.output}", t, b)
 
 
-def matrix_input_axes(einsum_str: str) -> tuple[int, ...] | None:
-    """The kernel axes of an einsum layer ``"x,w->y"`` that take the inputs' trailing axes, in the
-    kernel's order, when the product is a plain ``(M, K) @ (K, N)`` after reshapes (no kernel batch axes,
-    x ending with the contracted axes in that order); else None. GPTQ needs that view.
+def gptq_einsum_axes(einsum_str: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """How GPTQ sees the kernel of an einsum layer ``"x,w->y"``: ``(batch, inputs)`` where ``inputs`` are
+    the kernel axes that take the inputs' trailing axes, in the kernel's order, and ``batch`` the axes of
+    ``x`` that hold the kernel's batch axes (kept from the inputs to the output, such as a mixture of
+    experts' ``E`` in ``"ECD,EDF->ECF"``), in the kernel's order; those must lead the kernel, and each
+    of their entries is a plain ``(M, K) @ (K, N)`` after reshapes. None for any other einsum.
 
     Example:
-      >>> from quantize_jax.lora import matrix_input_axes
-      >>> matrix_input_axes("BTD,NDH->BTNH"), matrix_input_axes("BNTH,NHD->BNTD")
-      ((1,), None)
+      >>> from quantize_jax.lora import gptq_einsum_axes
+      >>> gptq_einsum_axes("BTD,NDH->BTNH"), gptq_einsum_axes("ECD,EDF->ECF"), gptq_einsum_axes("BNTH,NHD->BNTD")
+      (((), (1,)), ((0,), (1,)), None)
     """
     try:
         lr = LowRankEinsum.of(einsum_str)
     except ValueError:
         return None
-    if lr.batch or not lr.inputs.endswith(lr.contracted):
+    if not lr.inputs.endswith(lr.contracted) or lr.kernel[:len(lr.batch)] != lr.batch:
         return None
-    return tuple(lr.kernel.index(c) for c in lr.contracted)
+    head, dots, tail = lr.inputs.rpartition("...")  # letters before "..." count from the start, after it from the end
+    batch = tuple(head.index(c) if c in head else tail.index(c) - len(tail) if dots else lr.inputs.index(c)
+                  for c in lr.batch)
+    return batch, tuple(lr.kernel.index(c) for c in lr.contracted)
 
 
 def low_rank_weight(a, b, shape, *, subscripts: str | None = None):

@@ -44,8 +44,8 @@ from jax.sharding import NamedSharding
 
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
-from quantize_jax.lora import LowRankEinsum, matrix_input_axes, merge_low_rank
-from quantize_jax.ptq import conv_rows, gptq_applies, gptq_stacked, gram, moment_passes, progress_bar
+from quantize_jax.lora import LowRankEinsum, gptq_einsum_axes, merge_low_rank
+from quantize_jax.ptq import GptqView, conv_rows, gptq_stacked, gram, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -698,24 +698,29 @@ class _InputMoment(nnx.Variable):
 
 
 class _InputRecorder(nnx.Module):
-    """A layer that also adds its inputs' ``x^T x`` (contracted axes flattened to ``k``; float32 at the
-    highest precision) and their row count up; stacked layers (``stack``) each their own, under ``nnx.scan``.
-    A convolution's rows are the patches its kernel multiplies (:func:`~quantize_jax.ptq.conv_rows`), read
-    off the arguments of its ``conv_general_dilated`` call."""
+    """A layer that also adds up its inputs' ``x^T x`` (float32 at the highest precision; the rows of
+    :meth:`~quantize_jax.ptq.GptqView.rows`) and their row count; stacked layers (``stack``) each their
+    own, under ``nnx.scan``, as does each entry of an einsum kernel's batch axes. A convolution's rows are
+    the patches its kernel multiplies (:func:`~quantize_jax.ptq.conv_rows`), read off the arguments of
+    its ``conv_general_dilated`` call; a grouped one keeps each group's moment."""
 
-    def __init__(self, layer, stack: tuple, k: int):
+    def __init__(self, layer, stack: tuple, view: GptqView):
         self.layer = layer
-        self.groups = _input_groups(layer)  # a grouped convolution's: one (k, k) moment per group
-        self.xtx = _InputMoment(jnp.zeros(stack + ((self.groups,) if self.groups > 1 else ()) + (k, k), jnp.float32))
-        self.rows = _InputMoment(jnp.zeros(stack, jnp.float32))
+        self.view = view
+        _, own = _split_stack(layer)
+        k = math.prod(own[a] for a in view.input_axes)
+        batch = tuple(own[:len(view.batch)])
+        self.xtx = _InputMoment(jnp.zeros(stack + batch + ((view.groups,) if view.groups > 1 else ()) + (k, k),
+                                          jnp.float32))
+        self.rows = _InputMoment(jnp.zeros(stack + batch, jnp.float32))
 
     def _add(self, x):
-        self.xtx.set_value(self.xtx[...] + gram(x, self.groups if self.groups > 1 else None))
-        self.rows.set_value(self.rows[...] + x.shape[0])
+        self.xtx.set_value(self.xtx[...] + gram(x, self.view.groups if self.view.groups > 1 else None))
+        self.rows.set_value(self.rows[...] + x.shape[-2])
 
     def __call__(self, inputs, *args, **kwargs):
         if not isinstance(self.layer, nnx.Conv):
-            self._add(jnp.reshape(inputs, (-1, self.xtx.shape[-1])))
+            self._add(self.view.rows(inputs))
             return self.layer(inputs, *args, **kwargs)
         conv = self.layer.conv_general_dilated
 
@@ -730,38 +735,31 @@ class _InputRecorder(nnx.Module):
             self.layer.conv_general_dilated = conv
 
 
-def _input_groups(layer) -> int:
-    """How many groups a layer's inputs split into, each with outputs of its own (``feature_group_count``)."""
-    return layer.feature_group_count if isinstance(layer, nnx.Conv) else 1
-
-
-def _gptq_input_axes(layer) -> tuple[int, ...] | None:
-    """The kernel axes a layer GPTQ can quantize contracts with its inputs' trailing axes, in order (GPTQ
-    sees the kernel as ``(K, N)``, those axes first and flattened), else None. Such a layer is a
-    QuantLinear; a QuantConv without a mask (its inputs are its patches, channels first; grouped, with
-    one scale per output channel); a
-    QuantLinearGeneral contracting its inputs' trailing axes without batch axes; or a QuantEinsum without
-    kernel batch axes whose inputs end with the contracted axes in the kernel's order (``"BTD,NDH->BTNH"``,
-    ``"BTNH,NHD->BTD"``); stacked or not, without learned scales, its weight spec one
-    :func:`~quantize_jax.ptq.gptq_applies` to."""
+def _gptq_view(layer) -> GptqView | None:
+    """How GPTQ sees a layer's kernel, for a layer it can quantize, else None: a QuantLinear; a QuantConv
+    without a mask (its inputs are its patches, channels first; a grouped one with scales per output
+    channel); a QuantLinearGeneral contracting its inputs' trailing axes without batch axes; or a
+    QuantEinsum whose inputs end with the contracted axes in the kernel's order and whose kernel batch
+    axes, if any, lead it (``"BTD,NDH->BTNH"``, ``"ECD,EDF->ECF"``:
+    :func:`~quantize_jax.lora.gptq_einsum_axes`); stacked or not, without learned scales, its weight spec
+    one :meth:`~quantize_jax.ptq.GptqView.entry` accepts."""
+    batch, groups = (), 1
     if type(layer) is QuantLinear:
         axes = (0,)
     elif type(layer) is QuantConv and layer.mask is None:
         d = len(layer.kernel_size)  # Flax's kernels are (spatial..., in, out); patches put channels first
-        axes = (d,) + tuple(range(d))
-        if layer.feature_group_count > 1 and set(layer.weight_spec.reduced_axes(d + 2)) != set(axes):
-            return None  # groups each take their own walk: no scale may span them
+        axes, groups = (d,) + tuple(range(d)), layer.feature_group_count
     elif type(layer) is QuantLinearGeneral and not layer.batch_axis:
         axes = tuple(range(len(layer.in_features)))
         if tuple(layer.axis) != tuple(range(-len(axes), 0)):
             return None
-    elif type(layer) is QuantEinsum and layer.einsum_str:
-        axes = matrix_input_axes(layer.einsum_str)
+    elif type(layer) is QuantEinsum and layer.einsum_str and gptq_einsum_axes(layer.einsum_str):
+        batch, axes = gptq_einsum_axes(layer.einsum_str)
     else:
         return None
     _, own = _split_stack(layer)
-    ok = axes and not layer.learn_scale and gptq_applies(layer.weight_spec, len(own), axes)
-    return axes if ok else None
+    view = GptqView(layer.weight_spec, axes, batch, groups)
+    return view if not layer.learn_scale and view.entry(len(own)) is not None else None
 
 
 def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float = 0.01, act_order: bool = False,
@@ -791,11 +789,13 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
     :func:`~quantize_jax.ptq.conv_rows`; grouped and depthwise ones with one
     scale per output channel, each group on its own inputs), :class:`QuantLinearGeneral`
     layers that contract their inputs' trailing axes (the projections of
-    ``nnx.MultiHeadAttention``) and :class:`QuantEinsum` layers without
-    kernel batch axes whose inputs end with the contracted axes (Gemma's
-    ``"BTD,NDH->BTNH"``, ``"BTNH,NHD->BTD"``), stacked by ``nnx.vmap`` or
-    not (each layer of a stack on its own inputs), without learned scales,
-    whose ``weight_spec`` reduces their input axes: one scale per output
+    ``nnx.MultiHeadAttention``) and :class:`QuantEinsum` layers whose inputs
+    end with the contracted axes (Gemma's ``"BTD,NDH->BTNH"``,
+    ``"BTNH,NHD->BTD"``; kernel batch axes, such as a mixture of experts'
+    ``"ECD,EDF->ECF"``, leading the kernel: each expert on its own tokens),
+    stacked by ``nnx.vmap`` or not (each layer of a stack on its own inputs),
+    without learned scales, whose ``weight_spec`` reduces their input axes
+    (never a kernel batch axis): one scale per output
     feature, groups splitting a single input axis, or (without groups)
     scales shared across outputs too, such as the default ``QuantEinsum``
     spec of ``"BTD,NDH->BTNH"`` (one scale per ``H``), fixed before GPTQ's
@@ -835,17 +835,18 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
       ('ServingLinear', (32, 8))
     """
     regex = re.compile(where)
-    targets = [(p, axes) for p, m in nnx.iter_modules(model)
-               if (axes := _gptq_input_axes(m)) is not None and regex.search(_path_str(p))]
+    targets = [(p, view) for p, m in nnx.iter_modules(model)
+               if (view := _gptq_view(m)) is not None and regex.search(_path_str(p))]
     if not targets:
         raise ValueError(f"to_serving_gptq: no QuantLinear, QuantConv, QuantLinearGeneral or QuantEinsum GPTQ "
                          f"can quantize matches where={where!r}: none has a weight_spec reducing its input axes "
                          f"without learned scales")
 
     def moment_bytes(target):
-        layer = _module_at(model, target[0])
-        stack, own = _split_stack(layer)
-        return 4 * math.prod(stack) * _input_groups(layer) * math.prod(own[a] for a in target[1]) ** 2
+        path, view = target
+        stack, own = _split_stack(_module_at(model, path))
+        k = math.prod(own[a] for a in view.input_axes)
+        return 4 * math.prod(stack) * math.prod(own[:len(view.batch)]) * view.groups * k ** 2
 
     passes = moment_passes(targets, moment_bytes, max_moment_bytes, batches, "to_serving_gptq", sequential=sequential)
     served = to_serving(model, backend=backend)
@@ -854,10 +855,9 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
         if sequential:  # the layers of the earlier passes, served by their GPTQ kernels already
             for ((path, _),) in passes[:number - 1]:
                 _replace(recording, path, nnx.clone(_module_at(served, path)))
-        for path, axes in chunk:
+        for path, view in chunk:
             layer = _module_at(recording, path)
-            stack, own = _split_stack(layer)
-            _replace(recording, path, _InputRecorder(layer, stack, math.prod(own[a] for a in axes)))
+            _replace(recording, path, _InputRecorder(layer, _split_stack(layer)[0], view))
         recording.eval()
         seen = 0
         label = "to_serving_gptq" + (f" (pass {number} of {len(passes)})" if len(passes) > 1 else "")
@@ -866,12 +866,10 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
             seen += 1
         if not seen:
             raise ValueError("to_serving_gptq: batches is empty; give at least one calibration batch")
-        for path, axes in progress_bar(chunk, progress, f"{label}: GPTQ", "layer"):
+        for path, view in progress_bar(chunk, progress, f"{label}: GPTQ", "layer"):
             recorder = _module_at(recording, path)
-            layer = _module_at(model, path)
-            q = gptq_stacked(layer.kernel[...], recorder.xtx[...], recorder.rows[...], layer.weight_spec,
-                             input_axes=axes, fn="to_serving_gptq", where=_path_str(path),
-                             groups=_input_groups(layer), damp=damp, act_order=act_order)
+            q = gptq_stacked(_module_at(model, path).kernel[...], recorder.xtx[...], recorder.rows[...], view,
+                             fn="to_serving_gptq", where=_path_str(path), damp=damp, act_order=act_order)
             rounded = _module_at(served, path).kernel
             rounded.set_value(jax.tree.map(lambda a, b: jax.device_put(a, b.sharding), q, rounded.get_value()))
     return served

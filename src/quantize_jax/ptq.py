@@ -20,6 +20,7 @@ import functools
 import math
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -472,34 +473,67 @@ def conv_rows(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
 
 def gram(rows, groups: int | None = None) -> jax.Array:
     """``rows^T rows`` in float32 at the highest precision: the second moment calibration adds up over
-    batches (divided by the row count, GPTQ's ``h``) for rows ``(n, K)``. With ``groups``, the columns
-    split into that many contiguous blocks and each block's own: ``(groups, K / groups, K / groups)``
-    (a grouped convolution's, :func:`conv_rows`)."""
+    batches (divided by the row count, GPTQ's ``h``) for rows ``(..., n, K)`` (leading axes: one moment
+    each). With ``groups``, the columns split into that many contiguous blocks and each block's own:
+    ``(..., groups, K / groups, K / groups)`` (a grouped convolution's, :func:`conv_rows`)."""
     rows = jnp.asarray(rows, jnp.float32)
     if groups is None:
-        return jnp.dot(rows.T, rows, precision=lax.Precision.HIGHEST)
-    blocks = rows.reshape(rows.shape[0], groups, -1)
-    return jnp.einsum("ngk,ngl->gkl", blocks, blocks, precision=lax.Precision.HIGHEST)
+        return jnp.einsum("...nk,...nl->...kl", rows, rows, precision=lax.Precision.HIGHEST)
+    blocks = rows.reshape(rows.shape[:-1] + (groups, -1))
+    return jnp.einsum("...ngk,...ngl->...gkl", blocks, blocks, precision=lax.Precision.HIGHEST)
 
 
-def gptq_stacked(kernel, xtx, rows, spec: QuantSpec, *, input_axes, fn: str, where: str, groups: int = 1,
-                 damp: float = 0.01, act_order: bool = False) -> QArray:
-    """:func:`gptq_kernel` for a layer's kernel from its recorded ``xtx`` (``sum x^T x``) and ``rows``; a
+class GptqView(NamedTuple):
+    """How GPTQ sees the kernel of one layer (of a stack): its weight ``spec``; its ``input_axes``, the
+    kernel axes that meet the inputs, in the order the inputs flatten them; ``batch``, the inputs' axes
+    holding the kernel's leading batch axes (an einsum's experts or heads: each entry walked on its own
+    inputs, :func:`~quantize_jax.lora.gptq_einsum_axes`); ``groups``, a grouped convolution's."""
+
+    spec: QuantSpec
+    input_axes: tuple[int, ...]
+    batch: tuple[int, ...] = ()
+    groups: int = 1
+
+    def rows(self, inputs) -> jax.Array:
+        """The inputs (contracted axes last) as rows ``(batch..., n, K)``."""
+        kb, n_in = len(self.batch), len(self.input_axes)
+        x = jnp.moveaxis(inputs, self.batch, tuple(range(kb)))
+        return x.reshape(x.shape[:kb] + (-1, math.prod(x.shape[x.ndim - n_in:])))
+
+    def entry(self, ndim: int) -> tuple[QuantSpec, tuple[int, ...]]:
+        """The spec and input axes of one batch entry of a kernel of rank ``ndim`` (its leading batch
+        axes dropped), or None where the spec reduces a batch axis or GPTQ cannot take the entry."""
+        kb = len(self.batch)
+        reduced = self.spec.reduced_axes(ndim)
+        if any(a < kb for a in reduced):
+            return None
+        axis = self.spec.axis if self.spec.axis is None or not kb else tuple(
+            a - kb if a >= 0 else a for a in ((self.spec.axis,) if isinstance(self.spec.axis, int) else self.spec.axis))
+        spec = self.spec if not kb else dataclasses.replace(self.spec, axis=axis)
+        input_axes = tuple(a - kb for a in self.input_axes)
+        if self.groups > 1:  # each group walks on its own: no scale may span groups
+            return (spec, input_axes) if set(spec.reduced_axes(ndim - kb)) == set(input_axes) else None
+        return (spec, input_axes) if gptq_applies(spec, ndim - kb, input_axes) else None
+
+
+def gptq_stacked(kernel, xtx, rows, view: GptqView, *, fn: str, where: str, damp: float = 0.01,
+                 act_order: bool = False) -> QArray:
+    """:func:`gptq_kernel` for a layer's kernel from its recorded ``xtx`` (``sum x^T x``) and ``rows``: a
     layer stacked by ``vmap`` / ``scan`` (``rows`` of shape ``stack``, the kernel and ``xtx`` with those
-    leading axes) quantizes each of its layers on its own inputs and returns their QArrays stacked.
-    ``fn`` and ``where`` (the layer's path) name a layer that recorded no row; ``groups`` is
-    :func:`gptq_kernel`'s."""
+    leading axes), and each entry of its kernel's batch axes, quantized on its own inputs and returned
+    stacked. ``fn`` and ``where`` (the layer's path) name a layer that recorded no row."""
     stack = tuple(jnp.shape(rows))
     if tuple(jnp.shape(kernel)[:len(stack)]) != stack or tuple(jnp.shape(xtx)[:len(stack)]) != stack:
         raise ValueError(f"{fn}: layer {where!r} recorded inputs for layers stacked {stack}, but its kernel has "
                          f"shape {tuple(jnp.shape(kernel))}: stack its parameters along the same leading axes")
+    spec, input_axes = view.entry(jnp.ndim(kernel) - len(stack) + len(view.batch))
     quantized = []
     for index in np.ndindex(*stack):
         if not float(rows[index]):
-            which = f"{where!r}" + (f", stacked layer {index}" if stack else "")
+            which = f"{where!r}" + (f", stacked layer or entry {index}" if stack else "")
             raise ValueError(f"{fn}: layer {which} was never called on the batches")
         quantized.append(gptq_kernel(kernel[index], xtx[index] / rows[index], spec, input_axes=input_axes,
-                                     groups=groups, damp=damp, act_order=act_order))
+                                     groups=view.groups, damp=damp, act_order=act_order))
     if not stack:
         return quantized[0]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(stack + leaves[0].shape), *quantized)
