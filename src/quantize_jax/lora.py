@@ -145,7 +145,7 @@ def gptq_einsum_axes(einsum_str: str) -> tuple[tuple[int, ...], tuple[int, ...]]
 
     Example:
       >>> from quantize_jax.lora import gptq_einsum_axes
-      >>> gptq_einsum_axes("BTD,NDH->BTNH"), gptq_einsum_axes("ECD,EDF->ECF"), gptq_einsum_axes("BNTH,NHD->BNTD")
+      >>> gptq_einsum_axes("BTD,NDH->BTNH"), gptq_einsum_axes("ECD,EDF->ECF"), gptq_einsum_axes("BNTH,NHD->BTD")
       (((), (1,)), ((0,), (1,)), None)
     """
     try:
