@@ -1,6 +1,7 @@
-"""GPTQ for convolutions: digits CNNs served int4 by rounding or by GPTQ.
+"""GPTQ for convolutions and expert einsums: digits CNNs and a mixture of experts' layers served int4
+by rounding or by GPTQ.
 
-    python benchmarks/gptq_conv.py [--epochs 30] [--batches 4]
+    python benchmarks/gptq_layers.py [--epochs 30] [--batches 4]
 
 Trains two float CNNs on scikit-learn's digits (the CNN of ``quantize-jax
 demo``: two convolutions and a Linear head; and a MobileNet-style one with
@@ -10,7 +11,10 @@ covered before it took convolutions), and GPTQ for every layer, in one pass
 and layer by layer (``sequential=True``); calibrated on training images.
 Reports held-out accuracy, the mean squared error of the logits against
 the float model's, and each layer's output error on the held-out images
-relative to rounding's (layer by layer, on the float model's inputs).
+relative to rounding's (layer by layer, on the float model's inputs). Then
+the expert layers of a mixture of experts (``"ECD,EDF->ECF"`` and back, 8
+experts, each with tokens correlated its own way) served by rounding and by
+GPTQ, each expert walked on its own tokens: output error against float.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -67,7 +72,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batches", type=int, default=4, help="calibration batches of 128 training images")
-    ap.add_argument("--out", default="benchmarks/results/gptq_conv_cpu.json")
+    ap.add_argument("--out", default="benchmarks/results/gptq_layers_cpu.json")
     args = ap.parse_args()
     data = demo.load_digits()
     (x_train, _), (x_test, _) = data
@@ -105,7 +110,43 @@ def main():
                 result[f"{net}, {label}, {name}"] = row
                 shown = "  ".join(f"{k} {v:.2f}" for k, v in ratios.items())
                 print(f"{label:18} {name:24} {row['accuracy']:8.4f} {mse:10.4g} {seconds:7.2f}   {shown}")
+    result["experts"] = _experts(args.batches)
     write_json(args.out, result)
+
+
+class Experts(nnx.Module):
+    """The expert layers of a mixture of experts over dispatched tokens (E, C, D): up, ReLU, down."""
+
+    def __init__(self, rngs: nnx.Rngs, experts: int = 8, d: int = 256, f: int = 512):
+        self.up = nnx.Einsum("ECD,EDF->ECF", (experts, d, f), rngs=rngs)
+        self.down = nnx.Einsum("ECF,EFD->ECD", (experts, f, d), rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(nnx.relu(self.up(x)))
+
+
+def _experts(n_batches: int) -> dict:
+    """Rounding against GPTQ for the expert layers, on held-out tokens: relative output error."""
+    model = Experts(nnx.Rngs(0))
+    mixes = jax.random.normal(jax.random.key(1), (8, 256, 256)) / 16  # each expert's tokens correlated its own way
+    tokens = lambda key: jnp.einsum("ecd,edk->eck", jax.random.normal(key, (8, 256, 256)), mixes)  # noqa: E731
+    calibration = [tokens(jax.random.key(10 + i)) for i in range(n_batches)]
+    test = tokens(jax.random.key(99))
+    reference = model(test)
+    error = lambda m: float(jnp.sum((m(test) - reference) ** 2) / jnp.sum(reference ** 2))  # noqa: E731
+    out = {}
+    print(f"\nexperts (8 x 256 -> 512 -> 256, {256 * n_batches} calibration tokens per expert): relative output error")
+    for label, spec in (("int4 per expert and output", qj.QuantSpec(axis=1)),
+                        ("int4, groups of 64", qj.QuantSpec(axis=1, group_size=64))):
+        qat = qj.nnx.quantize_model(model, weight_spec=spec)
+        t0 = time.perf_counter()
+        gptq = qj.nnx.to_serving_gptq(qat, calibration, progress=False)
+        seconds = time.perf_counter() - t0
+        row = {"round_to_nearest": error(qj.nnx.to_serving(qat)), "gptq": error(gptq), "gptq_seconds": seconds}
+        out[label] = row
+        print(f"{label:28} rounding {row['round_to_nearest']:.4g}  GPTQ {row['gptq']:.4g} "
+              f"({row['gptq'] / row['round_to_nearest']:.2f}x, {seconds:.1f} s)")
+    return out
 
 
 if __name__ == "__main__":
