@@ -15,7 +15,9 @@
   ``nn.DenseGeneral(dot_general=...)`` or
   ``nn.Conv(conv_general_dilated=...)`` for QAT of existing Linen models.
 * :func:`to_serving_params` — QAT variables -> serving variables (packed
-  QArrays in place of the kernels, learned scales folded in).
+  QArrays in place of the kernels, learned scales folded in);
+  :func:`to_serving_params_gptq` the same with GPTQ kernels calibrated on
+  batches (Dense, Conv, DenseGeneral and Einsum layers, inside ``nn.scan`` too).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@
   :class:`~quantize_jax.QArray` s used through :func:`~quantize_jax.qdot`; its
   outputs equal the QAT model's, and no float weight matrix is left.
 * :func:`to_serving_gptq`: the same with GPTQ kernels, for the inputs each
-  Linear, LinearGeneral or Einsum layer sees on calibration batches.
+  Linear, Conv, LinearGeneral or Einsum layer sees on calibration batches
+  (a convolution's patches; each expert of an expert einsum on its tokens).
 * :func:`add_lora` / :func:`merge_lora`: QLoRA, ``nnx.LoRA`` adapters over
   the packed Linear, LinearGeneral and Einsum layers of a served model, and
   folded back into packed layers.

@@ -500,7 +500,7 @@ class GptqView(NamedTuple):
         x = jnp.moveaxis(inputs, self.batch, tuple(range(kb)))
         return x.reshape(x.shape[:kb] + (-1, math.prod(x.shape[x.ndim - n_in:])))
 
-    def entry(self, ndim: int) -> tuple[QuantSpec, tuple[int, ...]]:
+    def entry(self, ndim: int) -> tuple[QuantSpec, tuple[int, ...]] | None:
         """The spec and input axes of one batch entry of a kernel of rank ``ndim`` (its leading batch
         axes dropped), or None where the spec reduces a batch axis or GPTQ cannot take the entry."""
         kb = len(self.batch)
