@@ -355,6 +355,10 @@ def test_gptq_serving_params_beat_rounding_to_nearest_on_correlated_inputs():
     test = jax.random.normal(jax.random.key(3), (256, 16)) @ mix
     error = lambda v: float(jnp.mean((model.apply(v, test) - float_forward(test)) ** 2))  # noqa: E731
     assert error(served) < 0.85 * error(rounded)
+    only_second = qj.linen.to_serving_params_gptq(model, variables, batches, where="_1$", progress=False)
+    jax.tree.map(np.testing.assert_array_equal, only_second["params"]["QuantDense_0"], rounded["params"]["QuantDense_0"])
+    assert float(jnp.mean(only_second["params"]["QuantDense_1"]["kernel"].packed
+                          == rounded["params"]["QuantDense_1"]["kernel"].packed)) < 0.9
     # sequential: the second layer records its inputs through the first one's GPTQ kernel
     in_order = qj.linen.to_serving_params_gptq(model, variables, batches, sequential=True, progress=False)
     np.testing.assert_array_equal(in_order["params"]["QuantDense_0"]["kernel"].packed, first.packed)
@@ -367,7 +371,8 @@ def test_gptq_serving_params_beat_rounding_to_nearest_on_correlated_inputs():
 def test_gptq_serving_params_refuse_what_they_cannot_calibrate():
     x = jnp.ones((4, 16))
     model = _GptqMLP(learn_scale=True)
-    with pytest.raises(ValueError, match="to_serving_params_gptq: no layer GPTQ can quantize was called"):
+    with pytest.raises(ValueError, match="to_serving_params_gptq: no layer GPTQ can quantize matching where='' was "
+                                         "called"):
         qj.linen.to_serving_params_gptq(model, model.init(jax.random.key(0), x), [x], progress=False)
     with pytest.raises(ValueError, match="to_serving_params_gptq: batches is empty"):
         qj.linen.to_serving_params_gptq(_GptqMLP(), _GptqMLP().init(jax.random.key(0), x), [], progress=False)

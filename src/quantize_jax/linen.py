@@ -26,6 +26,7 @@ import contextvars
 import functools
 import itertools
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -231,8 +232,9 @@ def to_serving_params(module: nn.Module, variables, *args, **kwargs):
     return out
 
 
-def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float = 0.01, act_order: bool = False,
-                           max_moment_bytes: int | None = None, sequential: bool = False, progress: bool = True):
+def to_serving_params_gptq(module: nn.Module, variables, batches, *, where: str = "", damp: float = 0.01,
+                           act_order: bool = False, max_moment_bytes: int | None = None, sequential: bool = False,
+                           progress: bool = True):
     """:func:`to_serving_params` with GPTQ kernels, each quantized for the inputs it sees.
 
     ``module.apply(variables, *batch)`` runs (jitted) over every batch while
@@ -261,6 +263,8 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       module, variables: the QAT module and its variables.
       batches: an iterable of calibration batches, each the module's argument
         or a tuple of its arguments.
+      where: a regex over layer paths (``"Block_0/QuantDense_1"``, scope names
+        joined by ``/``); default every eligible layer.
       damp: GPTQ's dampening, relative to the mean diagonal of ``x^T x / n``.
       act_order: GPTQ walks each kernel's inputs by decreasing energy (groups
         then take their scales before the walk; :func:`~quantize_jax.ptq.gptq`).
@@ -274,7 +278,7 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
 
     Raises:
       ValueError: ``batches`` is empty (or an iterator where several passes
-        need it), no eligible layer was called, an eligible layer sits inside
+        need it), no eligible layer matching ``where`` was called, one sits inside
         ``nn.scan`` / ``nn.vmap`` that do not stack ``"qarrays"``, or
         ``max_moment_bytes`` is not a positive int.
 
@@ -288,6 +292,7 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
       'QArray'
     """
     views = {}  # path -> GptqView, in call order; filled while recording is traced
+    regex = re.compile(where)
 
     def add(layer, view, x):  # into the "qarrays" collection, which nn.scan / nn.vmap stack like the params
         views.setdefault(layer.path, view)
@@ -301,7 +306,7 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
     def record(wanted, next_fun, args, kwargs, context):
         layer = context.module
         view = _gptq_view(layer, args[0]) if context.method_name == "__call__" else None
-        if view is None or (wanted is not None and layer.path not in wanted):
+        if view is None or not regex.search("/".join(layer.path)) or (wanted is not None and layer.path not in wanted):
             return next_fun(*args, **kwargs)
         if isinstance(layer, QuantConv):  # its rows: the patches of its convolution's inputs
             token = _conv_recorder.set(lambda *conv_args, **conv_kwargs: add(layer, view, conv_rows(
@@ -363,9 +368,9 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, damp: float
         label = "to_serving_params_gptq" + (f" (pass {number} of {len(passes)})" if len(passes) > 1 else "")
         totals, first = summed(wanted, label, served if sequential and served is not None else variables)
         if not totals:
-            raise ValueError("to_serving_params_gptq: no layer GPTQ can quantize was called by the module "
-                             "(QuantDense, QuantConv, QuantDenseGeneral or QuantEinsum whose weight spec reduces its input "
-                             "axes)")
+            raise ValueError(f"to_serving_params_gptq: no layer GPTQ can quantize matching where={where!r} was "
+                             f"called by the module (QuantDense, QuantConv, QuantDenseGeneral or QuantEinsum whose "
+                             f"weight spec reduces its input axes)")
         if served is None:
             served = to_serving_params(module, variables, *first)
         for path, (xtx, rows) in progress_bar(list(totals.items()), progress, f"{label}: GPTQ", "layer"):
