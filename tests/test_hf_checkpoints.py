@@ -69,6 +69,8 @@ def test_symmetric_checkpoints_read_as_int4_without_zero_points():
     np.testing.assert_allclose(qj.qdot(x, q), x @ expected, rtol=1e-5, atol=1e-5)
     for name, a in to_gptq(q).items():
         np.testing.assert_array_equal(a, tensors[name])
+    as_bf16 = from_gptq(**{**tensors, "scales": jnp.asarray(scales, jnp.bfloat16)}, dtype=jnp.float32)
+    assert as_bf16.spec.scale_dtype == "bfloat16" and as_bf16.scale.dtype == jnp.bfloat16  # kept, not cast
 
 
 def test_gptq_quantized_layers_round_trip_through_a_checkpoint_file(tmp_path):

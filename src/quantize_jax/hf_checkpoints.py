@@ -67,15 +67,16 @@ def _int32(name: str, a, fn: str) -> np.ndarray:
 def _qarray(codes, zeros, scales, dtype, fn: str) -> QArray:
     """The QArray of ``(K, N)`` codes in ``[0, 15]`` with ``(G, N)`` integer zero points and scales."""
     (k, n), groups = codes.shape, scales.shape[0]
-    spec = dict(axis=0, group_size=None if groups == 1 else k // groups, scale_dtype="float16")
-    scale = jnp.asarray(scales, jnp.float16)
+    scale_dtype = jnp.dtype(scales.dtype) if jnp.dtype(scales.dtype).name in ("float32", "bfloat16") else jnp.float16
+    spec = dict(axis=0, group_size=None if groups == 1 else k // groups, scale_dtype=jnp.dtype(scale_dtype).name)
+    scale = jnp.asarray(scales, scale_dtype)
     if np.all(zeros == 8):  # symmetric: q - 8 are int4 codes, no zero points needed
         return QArray(pack_int4(jnp.asarray(codes.astype(np.int8) - 8)), scale, None, (k, n), jnp.dtype(dtype),
                       QuantSpec(format="int4", **spec))
     if np.any(zeros > 15):
         raise ValueError(f"{fn}: a stored zero point is 15, which checkpoint_format='gptq' reads as 16: out of the "
                          f"4-bit range (a 'gptq_v2' checkpoint read as 'gptq'?)")
-    return QArray(pack_int4(jnp.asarray(codes)), scale, jnp.asarray(zeros, jnp.float16), (k, n), jnp.dtype(dtype),
+    return QArray(pack_int4(jnp.asarray(codes)), scale, jnp.asarray(zeros, scale_dtype), (k, n), jnp.dtype(dtype),
                   QuantSpec(format="uint4", **spec))
 
 
@@ -99,8 +100,9 @@ def from_gptq(qweight, qzeros, scales, g_idx=None, *, dtype=jnp.float16, checkpo
       checkpoint_format: ``"gptq"`` (zero points stored minus one) or ``"gptq_v2"``.
 
     Returns:
-      ``int4`` with float16 scales when every zero point is 8, else ``uint4`` with float16 scales and
-      zero points; per channel for one group, else groups of ``K / G`` rows along axis 0.
+      ``int4`` when every zero point is 8, else ``uint4`` with zero points; per channel for one group,
+      else groups of ``K / G`` rows along axis 0; scales (and zero points) in the checkpoint's float16,
+      or its bfloat16 / float32 where a tool stored those.
       ``dequantize`` gives ``scales[g_idx] * (q - z[g_idx])`` rounded once to ``dtype``.
 
     Raises:
