@@ -479,7 +479,7 @@ def test_gptq_serving_of_einsum_kernels_with_batch_axes_walks_each_entry_on_its_
                for i in range(3)]
     model = _Experts(nnx.Rngs(0))
     per_expert = qj.QuantSpec(axis=1, group_size=8)
-    qat = qj.nnx.quantize_model(model, {"^up$": per_expert, "^down$": qj.QuantSpec(axis=1), "^heads$": None})
+    qat = qj.nnx.quantize_model(model, {"^up$": per_expert, ".*": qj.QuantSpec(axis=1)})  # heads: per head, feature
     served, rounded = qj.nnx.to_serving_gptq(qat, batches, progress=False), qj.nnx.to_serving(qat)
     q, r = served.up.qarray, rounded.up.qarray
     assert (q.shape, q.spec, q.scale.shape) == (r.shape, r.spec, r.scale.shape) == ((4, 16, 24), per_expert,
@@ -489,16 +489,14 @@ def test_gptq_serving_of_einsum_kernels_with_batch_axes_walks_each_entry_on_its_
         expected = qj.ptq.gptq(qat.up.kernel[...][e], x[e], qj.QuantSpec(axis=0, group_size=8))
         assert float(jnp.mean(q.packed[e] == expected.packed)) > 0.99
         np.testing.assert_allclose(q.scale[e], expected.scale, rtol=1e-5)
+    hidden = jnp.swapaxes(jnp.concatenate([qat.down(nnx.relu(qat.up(b))) for b in batches], axis=1), 0, 1)
+    expected = qj.ptq.gptq(qat.heads.kernel[...][2], hidden[:, 2], qj.QuantSpec(axis=0))  # "...ED": E from the end
+    assert float(jnp.mean(served.heads.qarray.packed[2] == expected.packed)) > 0.99
     error = lambda m: sum(float(jnp.sum((m(b) - model(b)) ** 2)) for b in batches)  # noqa: E731
     assert error(served) < 0.85 * error(rounded)
     shared = qj.nnx.quantize_model(model, {"^heads$": qj.QuantSpec(axis=(0, 1)), ".*": None})  # one scale per H
     with pytest.raises(ValueError, match="to_serving_gptq: no QuantLinear, QuantConv"):
         qj.nnx.to_serving_gptq(shared, batches, progress=False)
-    heads = qj.nnx.quantize_model(model, {"^heads$": qj.QuantSpec(axis=1), ".*": None})  # per head and feature
-    hidden = jnp.swapaxes(jnp.concatenate([model.down(nnx.relu(model.up(b))) for b in batches], axis=1), 0, 1)
-    q = qj.nnx.to_serving_gptq(heads, batches, progress=False).heads.qarray  # "...ED": E counted from the end
-    expected = qj.ptq.gptq(heads.heads.kernel[...][2], hidden[:, 2], qj.QuantSpec(axis=0))
-    assert float(jnp.mean(q.packed[2] == expected.packed)) > 0.99
 
 
 class _TwoArgs(nnx.Module):
