@@ -38,7 +38,7 @@ from jax import lax
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale
 from quantize_jax.lora import LowRankEinsum, gptq_einsum_axes, low_rank_weight, merge_low_rank
-from quantize_jax.ptq import GptqView, conv_rows, gptq_stacked, gram, moment_passes, progress_bar
+from quantize_jax.ptq import GptqView, conv_input_axes, conv_rows, gptq_stacked, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.spec import QuantSpec
 from quantize_jax.ste import fake_quant
@@ -296,8 +296,7 @@ def to_serving_params_gptq(module: nn.Module, variables, batches, *, where: str 
 
     def add(layer, view, x):  # into the "qarrays" collection, which nn.scan / nn.vmap stack like the params
         views.setdefault(layer.path, view)
-        xtx = gram(x, view.groups if view.groups > 1 else None)
-        rows = jnp.full(x.shape[:-2], x.shape[-2], jnp.float32)
+        xtx, rows = view.moments(x)
         if layer.has_variable("qarrays", _XTX):  # a layer called twice adds both inputs up
             xtx, rows = xtx + layer.get_variable("qarrays", _XTX), rows + layer.get_variable("qarrays", _ROWS)
         layer.put_variable("qarrays", _XTX, xtx)
@@ -414,7 +413,7 @@ def _gptq_view(layer, inputs) -> GptqView | None:
                 or layer.mask is not None):
             return None
         d = 1 if isinstance(layer.kernel_size, int) else len(layer.kernel_size)
-        spec, kernel_ndim, input_axes = layer.weight_spec, d + 2, (d,) + tuple(range(d))  # patches: channels first
+        spec, kernel_ndim, input_axes = layer.weight_spec, d + 2, conv_input_axes(d)
         groups = layer.feature_group_count
     elif type(layer) is QuantDenseGeneral:
         axes, features = layer._axes_and_features(inputs.ndim)

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding
 from quantize_jax import matmul
 from quantize_jax.calibrate import compute_scale, range_to_scale
 from quantize_jax.lora import LowRankEinsum, gptq_einsum_axes, merge_low_rank
-from quantize_jax.ptq import GptqView, conv_rows, gptq_stacked, gram, moment_passes, progress_bar
+from quantize_jax.ptq import GptqView, conv_input_axes, conv_rows, gptq_stacked, moment_passes, progress_bar
 from quantize_jax.qarray import QArray, dequantize, quantize, take
 from quantize_jax.rules import Rules, compile_rules
 from quantize_jax.sharding import qarray_shardings
@@ -700,24 +700,22 @@ class _InputMoment(nnx.Variable):
 
 class _InputRecorder(nnx.Module):
     """A layer that also adds up its inputs' ``x^T x`` (float32 at the highest precision; the rows of
-    :meth:`~quantize_jax.ptq.GptqView.rows`) and their row count; stacked layers (``stack``) each their
+    :meth:`~quantize_jax.ptq.GptqView.rows`) and their row count; stacked layers (``nnx.vmap``) each their
     own, under ``nnx.scan``, as does each entry of an einsum kernel's batch axes. A convolution's rows are
     the patches its kernel multiplies (:func:`~quantize_jax.ptq.conv_rows`), read off the arguments of
     its ``conv_general_dilated`` call; a grouped one keeps each group's moment."""
 
-    def __init__(self, layer, stack: tuple, view: GptqView):
+    def __init__(self, layer, view: GptqView):
         self.layer = layer
         self.view = view
-        _, own = _split_stack(layer)
-        k = math.prod(own[a] for a in view.input_axes)
-        batch = tuple(own[:len(view.batch)])
-        self.xtx = _InputMoment(jnp.zeros(stack + batch + ((view.groups,) if view.groups > 1 else ()) + (k, k),
-                                          jnp.float32))
-        self.rows = _InputMoment(jnp.zeros(stack + batch, jnp.float32))
+        xtx_shape, rows_shape = _moment_shapes(layer, view)
+        self.xtx = _InputMoment(jnp.zeros(xtx_shape, jnp.float32))
+        self.rows = _InputMoment(jnp.zeros(rows_shape, jnp.float32))
 
-    def _add(self, x):
-        self.xtx.set_value(self.xtx[...] + gram(x, self.view.groups if self.view.groups > 1 else None))
-        self.rows.set_value(self.rows[...] + x.shape[-2])
+    def _add(self, rows):
+        xtx, n = self.view.moments(rows)
+        self.xtx.set_value(self.xtx[...] + xtx)
+        self.rows.set_value(self.rows[...] + n)
 
     def __call__(self, inputs, *args, **kwargs):
         if not isinstance(self.layer, nnx.Conv):
@@ -736,6 +734,15 @@ class _InputRecorder(nnx.Module):
             self.layer.conv_general_dilated = conv
 
 
+def _moment_shapes(layer, view: GptqView) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of what a layer records for GPTQ: ``x^T x`` (stacked layers', batch entries' and
+    groups' each their own ``(K, K)``) and the row counts."""
+    stack, own = _split_stack(layer)
+    entries = stack + tuple(own[:len(view.batch)])
+    k = math.prod(own[a] for a in view.input_axes)
+    return entries + ((view.groups,) if view.groups > 1 else ()) + (k, k), entries
+
+
 def _gptq_view(layer) -> GptqView | None:
     """How GPTQ sees a layer's kernel, for a layer it can quantize, else None: a QuantLinear; a QuantConv
     without a mask (its inputs are its patches, channels first; a grouped one with scales per output
@@ -748,8 +755,7 @@ def _gptq_view(layer) -> GptqView | None:
     if type(layer) is QuantLinear:
         axes = (0,)
     elif type(layer) is QuantConv and layer.mask is None:
-        d = len(layer.kernel_size)  # Flax's kernels are (spatial..., in, out); patches put channels first
-        axes, groups = (d,) + tuple(range(d)), layer.feature_group_count
+        axes, groups = conv_input_axes(len(layer.kernel_size)), layer.feature_group_count
     elif type(layer) is QuantLinearGeneral and not layer.batch_axis:
         axes = tuple(range(len(layer.in_features)))
         if tuple(layer.axis) != tuple(range(-len(axes), 0)):
@@ -845,9 +851,7 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
 
     def moment_bytes(target):
         path, view = target
-        stack, own = _split_stack(_module_at(model, path))
-        k = math.prod(own[a] for a in view.input_axes)
-        return 4 * math.prod(stack) * math.prod(own[:len(view.batch)]) * view.groups * k ** 2
+        return 4 * math.prod(_moment_shapes(_module_at(model, path), view)[0])
 
     passes = moment_passes(targets, moment_bytes, max_moment_bytes, batches, "to_serving_gptq", sequential=sequential)
     served = to_serving(model, backend=backend)
@@ -858,7 +862,7 @@ def to_serving_gptq(model: nnx.Module, batches, *, where: str = "", damp: float 
                 _replace(recording, path, nnx.clone(_module_at(served, path)))
         for path, view in chunk:
             layer = _module_at(recording, path)
-            _replace(recording, path, _InputRecorder(layer, _split_stack(layer)[0], view))
+            _replace(recording, path, _InputRecorder(layer, view))
         recording.eval()
         seen = 0
         label = "to_serving_gptq" + (f" (pass {number} of {len(passes)})" if len(passes) > 1 else "")

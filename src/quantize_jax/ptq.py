@@ -302,7 +302,7 @@ def gptq(w, x, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = False) 
                          f"x {x.shape}")
     _check_finite(x, "x")
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return gptq_from_hessian(w, _mean_outer(x), spec, damp=damp, act_order=act_order)
+    return gptq_from_hessian(w, gram(x) / x.shape[0], spec, damp=damp, act_order=act_order)
 
 
 def gptq_from_hessian(w, h, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = False) -> QArray:
@@ -483,6 +483,12 @@ def gram(rows, groups: int | None = None) -> jax.Array:
     return jnp.einsum("...ngk,...ngl->...gkl", blocks, blocks, precision=lax.Precision.HIGHEST)
 
 
+def conv_input_axes(spatial_dims: int) -> tuple[int, ...]:
+    """The input axes of a Flax convolution kernel ``(spatial..., in, out)`` in the order of
+    :func:`conv_rows`' patches: the input channels, then the spatial axes."""
+    return (spatial_dims,) + tuple(range(spatial_dims))
+
+
 class GptqView(NamedTuple):
     """How GPTQ sees the kernel of one layer (of a stack): its weight ``spec``; its ``input_axes``, the
     kernel axes that meet the inputs, in the order the inputs flatten them; ``batch``, the inputs' axes
@@ -500,16 +506,22 @@ class GptqView(NamedTuple):
         x = jnp.moveaxis(inputs, self.batch, tuple(range(kb)))
         return x.reshape(x.shape[:kb] + (-1, math.prod(x.shape[x.ndim - n_in:])))
 
+    def moments(self, rows) -> tuple[jax.Array, jax.Array]:
+        """What a layer adds up per batch: ``x^T x`` of :meth:`rows` (each group's, for a grouped
+        convolution) and the row count of each batch entry."""
+        xtx = gram(rows, self.groups if self.groups > 1 else None)
+        return xtx, jnp.full(jnp.shape(rows)[:-2], jnp.shape(rows)[-2], jnp.float32)
+
     def entry(self, ndim: int) -> tuple[QuantSpec, tuple[int, ...]] | None:
         """The spec and input axes of one batch entry of a kernel of rank ``ndim`` (its leading batch
         axes dropped), or None where the spec reduces a batch axis or GPTQ cannot take the entry."""
         kb = len(self.batch)
-        reduced = self.spec.reduced_axes(ndim)
-        if any(a < kb for a in reduced):
+        if any(a < kb for a in self.spec.reduced_axes(ndim)):
             return None
-        axis = self.spec.axis if self.spec.axis is None or not kb else tuple(
-            a - kb if a >= 0 else a for a in ((self.spec.axis,) if isinstance(self.spec.axis, int) else self.spec.axis))
-        spec = self.spec if not kb else dataclasses.replace(self.spec, axis=axis)
+        spec = self.spec
+        if kb:  # no batch axis is reduced, so the spec names axes; counted from the front, they move
+            axes = (spec.axis,) if isinstance(spec.axis, int) else spec.axis
+            spec = dataclasses.replace(spec, axis=tuple(a - kb if a >= 0 else a for a in axes))
         input_axes = tuple(a - kb for a in self.input_axes)
         if self.groups > 1:  # each group walks on its own: no scale may span groups
             return (spec, input_axes) if set(spec.reduced_axes(ndim - kb)) == set(input_axes) else None
@@ -542,12 +554,6 @@ def gptq_stacked(kernel, xtx, rows, view: GptqView, *, fn: str, where: str, damp
 def _check_finite(a, name: str) -> None:
     if not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
         raise ValueError(f"gptq: {name} of shape {a.shape} holds NaN or Inf")
-
-
-@jax.jit
-def _mean_outer(x):
-    """``x^T x / n`` for inputs ``(n, K)``: the second moment GPTQ's Hessian is made of."""
-    return x.T @ x / x.shape[0]
 
 
 def gptq_applies(spec: QuantSpec, ndim: int, input_axes) -> bool:
