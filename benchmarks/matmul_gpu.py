@@ -29,7 +29,8 @@ import numpy as np
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
-from quantize_jax.matmul import _grid, _pallas_kernel, fake_int8_tokens
+from quantize_jax.kernels.pallas_gpu import PTX_MAX_M
+from quantize_jax.matmul import PALLAS_MAX_M, _grid, _pallas_kernel, _w4a8_kernel, fake_int8_tokens
 
 N_PAIRS = 16
 PROFILE_LINES = set()  # the (plane, line) names the device traces held, recorded in the JSON
@@ -111,8 +112,10 @@ def kernel_fn(**blocks):
     return fn
 
 
-def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "native", "dequant", "auto")):
-    """Backends against a float64 reference on this device: formats, groups, ragged shapes, dtypes."""
+def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "native", "dequant", "auto"),
+           variants=True):
+    """Backends against a float64 reference on this device: formats, groups, ragged shapes, dtypes; with
+    ``variants``, the kernel's opt-in variants too (GEMV, atomic split-K, the PTX GEMV, the magic decode)."""
     rows = []
 
     def check(row, product, ref):
@@ -130,13 +133,25 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
         for m, k, n, group in cases:
             w = jax.random.normal(jax.random.key(k + n), (k, n))
             q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group))
-            for dtype in (jnp.float32, jnp.bfloat16):
+            for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
                 x = jax.random.normal(jax.random.key(m), (m, k)).astype(dtype)
                 ref = reference(x, q)
                 for backend in backends:
                     row = dict(fmt=fmt, shape=f"{m}x{k}x{n}", group=group or "channel", dtype=dtype.__name__,
                                backend=backend)
                     check(row, lambda: jax.jit(functools.partial(qj.qdot, backend=backend))(x, q), lambda: ref)
+    x = jax.random.normal(jax.random.key(7), (16, 512)).astype(jnp.bfloat16)  # W4A8 on the device
+    q = qj.quantize(jax.random.normal(jax.random.key(8), (512, 256)), qj.QuantSpec(axis=0, group_size=128))
+    row = dict(fmt="int4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto W4A8")
+    check(row, lambda: jax.jit(functools.partial(qj.qdot, act_quant="int8"))(x, q),
+          lambda: reference(fake_int8_tokens(x.astype(jnp.float32)), q))
+    x = jax.random.normal(jax.random.key(9), (160, 512)).astype(jnp.bfloat16)  # per channel: XLA's int32 dot
+    q = qj.quantize(jax.random.normal(jax.random.key(10), (512, 256)), qj.QuantSpec(axis=0))
+    row = dict(fmt="int4", shape="160x512x256", group="channel", dtype="bfloat16", backend="auto W4A8")
+    check(row, lambda: jax.jit(functools.partial(qj.qdot, act_quant="int8"))(x, q),
+          lambda: reference(fake_int8_tokens(x.astype(jnp.float32)), q))
+    if not variants:
+        return rows
     q = qj.quantize(jax.random.normal(jax.random.key(5), (512, 256)), qj.QuantSpec(axis=0, group_size=128))
     for m in (1, 4):  # the GEMV variant (no tl.dot)
         x = jax.random.normal(jax.random.key(6), (m, 512)).astype(jnp.bfloat16)
@@ -154,12 +169,13 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
                     row = dict(fmt=fmt, shape=f"{m}x{k}x{n}", group=group or "channel", dtype=dtype.__name__,
                                backend=f"pallas {variant}")
                     check(row, lambda: jax.jit(kernel_fn(**{variant: True}))(x, q), lambda: reference(x, q))
-    x = jax.random.normal(jax.random.key(7), (16, 512)).astype(jnp.bfloat16)  # W4A8 on the device
-    q = qj.quantize(jax.random.normal(jax.random.key(8), (512, 256)), qj.QuantSpec(axis=0, group_size=128))
-    row = dict(fmt="int4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto W4A8")
-    check(row, lambda: jax.jit(functools.partial(qj.qdot, act_quant="int8"))(x, q),
-          lambda: reference(fake_int8_tokens(x.astype(jnp.float32)), q))
     return rows
+
+
+def kernel_fn_w4a8(x, q):
+    """W4A8 through the Pallas kernel whatever M (``auto`` takes XLA's int32 dot per channel past
+    ``PALLAS_MAX_M`` rows)."""
+    return _w4a8_kernel(x, q, grid=_grid(q), interpret=jax.default_backend() == "cpu")
 
 
 def compiled_program(fn, x, q) -> str:
@@ -170,56 +186,35 @@ def compiled_program(fn, x, q) -> str:
 
 def sweep_configs(m: int, k: int):
     """Tiles to try, the likeliest first (the sweep stops when its share of the budget is spent); every
-    entry names ``gemv``, since the default depends on M. From the H100 runs of session 4 (device time,
-    benchmarks/RESULTS.md): M = 1 best as a GEMV, 36.0 us deterministic (block_n 256, block_k 64, 16
-    splits: the default), 32.7 us with one 64-row K tile per program added atomically; M = 16 best with
-    tl.dot, 34.6 us (block_n 256, block_k 128, 8 splits: the default). Those tiles are tried with the magic
-    decode (unmeasured; offline its PTX has no integer-to-float conversions and 26-34% fewer registers)."""
-    # The PTX kernel first (unmeasured; tools/kernel_ptx.py reads 4.3 machine instructions per code in
-    # its GEMV and 3.4 through tl.dot, against 8.2 and 5.9 plus one I2F for the tiles below).
-    dots = [dict(ptx=True, gemv=False, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=k // rows)
-            for bn, bk, w, st, rows in ((256, 128, 4, 3, 1024), (256, 64, 4, 3, 512), (256, 128, 4, 4, 1024),
-                                        (256, 128, 8, 3, 1024), (512, 64, 8, 3, 512), (256, 32, 4, 3, 512),
-                                        (256, 128, 4, 3, 512), (256, 128, 4, 3, 2048))]
-    ptx = []
-    if m == 1:
-        ptx = [dict(ptx=True, gemv=True, block_n=bn, block_k=bk, num_warps=w, ahead=a, split_k=k // rows)
-               for bn, bk, w, a, rows in ((256, 8, 4, 4, 512), (256, 8, 4, 4, 256), (256, 16, 4, 2, 512),
-                                          (512, 8, 8, 4, 512), (256, 8, 4, 2, 512), (256, 8, 4, 4, 1024),
-                                          (1024, 8, 8, 2, 512), (256, 16, 4, 1, 512))] + dots[:3]
-    elif m <= 16:
-        ptx = dots
-    if m == 1:
-        configs = [dict(gemv=True, block_n=bn, block_k=bk, split_k=k // (8 * bk))
-                   for bn, bk in ((256, 64), (128, 64), (512, 64), (256, 32), (256, 128))]
-        configs += [dict(gemv=True, block_n=256, block_k=64, split_k=k // 512, num_warps=w) for w in (2, 8)]
-        configs += [dict(gemv=True, atomic=True, block_n=bn, block_k=64, split_k=k // 64, num_warps=4)
-                    for bn in (256, 512)]
-        configs += [dict(gemv=False, block_n=256, block_k=128, split_k=8)]
-    elif m <= 16:
-        configs = [dict(gemv=False, block_n=bn, block_k=bk, split_k=k // (8 * bk)) for bn, bk in
-                   ((256, 128), (256, 64), (128, 128))]  # block_n 512 spills (tools/kernel_ptx.py)
-        configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_warps=w) for w in (2, 8)]
-        configs += [dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, num_stages=4),
-                    dict(gemv=False, block_n=256, block_k=128, split_k=k // 1024, atomic=True)]
-    elif m <= 128:  # auto's kernel since session 6 (not yet timed here): one or two passes of 32/64-row tiles,
-        # K split so that the grid fills (the default: ~256 programs); the PTX dot leads (tools/kernel_ptx.py at
-        # 64 x 128: 499 instructions per pass, no I2F, 220 registers, against 922 and 245)
-        ptx = [dict(ptx=True, gemv=False, block_m=bm, block_n=128, block_k=128, split_k=s)
-               for bm, s in ((64, 4), (64, 2), (32, 4), (64, 8))]
-        configs = [dict(gemv=False, block_m=bm, block_n=128, block_k=128, split_k=s)
-                   for bm, s in ((64, 4), (64, 2), (32, 4), (64, 8), (64, 1))]
-    else:  # the kernel measured 589-715 us at M = 1024 (bf16: 193-195): the best two tiles of those sweeps,
-        # then larger tiles that compile without spills for sm_90 (tools/kernel_ptx.py; 128 x 256 tiles spill)
-        configs = [dict(gemv=False, block_m=bm, block_n=bn, block_k=bk, split_k=1, num_warps=w, num_stages=st)
-                   for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 64, 8, 4),
-                                             (128, 128, 128, 8, 3), (64, 128, 64, 4, 4))]
-    configs = [dict(c, magic=True) for c in configs]  # (the plain decode: session 4; its default: the row)
-    probes = [dict(probe=True, integers=True, block_n=256, block_k=16, split_k=16),
-              dict(probe=True, block_n=512, block_k=64, split_k=32)]
-    if m > 16:
-        return ptx + configs
-    return ptx[:1] + probes + ptx[1:] + configs
+    entry names ``ptx`` and ``gemv``, whose defaults depend on M.
+
+    Session 14's first H200 run (``benchmarks/results/matmul_gpu_h200_s14_run1_sweep.json``, the sweep of
+    this function's previous version) tried the byte kernel with the magic decode, the PTX GEMV and the
+    PTX dot at M = 1, 16 and 64; the PTX dot was fastest at each (23.0, 22.8 and 36.3 us, device time;
+    the byte kernel's best 32.3 / 32.4 / 46.9, the PTX GEMV's 26.1). Its tiles (256 columns, 128-row K
+    blocks, 8 splits of 1024 rows; 64 x 128 and 4 splits at M = 64) became the defaults. This sweep varies
+    the PTX dot around them (widths, warps, stages, rows per split) and past 64 rows tries it on 128-row
+    tiles."""
+
+    def entry(bm, bn, bk, warps, stages, rows_per_split):
+        return dict(ptx=True, gemv=False, block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                    split_k=max(1, k // rows_per_split))
+
+    if m <= 16:
+        tiles = [(256, 128, 4, 3, 1024), (256, 128, 8, 3, 1024), (128, 128, 4, 3, 1024), (128, 128, 4, 3, 512),
+                 (256, 128, 4, 2, 1024), (256, 256, 8, 3, 2048), (512, 128, 8, 3, 1024), (256, 64, 4, 4, 512),
+                 (128, 64, 4, 4, 512), (256, 128, 4, 5, 1024)]
+        return [entry(16, *t) for t in tiles]
+    if m <= 64:
+        bm = 32 if m <= 32 else 64
+        tiles = [(128, 128, 4, 3, 2048), (128, 128, 8, 3, 2048), (128, 64, 4, 4, 2048), (128, 128, 4, 4, 2048),
+                 (128, 128, 4, 3, 1024), (64, 128, 4, 3, 4096), (256, 128, 8, 3, 4096)]
+        return [entry(bm, *t) for t in tiles]
+    if m <= 128:
+        return [entry(*t) for t in ((64, 128, 128, 4, 3, 4096), (128, 128, 64, 8, 3, 4096), (64, 128, 128, 4, 3, 2048),
+                                    (128, 128, 128, 8, 3, 4096), (128, 128, 64, 8, 3, 2048), (128, 128, 64, 8, 4, 8192),
+                                    (64, 128, 128, 8, 3, 4096))]
+    return [entry(*t) for t in ((128, 128, 64, 8, 3, k), (128, 128, 64, 8, 4, k), (64, 128, 128, 4, 3, k))]
 
 
 def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, integers=False, **_):
@@ -299,11 +294,16 @@ def main():
     ap.add_argument("--kn", type=int, default=8192)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 1024])
     ap.add_argument("--budget", type=float, default=300.0, help="seconds for the whole run; the sweep stops early")
-    ap.add_argument("--quick-checks", action="store_true", help="check the pallas backend only")
+    ap.add_argument("--quick-checks", action="store_true",
+                    help="check the pallas backend's default tiles only (and W4A8), not the other backends or variants")
+    ap.add_argument("--lean", action="store_true",
+                    help="time bf16, auto, the kernels and W4A8 only (not native, dequant below 64 rows, Qwix, "
+                         "the magic decode, the gradients or per-channel W4A8)")
     ap.add_argument("--probes-only", action="store_true",
                     help="time bf16 and the load probes (INTEGER_PROBES, PROBES) at M = 1")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
+    ap.add_argument("--sweep-m", type=int, nargs="*", help="the rows whose tiles are swept (default: every --m)")
     ap.add_argument("--no-llama", action="store_true", help="skip the Llama-like shapes")
     ap.add_argument("--out", default="benchmarks/results/matmul_gpu.json")
     args = ap.parse_args()
@@ -317,7 +317,7 @@ def main():
 
     result = {"machine": machine(), "group_size": 128, "timing": __doc__.split("Timing: ", 1)[1].strip()}
     print(result["machine"], flush=True)
-    quick = dict(backends=("pallas",)) if args.quick_checks else {}
+    quick = dict(backends=("pallas",), variants=False) if args.quick_checks else {}
     result["checks"] = [] if args.no_checks else checks(log, **quick)
     # bf16 activations with backend="dequant" round the scaled weight to bf16: ~1e-3 relative.
     bad = [r for r in result["checks"] if "error" in r
@@ -363,6 +363,8 @@ def main():
         write_json(args.out, dict(result, probes=probes, profile_lines=sorted(PROFILE_LINES)))
         return
     try:  # Qwix's int4 weights, quantized once for every M
+        if args.lean:
+            raise ImportError("--lean")
         import qwix
 
         qwix_ws = [jax.jit(lambda w: qwix.quantize(w, jnp.int4, channelwise_axes=(1,), tiled_axes={0: 128}))(w)
@@ -375,44 +377,53 @@ def main():
         xs = activations(m, k)
         row = {"M": m, **timed(bf16_dot, xs, bfs, "bf16_")}
         ref = reference(xs[0], qs[0])
-        for backend in ("native", "dequant", "auto", "pallas"):
+        if args.lean:  # (auto is the kernel up to PALLAS_MAX_M rows)
+            backends = ("auto",) + (("dequant",) if m >= 64 else ()) + (("pallas",) if m > PALLAS_MAX_M else ())
+        else:
+            backends = ("native", "dequant", "auto", "pallas")
+        for backend in backends:
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
-        row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))  # default tiles, magic decode
-        if m > 128:  # dequant's values through the public dequantize: nibbles by shifts, no int4 bitcast or barrier
+        if m <= 128:  # the byte kernel's default tiles: auto's kernel up to session 13
+            row.update(timed(kernel_fn(ptx=False), xs, qs, "pallas_bytes_"))
+        if not args.lean:
+            row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))  # default tiles, magic decode
+        if m > 128 and not args.lean:  # dequant's values through the public dequantize: no int4 bitcast or barrier
             row.update(timed(lambda x, q: jnp.dot(x, qj.dequantize(q, x.dtype), preferred_element_type=jnp.float32),
                              xs, qs, "dequant_shifts_"))
-        if m <= 128:  # the PTX kernel, its default tiles (a GEMV for one row, tl.dot for more)
+        if m <= 128 and (m > PTX_MAX_M or not args.lean):  # the PTX dot's default tiles (the kernel's below)
             row.update(timed(kernel_fn(ptx=True), xs, qs, "pallas_ptx_"))
-            if m == 1:
-                pathlib.Path(args.out).with_suffix(".ptx_hlo.txt").write_text(
-                    compiled_program(kernel_fn(ptx=True), xs[0], qs[0]))
+        if m == 1:
+            pathlib.Path(args.out).with_suffix(".ptx_hlo.txt").write_text(
+                compiled_program(kernel_fn(ptx=True), xs[0], qs[0]))
         row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs, "w4a8_auto_"))
-        if m > 128:  # per channel W4A8: the kernel (auto) against one int8 x int8 -> int32 dot in XLA (int8 tensor cores)
+        if m > 128 and not args.lean:  # per channel W4A8: the kernel against one int8 x int8 -> int32 dot in XLA
             qs_channel = make_weights(k, n, qj.QuantSpec(axis=0))[0]
+            row.update(timed(kernel_fn_w4a8, xs, qs_channel, "w4a8_channel_kernel_"))
             row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8"), xs, qs_channel, "w4a8_channel_auto_"))
             row.update(timed(lambda x, q: qj.qdot(x, q, act_quant="int8", backend="native"), xs, qs_channel,
                              "w4a8_channel_int32_"))
             del qs_channel
-        if m >= 64:  # QLoRA's backward through a frozen packed weight, g @ W.T (g: the activations, K = N)
+        if m >= 64 and not args.lean:  # QLoRA's backward through a frozen packed weight, g @ W.T (g: the activations, K = N)
             row.update(timed(lambda x, q: grad_x(lambda x: qj.qdot(x, q), x), xs, qs, "grad_qdot_"))
             row.update(timed(lambda x, q: grad_x(lambda x: jnp.dot(  # what qdot's tangent ran before session 10
                 x.astype(jnp.float32), qj.dequantize(q, jnp.float32), precision=jax.lax.Precision.HIGHEST), x),
                 xs, qs, "grad_f32_reference_"))
             row.update(timed(lambda x, w: grad_x(lambda x: bf16_dot(x, w), x), xs, bfs, "grad_bf16_"))
-        if isinstance(qwix_ws, str):
+        if args.lean:
+            pass
+        elif isinstance(qwix_ws, str):
             row["qwix_us"] = qwix_ws
         else:
             row.update(timed(qwix.dot, xs, qwix_ws, "qwix_"))
-        if not args.no_sweep:
+        if not args.no_sweep and (args.sweep_m is None or m in args.sweep_m):
             for blocks in sweep_configs(m, k):
                 if time.time() > sweep_until:
                     log(f"budget: sweep stopped at M={m} before {blocks}")
                     break
                 entry = {"M": m, **blocks}
-                probe = blocks.get("probe", False)
-                fn = load_probe(**blocks) if probe else kernel_fn(**blocks)
+                fn = kernel_fn(**blocks)
                 try:
-                    entry["rel_err"] = 0.0 if probe else rel_err(jax.jit(fn)(xs[0], qs[0]), ref)
+                    entry["rel_err"] = rel_err(jax.jit(fn)(xs[0], qs[0]), ref)
                     entry.update(timed(fn, xs, qs) if entry["rel_err"] < 2e-3 else {"us": "wrong"})
                 except Exception as e:
                     entry["us"] = f"error: {type(e).__name__}: {str(e)[:200]}"
@@ -420,7 +431,7 @@ def main():
                 sweep.append(entry)
                 log(str(entry))
                 print(" ", {a: v for a, v in entry.items() if a != "rel_err"}, flush=True)
-            ok = [e for e in sweep if e["M"] == m and isinstance(fastest(e), float) and not e.get("probe")]
+            ok = [e for e in sweep if e["M"] == m and isinstance(fastest(e), float)]
             if ok:
                 best[m] = min(ok, key=fastest)
                 row["pallas_best_us"], row["pallas_best_dev_us"] = best[m]["us"], best[m].get("dev_us")
@@ -444,10 +455,9 @@ def main():
         for m in (1, 16):
             xs = activations(m, k)
             row = {"K": k, "N": n, "M": m, **timed(bf16_dot, xs, bfs, "bf16_")}
-            for b in ("native", "dequant", "auto"):
+            for b in ("auto",) if args.lean else ("native", "dequant", "auto"):
                 row.update(timed(lambda x, q, b=b: qj.qdot(x, q, backend=b), xs, qs, f"{b}_"))
-            row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))
-            row.update(timed(kernel_fn(ptx=True), xs, qs, "pallas_ptx_"))
+            row.update(timed(kernel_fn(ptx=False), xs, qs, "pallas_bytes_"))
             if m in best:
                 # the best tiles of K = N = kn, with as many K rows per split
                 tiles = tiles_of(best[m])

@@ -288,6 +288,16 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
         np.testing.assert_array_equal(exp.call(x, q), f(x, q))  # the CPU branch, here
 
 
+def test_per_channel_w4a8_past_the_kernels_rows_is_one_int32_dot_on_cuda():
+    q = qj.quantize(jax.random.normal(jax.random.key(14), (256, 48)), qj.QuantSpec(axis=0))
+    f = jax.jit(lambda x, q: qj.qdot(x, q, act_quant="int8"))
+    for m in (PALLAS_MAX_M, PALLAS_MAX_M + 1):
+        x = jnp.ones((m, 256), jnp.bfloat16)
+        text = jax.export.export(f, platforms=["cuda"], disabled_checks=[_TRITON])(x, q).mlir_module()
+        assert ("xla.gpu.triton" in text) == (m <= PALLAS_MAX_M)
+        assert bool(re.search(r"dot_general .*xi8>.*xi8>\) -> tensor<[\dx]+xi32>", text)) == (m > PALLAS_MAX_M)
+
+
 @pytest.mark.parametrize(("fmt", "act_quant"), [(f, a) for f in FORMATS for a in (None, "int8") if (f, a) != ("nf4", "int8")])
 def test_per_group_sums_stay_about_the_weights_size_at_any_m(fmt, act_quant):
     # all 15 groups at once, 1024 rows would hold (M, G, N) sums: 30 MiB for a 480 x 512 weight (1 MiB as float32)

@@ -80,6 +80,39 @@ def test_more_rows_split_k_until_the_grid_fills(m, n, tile, splits):
     assert (tiles["block_m"], tiles["block_n"], tiles["split_k"], tiles["gemv"]) == (*tile, splits, False)
 
 
+@pytest.mark.parametrize("m, n, tile, splits", [(1, 8192, (16, 256), 8), (16, 8192, (16, 256), 8),
+                                               (32, 8192, (32, 128), 4), (64, 8192, (64, 128), 4),
+                                               (1, 14336, (16, 256), 4), (16, 4096, (16, 256), 16)])
+def test_ptx_dot_tiles_split_k_until_the_grid_fills(m, n, tile, splits):
+    """The PTX dot: 16-row tiles over 256 columns up to 16 rows, then 32 / 64 x 128, K split until about
+    256 programs run (as measured best on an H200: 8 splits of 1024 rows at K = N = 8192)."""
+    k = 4096 if n == 14336 else 8192
+    tiles = pallas_gpu.default_blocks(m, k, n, 128, per_group=True, ptx=True)
+    assert (tiles["block_m"], tiles["block_n"], tiles["block_k"], tiles["split_k"], tiles["gemv"]) == (
+        *tile, 128, splits, False)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_ptx_dot_is_the_default_for_integer_codes_and_16_bit_activations(fmt, dtype):
+    chosen = [pallas_gpu.default_ptx(m, qj.get_format(fmt), dtype) for m in (1, pallas_gpu.PTX_MAX_M,
+                                                                               pallas_gpu.PTX_MAX_M + 1)]
+    assert chosen == [fmt in ("int4", "uint4") and dtype != jnp.float32] * 2 + [False]
+
+
+def test_default_kernel_is_the_ptx_dot_unless_a_byte_kernel_option_is_asked_for():
+    q = qj.quantize(jax.random.normal(jax.random.key(6), (256, 40)), qj.QuantSpec(axis=0, group_size=128))
+    x = jax.random.normal(jax.random.key(7), (3, 256)).astype(jnp.bfloat16)
+
+    def program(**options):
+        return str(jax.make_jaxpr(lambda x: _run(x, q, **options))(x))
+
+    assert program() == program(ptx=True) != program(ptx=False)
+    for options in (dict(gemv=True), dict(magic=True), dict(atomic=True, split_k=2)):
+        assert program(**options) == program(ptx=False, **options)
+    np.testing.assert_allclose(_run(x, q), _reference(np.asarray(x.astype(jnp.float32)), q), rtol=1e-4, atol=1e-3)
+
+
 def test_one_row_through_the_dot_takes_a_whole_dot_tile():
     q = qj.quantize(jax.random.normal(jax.random.key(2), (256, 40)), qj.QuantSpec(axis=0, group_size=64))
     x = jax.random.normal(jax.random.key(3), (1, 256))
@@ -95,9 +128,9 @@ def test_magic_decode_matches_the_converting_decode(fmt, dtype, gemv):
     w = jax.random.normal(jax.random.key(4), (384, 42))
     x = jax.random.normal(jax.random.key(5), (m, 384)).astype(dtype)
     q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=128))
-    plain, magic = _run(x, q, gemv=gemv, split_k=3), _run(x, q, gemv=gemv, split_k=3, magic=True)
+    plain, magic = _run(x, q, gemv=gemv, split_k=3, ptx=False), _run(x, q, gemv=gemv, split_k=3, magic=True)
     np.testing.assert_array_equal(magic, plain)
-    kernels = [str(jax.make_jaxpr(lambda x, magic=magic: _run(x, q, gemv=gemv, split_k=3, magic=magic))(x))
+    kernels = [str(jax.make_jaxpr(lambda x, magic=magic: _run(x, q, gemv=gemv, split_k=3, magic=magic, ptx=False))(x))
                for magic in (False, True)]
     assert (kernels[0] != kernels[1]) == (fmt in ("int4", "uint4"))  # the magic decode ran, for integer codes
     if fmt != "nf4":  # its levels round to bf16 / f16; every other format's are exact there
@@ -114,7 +147,7 @@ def test_magic_decode_names_an_unsupported_activation_dtype():
 @pytest.mark.parametrize(
     "m, k, n, group, dtype, blocks",
     [
-        (1, 200, 37, 64, jnp.float32, dict(split_k=2, block_k=16)),  # GEMV, a ragged last group
+        (1, 200, 37, 64, jnp.float32, dict(gemv=True, split_k=2, block_k=16)),  # GEMV, a ragged last group
         (2, 300, 21, None, jnp.bfloat16, dict(gemv=True, split_k=3, ahead=1)),  # GEMV, per channel, padded K
         (3, 256, 64, 32, jnp.bfloat16, dict(gemv=False, block_n=16, split_k=4)),  # dot, bf16 pairs
         (17, 384, 50, 128, jnp.float16, dict(gemv=False, ahead=3)),  # dot, f16 pairs, two M tiles

@@ -42,7 +42,8 @@ one chunk of K rows at a time, as in ``chunked``, into int8 dots (XLA's
 YNNPACK kernels; per channel bit for bit the int32 result), or for groups
 under 64 rows into float32 dots (exact products). On NVIDIA GPUs (and with
 ``pallas``) they run through the Pallas kernel (int8 values are exact in
-bf16): exact where the sums fit float32's 24-bit mantissa.
+bf16): exact where the sums fit float32's 24-bit mantissa; per-channel
+weights past ``PALLAS_MAX_M`` rows take one int8 x int8 -> int32 dot in XLA.
 
 Gradients flow to ``x`` (``g @ dequantize(q).T``, forward and reverse mode;
 on the CPU block by block over the weight's rows, so the backward pass never
@@ -225,8 +226,11 @@ def _choose(platform: str, backend: str, act_quant, m, dtype, grid: _Grid):
         return functools.partial(_native, dtype=jnp.float32) if platform == "cpu" else _native
     if platform == "cpu":
         return _w4a8_cpu if act_quant else _chunked
-    if platform == "cuda" and act_quant:  # the kernel at any M: 610-633 us at M = 1024, int32 path 1665
-        kernel = _pallas_fits(grid) and not jax.export.is_symbolic_dim(m)
+    if platform == "cuda" and act_quant:
+        # groups: the kernel at any M (H100, M = 1024: 610-633 us, the int32 path 1665); per channel past
+        # PALLAS_MAX_M rows one int8 x int8 -> int32 dot (H200, M = 1024: 337 us, the kernel 592)
+        grouped = grid.scale.shape[0] > 1
+        kernel = _pallas_fits(grid) and not jax.export.is_symbolic_dim(m) and (grouped or m <= PALLAS_MAX_M)
         return functools.partial(_w4a8_kernel, interpret=False) if kernel else _w4a8
     if platform == "cuda":
         most = PALLAS_MAX_M if jnp.dtype(dtype).itemsize <= 2 else PALLAS_MAX_M_FLOAT32

@@ -29,9 +29,13 @@ broadcast multiply and sum instead of a ``tl.dot`` (whose smallest tile has
 ``ptx=True`` decodes integer codes with inline PTX (:func:`nibble_ptx`): each
 code's nibble masked, flipped and ORed into a float's bits by one ``lop3``, then
 one exact ``fma`` (16-bit pairs: two codes a ``lop3`` and a paired ``fma``); no
-integer-to-float conversion (see :class:`_PtxDecode`). Its GEMV accumulates over K
-elementwise and reduces once, with the next K blocks loading while one computes;
-its dot path runs one ``tl.dot`` per plane (low and high codes).
+integer-to-float conversion (see :class:`_PtxDecode`). Its dot path runs one
+``tl.dot`` per plane (low and high codes); its GEMV accumulates over K
+elementwise and reduces once, with the next K blocks loading while one computes.
+The dot is the default for integer codes and bf16 / f16 activations up to
+``PTX_MAX_M`` rows (:func:`default_ptx`), the fastest measured there: on an H200
+at K = N = 8192, 23.0 us at 1 and 16 rows, 1.6x bf16 x bf16 (the byte kernel:
+36.3 / 33.7 us; the PTX GEMV at one row: 26.1 at best).
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
@@ -364,25 +368,47 @@ def default_block_k(group_size: int, per_group: bool, most: int = 128) -> int:
 
 # Programs that keep an H100 busy (two per SM on its 132 SMs): wider products split K until they have as many.
 _PROGRAMS = 256
+# Rows up to which integer codes times 16-bit activations take the PTX dot by default (an H200, session 14,
+# benchmarks/RESULTS.md: 23.0 us at M = 1 and 16 against the byte kernel's 36.3 / 33.7 and bf16's 37.0 /
+# 37.4; 36.3 at M = 64 against 51.3 and 40.1). Float32 activations and nf4 / fp4 were not timed with it.
+PTX_MAX_M = 64
 
 
-def default_blocks(m: int, k: int, n: int, group_size: int, per_group: bool) -> dict:
+def default_ptx(m: int, fmt: Format, dtype) -> bool:
+    """Whether the kernel decodes with inline PTX by default: integer codes, bf16 / f16 activations, at most
+    ``PTX_MAX_M`` rows (what was measured faster)."""
+    return fmt.is_integer and jnp.dtype(dtype).itemsize == 2 and m <= PTX_MAX_M
+
+
+def default_blocks(m: int, k: int, n: int, group_size: int, per_group: bool, ptx: bool = False) -> dict:
     """Tiles for an ``(m, k) @ (k, n)`` product: ``block_m, block_n, block_k, split_k, gemv`` (the best
-    deterministic tiles of the H100 sweeps in ``benchmarks/matmul_gpu.py``, K = N = 8192). One row is a
-    GEMV (multiply and sum, 64-row K blocks); up to 16 rows take ``tl.dot`` with 16 rows, K split into
-    parts of about 8 blocks so that the GPU fills. More rows take 32- or 64-row tiles over 128 columns
-    (64 x 128: the best tile measured at M = 1024, no spills; 32 x 128 compiles without spills too), K
-    split until the grid has about ``_PROGRAMS`` programs (none at M = 1024)."""
+    deterministic tiles of the sweeps in ``benchmarks/matmul_gpu.py``, K = N = 8192).
+
+    The PTX dot (``ptx``; an H200, session 14): up to 16 rows one 16-row tile over 256 columns, then 32 or
+    64 rows over 128 columns, 128-row K blocks, K split until the grid has about ``_PROGRAMS`` programs
+    (8 splits of 1024 rows at M = 1 and 16: 23.0 us, against 25.1-25.8 with 4 or 16; 4 splits at M = 64).
+    The byte kernel (an H100, session 4): one row is a GEMV (multiply and sum, 64-row K blocks); up to 16
+    rows take ``tl.dot`` with 16 rows, K split into parts of about 8 blocks so that the GPU fills. More rows
+    take 32- or 64-row tiles over 128 columns (64 x 128: the best tile measured at M = 1024, no spills;
+    32 x 128 compiles without spills too), K split until the grid has about ``_PROGRAMS`` programs (none at
+    M = 1024)."""
+    bk = default_block_k(group_size, per_group)
+    if ptx:
+        bm, bn = (16, 256) if m <= 16 else (32 if m <= 32 else 64, 128)
+        return dict(block_m=bm, block_n=bn, block_k=bk, split_k=_filling_splits(m, k, n, bm, bn, bk), gemv=False)
     if m == 1:
         bk = default_block_k(group_size, per_group, most=64)
         return dict(block_m=1, block_n=256, block_k=bk, split_k=_split_k(k, bk), gemv=True)
-    bk = default_block_k(group_size, per_group)
     if m <= 16:
         return dict(block_m=16, block_n=256, block_k=bk, split_k=_split_k(k, bk), gemv=False)
     bm, bn = (32 if m <= 32 else 64), 128
+    return dict(block_m=bm, block_n=bn, block_k=bk, split_k=_filling_splits(m, k, n, bm, bn, bk), gemv=False)
+
+
+def _filling_splits(m: int, k: int, n: int, bm: int, bn: int, bk: int) -> int:
+    """The K splits that give the grid about ``_PROGRAMS`` programs of ``(bm, bn)`` tiles."""
     programs = pl.cdiv(m, bm) * pl.cdiv(n, bn)
-    return dict(block_m=bm, block_n=bn, block_k=bk, split_k=_splits_near(k, bk, max(1, _PROGRAMS // programs)),
-                gemv=False)
+    return _splits_near(k, bk, max(1, _PROGRAMS // programs))
 
 
 def _split_k(k: int, bk: int, blocks_per_split: int = 8) -> int:
@@ -400,7 +426,7 @@ def _splits_near(k: int, bk: int, target: float) -> int:
 
 def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, block_m: int | None = None,
            block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-           gemv: bool | None = None, atomic: bool = False, magic: bool = False, ptx: bool = False,
+           gemv: bool | None = None, atomic: bool = False, magic: bool = False, ptx: bool | None = None,
            ahead: int = 4, num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
     """``x @ W`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``.
 
@@ -420,9 +446,10 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
       magic: decode integer codes by ORing them into a float's mantissa
         instead of converting them (see :func:`_levels`); the same values.
       ptx: decode integer codes with inline PTX, without conversions (see
-        :class:`_PtxDecode`), as a GEMV or through ``tl.dot`` (``gemv``);
+        :class:`_PtxDecode`), through ``tl.dot`` or as a GEMV (``gemv``);
         ``block_n`` a multiple of 8, the K splits summed by XLA; a GEMV's
-        splits hold whole groups.
+        splits hold whole groups. ``None``: :func:`default_ptx` (the dot),
+        unless ``gemv``, ``atomic`` or ``magic`` is asked for.
       ahead: for the PTX GEMV, how many K blocks load ahead of the one
         computing (at least 1; the dot path leaves that to Triton's
         ``num_stages``).
@@ -434,7 +461,9 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     """
     m, k = x.shape
     per_group = scale.shape[0] > 1
-    blocks = default_blocks(m, k, n, group_size, per_group)
+    if ptx is None:  # (an explicit GEMV, atomic adds or the magic decode name the byte kernel)
+        ptx = gemv is not True and not (atomic or magic) and default_ptx(m, fmt, x.dtype)
+    blocks = default_blocks(m, k, n, group_size, per_group, ptx=ptx)
     bn = block_n or blocks["block_n"]
     if ptx and (atomic or bn % 8 or ahead < 1):
         raise ValueError(f"pallas: ptx=True sums K splits in XLA and takes block_n a multiple of 8 and ahead >= 1; "
@@ -449,7 +478,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     else:
         bk = block_k or blocks["block_k"]
     unit = group_size if ptx and gemv and per_group else bk  # a K split holds whole units
-    split_k = split_k or (_split_k(k, unit, max(1, 512 // unit)) if ptx else blocks["split_k"])
+    split_k = split_k or (_split_k(k, unit, max(1, 512 // unit)) if ptx and gemv else blocks["split_k"])
     if magic and jnp.dtype(x.dtype).type not in _MAGIC:
         raise ValueError(f"pallas: magic=True decodes into float32, bfloat16 or float16 activations, not {x.dtype}")
     if per_group and group_size % bk:
