@@ -82,14 +82,16 @@ def test_more_rows_split_k_until_the_grid_fills(m, n, tile, splits):
 
 @pytest.mark.parametrize("m, n, tile, splits", [(1, 8192, (16, 256), 8), (16, 8192, (16, 256), 8),
                                                (32, 8192, (32, 128), 4), (64, 8192, (64, 128), 4),
+                                               (65, 8192, (128, 128), 2), (128, 8192, (128, 128), 2),
                                                (1, 14336, (16, 256), 4), (16, 4096, (16, 256), 16)])
 def test_ptx_dot_tiles_split_k_until_the_grid_fills(m, n, tile, splits):
-    """The PTX dot: 16-row tiles over 256 columns up to 16 rows, then 32 / 64 x 128, K split until about
-    256 programs run (as measured best on an H200: 8 splits of 1024 rows at K = N = 8192)."""
+    """The PTX dot: 16-row tiles over 256 columns up to 16 rows, then 32 / 64 / 128 x 128, K split until
+    about 256 programs run, 128 for 128-row tiles (as measured best on an H200 at K = N = 8192)."""
     k = 4096 if n == 14336 else 8192
     tiles = pallas_gpu.default_blocks(m, k, n, 128, per_group=True, ptx=True)
     assert (tiles["block_m"], tiles["block_n"], tiles["block_k"], tiles["split_k"], tiles["gemv"]) == (
         *tile, 128, splits, False)
+    assert tiles.get("num_warps") == (8 if tile[0] == 128 else None)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -152,6 +154,7 @@ def test_magic_decode_names_an_unsupported_activation_dtype():
         (3, 256, 64, 32, jnp.bfloat16, dict(gemv=False, block_n=16, split_k=4)),  # dot, bf16 pairs
         (17, 384, 50, 128, jnp.float16, dict(gemv=False, ahead=3)),  # dot, f16 pairs, two M tiles
         (5, 256, 40, 64, jnp.float32, dict(gemv=False, split_k=2)),  # dot in float32
+        (70, 256, 40, 128, jnp.bfloat16, dict()),  # the default past 64 rows: one 128-row tile, 8 warps
     ],
 )
 def test_ptx_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
@@ -161,7 +164,7 @@ def test_ptx_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
     q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group))
     y = _run(x, q, ptx=True, **blocks)
     assert y.shape == (m, n) and y.dtype == jnp.float32
-    if fmt == "nf4" and dtype != jnp.float32 and blocks.get("gemv") is False:
+    if fmt == "nf4" and dtype != jnp.float32 and not blocks.get("gemv", False):
         ref = _run(x, q, gemv=False)  # a 16-bit dot rounds nf4's levels to the activations' dtype, as here
     else:
         ref = _reference(np.asarray(x.astype(jnp.float32)), q)

@@ -78,11 +78,10 @@ from quantize_jax.qarray import QArray, dequantize
 BACKENDS = ("auto", "xla", "chunked", "native", "dequant", "pallas")
 ACT_QUANT = (None, "int8")
 # Rows up to which auto uses the Pallas kernel on NVIDIA GPUs; then ``dequant`` (``native`` up to
-# NATIVE_MAX_M rows where the kernel's K block cannot reach 16 rows). On an H100 (benchmarks/RESULTS.md)
-# the kernel beat native 5.8x at M = 1 and 1.4x at M = 16 (tied at M = 4), and dequant took 122-127 us at
-# M = 1-16 and 258-268 at M = 1024, never less; the kernel's 64-row tiles took 589-694 us at M = 1024,
-# 37-43 us per 64-row pass over the weight, so up to 128 rows (two passes) it should stay well under
-# dequant. Only M = 1, 4, 16 and 1024 were measured: the bounds between are estimates from those.
+# NATIVE_MAX_M rows where the kernel's K block cannot reach 16 rows). On an H200 (session 14,
+# benchmarks/RESULTS.md; K = N = 8192, bf16, device time) the kernel (its PTX dot) took 22.8-36.4 us at
+# M = 1-64, 1.1-1.6x bf16 x bf16, and 59.7 at M = 128 (bf16 41.4), where dequant took 99-100 us at
+# every M up to 128 and native 45-154; at M = 1024 the kernel's best tile took 427 us, dequant 246.
 PALLAS_MAX_M = 128
 NATIVE_MAX_M = 32
 # float32 activations: the kernel's float32 dots (three TF32 dots a block since session 6; full precision

@@ -34,8 +34,8 @@ integer-to-float conversion (see :class:`_PtxDecode`). Its dot path runs one
 elementwise and reduces once, with the next K blocks loading while one computes.
 The dot is the default for integer codes and bf16 / f16 activations up to
 ``PTX_MAX_M`` rows (:func:`default_ptx`), the fastest measured there: on an H200
-at K = N = 8192, 23.0 us at 1 and 16 rows, 1.6x bf16 x bf16 (the byte kernel:
-36.3 / 33.7 us; the PTX GEMV at one row: 26.1 at best).
+at K = N = 8192, 22.8 / 23.2 us at 1 / 16 rows, 1.6x bf16 x bf16 (the byte
+kernel: 35.9 / 33.7 us; the PTX GEMV at one row: 26.1 at best).
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
@@ -369,9 +369,10 @@ def default_block_k(group_size: int, per_group: bool, most: int = 128) -> int:
 # Programs that keep an H100 busy (two per SM on its 132 SMs): wider products split K until they have as many.
 _PROGRAMS = 256
 # Rows up to which integer codes times 16-bit activations take the PTX dot by default (an H200, session 14,
-# benchmarks/RESULTS.md: 23.0 us at M = 1 and 16 against the byte kernel's 36.3 / 33.7 and bf16's 37.0 /
-# 37.4; 36.3 at M = 64 against 51.3 and 40.1). Float32 activations and nf4 / fp4 were not timed with it.
-PTX_MAX_M = 64
+# benchmarks/RESULTS.md: 22.8 us at M = 1 and 23.2 at 16 against the byte kernel's 35.9 / 33.7 and bf16's
+# 36.6 / 37.6; 36.4 at M = 64 against 51.3 and 40.2; at M = 128, 59.7 with 128 x 128 tiles against 95.0
+# and 41.4). Float32 activations and nf4 / fp4 were not timed with it.
+PTX_MAX_M = 128
 
 
 def default_ptx(m: int, fmt: Format, dtype) -> bool:
@@ -381,12 +382,15 @@ def default_ptx(m: int, fmt: Format, dtype) -> bool:
 
 
 def default_blocks(m: int, k: int, n: int, group_size: int, per_group: bool, ptx: bool = False) -> dict:
-    """Tiles for an ``(m, k) @ (k, n)`` product: ``block_m, block_n, block_k, split_k, gemv`` (the best
+    """Tiles for an ``(m, k) @ (k, n)`` product: ``block_m, block_n, block_k, split_k, gemv`` and maybe
+    ``num_warps`` (the best
     deterministic tiles of the sweeps in ``benchmarks/matmul_gpu.py``, K = N = 8192).
 
-    The PTX dot (``ptx``; an H200, session 14): up to 16 rows one 16-row tile over 256 columns, then 32 or
-    64 rows over 128 columns, 128-row K blocks, K split until the grid has about ``_PROGRAMS`` programs
-    (8 splits of 1024 rows at M = 1 and 16: 23.0 us, against 25.1-25.8 with 4 or 16; 4 splits at M = 64).
+    The PTX dot (``ptx``; an H200, session 14): up to 16 rows one 16-row tile over 256 columns, then 32,
+    64 or 128 rows over 128 columns (128 with 8 warps), 128-row K blocks, K split until the grid has about
+    ``_PROGRAMS`` programs, half as many for 128-row tiles (8 splits of 1024 rows at M = 1 and 16: 22.8 us,
+    against 24.4-27.5 with 4 or 16 splits, 128 or 512 columns; 4 splits at M = 64; at M = 128, 2 splits of
+    128-row tiles: 59.7 us, against 61.6-82.6 for 64-row tiles or more splits).
     The byte kernel (an H100, session 4): one row is a GEMV (multiply and sum, 64-row K blocks); up to 16
     rows take ``tl.dot`` with 16 rows, K split into parts of about 8 blocks so that the GPU fills. More rows
     take 32- or 64-row tiles over 128 columns (64 x 128: the best tile measured at M = 1024, no spills;
@@ -394,8 +398,12 @@ def default_blocks(m: int, k: int, n: int, group_size: int, per_group: bool, ptx
     M = 1024)."""
     bk = default_block_k(group_size, per_group)
     if ptx:
-        bm, bn = (16, 256) if m <= 16 else (32 if m <= 32 else 64, 128)
-        return dict(block_m=bm, block_n=bn, block_k=bk, split_k=_filling_splits(m, k, n, bm, bn, bk), gemv=False)
+        if m <= 16:
+            return dict(block_m=16, block_n=256, block_k=bk, split_k=_filling_splits(m, k, n, 16, 256, bk), gemv=False)
+        bm = 32 if m <= 32 else 64 if m <= 64 else 128
+        programs = _PROGRAMS // 2 if bm == 128 else _PROGRAMS
+        return dict(block_m=bm, block_n=128, block_k=bk, split_k=_filling_splits(m, k, n, bm, 128, bk, programs),
+                    gemv=False, **(dict(num_warps=8) if bm == 128 else {}))
     if m == 1:
         bk = default_block_k(group_size, per_group, most=64)
         return dict(block_m=1, block_n=256, block_k=bk, split_k=_split_k(k, bk), gemv=True)
@@ -405,10 +413,9 @@ def default_blocks(m: int, k: int, n: int, group_size: int, per_group: bool, ptx
     return dict(block_m=bm, block_n=bn, block_k=bk, split_k=_filling_splits(m, k, n, bm, bn, bk), gemv=False)
 
 
-def _filling_splits(m: int, k: int, n: int, bm: int, bn: int, bk: int) -> int:
-    """The K splits that give the grid about ``_PROGRAMS`` programs of ``(bm, bn)`` tiles."""
-    programs = pl.cdiv(m, bm) * pl.cdiv(n, bn)
-    return _splits_near(k, bk, max(1, _PROGRAMS // programs))
+def _filling_splits(m: int, k: int, n: int, bm: int, bn: int, bk: int, programs: int = _PROGRAMS) -> int:
+    """The K splits that give the grid about ``programs`` programs of ``(bm, bn)`` tiles."""
+    return _splits_near(k, bk, max(1, programs // (pl.cdiv(m, bm) * pl.cdiv(n, bn))))
 
 
 def _split_k(k: int, bk: int, blocks_per_split: int = 8) -> int:
@@ -479,6 +486,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         bk = block_k or blocks["block_k"]
     unit = group_size if ptx and gemv and per_group else bk  # a K split holds whole units
     split_k = split_k or (_split_k(k, unit, max(1, 512 // unit)) if ptx and gemv else blocks["split_k"])
+    num_warps = num_warps or blocks.get("num_warps")
     if magic and jnp.dtype(x.dtype).type not in _MAGIC:
         raise ValueError(f"pallas: magic=True decodes into float32, bfloat16 or float16 activations, not {x.dtype}")
     if per_group and group_size % bk:
