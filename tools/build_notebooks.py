@@ -232,8 +232,8 @@ SPEED = [
 Int4 stores a weight in 4.25 bits (group 128 with float32 scales) instead of 16 for bf16. At decode batch
 sizes a matmul reads every weight byte once and does little arithmetic, so reading 3.8x fewer bytes could
 make it up to 3.8x faster; at large batch the arithmetic dominates and the bytes matter less. This
-notebook plots the measurements committed under `benchmarks/results/` (an H100 lent for one session) and
-times the CPU path on the machine running it."""),
+notebook plots the measurements committed under `benchmarks/results/` (an H200 lent in session 14, an H100
+in session 4) and times the CPU path on the machine running it."""),
     ("code", """import json, pathlib, time
 import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
@@ -243,7 +243,7 @@ RESULTS = pathlib.Path("..") / "benchmarks" / "results"
 gpu = {name: json.loads((RESULTS / f"matmul_gpu_h100_s4_{name}.json").read_text())
        for name in ("run2_sweep", "run3_defaults", "run4_probes")}
 print(gpu["run3_defaults"]["machine"])"""),
-    ("md", """## H100, K = N = 8192, bf16 activations, int4 group 128
+    ("md", """## H100 (session 4), K = N = 8192, bf16 activations, int4 group 128
 
 Device time per product (lower is better): the GPU-busy time of the product's kernels from a profiler
 trace. `native` is XLA's own `jnp.int4` dot, `dequant` the weight dequantized into XLA's GEMM, `auto`
@@ -286,6 +286,69 @@ labels = [f"{p['block_n']}x{p['block_k']}/{p['split_k']} w{p['num_warps'] or '-'
 bx.barh(labels, [p["dev_TB_per_s"] for p in probes]); bx.invert_yaxis(); bx.tick_params(labelsize=7)
 bx.set_xlabel("TB/s of packed weight read (load only)"); bx.set_title("load probes: block_n x block_k / splits")
 plt.tight_layout(); plt.show()"""),
+    ("md", """## H200 (session 14): the PTX kernel, time against rows
+
+Three runs on one H200 (K = N = 8192, bf16 activations, int4 group 128, device time per product).
+`auto` is what `qdot` picks now: the kernel's PTX dot (codes decoded by inline PTX, no integer-to-float
+conversions) up to 128 rows, then `dequant`. The byte kernel is the kernel `auto` took before this
+session; Qwix's int4 dot and `dequant` were timed in the first run. The dotted line marks reading the
+4.25-bit weight at 4.8 TB/s, the card's rated bandwidth; no Pallas load pattern measured so far read it
+faster than 12.9 us (2.6 TB/s)."""),
+    ("code", """h200 = {name: json.loads((RESULTS / f"matmul_gpu_h200_s14_{name}.json").read_text())
+        for name in ("run1_sweep", "run1_m1024", "run2_ptx_defaults", "run3_validation")}
+print(h200["run2_ptx_defaults"]["machine"])
+
+def series(column, runs):
+    # {M: device us} of one column over runs, later runs first
+    out = {}
+    for run in runs:
+        for row in h200[run]["table"]:
+            value = row.get(f"{column}_dev_us")
+            if isinstance(value, float):
+                out.setdefault(row["M"], value)
+    return dict(sorted(out.items()))
+
+new_runs = ("run3_validation", "run2_ptx_defaults")
+lines = {"bf16 x bf16": series("bf16", new_runs), "auto (PTX dot, then dequant)": series("auto", new_runs),
+         "byte kernel (auto before)": dict(sorted({**series("pallas", ("run1_sweep", "run1_m1024")),
+                                                   **series("pallas_bytes", new_runs)}.items())),
+         "dequant": series("dequant", new_runs + ("run1_sweep", "run1_m1024")),
+         "Qwix int4 dot": series("qwix", ("run1_sweep", "run1_m1024"))}
+fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 3.8))
+for (label, pts), style in zip(lines.items(), ("k-o", "C0-o", "C1--s", "C2:^", "C3:v")):
+    ax.plot(list(pts), list(pts.values()), style, label=label)
+ax.axhline(8192 * 8192 * 4.25 / 8 / 4.8e12 * 1e6, ls=":", c="gray", lw=1, label="int4 bytes at 4.8 TB/s")
+ax.set_xscale("log", base=2); ax.set_yscale("log"); ax.set_xlabel("M (rows)"); ax.set_ylabel("us per product (device)")
+ax.legend(fontsize=8); ax.set_title("K = N = 8192")
+bf16 = lines["bf16 x bf16"]
+auto = {m: bf16[m] / us for m, us in lines["auto (PTX dot, then dequant)"].items() if m in bf16}
+bx.bar([str(m) for m in auto], list(auto.values()), color=["C0" if v >= 1 else "C3" for v in auto.values()])
+bx.axhline(1, c="k", lw=1); bx.axhline(3, c="gray", ls="--", lw=1, label="the 3x goal at decode")
+bx.set_xlabel("M (rows)"); bx.set_ylabel("speed-up of auto over bf16"); bx.legend(fontsize=8)
+plt.tight_layout(); plt.show()
+for m, v in auto.items():
+    print(f"M = {m:5}: auto {lines['auto (PTX dot, then dequant)'][m]:6.1f} us, bf16 {bf16[m]:6.1f} us, {v:.2f}x")"""),
+    ("md", """The PTX dot's tiles at M = 1 and 16 (both runs' sweeps): 256 output columns, 128-row K blocks and 8
+splits of 1024 rows (256 programs) were best; narrower, wider or more finely split tiles, and the PTX
+GEMV, were slower. The load-only probes (no decode, no dot: they only sum the packed bytes) bound what
+this way of loading reaches: 12.9 us at best."""),
+    ("code", """pts = [e for run in ("run1_sweep", "run2_ptx_defaults") for e in h200[run]["sweep"]
+       if e["M"] in (1, 16) and isinstance(e.get("dev_us"), float)]
+def kind(e):
+    if e.get("probe"):
+        return "load-only probe"
+    return "PTX dot" if e.get("ptx") and not e.get("gemv") else "PTX GEMV" if e.get("ptx") else "byte kernel"
+
+fig, ax = plt.subplots(figsize=(8, 3.6))
+for i, label in enumerate(("PTX dot", "PTX GEMV", "byte kernel", "load-only probe")):
+    for m, marker in ((1, "o"), (16, "s")):
+        sel = [e for e in pts if kind(e) == label and e["M"] == m]
+        if sel:
+            ax.scatter([e["block_n"] * (1.06 if m == 16 else 1) for e in sel], [e["dev_us"] for e in sel], c=f"C{i}",
+                       marker=marker, label=f"{label}, M = {m}", s=28)
+ax.axhline(series("bf16", ("run2_ptx_defaults",))[1], c="k", lw=1, label="bf16, M = 1")
+ax.set_xscale("log", base=2); ax.set_xlabel("block_n"); ax.set_ylabel("us (device)"); ax.legend(fontsize=7, ncol=2)
+plt.tight_layout(); plt.show()"""),
     ("md", """## The CPU paths
 
 `auto` on the CPU unpacks 512 rows of the weight at a time into two float32 dots (even and odd
@@ -303,7 +366,9 @@ plt.tight_layout(); plt.show()"""),
     ("md", """And the same paths timed on the machine running this notebook (median of 15, M = 8, K = N = 4096).
 Int4 pays where the float32 weight does not stay in cache between calls: a 64 MB weight here; at
 K = N = 2048 (16 MB, inside this VM's 32 MB L3) the float32 matmul measured 0.4-0.5 ms and every int4
-path was slower than it."""),
+path was slower than it. Live timings on a shared 2-core VM are noisy: in session 14 the per-channel `qdot`
+took 2.4-3.0 ms in a plain Python process but 2.4-15 ms across four builds of this notebook, in the
+Jupyter kernel."""),
     ("code", """def median_ms(f, *args, n=15):
     jax.block_until_ready(f(*args))
     ts = []
