@@ -1,7 +1,7 @@
 """The Pallas kernel's GPU code, read without a GPU: registers, spills and instruction mix on an H100 (sm_90).
 
     pip install -e ".[ptx]"            # Triton's compiler and its ptxas run on a CPU machine
-    python tools/kernel_ptx.py 1 16 1,ptx=True 16,ptx=True [--kn 8192] [--format uint4] [--dtype float16] [--keep DIR]
+    python tools/kernel_ptx.py 1,ptx=False 16,ptx=False 1 16 [--kn 8192] [--format uint4] [--dtype float16] [--keep DIR]
 
 Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=value``); the weight is
 ``kn x kn`` int4 (``--format``) with group 128, the activations bf16 (``--dtype``). The kernel is lowered
