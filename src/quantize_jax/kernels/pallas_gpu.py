@@ -383,8 +383,7 @@ def default_ptx(m: int, fmt: Format, dtype) -> bool:
 
 def default_blocks(m: int, k: int, n: int, group_size: int, per_group: bool, ptx: bool = False) -> dict:
     """Tiles for an ``(m, k) @ (k, n)`` product: ``block_m, block_n, block_k, split_k, gemv`` and maybe
-    ``num_warps`` (the best
-    deterministic tiles of the sweeps in ``benchmarks/matmul_gpu.py``, K = N = 8192).
+    ``num_warps`` (the best deterministic tiles of the sweeps in ``benchmarks/matmul_gpu.py``, K = N = 8192).
 
     The PTX dot (``ptx``; an H200, session 14): up to 16 rows one 16-row tile over 256 columns, then 32,
     64 or 128 rows over 128 columns (128 with 8 warps), 128-row K blocks, K split until the grid has about
