@@ -21,7 +21,7 @@ def _reference(x, q):
     return np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q, jnp.float32), np.float64)
 
 
-@settings(max_examples=8)  # each example compiles; CI time (session 14's VM: 15 min at the previous counts)
+@settings(max_examples=6)  # each example compiles; CI time (session 14's VM: 15 min at the previous counts)
 @given(**PRODUCTS, backend=st.sampled_from(BACKENDS))
 def test_every_backend_matches_the_reference(m, k, n, fmt, group, backend):
     x, q = product_operands(m, k, n, fmt, group)
@@ -72,7 +72,7 @@ def test_w4a8_equals_int8_activations_times_the_dequantized_weight(fmt):
     assert 0 < rel < 0.03  # W4A8 changes the numerics, by little
 
 
-@settings(max_examples=8)  # each example compiles; CI time (session 14's VM: 15 min at the previous counts)
+@settings(max_examples=6)  # each example compiles; CI time (session 14's VM: 15 min at the previous counts)
 @given(m=st.integers(1, 9), vocab=st.integers(1, 700), d=st.integers(1, 70), fmt=st.sampled_from(FORMATS),
        layout=st.sampled_from(["row", "row_groups", "column", "column_groups", "tensor"]),
        backend=st.sampled_from(["auto", "chunked", "dequant", "xla"]))
@@ -222,7 +222,7 @@ def _specs(draw, ndim: int, sizes):
     return qj.QuantSpec(format=fmt, axis=tuple(sorted(axes)))
 
 
-@settings(max_examples=8)  # each example compiles; CI time (session 14's VM: 15 min at the previous counts)
+@settings(max_examples=6)  # each example compiles; CI time (session 14's VM: 15 min at the previous counts)
 @given(einsums(roles=("batch", "contracted", "produced", "free", "summed")), st.data(),
        st.sampled_from(("auto", "xla", "chunked", "dequant", "native")))
 def test_qeinsum_of_any_layout_equals_the_einsum_over_the_dequantized_weight(einsum, data, backend):
@@ -279,7 +279,7 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
     w = jax.random.normal(jax.random.key(13), (256, 48))
     q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
     f = jax.jit(lambda x, q: qj.qdot(x, q, act_quant=act_quant))
-    for m, dtype in itertools.product((2, 16, 64, 256), (jnp.bfloat16, jnp.float32)):
+    for m, dtype in itertools.product((16, 64, 256), (jnp.bfloat16, jnp.float32)):
         # the Triton kernel on CUDA: up to PALLAS_MAX_M rows (float32: PALLAS_MAX_M_FLOAT32), any M for W4A8
         x = jax.random.normal(jax.random.key(m), (m, 256)).astype(dtype)
         exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"], disabled_checks=[_TRITON])(x, q)
