@@ -39,11 +39,17 @@ from quantize_jax.kernels import pallas_gpu
 ARCH = 90
 
 
-def triton_ir(m: int, kn: int, blocks: dict, fmt: str = "int4", dtype=jnp.bfloat16) -> str:
+def triton_ir(m: int, kn: int, blocks: dict, fmt: str = "int4", dtype=jnp.bfloat16) -> tuple[str, dict]:
     """The Triton IR (text) of the kernel for an ``(m, kn) @ (kn, kn)`` product with ``blocks``: a ``fmt``
-    weight in groups of 128 rows, ``dtype`` activations."""
-    captured = []
+    weight in groups of 128 rows, ``dtype`` activations; and the ``num_warps`` / ``num_stages`` the kernel
+    asked Triton for (the defaults' too: 8 warps for 128-row PTX tiles)."""
+    captured, params = [], []
     lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
+    compiler_params = pallas_gpu.pl_triton.CompilerParams
+
+    def record(**kwargs):
+        params.append(kwargs)
+        return compiler_params(**kwargs)
 
     def capture(*args, **kwargs):
         result = lower(*args, **kwargs)
@@ -58,12 +64,14 @@ def triton_ir(m: int, kn: int, blocks: dict, fmt: str = "int4", dtype=jnp.bfloat
         return pallas_gpu.matmul(x, q.packed, q.scale, q.zero_point, n=kn, fmt=spec.fmt, group_size=128, **blocks)
 
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
+    pallas_gpu.pl_triton.CompilerParams = record
     try:
         jax.export.export(jax.jit(product), platforms=["cuda"],
                           disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, q)
     finally:
         pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
-    return captured[-1]
+        pallas_gpu.pl_triton.CompilerParams = compiler_params
+    return captured[-1], params[-1]
 
 
 def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None = None) -> dict:
@@ -81,7 +89,7 @@ def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None =
         (pathlib.Path(d) / "kernel.ptx").write_text(ptx)
         tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
         cubin = str(pathlib.Path(d) / "kernel.cubin")
-        out = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{ARCH}a", "-v", str(pathlib.Path(d) / "kernel.ptx"),
+        out = subprocess.run([_ptxas(tools), f"-arch=sm_{ARCH}a", "-v", str(pathlib.Path(d) / "kernel.ptx"),
                               "-o", cubin], capture_output=True, text=True, check=True)
         sass = subprocess.run([str(tools / "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout
@@ -115,6 +123,19 @@ def report(ir: str, num_warps: int, num_stages: int, keep: pathlib.Path | None =
         "inner_loop": {"instructions": sum(loop.values()), **dict(loop.most_common(6)), "BAR": loop["BAR"]},
         "loops": [sum(body.values()) for body in loops],
     }
+
+
+def _ptxas(tools: pathlib.Path) -> str:
+    """The ptxas Triton itself runs for sm_90, which reads the PTX version it writes (Triton 3.9 writes PTX
+    9.4 and bundles a CUDA 12.8 ``ptxas`` beside a CUDA 13 ``ptxas-blackwell``, which it picks)."""
+    from triton.backends.nvidia import compiler
+
+    if not hasattr(compiler, "get_ptxas"):
+        return str(tools / "ptxas")
+    try:
+        return compiler.get_ptxas(ARCH).path
+    except TypeError:  # (Triton releases whose get_ptxas takes no architecture)
+        return compiler.get_ptxas().path
 
 
 def _ttir_passes(ir: str, path: pathlib.Path) -> str:
@@ -181,9 +202,9 @@ def main():
         for pair in pairs:
             name, value = pair.split("=")
             blocks[name] = value == "True" if value in ("True", "False") else int(value)
-        ir = triton_ir(int(m), args.kn, blocks, args.format, jnp.dtype(args.dtype))
+        ir, params = triton_ir(int(m), args.kn, blocks, args.format, jnp.dtype(args.dtype))
         keep = args.keep / spec.replace(",", "_").replace("=", "-") if args.keep else None
-        facts = report(ir, blocks.get("num_warps") or 4, blocks.get("num_stages") or 3, keep)
+        facts = report(ir, params["num_warps"] or 4, params["num_stages"] or 3, keep)  # (None: Triton's defaults)
         print(f"M={m} {blocks or 'default tiles'}: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
 
