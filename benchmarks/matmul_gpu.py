@@ -217,7 +217,7 @@ def sweep_configs(m: int, k: int):
     return [entry(*t) for t in ((128, 128, 64, 8, 3, k), (128, 128, 64, 8, 4, k), (64, 128, 128, 4, 3, k))]
 
 
-def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, integers=False, **_):
+def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, integers=False):
     """A diagnostic Pallas kernel with the kernel's grid and loads but no decode or dot: it only sums the
     packed bytes (into a ``(block_k, block_n / 2)`` accumulator, or with ``fold_rows`` into one row per
     step, which keeps wide tiles in registers). Its time bounds what this grid and load pattern reach.
@@ -362,15 +362,15 @@ def main():
             print(" ", entry, flush=True)
         write_json(args.out, dict(result, probes=probes, profile_lines=sorted(PROFILE_LINES)))
         return
-    try:  # Qwix's int4 weights, quantized once for every M
-        if args.lean:
-            raise ImportError("--lean")
-        import qwix
+    qwix_ws = None  # (--lean: no Qwix column)
+    if not args.lean:
+        try:  # Qwix's int4 weights, quantized once for every M
+            import qwix
 
-        qwix_ws = [jax.jit(lambda w: qwix.quantize(w, jnp.int4, channelwise_axes=(1,), tiled_axes={0: 128}))(w)
-                   for w in bfs]
-    except Exception as e:
-        qwix_ws = f"unavailable: {type(e).__name__}"
+            qwix_ws = [jax.jit(lambda w: qwix.quantize(w, jnp.int4, channelwise_axes=(1,), tiled_axes={0: 128}))(w)
+                       for w in bfs]
+        except Exception as e:
+            qwix_ws = f"unavailable: {type(e).__name__}"
     table, sweep, best = [], [], {}
     for i, m in enumerate(args.m):
         sweep_until = start + args.budget * (0.25 + 0.55 * (i + 1) / len(args.m))
@@ -383,14 +383,14 @@ def main():
             backends = ("native", "dequant", "auto", "pallas")
         for backend in backends:
             row.update(timed(lambda x, q, b=backend: qj.qdot(x, q, backend=b), xs, qs, f"{backend}_"))
-        if m <= 128:  # the byte kernel's default tiles: auto's kernel up to session 13
+        if m <= PALLAS_MAX_M:  # the byte kernel's default tiles: auto's kernel up to session 13
             row.update(timed(kernel_fn(ptx=False), xs, qs, "pallas_bytes_"))
         if not args.lean:
             row.update(timed(kernel_fn(magic=True), xs, qs, "pallas_magic_"))  # default tiles, magic decode
         if m > 128 and not args.lean:  # dequant's values through the public dequantize: no int4 bitcast or barrier
             row.update(timed(lambda x, q: jnp.dot(x, qj.dequantize(q, x.dtype), preferred_element_type=jnp.float32),
                              xs, qs, "dequant_shifts_"))
-        if m <= 128 and (m > PTX_MAX_M or not args.lean):  # the PTX dot's default tiles (the kernel's below)
+        if m <= PALLAS_MAX_M and (m > PTX_MAX_M or not args.lean):  # the PTX dot's default tiles (the kernel's below)
             row.update(timed(kernel_fn(ptx=True), xs, qs, "pallas_ptx_"))
         if m == 1:
             pathlib.Path(args.out).with_suffix(".ptx_hlo.txt").write_text(
@@ -409,11 +409,9 @@ def main():
                 x.astype(jnp.float32), qj.dequantize(q, jnp.float32), precision=jax.lax.Precision.HIGHEST), x),
                 xs, qs, "grad_f32_reference_"))
             row.update(timed(lambda x, w: grad_x(lambda x: bf16_dot(x, w), x), xs, bfs, "grad_bf16_"))
-        if args.lean:
-            pass
-        elif isinstance(qwix_ws, str):
+        if isinstance(qwix_ws, str):
             row["qwix_us"] = qwix_ws
-        else:
+        elif qwix_ws is not None:
             row.update(timed(qwix.dot, xs, qwix_ws, "qwix_"))
         if not args.no_sweep and (args.sweep_m is None or m in args.sweep_m):
             for blocks in sweep_configs(m, k):
