@@ -136,6 +136,31 @@ def test_gradients_for_every_format_and_scale_layout(fmt, axis, group):
     np.testing.assert_allclose(tangent, np.asarray(x, np.float64) @ w_hat, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pallas_backward_is_the_transposed_kernel(dtype):
+    """With ``backend="pallas"`` reverse mode's ``g @ W.T`` runs the transposed kernel (interpreted here);
+    its primitive's own rules give a Hessian-vector product (forward over reverse) and vmap."""
+    w = jax.random.normal(jax.random.key(40), (200, 40))
+    q = qj.quantize(w, qj.QuantSpec(format="uint4", axis=0, group_size=64))  # zero points too
+    x = jax.random.normal(jax.random.key(41), (5, 200)).astype(dtype)
+    c = jax.random.normal(jax.random.key(42), (5, 40))
+    w_hat = np.asarray(qj.dequantize(q), np.float64)
+    grad = jax.jit(jax.grad(lambda x: (qj.qdot(x, q, backend="pallas").astype(jnp.float32) * c).sum()))
+    assert "qdot_int4_transposed" in grad.lower(x).as_text(debug_info=True)
+    want = np.asarray(c, np.float64) @ w_hat.T
+    eps = 1e-6 if dtype == jnp.float32 else 2.0**-7  # bf16: g * s, and the result, rounded to bf16
+    assert (np.abs(np.asarray(grad(x), np.float64) - want) <= eps * (np.abs(c) @ np.abs(w_hat).T) + 1e-6).all()
+    if dtype == jnp.bfloat16:
+        return
+    f = lambda x: (qj.qdot(x, q, backend="pallas") ** 2).sum()  # noqa: E731
+    _, hv = jax.jvp(jax.grad(f), (x,), (c @ w_hat.T.astype(np.float32),))  # H v = 2 (v W) W.T
+    v = np.asarray(c, np.float64) @ w_hat.T
+    want = 2 * (v @ w_hat) @ w_hat.T
+    np.testing.assert_allclose(hv, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    batched = jax.vmap(jax.grad(lambda x: qj.qdot(x, q, backend="pallas").sum()))(x[:, None])
+    np.testing.assert_allclose(batched[:, 0], np.broadcast_to(w_hat.sum(1), x.shape), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_operands_give_zeros_as_jnp_matmul(backend):
     for k, n in [(0, 4), (4, 0)]:  # nothing to contract; no output columns
@@ -169,17 +194,18 @@ def test_off_the_cpu_a_16_bit_gradient_multiplies_in_its_own_dtype(dtype, tied):
     """On GPU and TPU, the backward pass of a bf16 / f16 qdot (or tied logits ``"md,vd->mv"``) is one
     ``g @ W.T`` (``g @ W``) in that dtype over the decoded weight (lowered here for both), not a float32
     product; float32 keeps the highest precision. Its values: within the 16-bit rounding of the weight and
-    of the gradient."""
+    of the gradient. (On NVIDIA GPUs a 16-bit qdot's backward takes the transposed kernel up to
+    ``PALLAS_TRANSPOSED_MAX_M`` rows: the product here has one row more.)"""
     w = jax.random.normal(jax.random.key(8), (384, 256) if tied else (256, 384))
     q = qj.quantize(w, qj.QuantSpec(axis=1 if tied else 0, group_size=128))
-    x = jax.random.normal(jax.random.key(9), (8, 256)).astype(dtype)
+    x = jax.random.normal(jax.random.key(9), (matmul.PALLAS_TRANSPOSED_MAX_M + 1, 256)).astype(dtype)
     product = (lambda x: qj.qeinsum("md,vd->mv", x, q)) if tied else (lambda x: qj.qdot(x, q))
     grad = jax.jit(jax.grad(lambda x: product(x).astype(jnp.float32).sum()))
     name = {jnp.bfloat16: "bf16", jnp.float16: "f16", jnp.float32: "f32"}[dtype]
     for platform in ("tpu", "cuda"):
         text = jax.export.export(grad, platforms=[platform])(x).mlir_module()
         dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
-        assert len(dots) == 1, dots
+        assert len(dots) == 1 and "qdot_int4" not in text, dots
         assert re.findall(r"tensor<[\dx]+x(\w+)>", dots[0]) == [name] * 3, dots[0]
         assert ("HIGHEST" in dots[0]) == (dtype == jnp.float32), dots[0]
     off_cpu = matmul._dequant_transposed if tied else matmul._decoded_product  # run here

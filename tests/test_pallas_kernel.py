@@ -243,3 +243,71 @@ def test_tf32_parts_add_up_to_float32_exactly():
 @pytest.mark.parametrize("fmt, exact", [("int4", True), ("uint4", True), ("fp4", True), ("nf4", False)])
 def test_which_levels_are_exact_in_tf32(fmt, exact):
     assert pallas_gpu._tf32_exact(qj.QuantSpec(format=fmt).fmt) == exact
+
+
+def _run_transposed(g, q, **blocks):
+    grid = _grid(q)
+    return pallas_gpu.matmul_transposed(g, q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt,
+                                        group_size=grid.group_rows, interpret=True, **blocks)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "m, k, n, group, dtype, blocks",
+    [
+        (3, 256, 300, 128, jnp.float32, dict()),  # columns split over the grid, each split several steps
+        (20, 200, 37, 64, jnp.float32, dict(block_m=16, block_k=32, block_n=16, split_n=2)),  # ragged everywhere
+        (2, 96, 50, None, jnp.bfloat16, dict()),  # one scale row for every output tile
+    ],
+)
+def test_transposed_kernel_matches_the_reference(fmt, m, k, n, group, dtype, blocks):
+    """``g @ W.T`` over W's packed axis against float64; bf16: within the rounding of ``g * s`` to bf16."""
+    w = jax.random.normal(jax.random.key(k + n), (k, n))
+    g = jax.random.normal(jax.random.key(m), (m, n))
+    q = qj.quantize(w, qj.QuantSpec(format=fmt, axis=0, group_size=group) if group else qj.QuantSpec(format=fmt))
+    y = _run_transposed(g, q, dtype=dtype, **blocks)
+    assert y.shape == (m, k) and y.dtype == jnp.float32
+    w_hat = np.asarray(qj.dequantize(q, jnp.float32), np.float64)
+    want = np.asarray(g, np.float64) @ w_hat.T
+    eps = 1e-6 if dtype == jnp.float32 else 2.0**-8  # (nf4's levels rounded to bf16 too)
+    bound = eps * (np.abs(np.asarray(g, np.float64)) @ np.abs(w_hat).T) + 1e-6
+    assert (np.abs(np.asarray(y, np.float64) - want) <= bound).all()
+
+
+@settings(max_examples=6)
+@given(**PRODUCTS)
+def test_transposed_kernel_over_random_shapes(m, k, n, fmt, group):
+    _, q = product_operands(m, k, n, fmt, group)
+    g = jax.random.normal(jax.random.key(k), (m, n))
+    y = _run_transposed(g, q)
+    want = np.asarray(g, np.float64) @ np.asarray(qj.dequantize(q, jnp.float32), np.float64).T
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.sqrt(n))
+
+
+def test_transposed_kernel_names_bad_tiles():
+    q = qj.quantize(jnp.ones((128, 8)), qj.QuantSpec(axis=0, group_size=64))
+    with pytest.raises(ValueError, match="block_k 128 must divide group_size 64"):
+        _run_transposed(jnp.ones((1, 8)), q, block_k=128)
+    with pytest.raises(ValueError, match="block_n must be a multiple of 8 for matmul_transposed, got 12"):
+        _run_transposed(jnp.ones((1, 8)), q, block_n=12)
+
+
+@pytest.mark.parametrize("m, tile, splits, warps", [(1, 16, 4, None), (16, 16, 4, None), (32, 32, 4, None),
+                                                    (64, 64, 4, 8), (128, 64, 2, 8), (2048, 64, 1, 8)])
+def test_transposed_tiles_split_columns_until_the_grid_fills(m, tile, splits, warps):
+    """K = N = 8192, groups of 128: 64 output tiles of W's rows per tile of gradient rows, the 4096 bytes of
+    each row split until about 256 programs (none at 32 tiles of gradient rows)."""
+    tiles = pallas_gpu.default_transposed_blocks(m, 8192, 8192, 128, per_group=True)
+    assert (tiles["block_m"], tiles["block_k"], tiles["block_n"], tiles["split_n"]) == (tile, 128, 256, splits)
+    assert tiles.get("num_warps") == warps
+
+
+@pytest.mark.parametrize("fmt, dtype", [("int4", jnp.bfloat16), ("uint4", jnp.float16), ("nf4", jnp.float32)])
+def test_transposed_kernel_lowers_for_cuda_on_this_machine(fmt, dtype):
+    q = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), qj.QuantSpec(format=fmt, axis=0, group_size=128))
+    grid = _grid(q)
+    product = jax.jit(lambda g, q: pallas_gpu.matmul_transposed(
+        g, q.packed, grid.scale, grid.zero_point, n=64, fmt=q.spec.fmt, group_size=128, dtype=dtype))
+    exported = jax.export.export(product, platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    assert "qdot_int4_transposed" in exported(jnp.ones((3, 64)), q).mlir_module()

@@ -3,7 +3,8 @@
     pip install -e ".[ptx]"            # Triton's compiler and its ptxas run on a CPU machine
     python tools/kernel_ptx.py 1,ptx=False 16,ptx=False 1 16 [--kn 8192] [--format uint4] [--dtype float16] [--keep DIR]
 
-Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=value``); the weight is
+Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=value``; ``transposed=True``
+compiles ``pallas_gpu.matmul_transposed``, ``g @ W.T``, with its own tile arguments instead); the weight is
 ``kn x kn`` int4 (``--format``) with group 128, the activations bf16 (``--dtype``). The kernel is lowered
 for CUDA through ``jax.export`` (no GPU needed; the Triton IR is taken from Pallas' lowering, a private
 JAX module), compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills (with Triton's
@@ -60,8 +61,17 @@ def triton_ir(m: int, kn: int, blocks: dict, fmt: str = "int4", dtype=jnp.bfloat
     q = jax.eval_shape(lambda w: qj.quantize(w, spec), jax.ShapeDtypeStruct((kn, kn), jnp.float32))
     x = jax.ShapeDtypeStruct((m, kn), dtype)
 
-    def product(x, q):
-        return pallas_gpu.matmul(x, q.packed, q.scale, q.zero_point, n=kn, fmt=spec.fmt, group_size=128, **blocks)
+    blocks = dict(blocks)
+    if blocks.pop("transposed", False):  # g @ W.T: float32 gradients, dots in ``dtype``
+        x = jax.ShapeDtypeStruct((m, kn), jnp.float32)
+
+        def product(g, q):
+            return pallas_gpu.matmul_transposed(g, q.packed, q.scale, q.zero_point, n=kn, fmt=spec.fmt,
+                                                group_size=128, dtype=dtype, **blocks)
+    else:
+        def product(x, q):
+            return pallas_gpu.matmul(x, q.packed, q.scale, q.zero_point, n=kn, fmt=spec.fmt, group_size=128,
+                                     **blocks)
 
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
     pallas_gpu.pl_triton.CompilerParams = record

@@ -49,7 +49,11 @@ Gradients flow to ``x`` (``g @ dequantize(q).T``, forward and reverse mode;
 on the CPU block by block over the weight's rows, so the backward pass never
 decodes the whole weight; elsewhere one product over the decoded weight,
 rematerialized: in bf16 / f16 for such activations, with ``dequant``'s
-rounding, else the reference); the weight gets none.
+rounding, else the reference); the weight gets none. Reverse mode's
+``g @ W.T`` takes the transposed Pallas kernel (contracted over the packed
+axis, the weight never decoded to memory) with ``pallas``, and with ``auto``
+on NVIDIA GPUs for bf16 / f16 activations up to ``PALLAS_TRANSPOSED_MAX_M``
+rows (``g * s`` rounded to that dtype, as the decoded weight would be).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 from jax.sharding import PartitionSpec
 
 from quantize_jax import _layout
@@ -87,6 +91,11 @@ NATIVE_MAX_M = 32
 # float32 activations: the kernel's float32 dots (three TF32 dots a block since session 6; full precision
 # before, which spilled registers) were never timed; they keep the first bound.
 PALLAS_MAX_M_FLOAT32 = 16
+# Rows up to which auto's reverse mode on NVIDIA GPUs multiplies ``g @ W.T`` by the transposed kernel (bf16 /
+# f16 activations). Not yet timed: the decoded product it replaces took 208 us at M = 64 (H200, K = N = 8192;
+# bf16 x bf16's own backward 60.8), about dequant's decoding (99-100 us) plus a GEMM, where the forward
+# kernel, which reads the same bytes, took 22.8-36.4 up to 64 rows.
+PALLAS_TRANSPOSED_MAX_M = 64
 # The CPU paths unpack the weight one chunk of _CHUNK_ROWS K rows at a time (512 x 4096 float32 = 8 MiB
 # over two dots); the float32 path cuts packed rows over 2 * _COL_BLOCK bytes (4096 columns) into tiles of
 # _COL_BLOCK bytes.
@@ -258,19 +267,25 @@ def _native_is_smaller(m, dtype, grid: _Grid) -> bool:
     return _groups_per_step(m, g, grid.group_rows, jnp.dtype(_dot_dtype(dtype)).itemsize) == g
 
 
-_per_platform_p = jex_core.Primitive("qdot_per_platform")
+_per_platform_p = jex_core.Primitive("qdot_per_platform")  # x @ W, float32
+_tangent_p = jex_core.Primitive("qdot_tangent")  # dx @ W, float32: qdot's tangent
+_transposed_tangent_p = jex_core.Primitive("qdot_tangent_transposed")  # g @ W.T in x's dtype: its transpose
 
 
 def _per_platform(x, q, backend, act_quant):
     """Binds the primitive whose lowering picks the implementation per platform. Unlike
     ``lax.platform_dependent``, each platform's code is lowered for that platform only, so the
     Triton kernel can sit beside the CPU path in one multi-platform export."""
+    return _bind(_per_platform_p, x, q, backend=backend, act_quant=act_quant)
+
+
+def _bind(primitive, x, q: QArray, **params):
+    """``primitive`` over ``x`` and the weight's arrays (made to vary alike inside ``shard_map``), the rest of
+    the weight as parameters."""
     zero_point = q.zero_point if q.zero_point is not None else jnp.zeros((0,), jnp.float32)
     x, packed, scale, zero_point = _vary_alike(x, q.packed, q.scale, zero_point)
-    return _per_platform_p.bind(
-        x, packed, scale, zero_point, shape=q.shape, dtype=np.dtype(q.dtype), spec=q.spec,
-        has_zero=q.zero_point is not None, backend=backend, act_quant=act_quant,
-    )
+    return primitive.bind(x, packed, scale, zero_point, shape=q.shape, dtype=np.dtype(q.dtype), spec=q.spec,
+                          has_zero=q.zero_point is not None, **params)
 
 
 def _vary_alike(*arrays):
@@ -287,22 +302,78 @@ def _varying_axes(a) -> frozenset:
     return frozenset(getattr(manual, "varying", None) or getattr(aval, "vma", ()))
 
 
-def _per_platform_impl(platform, x, packed, scale, zero_point, *, shape, dtype, spec, has_zero, backend, act_quant):
-    q = QArray(packed, scale, zero_point if has_zero else None, shape, dtype, spec)
+def _weight(packed, scale, zero_point, *, shape, dtype, spec, has_zero) -> QArray:
+    return QArray(packed, scale, zero_point if has_zero else None, shape, dtype, spec)
+
+
+def _per_platform_impl(platform, x, packed, scale, zero_point, *, backend, act_quant, **weight):
+    q = _weight(packed, scale, zero_point, **weight)
     grid = _grid(q)
     return _choose(platform, backend, act_quant, x.shape[0], x.dtype, grid)(x, q, grid=grid)
 
 
+def _tangent(dx, q: QArray, backend: str):
+    """:func:`qdot`'s tangent ``dx @ dequantize(q)`` (float32), forward mode, and transposed by its primitive's
+    rule into ``g @ dequantize(q).T`` for reverse mode (:func:`_transposed_tangent_impl`), so that the
+    backward pass never keeps the decoded weight: on the CPU :func:`_blocked_product`, elsewhere
+    :func:`_decoded_product` (rematerialized: the weight decoded again in the backward pass)."""
+    return _bind(_tangent_p, dx, q, backend=backend)
+
+
+def _tangent_impl(platform, dx, packed, scale, zero_point, *, backend, **weight):
+    return (_blocked_product if platform == "cpu" else _decoded_product)(dx, _weight(packed, scale, zero_point, **weight))
+
+
+def _transposed_tangent_impl(platform, g, packed, scale, zero_point, *, backend, x_dtype, **weight):
+    """Reverse mode's ``g @ dequantize(q).T`` in x's dtype: the transposed Pallas kernel
+    (:func:`pallas_gpu.matmul_transposed`, contracted over the packed axis, the weight never decoded to
+    memory) with ``pallas`` (interpreted on the CPU), and with ``auto`` on NVIDIA GPUs for bf16 / f16
+    activations up to ``PALLAS_TRANSPOSED_MAX_M`` rows; else the transpose of the tangent's own product
+    (on the CPU block by block over the weight's rows; elsewhere one product over the weight decoded to
+    bf16 / f16, in that dtype, or the reference for float32)."""
+    q = _weight(packed, scale, zero_point, **weight)
+    grid, dtype = _grid(q), _dot_dtype(x_dtype)
+    kernel = q.size > 0 and not _at_most(g.shape[0], 0) and grid is not None and _pallas_fits(grid) and (
+        (backend == "pallas" and platform in ("cpu", "cuda"))
+        or (backend == "auto" and platform == "cuda" and dtype != jnp.float32 and _at_most(g.shape[0], PALLAS_TRANSPOSED_MAX_M)))
+    if kernel:
+        y = pallas_gpu.matmul_transposed(g, q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt,
+                                         group_size=grid.group_rows, dtype=dtype, interpret=platform != "cuda")
+    else:  # (the example tangent varies as g does inside shard_map: else the transpose would psum it)
+        product = _blocked_product if platform == "cpu" else _decoded_product
+        dx = _vary_alike(jnp.zeros((g.shape[0], q.shape[0]), x_dtype), g)[0]
+        (y,) = jax.linear_transpose(lambda dx: product(dx, q), dx)(g)
+    return y.astype(x_dtype)
+
+
+def _tangent_transpose(ct, dx, packed, scale, zero_point, **params):
+    if type(ct) is ad.Zero:
+        return [ad.Zero(dx.aval), None, None, None]
+    x_dtype = np.dtype(dx.aval.dtype)
+    return [_transposed_tangent_p.bind(ct, packed, scale, zero_point, x_dtype=x_dtype, **params), None, None, None]
+
+
+def _transposed_tangent_transpose(ct, g, packed, scale, zero_point, *, x_dtype, **params):
+    if type(ct) is ad.Zero:
+        return [ad.Zero(g.aval), None, None, None]
+    return [_tangent_p.bind(ct, packed, scale, zero_point, **params).astype(g.aval.dtype), None, None, None]
+
+
+def _linear_jvp(primitive, primals, tangents, **params):
+    """Linear in the first operand; the weight's tangents are ignored (a constant, as in :func:`qdot`)."""
+    return primitive.bind(*primals, **params), primitive.bind(ad.instantiate_zeros(tangents[0]), *primals[1:], **params)
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted_bind(**params):
-    return jax.jit(functools.partial(_per_platform_p.bind, **params))
+def _jitted_bind(primitive, **params):
+    return jax.jit(functools.partial(primitive.bind, **params))
 
 
-def _per_platform_batch(args, dims, **params):
+def _per_platform_batch(primitive, args, dims, **params):
     """vmap: a batch of activations folds into M; batched weights run one at a time (``lax.map``)."""
     if all(d is None for d in dims[1:]):
         x = jnp.moveaxis(args[0], dims[0], 0)
-        y = _per_platform_p.bind(x.reshape(-1, x.shape[-1]), *args[1:], **params)
+        y = primitive.bind(x.reshape(-1, x.shape[-1]), *args[1:], **params)
         return y.reshape(x.shape[:2] + y.shape[-1:]), 0
     moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
     mapped = [i for i, d in enumerate(dims) if d is not None]
@@ -311,32 +382,41 @@ def _per_platform_batch(args, dims, **params):
         full = list(moved)
         for i, a in zip(mapped, sliced):
             full[i] = a
-        return _per_platform_p.bind(*full, **params)
+        return primitive.bind(*full, **params)
 
     return lax.map(one, [moved[i] for i in mapped]), 0
 
 
-_per_platform_p.def_impl(lambda *args, **params: _jitted_bind(**params)(*args))
-_per_platform_p.def_abstract_eval(  # x's type otherwise: inside shard_map, the manual axes it varies over
-    lambda x, *_, shape, **__: x.update(shape=(x.shape[0], shape[1]), dtype=jnp.dtype(jnp.float32), weak_type=False)
-)
-batching.primitive_batchers[_per_platform_p] = _per_platform_batch
-for _platform in ("cpu", "cuda", "rocm", "tpu"):  # "tpu" is also the rule for any other platform
-    mlir.register_lowering(
-        _per_platform_p, mlir.lower_fun(functools.partial(_per_platform_impl, _platform), multiple_results=False),
-        platform=None if _platform == "tpu" else _platform,
-    )
+def _abstract_eval(x, *_, shape, x_dtype=None, **__):
+    """``(M, N)`` float32, or for the transposed tangent ``(M, K)`` in x's dtype; x's type otherwise (inside
+    ``shard_map``, the manual axes it varies over)."""
+    out = (x.shape[0], shape[1]) if x_dtype is None else (x.shape[0], shape[0])
+    return x.update(shape=out, dtype=jnp.dtype(x_dtype or jnp.float32), weak_type=False)
+
+
+for _primitive, _impl in ((_per_platform_p, _per_platform_impl), (_tangent_p, _tangent_impl),
+                          (_transposed_tangent_p, _transposed_tangent_impl)):
+    _primitive.def_impl(functools.partial(lambda primitive, *args, **params: _jitted_bind(primitive, **params)(*args),
+                                          _primitive))
+    _primitive.def_abstract_eval(_abstract_eval)
+    batching.primitive_batchers[_primitive] = functools.partial(_per_platform_batch, _primitive)
+    for _platform in ("cpu", "cuda", "rocm", "tpu"):  # "tpu" is also the rule for any other platform
+        mlir.register_lowering(
+            _primitive, mlir.lower_fun(functools.partial(_impl, _platform), multiple_results=False),
+            platform=None if _platform == "tpu" else _platform,
+        )
+for _primitive in (_tangent_p, _transposed_tangent_p):
+    ad.primitive_jvps[_primitive] = functools.partial(_linear_jvp, _primitive)
+ad.primitive_transposes[_tangent_p] = _tangent_transpose
+ad.primitive_transposes[_transposed_tangent_p] = _transposed_tangent_transpose
 
 
 @_qdot2d.defjvp
 def _qdot2d_jvp(backend, act_quant, primals, tangents):
-    """Forward mode (and, transposed, reverse mode): the tangent is ``dx @ dequantize(q)``; the weight's
-    tangent is ignored (a constant), int8 activations pass straight through."""
+    """Forward mode (and, transposed, reverse mode): the tangent is ``dx @ dequantize(q)`` (:func:`_tangent`);
+    the weight's tangent is ignored (a constant), int8 activations pass straight through."""
     x, q = primals
-    # Reverse mode keeps the packed weight, not its decoding: on the CPU the tangent is a sum over blocks
-    # of rows (transposed block by block); elsewhere one product, rematerialized.
-    tangent = lax.platform_dependent(tangents[0], q, cpu=_blocked_product, default=jax.checkpoint(_decoded_product))
-    return _qdot2d(x, q, backend, act_quant), tangent
+    return _qdot2d(x, q, backend, act_quant), _tangent(tangents[0], q, backend)
 
 
 def _decoded_product(x, q: QArray):

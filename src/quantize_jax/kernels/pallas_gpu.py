@@ -39,6 +39,10 @@ kernel: 35.9 / 33.7 us; the PTX GEMV at one row: 26.1 at best).
 
 The wrapper pads M, K and N to whole blocks (zero activations, zero codes,
 unit scales), so any shape works.
+
+:func:`matmul_transposed` is the backward pass's ``g @ W.T``: contracted over
+the packed axis, each output tile inside one scale group, the gradient times
+the scales multiplying the PTX-decoded codes (not yet timed on a GPU).
 """
 
 from __future__ import annotations
@@ -101,19 +105,24 @@ def _tf32_truncate(v):
                                     jnp.float32)
 
 
-def _dot(x, w, fmt: Format):
-    """``x @ w`` accumulated in float32 on tensor cores. 16-bit inputs as they are. float32 activations
+def _dot(x, w, fmt: Format, transposed: bool = False):
+    """``x @ w`` (``transposed``: ``w @ x.T``, the decoded weight the dot's first operand) accumulated in
+    float32 on tensor cores. 16-bit inputs as they are. float32 activations
     with TF32-exact levels: ``x`` split into three parts exact in TF32, ``x = h + m + l`` (``h``, ``m``
     truncations to TF32's 11 significant bits, ``l`` the last 2 bits), so each part's products with the
     decoded weight are exact and three TF32 dots give float32's accuracy; with full-precision float32
     dots (no tensor cores) Triton spilled 10-33 KB of registers (``tools/kernel_ptx.py``). nf4's levels
     are not TF32-exact: a full-precision float32 dot."""
+    def dot(a, b, **precision):
+        operands, dims = ((b, a), ((1,), (1,))) if transposed else ((a, b), ((1,), (0,)))
+        return lax.dot_general(*operands, (dims, ((), ())), preferred_element_type=jnp.float32, **precision)
+
     if x.dtype != jnp.float32:
-        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return dot(x, w.astype(x.dtype))
     if not _tf32_exact(fmt):
-        return jnp.dot(x, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+        return dot(x, w, precision=lax.Precision.HIGHEST)
     w = w.astype(jnp.float32)
-    return sum(jnp.dot(part, w, preferred_element_type=jnp.float32) for part in tf32_parts(x))
+    return sum(dot(part, w) for part in tf32_parts(x))
 
 
 def tf32_parts(x):
@@ -551,3 +560,134 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     )(*operands)
     out = out if atomic else out.sum(0)
     return out[:m, :n]
+
+
+def _transposed_kernel(ge_ref, go_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bnh: int, nn: int):
+    """``g @ W.T``, contracted over W's packed axis: one ``(bm, bk)`` output tile (``bk`` rows of ``W``,
+    all in one scale group) from ``nn`` blocks of ``2 * bnh`` columns of ``W``. Per block, the gradient's
+    even and odd columns (split in registers) times their columns' scales, rounded once to the dot's
+    dtype, multiply the low and the high codes' values (see :class:`_PtxDecode`), transposed inside the
+    dot, whose first operand is the decoded tile (Hopper's ``wgmma`` takes it from registers as it is; as
+    the second operand, transposed, it cost 1118 instructions per block at 16 rows against 859,
+    ``tools/kernel_ptx.py``)::
+
+        acc.T += v_low @ (g_e * s_e).T + v_high @ (g_o * s_o).T
+
+    and the zero points' share, ``sum_n g s z`` per row (float32), is taken off once, at the end."""
+    z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
+    bm, bk = ge_ref.shape[0], p_ref.shape[0]
+
+    def block(c, carry):
+        acc, shift = carry
+        cols, half = pl.ds(c * 2 * bnh, 2 * bnh), pl.ds(c * bnh, bnh)
+        scaled = [r[:, half].astype(jnp.float32) * sj for r, sj in zip((ge_ref, go_ref), _planes(s_ref[:, cols]))]
+        v = decode.planes(p_ref[:, half])
+        acc = acc + sum(_dot(a.astype(decode.dtype), vj, decode.fmt, transposed=True) for a, vj in zip(scaled, v))
+        if z_ref is not None:
+            shift = shift + sum(jnp.sum(a * zj, axis=1, keepdims=True) for a, zj in zip(scaled, _planes(z_ref[:, cols])))
+        return acc, shift
+
+    acc, shift = lax.fori_loop(0, nn, block, (jnp.zeros((bk, bm), jnp.float32), jnp.zeros((bm, 1), jnp.float32)))
+    o_ref[...] = acc.T - shift if z_ref is not None else acc.T
+
+
+def default_transposed_blocks(m: int, k: int, n: int, group_size: int, per_group: bool) -> dict:
+    """Tiles for ``g @ W.T`` (:func:`matmul_transposed`), ``g`` of shape ``(m, n)``, ``W`` ``(k, n)``:
+    ``block_m, block_k, block_n, split_n`` and maybe ``num_warps``. Not yet timed on a GPU: the forward
+    PTX dot's tiles mirrored, 128 rows of ``W`` per output tile (or the largest divisor of the group), 256
+    of its columns per step, the columns split until the grid has about ``_PROGRAMS`` programs; 16, 32 or
+    64 gradient rows, 64 with 8 warps. Read offline (``tools/kernel_ptx.py``, K = N = 8192, bf16): no
+    register spills for these; 4 warps over 64 rows spilled 220-472 bytes."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bk = default_block_k(group_size, per_group)
+    bn = 256
+    tiles = pl.cdiv(m, bm) * pl.cdiv(k, bk)
+    split = _splits_near(-(-n // 2), bn // 2, max(1, _PROGRAMS // tiles))
+    return dict(block_m=bm, block_k=bk, block_n=bn, split_n=split, **(dict(num_warps=8) if bm == 64 else {}))
+
+
+def matmul_transposed(g, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, dtype=None,
+                      block_m: int | None = None, block_k: int | None = None, block_n: int | None = None,
+                      split_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                      interpret: bool = False):
+    """``g @ W.T`` for ``W`` of shape ``(K, n)`` given as packed codes ``(K, ceil(n / 2))``: the product
+    over W's packed axis, as the backward pass of ``x @ W`` needs it, without decoding ``W`` to memory.
+
+    Each output tile covers ``block_k`` rows of ``W`` inside one scale group, so the group's scales
+    (which vary along the contracted axis) multiply ``g`` before the dot; with bf16 / f16 ``dtype`` that
+    product is rounded once to it (about ``2**-9`` relative, as a bf16 weight would be), integer codes and
+    fp4 levels are exact, nf4's rounded to ``dtype``. float32 ``dtype``: three TF32 dots a block
+    (TF32-exact levels), else a full float32 dot.
+
+    Args:
+      g: ``(M, n)`` gradients, read in ``dtype`` (the cotangent of a bf16 product is bf16 already) and
+        multiplied by the scales in float32.
+      packed, scale, zero_point, n, fmt, group_size: as :func:`matmul`.
+      dtype: the dot's input dtype (default: ``g``'s).
+      block_m, block_k, block_n, split_n: output rows, rows of ``W`` per output tile (dividing the group),
+        columns of ``W`` per step (a multiple of 8), splits of the columns (their partial sums added by
+        XLA); ``None`` takes :func:`default_transposed_blocks`.
+      num_warps, num_stages: Triton compiler parameters (``None``: Triton's).
+      interpret: run the kernel in Pallas' interpreter (CPU tests).
+
+    Returns:
+      ``(M, K)`` float32.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np, quantize_jax as qj
+      >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (64, 48)), qj.QuantSpec(axis=0, group_size=32))
+      >>> g = jnp.ones((2, 48))
+      >>> y = matmul_transposed(g, q.packed, q.scale, None, n=48, fmt=q.spec.fmt, group_size=32, interpret=True)
+      >>> bool(np.allclose(y, g @ qj.dequantize(q).T, atol=1e-4))
+      True
+    """
+    m, k = g.shape[0], packed.shape[0]
+    dtype = jnp.dtype(dtype or g.dtype)
+    per_group = scale.shape[0] > 1
+    blocks = default_transposed_blocks(m, k, n, group_size, per_group)
+    bm, bk, bn = block_m or blocks["block_m"], block_k or blocks["block_k"], block_n or blocks["block_n"]
+    if bn % 8:
+        raise ValueError(f"pallas: block_n must be a multiple of 8 for matmul_transposed, got {bn}")
+    if per_group and group_size % bk:
+        raise ValueError(f"pallas: block_k {bk} must divide group_size {group_size}")
+    if not interpret and min(bm, bk) < MIN_BLOCK_K:
+        raise ValueError(f"pallas: the GPU dot needs block_m and block_k of at least {MIN_BLOCK_K}; got block_m "
+                         f"{bm}, block_k {bk} (group_size {group_size})")
+    nh = (n + 1) // 2
+    bnh = min(bn // 2, max(MIN_BLOCK_K, pl.next_power_of_2(nh)))  # (the dot's contracted width: 16 at least)
+    split = split_n or _splits_near(nh, bnh, blocks["split_n"])
+    nhp = pl.cdiv(nh, bnh * split) * bnh * split
+    k_whole = pl.cdiv(k, group_size) * group_size if per_group else k
+    kp, mp = pl.cdiv(k_whole, bk) * bk, pl.cdiv(m, bm) * bm
+    groups = kp // group_size if per_group else 1
+    cols = nhp // split
+
+    def pad(a, rows, width, fill=0):
+        return jnp.pad(a, ((0, rows - a.shape[0]), (0, width - a.shape[1])), constant_values=fill)
+
+    def group(i, j, s):  # the scale row of output tile j
+        return (j * bk // group_size if per_group else 0, s)
+
+    g = pad(g.astype(dtype), mp, 2 * nhp)
+    g_block = pl.BlockSpec((bm, cols), lambda i, j, s: (i, s))
+    operands = [g[:, 0::2], g[:, 1::2], pad(packed, kp, nhp), pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
+    in_specs = [g_block, g_block, pl.BlockSpec((bk, cols), lambda i, j, s: (j, s)), pl.BlockSpec((1, 2 * cols), group)]
+    if zero_point is not None:
+        operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
+        in_specs.append(pl.BlockSpec((1, 2 * cols), group))
+    params = {}
+    if not interpret:
+        default_warps = blocks.get("num_warps") if bm == blocks["block_m"] else None  # (for the default tile only)
+        params["compiler_params"] = pl_triton.CompilerParams(num_warps=num_warps or default_warps, num_stages=num_stages)
+    out = pl.pallas_call(
+        functools.partial(_transposed_kernel, decode=_PtxDecode(fmt, dtype, False, interpret), bnh=bnh,
+                          nn=cols // bnh),
+        out_shape=jax.ShapeDtypeStruct((split, mp, kp), jnp.float32),
+        grid=(mp // bm, kp // bk, split),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, bm, bk), lambda i, j, s: (s, i, j)),
+        interpret=interpret,
+        name="qdot_int4_transposed",
+        **params,
+    )(*operands)
+    return out.sum(0)[:m, :k]
