@@ -29,7 +29,7 @@ import numpy as np
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
-from quantize_jax.kernels.pallas_gpu import PTX_MAX_M
+from quantize_jax.kernels.pallas_gpu import PTX_MAX_M, matmul_transposed
 from quantize_jax.matmul import PALLAS_MAX_M, _grid, _pallas_kernel, _w4a8_kernel, fake_int8_tokens
 
 N_PAIRS = 16
@@ -98,8 +98,10 @@ def rel_err(y, ref) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-def reference(x, q):
-    return np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(qj.dequantize(q, jnp.float32), np.float64)
+def reference(x, q, transposed=False):
+    """``x @ dequantize(q)`` (``transposed``: ``x @ dequantize(q).T``) in float64."""
+    w = np.asarray(qj.dequantize(q, jnp.float32), np.float64)
+    return np.asarray(x.astype(jnp.float32), np.float64) @ (w.T if transposed else w)
 
 
 def kernel_fn(**blocks):
@@ -140,6 +142,7 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
                     row = dict(fmt=fmt, shape=f"{m}x{k}x{n}", group=group or "channel", dtype=dtype.__name__,
                                backend=backend)
                     check(row, lambda: jax.jit(functools.partial(qj.qdot, backend=backend))(x, q), lambda: ref)
+    transposed_checks(check, formats)
     x = jax.random.normal(jax.random.key(7), (16, 512)).astype(jnp.bfloat16)  # W4A8 on the device
     q = qj.quantize(jax.random.normal(jax.random.key(8), (512, 256)), qj.QuantSpec(axis=0, group_size=128))
     row = dict(fmt="int4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto W4A8")
@@ -170,6 +173,40 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
                                backend=f"pallas {variant}")
                     check(row, lambda: jax.jit(kernel_fn(**{variant: True}))(x, q), lambda: reference(x, q))
     return rows
+
+
+def transposed_fn(**blocks):
+    """``g, q -> g @ q.T`` through the transposed kernel (the backward pass's product), bf16 dots unless
+    ``blocks`` name a ``dtype``."""
+    interpret = jax.default_backend() == "cpu"
+
+    def fn(g, q):
+        grid = _grid(q)
+        return matmul_transposed(g, q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt,
+                                 group_size=grid.group_rows, interpret=interpret, **{"dtype": jnp.bfloat16, **blocks})
+
+    return fn
+
+
+def transposed_checks(check, formats):
+    """The transposed kernel (never run on a GPU before session 15) against float64: every format, groups,
+    ragged shapes, bf16 and float32 dots; and ``auto``'s gradient through it."""
+    for fmt in formats:
+        for m, k, n, group in ((1, 200, 37, 64), (24, 256, 96, 128), (70, 384, 50, None)):
+            q = qj.quantize(jax.random.normal(jax.random.key(k + n), (k, n)), qj.QuantSpec(format=fmt, axis=0,
+                                                                                           group_size=group))
+            g = jax.random.normal(jax.random.key(m), (m, n))
+            for dtype in (jnp.float32, jnp.bfloat16):
+                row = dict(fmt=fmt, shape=f"{m}x{k}x{n}", group=group or "channel", dtype=dtype.__name__,
+                           backend="pallas transposed")
+                check(row, lambda: jax.jit(transposed_fn(dtype=dtype))(g, q), lambda: reference(g, q, transposed=True))
+    q = qj.quantize(jax.random.normal(jax.random.key(11), (512, 256)), qj.QuantSpec(format="uint4", axis=0,
+                                                                                    group_size=128))
+    x = jax.random.normal(jax.random.key(12), (16, 512)).astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(13), (16, 256)).astype(jnp.bfloat16).astype(jnp.float32)  # (y: float32)
+    row = dict(fmt="uint4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto grad")
+    check(row, lambda: jax.jit(lambda x, g: jax.vjp(lambda x: qj.qdot(x, q), x)[1](g)[0])(x, g),
+          lambda: reference(g, q, transposed=True))
 
 
 def kernel_fn_w4a8(x, q):
@@ -215,6 +252,18 @@ def sweep_configs(m: int, k: int):
                                     (128, 128, 128, 8, 3, 4096), (128, 128, 64, 8, 3, 2048), (128, 128, 64, 8, 4, 8192),
                                     (64, 128, 128, 8, 3, 4096))]
     return [entry(*t) for t in ((128, 128, 64, 8, 3, k), (128, 128, 64, 8, 4, k), (64, 128, 128, 4, 3, k))]
+
+
+def transposed_sweep_configs(m: int):
+    """Tiles of the transposed kernel to try (never timed before session 15), around its defaults
+    (``pallas_gpu.default_transposed_blocks``): widths, column splits, warps, stages, and smaller row tiles."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    tiles = [(bm, 256, 4, None, None), (bm, 256, 8, None, None), (bm, 256, 2, None, None), (bm, 128, 4, None, None),
+             (bm, 512, 4, 8, None), (bm, 256, 4, 8, None), (bm, 256, 4, None, 2), (bm, 256, 4, None, 4)]
+    if bm > 16:
+        tiles += [(bm // 2, 256, 4, None, None), (16, 256, 4, None, None)]
+    return [dict(block_m=b, block_n=bn, split_n=split, num_warps=warps, num_stages=stages)
+            for b, bn, split, warps, stages in tiles]
 
 
 def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_rows=False, integers=False):
@@ -301,6 +350,9 @@ def main():
                          "the magic decode, the gradients or per-channel W4A8)")
     ap.add_argument("--probes-only", action="store_true",
                     help="time bf16 and the load probes (INTEGER_PROBES, PROBES) at M = 1")
+    ap.add_argument("--grad-only", action="store_true",
+                    help="time the backward pass g @ W.T at every --m (bf16's, auto's, the decoded product's, the "
+                         "transposed kernel's tiles)")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--sweep-m", type=int, nargs="*", help="the rows whose tiles are swept (default: every --m)")
@@ -319,9 +371,10 @@ def main():
     print(result["machine"], flush=True)
     quick = dict(backends=("pallas",), variants=False) if args.quick_checks else {}
     result["checks"] = [] if args.no_checks else checks(log, **quick)
-    # bf16 activations with backend="dequant" round the scaled weight to bf16: ~1e-3 relative.
+
+    rounded = ("dequant", "pallas transposed", "auto grad")  # (the scaled weight, or g * s, rounded to bf16)
     bad = [r for r in result["checks"] if "error" in r
-           or r["rel_err"] > (5e-3 if (r["backend"], r["dtype"]) == ("dequant", "bfloat16") else 2e-3)]
+           or r["rel_err"] > (5e-3 if r["backend"] in rounded and r["dtype"] == "bfloat16" else 2e-3)]
     print(f"checks: {len(result['checks'])} cases, {len(bad)} failing ({time.time() - start:.0f} s)", flush=True)
     for r in bad:
         print("  FAIL", r, flush=True)
@@ -361,6 +414,36 @@ def main():
             probes.append(entry)
             print(" ", entry, flush=True)
         write_json(args.out, dict(result, probes=probes, profile_lines=sorted(PROFILE_LINES)))
+        return
+    if args.grad_only:
+        grads, grad_sweep = [], []
+        for i, m in enumerate(args.m):
+            sweep_until = start + args.budget * (0.25 + 0.7 * (i + 1) / len(args.m))
+            gs = activations(m, n)  # the cotangents (M, N); K = N
+            row = {"M": m, **timed(lambda x, w: grad_x(lambda x: bf16_dot(x, w), x), gs, bfs, "grad_bf16_")}
+            row.update(timed(lambda x, q: grad_x(lambda x: qj.qdot(x, q), x), gs, qs, "grad_auto_"))
+            # the decoded product's transpose: auto's backward before session 15, and past its bound
+            row.update(timed(lambda x, q: grad_x(lambda x: qj.qdot(x, q, backend="dequant"), x), gs, qs,
+                             "grad_decoded_"))
+            row.update(timed(transposed_fn(), gs, qs, "transposed_default_"))
+            for blocks in transposed_sweep_configs(m) if not args.no_sweep else ():
+                if time.time() > sweep_until:
+                    log(f"budget: sweep stopped at M={m} before {blocks}")
+                    break
+                entry = {"M": m, **blocks}
+                entry["rel_err"] = rel_err(jax.jit(transposed_fn(**blocks))(gs[0], qs[0]),
+                                           reference(gs[0], qs[0], transposed=True))
+                entry.update(timed(transposed_fn(**blocks), gs, qs))
+                grad_sweep.append(entry)
+                print(" ", entry, flush=True)
+            for key in [c for c in row if c.endswith("_dev_us") and isinstance(row[c], float)]:
+                if isinstance(row.get("grad_bf16_dev_us"), float):
+                    row[key.removesuffix("_dev_us") + "_x_faster_dev"] = round(row["grad_bf16_dev_us"] / row[key], 2)
+            grads.append(row)
+            print(row, flush=True)
+            write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, profile_lines=sorted(PROFILE_LINES)))
+        print_table(grads, list(dict.fromkeys(c for row in grads for c in row)))
+        print(f"total {time.time() - start:.0f} s", flush=True)
         return
     qwix_ws = None  # (--lean: no Qwix column)
     if not args.lean:
