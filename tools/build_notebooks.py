@@ -462,7 +462,7 @@ TINY_LM = [
 
 A character-level causal transformer in Flax NNX, built the way larger ones are: its blocks stacked by
 `nnx.vmap` and run by `nnx.scan`, tied input and output embeddings, `nnx.MultiHeadAttention`. It
-trains for a few hundred steps on the source code of Python's own `json` package (no download), then:
+trains for 200 steps on the source code of Python's own `json` package (no download), then:
 
 1. round to nearest: `quantize_model` + `to_serving` straight away;
 2. GPTQ, also without training: `to_serving_gptq` over a few batches of training text;
@@ -550,7 +550,7 @@ def test_loss(model):
 
 
 model = TinyLM(nnx.Rngs(0))
-float_curve = fit(model, 300, 3e-3, seed=1)
+float_curve = fit(model, 200, 3e-3, seed=1)
 print(f"float32: held-out loss {test_loss(model):.4f} nats per character")"""),
     ("md", """## Round to nearest, GPTQ, then QAT
 
@@ -564,21 +564,21 @@ rounded to nearest)."""),
 calibration = [batch(train_ids, k)[:, :-1] for k in jax.random.split(jax.random.key(7), 8)]
 gptq = qj.nnx.to_serving_gptq(qj.nnx.quantize_model(model, quantize_embeddings=True), calibration, progress=False)
 qat = qj.nnx.quantize_model(model, quantize_embeddings=True)
-qat_curve = fit(qat, 100, 1e-3, seed=2)
+qat_curve = fit(qat, 60, 1e-3, seed=2)
 longer = nnx.clone(model)                 # the fair baseline for QAT: float32 trained as many more steps
-fit(longer, 100, 1e-3, seed=2)
+fit(longer, 60, 1e-3, seed=2)
 served = qj.nnx.to_serving(qat)
 losses = {"float32": test_loss(model), "int4 round to nearest": test_loss(rtn), "int4 GPTQ": test_loss(gptq),
-          "float32, 100 more steps": test_loss(longer), "int4 QAT, 100 steps": test_loss(qat),
+          "float32, 60 more steps": test_loss(longer), "int4 QAT, 60 steps": test_loss(qat),
           "int4 QAT, served packed": test_loss(served)}
 for name, value in losses.items():
     print(f"{name:26s} held-out loss {value:.4f}")
 print()
 print("query projection of all blocks:", served.blocks.attn.query.qarray)
 print("embedding table:               ", served.embed.qarray)"""),
-    ("md", """In this run, rounding to nearest costs 0.045 nats per character over the float32 model it came from;
-GPTQ, from the same weights and a few seconds of calibration, cuts that to 0.018; after 100 steps of QAT the int4 model sits 0.035 nats behind float32 trained for the same 100 more
-steps; and the served model, every weight packed, gives the QAT model's loss to the fourth decimal
+    ("md", """In this run, rounding to nearest costs 0.044 nats per character over the float32 model it came from;
+GPTQ, from the same weights and a few seconds of calibration, cuts that to 0.027; after 60 steps of QAT
+the int4 model sits 0.028 nats behind float32 trained for the same 60 more steps; and the served model, every weight packed, gives the QAT model's loss to the fourth decimal
 (its products sum in another order). A tiny model over 28k characters is a hard case for 4 bits: every
 layer is 128 wide, so each output channel's scale covers only 128 weights and there is no redundancy
 to spare."""),
