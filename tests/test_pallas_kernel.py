@@ -312,3 +312,11 @@ def test_transposed_kernel_lowers_for_cuda_on_this_machine(fmt, dtype):
     exported = jax.export.export(product, platforms=["cuda"],
                                  disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
     assert "qdot_int4_transposed" in exported(jnp.ones((3, 64)), q).mlir_module()
+
+
+def test_transposed_tiles_narrow_for_float32_dots_and_select_chains():
+    """float32 dots: 64 x 128 tiles of W (128 x 256 asked for more shared memory than an SM has); nf4 / fp4:
+    64 rows of W (128 spilled registers; both read offline with tools/kernel_ptx.py)."""
+    f32 = pallas_gpu.default_transposed_blocks(16, 8192, 8192, 128, True, jnp.float32)
+    levels = pallas_gpu.default_transposed_blocks(16, 8192, 8192, 128, True, jnp.bfloat16, integer=False)
+    assert (f32["block_k"], f32["block_n"]) == (64, 128) and (levels["block_k"], levels["block_n"]) == (64, 256)

@@ -591,16 +591,21 @@ def _transposed_kernel(ge_ref, go_ref, p_ref, s_ref, *rest, decode: _PtxDecode, 
     o_ref[...] = acc.T - shift if z_ref is not None else acc.T
 
 
-def default_transposed_blocks(m: int, k: int, n: int, group_size: int, per_group: bool) -> dict:
-    """Tiles for ``g @ W.T`` (:func:`matmul_transposed`), ``g`` of shape ``(m, n)``, ``W`` ``(k, n)``:
-    ``block_m, block_k, block_n, split_n`` and maybe ``num_warps``. Not yet timed on a GPU: the forward
-    PTX dot's tiles mirrored, 128 rows of ``W`` per output tile (or the largest divisor of the group), 256
-    of its columns per step, the columns split until the grid has about ``_PROGRAMS`` programs; 16, 32 or
-    64 gradient rows, 64 with 8 warps. Read offline (``tools/kernel_ptx.py``, K = N = 8192, bf16): no
-    register spills for these; 4 warps over 64 rows spilled 220-472 bytes."""
+def default_transposed_blocks(m: int, k: int, n: int, group_size: int, per_group: bool, dtype=jnp.bfloat16,
+                              integer: bool = True) -> dict:
+    """Tiles for ``g @ W.T`` (:func:`matmul_transposed`), ``g`` of shape ``(m, n)``, ``W`` ``(k, n)``, dots
+    in ``dtype``, ``integer`` codes or not: ``block_m, block_k, block_n, split_n`` and maybe ``num_warps``. Not yet timed on a GPU:
+    the forward PTX dot's tiles mirrored, 128 rows of ``W`` per output tile (or the largest divisor of the
+    group), 256 of its columns per step, the columns split until the grid has about ``_PROGRAMS``
+    programs; 16, 32 or 64 gradient rows, 64 with 8 warps. Read offline (``tools/kernel_ptx.py``, K = N =
+    8192, bf16): no register spills for these; 4 warps over 64 rows spilled 220-472 bytes. float32 dots
+    (three TF32 dots, or nf4's full float32 dot) take 64 x 128 tiles of ``W``: at 128 x 256 they asked for
+    215-362 KB of shared memory, more than an SM has; at 64 x 128, 38-140 KB. nf4 / fp4 (select chains)
+    take 64 rows of ``W``: 128 spilled 300-860 bytes at 16 and 32 gradient rows, 64 none."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bk = default_block_k(group_size, per_group)
-    bn = 256
+    wide = jnp.dtype(dtype) == jnp.float32
+    bk = default_block_k(group_size, per_group, most=64 if wide or not integer else 128)
+    bn = 128 if wide else 256
     tiles = pl.cdiv(m, bm) * pl.cdiv(k, bk)
     split = _splits_near(-(-n // 2), bn // 2, max(1, _PROGRAMS // tiles))
     return dict(block_m=bm, block_k=bk, block_n=bn, split_n=split, **(dict(num_warps=8) if bm == 64 else {}))
@@ -644,7 +649,7 @@ def matmul_transposed(g, packed, scale, zero_point, *, n: int, fmt: Format, grou
     m, k = g.shape[0], packed.shape[0]
     dtype = jnp.dtype(dtype or g.dtype)
     per_group = scale.shape[0] > 1
-    blocks = default_transposed_blocks(m, k, n, group_size, per_group)
+    blocks = default_transposed_blocks(m, k, n, group_size, per_group, dtype, fmt.is_integer)
     bm, bk, bn = block_m or blocks["block_m"], block_k or blocks["block_k"], block_n or blocks["block_n"]
     if bn % 8:
         raise ValueError(f"pallas: block_n must be a multiple of 8 for matmul_transposed, got {bn}")
