@@ -314,6 +314,17 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
         np.testing.assert_array_equal(exp.call(x, q), f(x, q))  # the CPU branch, here
 
 
+def test_a_16_bit_backward_on_cuda_is_the_transposed_kernel_up_to_its_rows():
+    """Reverse mode's ``g @ W.T`` on CUDA: the transposed kernel for bf16 up to PALLAS_TRANSPOSED_MAX_M rows,
+    not for float32 (past those rows: test_off_the_cpu_a_16_bit_gradient_multiplies_in_its_own_dtype)."""
+    q = qj.quantize(jax.random.normal(jax.random.key(15), (256, 48)), qj.QuantSpec(axis=0, group_size=128))
+    grad = jax.jit(jax.grad(lambda x: qj.qdot(x, q).astype(jnp.float32).sum()))
+    for dtype in (jnp.bfloat16, jnp.float32):
+        x = jnp.ones((matmul.PALLAS_TRANSPOSED_MAX_M, 256), dtype)
+        text = jax.export.export(grad, platforms=["cuda"], disabled_checks=[_TRITON])(x).mlir_module()
+        assert ("qdot_int4_transposed" in text) == (dtype == jnp.bfloat16)
+
+
 def test_per_channel_w4a8_past_the_kernels_rows_is_one_int32_dot_on_cuda():
     q = qj.quantize(jax.random.normal(jax.random.key(14), (256, 48)), qj.QuantSpec(axis=0))
     f = jax.jit(lambda x, q: qj.qdot(x, q, act_quant="int8"))
