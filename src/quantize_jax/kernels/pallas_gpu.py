@@ -370,6 +370,11 @@ def _ptx_dot_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, nk:
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
 
 
+def _pad(a, rows: int, cols: int, fill=0):
+    """A 2-D array filled with ``fill`` to ``(rows, cols)`` (whole blocks for the kernels)."""
+    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=fill)
+
+
 def default_block_k(group_size: int, per_group: bool, most: int = 128) -> int:
     """The K block: ``most`` rows (a power of two), or the largest divisor of the group up to it."""
     return math.gcd(group_size, most) if per_group else most
@@ -510,10 +515,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     mp, nhp = pl.cdiv(m, bm) * bm, pl.cdiv(nh, bnh) * bnh
     groups = pl.cdiv(kp, group_size) if per_group else 1
 
-    def pad(a, rows, cols, fill=0):
-        return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=fill)
-
-    operands = [pad(x, mp, kp), pad(packed, kp, nhp), pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
+    operands = [_pad(x, mp, kp), _pad(packed, kp, nhp), _pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
     row_block = pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j))
     in_specs = [
         pl.BlockSpec((bm, kp // split_k), lambda i, j, s: (i, s)),
@@ -521,7 +523,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         row_block,
     ]
     if zero_point is not None:
-        operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
+        operands.append(_pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
         in_specs.append(row_block)
     decode = _PtxDecode(fmt, x.dtype, gemv, interpret)
     if ptx and gemv:
@@ -667,18 +669,15 @@ def matmul_transposed(g, packed, scale, zero_point, *, n: int, fmt: Format, grou
     groups = kp // group_size if per_group else 1
     cols = nhp // split
 
-    def pad(a, rows, width, fill=0):
-        return jnp.pad(a, ((0, rows - a.shape[0]), (0, width - a.shape[1])), constant_values=fill)
-
     def group(i, j, s):  # the scale row of output tile j
         return (j * bk // group_size if per_group else 0, s)
 
-    g = pad(g.astype(dtype), mp, 2 * nhp)
+    g = _pad(g.astype(dtype), mp, 2 * nhp)
     g_block = pl.BlockSpec((bm, cols), lambda i, j, s: (i, s))
-    operands = [g[:, 0::2], g[:, 1::2], pad(packed, kp, nhp), pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
+    operands = [g[:, 0::2], g[:, 1::2], _pad(packed, kp, nhp), _pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
     in_specs = [g_block, g_block, pl.BlockSpec((bk, cols), lambda i, j, s: (j, s)), pl.BlockSpec((1, 2 * cols), group)]
     if zero_point is not None:
-        operands.append(pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
+        operands.append(_pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
         in_specs.append(pl.BlockSpec((1, 2 * cols), group))
     params = {}
     if not interpret:
