@@ -29,7 +29,7 @@ import numpy as np
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
-from quantize_jax.kernels.pallas_gpu import PTX_MAX_M, matmul_transposed
+from quantize_jax.kernels.pallas_gpu import PTX_MAX_M, default_transposed_blocks, matmul_transposed
 from quantize_jax.matmul import PALLAS_MAX_M, _grid, _pallas_kernel, _w4a8_kernel, fake_int8_tokens
 
 N_PAIRS = 16
@@ -254,10 +254,10 @@ def sweep_configs(m: int, k: int):
     return [entry(*t) for t in ((128, 128, 64, 8, 3, k), (128, 128, 64, 8, 4, k), (64, 128, 128, 4, 3, k))]
 
 
-def transposed_sweep_configs(m: int):
+def transposed_sweep_configs(m: int, k: int):
     """Tiles of the transposed kernel to try (never timed before session 15), around its defaults
     (``pallas_gpu.default_transposed_blocks``): widths, column splits, warps, stages, and smaller row tiles."""
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bm = default_transposed_blocks(m, k, k, 128, per_group=True)["block_m"]
     tiles = [(bm, 256, 4, None, None), (bm, 256, 8, None, None), (bm, 256, 2, None, None), (bm, 128, 4, None, None),
              (bm, 512, 4, 8, None), (bm, 256, 4, 8, None), (bm, 256, 4, None, 2), (bm, 256, 4, None, 4)]
     if bm > 16:
@@ -426,7 +426,7 @@ def main():
             row.update(timed(lambda x, q: grad_x(lambda x: qj.qdot(x, q, backend="dequant"), x), gs, qs,
                              "grad_decoded_"))
             row.update(timed(transposed_fn(), gs, qs, "transposed_default_"))
-            for blocks in transposed_sweep_configs(m) if not args.no_sweep else ():
+            for blocks in transposed_sweep_configs(m, k) if not args.no_sweep else ():
                 if time.time() > sweep_until:
                     log(f"budget: sweep stopped at M={m} before {blocks}")
                     break
