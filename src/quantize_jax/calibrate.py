@@ -202,23 +202,24 @@ def _percentile_range(xg, lay, spec):
 
 def _mse_search(xg, lo, hi, red, spec):
     """Grid search of the clipping ratio ``r``: keep, per group, the ``r * [lo, hi]``
-    with the smallest ``sum((fake_quant(x) - x) ** 2)``. Memory stays O(size of x)."""
-    fmt = spec.fmt
-    ratios = jnp.linspace(1.0, spec.mse_min_ratio, spec.mse_steps, dtype=jnp.float32)
+    with the smallest ``sum((fake_quant(x) - x) ** 2)``. Memory stays O(size of x).
 
-    def error(r):
+    Every candidate is scored by the same scan body, and the ratios are numpy constants,
+    so the chosen scales are the same eagerly and under any enclosing ``jit``
+    (``jnp.linspace`` traced under a jit gave a different float32 ratio than eagerly).
+    """
+    fmt = spec.fmt
+    ratios = np.linspace(1.0, spec.mse_min_ratio, spec.mse_steps, dtype=np.float32)
+
+    def step(best, r):
+        best_err, best_s, best_z = best
         s, z = range_to_scale(lo * r, hi * r, spec)
         x_hat = dequantize_codes(quantize_to_codes(xg, s, z, fmt), s, z, fmt)
-        return jnp.sum(jnp.square(x_hat - xg), axis=red, keepdims=True), s, z
-
-    def step(carry, r):
-        best_err, best_s, best_z = carry
-        err, s, z = error(r)
+        err = jnp.sum(jnp.square(x_hat - xg), axis=red, keepdims=True)
         better = err < best_err
         best_z = None if z is None else jnp.where(better, z, best_z)
         return (jnp.where(better, err, best_err), jnp.where(better, s, best_s), best_z), None
 
-    init = error(ratios[0])
-    (_, s, z), _ = lax.scan(step, init, ratios[1:])
+    s, z = range_to_scale(lo, hi, spec)  # replaced by the first candidate: every error is < inf
+    (_, s, z), _ = lax.scan(step, (jnp.full(s.shape, jnp.inf, jnp.float32), s, z), ratios)
     return s, z
-
