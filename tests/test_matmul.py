@@ -158,6 +158,28 @@ def test_pallas_backward_is_the_transposed_kernel():
     np.testing.assert_allclose(batched[:, 0], np.broadcast_to(w_hat.sum(1), x.shape), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("layout", ["row", "row_groups", "column_groups", "tensor"])
+def test_tied_logits_with_pallas_run_the_transposed_kernel(fmt, layout):
+    """``"md,vd->mv"`` with ``backend="pallas"`` (interpreted here): tables scaled per row (the embedding
+    default: the codes' product scaled after the kernel, zero points taken off as ``z * sum(x)``), per
+    column in groups of rows, or per tensor; groups along the contracted axis do not fit the kernel and
+    take the reference. Forward, reverse (``ct @ W``) and forward mode."""
+    spec = {"row": qj.QuantSpec(format=fmt, axis=1), "row_groups": qj.QuantSpec(format=fmt, axis=1, group_size=32),
+            "column_groups": qj.QuantSpec(format=fmt, axis=0, group_size=64), "tensor": qj.QuantSpec(format=fmt)}[layout]
+    q = qj.quantize(jax.random.normal(jax.random.key(50), (300, 72)), spec)
+    x, c = jax.random.normal(jax.random.key(51), (5, 72)), jax.random.normal(jax.random.key(52), (5, 300))
+    f = jax.jit(lambda x: qj.qeinsum("md,vd->mv", x, q, backend="pallas"))
+    assert ("qdot_int4_transposed" in f.lower(x).as_text(debug_info=True)) == (layout != "row_groups")
+    w_hat, x64, c64 = (np.asarray(a, np.float64) for a in (qj.dequantize(q), x, c))
+    bound = 1e-6 * (np.abs(x64) @ np.abs(w_hat).T) + 1e-6
+    assert (np.abs(np.asarray(f(x), np.float64) - x64 @ w_hat.T) <= bound).all()
+    _, pullback = jax.vjp(f, x)
+    np.testing.assert_allclose(pullback(c)[0], c64 @ w_hat, rtol=1e-5, atol=1e-5)
+    _, tangent = jax.jvp(f, (x,), (2 * x,))
+    assert (np.abs(np.asarray(tangent, np.float64) - 2 * x64 @ w_hat.T) <= 2 * bound).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_operands_give_zeros_as_jnp_matmul(backend):
     for k, n in [(0, 4), (4, 0)]:  # nothing to contract; no output columns
@@ -205,8 +227,10 @@ def test_off_the_cpu_a_16_bit_gradient_multiplies_in_its_own_dtype(dtype, tied):
         assert len(dots) == 1 and "qdot_int4" not in text, dots
         assert re.findall(r"tensor<[\dx]+x(\w+)>", dots[0]) == [name] * 3, dots[0]
         assert ("HIGHEST" in dots[0]) == (dtype == jnp.float32), dots[0]
-    off_cpu = matmul._dequant_transposed if tied else matmul._decoded_product  # run here
-    g = jax.grad(lambda x: off_cpu(x, q).sum())(x)
+    if tied:  # the backward pass off the CPU, run here: ct @ W, the cotangent rounded to x's dtype
+        g = matmul._decoded_product(jnp.ones((x.shape[0], 384), dtype), q)
+    else:
+        g = jax.grad(lambda x: matmul._decoded_product(x, q).sum())(x)
     w_hat = np.asarray(qj.dequantize(q), np.float64)
     eps = 1e-7 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)  # each weight and each sum rounded once
     error = np.abs(np.asarray(g, np.float64) - w_hat.sum(1 - tied))
@@ -320,6 +344,30 @@ def test_a_16_bit_backward_on_cuda_is_the_transposed_kernel_up_to_its_rows():
         x = jnp.ones((matmul.PALLAS_TRANSPOSED_MAX_M, 256), dtype)
         text = jax.export.export(grad, platforms=["cuda"], disabled_checks=[_TRITON])(x).mlir_module()
         assert ("qdot_int4_transposed" in text) == (dtype == jnp.bfloat16)
+
+
+def test_tied_logits_on_cuda_take_the_transposed_kernel_up_to_its_rows():
+    """``"md,vd->mv"`` over a table scaled per row (the embedding default) with ``auto``: on CUDA the transposed
+    kernel for bf16 up to PALLAS_TRANSPOSED_MAX_M rows, in one export with the CPU's block-by-block path,
+    which the CPU artifact runs; the kernel is lowered for CUDA alone."""
+    q = qj.quantize(jax.random.normal(jax.random.key(16), (512, 128)), qj.QuantSpec(axis=1))
+    f = jax.jit(lambda x: qj.qeinsum("md,vd->mv", x, q))
+    for m, dtype in [(matmul.PALLAS_TRANSPOSED_MAX_M, jnp.bfloat16), (matmul.PALLAS_TRANSPOSED_MAX_M + 1, jnp.bfloat16),
+                     (16, jnp.float32)]:
+        x = jax.random.normal(jax.random.key(m), (m, 128)).astype(dtype)
+        exp = jax.export.export(f, platforms=["cpu", "cuda"], disabled_checks=[_TRITON])(x)
+        assert ("qdot_int4_transposed" in exp.mlir_module()) == (m <= matmul.PALLAS_TRANSPOSED_MAX_M and dtype != jnp.float32)
+        np.testing.assert_array_equal(exp.call(x), f(x))
+
+
+def test_forward_mode_on_cuda_takes_the_forward_kernel():
+    """A 16-bit tangent ``dx @ W`` at small M on CUDA is the forward product's own Pallas kernel: two kernels
+    in a jvp (the primal and the tangent), not a product over the decoded weight."""
+    q = qj.quantize(jax.random.normal(jax.random.key(17), (256, 48)), qj.QuantSpec(axis=0, group_size=128))
+    jvp = jax.jit(lambda x, dx: jax.jvp(lambda x: qj.qdot(x, q), (x,), (dx,)))
+    x = jnp.ones((16, 256), jnp.bfloat16)
+    text = jax.export.export(jvp, platforms=["cuda"], disabled_checks=[_TRITON])(x, x).mlir_module()
+    assert text.count("xla.gpu.triton") == 2 and "stablehlo.dot_general" not in text
 
 
 def test_per_channel_w4a8_past_the_kernels_rows_is_one_int32_dot_on_cuda():

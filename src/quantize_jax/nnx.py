@@ -464,7 +464,8 @@ class ServingEmbed(nnx.Embed, _ServingLayer):
     """The serving form of :class:`QuantEmbed`: a lookup decodes only the rows it reads
     (:func:`~quantize_jax.take` over the packed table); ``attend`` is
     ``qeinsum("...d,vd->...v", query, table)`` (on the CPU one block of rows
-    decoded at a time), or with ``backend="xla"`` ``nnx.Embed.attend`` over
+    decoded at a time; on NVIDIA GPUs at small M the transposed Pallas
+    kernel over the packed bytes), or with ``backend="xla"`` ``nnx.Embed.attend`` over
     the dequantized table (the QAT outputs bit for bit)."""
 
     __slots__ = ()
