@@ -33,6 +33,8 @@ from quantize_jax.kernels.pallas_gpu import PTX_MAX_M, default_transposed_blocks
 from quantize_jax.matmul import PALLAS_MAX_M, _grid, _pallas_kernel, _w4a8_kernel, fake_int8_tokens
 
 N_PAIRS = 16
+# Tied-embedding logits timed by --grad-only (--logits): Llama 3's vocabulary x 4096 features, Gemma 2 2B's x 2304.
+LOGITS_SHAPES = ("128256x4096", "256000x2304")
 PROFILE_LINES = set()  # the (plane, line) names the device traces held, recorded in the JSON
 
 
@@ -207,6 +209,13 @@ def transposed_checks(check, formats):
     row = dict(fmt="uint4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto grad")
     check(row, lambda: jax.jit(lambda x, g: jax.vjp(lambda x: qj.qdot(x, q), x)[1](g)[0])(x, g),
           lambda: reference(g, q, transposed=True))
+    for fmt in formats:  # tied logits over tables scaled per row: the codes' product scaled after the kernel
+        table = qj.quantize(jax.random.normal(jax.random.key(14), (300, 200)), qj.QuantSpec(format=fmt, axis=1))
+        x = jax.random.normal(jax.random.key(15), (5, 200)).astype(jnp.bfloat16)
+        for backend in ("pallas", "auto"):
+            row = dict(fmt=fmt, shape="5x200 @ (300x200).T", group="row", dtype="bfloat16", backend=f"{backend} logits")
+            check(row, lambda: jax.jit(lambda x, e: qj.qeinsum("md,vd->mv", x, e, backend=backend))(x, table),
+                  lambda: reference(x, table, transposed=True))
 
 
 def kernel_fn_w4a8(x, q):
@@ -317,14 +326,24 @@ INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (5
                   (1024, 32, 16, 8), (256, 128, 16, None), (512, 128, 8, 8), (2048, 16, 16, 8)]
 
 
-def make_weights(k, n, spec):
+def make_weights(k, n, spec, count=N_PAIRS):
     quantize = jax.jit(functools.partial(qj.quantize, spec=spec))
     qs, bfs = [], []
-    for i in range(N_PAIRS):
+    for i in range(count):
         w = jax.random.normal(jax.random.key(i), (k, n), jnp.float32)
         qs.append(quantize(w))
         bfs.append(w.astype(jnp.bfloat16))
     return qs, bfs
+
+
+def add_speedups(row: dict, base: str) -> None:
+    """Each timed column's speed-up over ``base``'s, host time over host time (``*_x_faster``) and device
+    time over device time (``*_x_faster_dev``)."""
+    for key in [c for c in row if c.endswith("_us") and not c.startswith(base + "_") and isinstance(row[c], float)]:
+        suffix = "_dev_us" if key.endswith("_dev_us") else "_us"
+        if isinstance(row.get(base + suffix), float):
+            name = key.removesuffix(suffix) + ("_x_faster_dev" if suffix == "_dev_us" else "_x_faster")
+            row[name] = round(row[base + suffix] / row[key], 2)
 
 
 def grad_x(f, x):
@@ -353,6 +372,8 @@ def main():
     ap.add_argument("--grad-only", action="store_true",
                     help="time the backward pass g @ W.T at every --m (bf16's, auto's, the decoded product's, the "
                          "transposed kernel's tiles)")
+    ap.add_argument("--logits", nargs="*", default=list(LOGITS_SHAPES), metavar="VOCABxFEATURES",
+                    help="--grad-only also times the tied logits x @ E.T over per-row int4 tables of these shapes")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--sweep-m", type=int, nargs="*", help="the rows whose tiles are swept (default: every --m)")
@@ -380,10 +401,10 @@ def main():
         print("  FAIL", r, flush=True)
     write_json(args.out, result)
 
-    def timed(fn, xs, ws, name="") -> dict:
+    def timed(fn, xs, ws, name="", few=4) -> dict:
         """``{name_us: host-timed, name_dev_us: device-timed}`` per product (or the error)."""
         try:
-            host, device = per_product_us(fn, xs, ws)
+            host, device = per_product_us(fn, xs, ws, few)
             device = round(device, 1) if isinstance(device, float) else device
             return {f"{name}us": round(host, 1), f"{name}dev_us": device}
         except Exception as e:
@@ -436,13 +457,33 @@ def main():
                 entry.update(timed(transposed_fn(**blocks), gs, qs))
                 grad_sweep.append(entry)
                 print(" ", entry, flush=True)
-            for key in [c for c in row if c.endswith("_dev_us") and isinstance(row[c], float)]:
-                if isinstance(row.get("grad_bf16_dev_us"), float):
-                    row[key.removesuffix("_dev_us") + "_x_faster_dev"] = round(row["grad_bf16_dev_us"] / row[key], 2)
+            add_speedups(row, "grad_bf16")
             grads.append(row)
             print(row, flush=True)
             write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, profile_lines=sorted(PROFILE_LINES)))
+        del qs, bfs
+        logits = []
+        for vocab, d in (map(int, s.split("x")) for s in args.logits):  # tied logits x @ E.T over per-row int4 tables, 4 of each (none fits the L2)
+            if time.time() - start > args.budget:
+                log(f"budget: logits stopped before {vocab} x {d}")
+                break
+            tables, bf_tables = make_weights(vocab, d, qj.QuantSpec(axis=1), count=4)
+            for m in [m for m in args.m if m <= 128]:
+                xs = activations(m, d, count=4)
+                row = {"V": vocab, "d": d, "M": m, **timed(lambda x, e: jax.lax.dot_general(
+                    x, e, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32), xs, bf_tables, "bf16_", few=2)}
+                for b in ("auto", "dequant"):  # the transposed kernel up to PALLAS_TRANSPOSED_MAX_M rows; auto before
+                    row.update(timed(lambda x, e, b=b: qj.qeinsum("md,vd->mv", x, e, backend=b), xs, tables, f"{b}_",
+                                     few=2))
+                add_speedups(row, "bf16")
+                logits.append(row)
+                print(row, flush=True)
+            del tables, bf_tables
+            write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, logits=logits,
+                                      profile_lines=sorted(PROFILE_LINES)))
         print_table(grads, list(dict.fromkeys(c for row in grads for c in row)))
+        if logits:
+            print_table(logits, list(dict.fromkeys(c for row in logits for c in row)))
         print(f"total {time.time() - start:.0f} s", flush=True)
         return
     qwix_ws = None  # (--lean: no Qwix column)
@@ -517,11 +558,7 @@ def main():
                 best[m] = min(ok, key=fastest)
                 row["pallas_best_us"], row["pallas_best_dev_us"] = best[m]["us"], best[m].get("dev_us")
                 row["best_tiles"] = tiles_of(best[m])
-        for key in [c for c in row if c.endswith("_us") and not c.startswith("bf16_") and isinstance(row[c], float)]:
-            suffix = "_dev_us" if key.endswith("_dev_us") else "_us"  # speed-ups over bf16, timed alike
-            if isinstance(row.get("bf16" + suffix), float):
-                name = key.removesuffix(suffix) + ("_x_faster_dev" if suffix == "_dev_us" else "_x_faster")
-                row[name] = round(row["bf16" + suffix] / row[key], 2)
+        add_speedups(row, "bf16")
         table.append(row)
         print(row, flush=True)
         result.update(table=table, sweep=sweep, profile_lines=sorted(PROFILE_LINES))
