@@ -358,6 +358,11 @@ def test_tied_logits_on_cuda_take_the_transposed_kernel_up_to_its_rows():
         exp = jax.export.export(f, platforms=["cpu", "cuda"], disabled_checks=[_TRITON])(x)
         assert ("qdot_int4_transposed" in exp.mlir_module()) == (m <= matmul.PALLAS_TRANSPOSED_MAX_M and dtype != jnp.float32)
         np.testing.assert_array_equal(exp.call(x), f(x))
+    # a symbolic M (one artifact for every batch) takes XLA's paths, as qdot's auto does, forward and backward
+    x = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 128"), jnp.bfloat16)
+    grad = jax.jit(jax.grad(lambda x: f(x).astype(jnp.float32).sum()))
+    for fn in (f, grad):
+        assert "xla.gpu.triton" not in jax.export.export(fn, platforms=["cpu", "cuda", "tpu"])(x).mlir_module()
 
 
 def test_forward_mode_on_cuda_takes_the_forward_kernel():
@@ -368,6 +373,8 @@ def test_forward_mode_on_cuda_takes_the_forward_kernel():
     x = jnp.ones((16, 256), jnp.bfloat16)
     text = jax.export.export(jvp, platforms=["cuda"], disabled_checks=[_TRITON])(x, x).mlir_module()
     assert text.count("xla.gpu.triton") == 2 and "stablehlo.dot_general" not in text
+    symbolic = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 256"), jnp.bfloat16)
+    assert "xla.gpu.triton" not in jax.export.export(jvp, platforms=["cuda"])(symbolic, symbolic).mlir_module()
 
 
 def test_per_channel_w4a8_past_the_kernels_rows_is_one_int32_dot_on_cuda():

@@ -338,7 +338,7 @@ def _tangent_impl(platform, dx, packed, scale, zero_point, *, backend, **weight)
     project's CPU VM."""
     q = _weight(packed, scale, zero_point, **weight)
     grid = _grid(q)
-    if platform == "cuda" and backend in ("auto", "pallas") and grid is not None and dx.shape[0] and q.size:
+    if platform == "cuda" and backend in ("auto", "pallas") and grid is not None and not _at_most(dx.shape[0], 0) and q.size:
         return _choose(platform, backend, None, dx.shape[0], dx.dtype, grid)(dx, q, grid=grid)
     if platform == "cpu" and grid is None and q.size:
         return _transpose_of(_chunked_transposed, dx.astype(jnp.float32), q, q.shape[1], jnp.float32)
