@@ -7,8 +7,9 @@ into the gather) against ``jnp.take`` of the float32 table and the table
 decoded first by a program of its own (``dequantize``, then ``jnp.take``). Logits (``query @ table.T``, as
 ``nnx.Embed.attend``): ``qeinsum("md,vd->mv", ..., backend="auto")`` (on the
 CPU block by block over the packed rows) against ``backend="xla"`` (the table
-dequantized, then one dot) and the float32 product. Entries are timed in
-interleaved rounds (benchmarks/_timing.py).
+dequantized, then one dot) and the float32 product; and each one's backward
+pass (``c @ table``, the gradient QLoRA takes through tied logits). Entries
+are timed in interleaved rounds (benchmarks/_timing.py).
 """
 
 from __future__ import annotations
@@ -39,8 +40,15 @@ def main():
     def lookup_decoded(q, i):
         return gather(decode(q), i)
 
-    logits_f32 = jax.jit(lambda x, t: jnp.dot(x, t.T))
-    logits = {b: jax.jit(lambda x, q, b=b: qj.qeinsum("md,vd->mv", x, q, backend=b)) for b in ("auto", "xla")}
+    def product(b):
+        return (lambda x, t: jnp.dot(x, t.T)) if b == "float32" else (
+            lambda x, q: qj.qeinsum("md,vd->mv", x, q, backend=b))
+
+    def pullback(f):  # the logits' backward pass alone: the cotangent c times the table
+        return jax.jit(lambda x, t, c: jax.vjp(lambda x: f(x, t), x)[1](c)[0])
+
+    logits = {b: jax.jit(product(b)) for b in ("float32", "auto", "xla")}
+    grads = {b: pullback(product(b)) for b in ("float32", "auto", "xla")}
     rows = []
     for d in args.features:
         table = jax.random.normal(jax.random.key(0), (args.vocab, d))
@@ -55,14 +63,16 @@ def main():
                          "table_MB": f"{table.nbytes / 1e6:.0f} -> {q.nbytes / 1e6:.1f}"})
             for m in args.m:
                 x = jax.random.normal(jax.random.key(1), (m, d))
-                t = interleaved_seconds({"float32": (logits_f32, (x, table)), "auto": (logits["auto"], (x, q)),
-                                         "xla": (logits["xla"], (x, q))}, rounds=5, calls=5)
-                rows.append({"op": f"logits M={m}", "table": f"{args.vocab}x{d}", "spec": name,
-                             "float32_ms": round(1e3 * t["float32"], 2), "int4_ms": round(1e3 * t["auto"], 2),
-                             "before_ms": round(1e3 * t["xla"], 2),
-                             "int4_x_float32": round(t["auto"] / t["float32"], 2),
-                             "table_MB": f"{table.nbytes / 1e6:.0f} -> {q.nbytes / 1e6:.1f}"})
-                print(rows[-1], flush=True)
+                c = jax.random.normal(jax.random.key(3), (m, args.vocab))
+                for op, fns, extra in (("logits", logits, ()), ("logits grad", grads, (c,))):
+                    t = interleaved_seconds({b: (f, (x, table if b == "float32" else q) + extra)
+                                             for b, f in fns.items()}, rounds=5, calls=5)
+                    rows.append({"op": f"{op} M={m}", "table": f"{args.vocab}x{d}", "spec": name,
+                                 "float32_ms": round(1e3 * t["float32"], 2), "int4_ms": round(1e3 * t["auto"], 2),
+                                 "before_ms": round(1e3 * t["xla"], 2),
+                                 "int4_x_float32": round(t["auto"] / t["float32"], 2),
+                                 "table_MB": f"{table.nbytes / 1e6:.0f} -> {q.nbytes / 1e6:.1f}"})
+                    print(rows[-1], flush=True)
     print(f"on {machine()}; int4: take / qeinsum auto; before: decode the table first (take of dequantize / xla)")
     print_table(rows, ["op", "table", "spec", "float32_ms", "int4_ms", "before_ms", "int4_x_float32", "table_MB"])
     write_json(args.out, {"machine": machine(), "vocab": args.vocab, "tokens": args.tokens, "rows": rows})
