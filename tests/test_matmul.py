@@ -412,6 +412,10 @@ def test_pallas_backend_names_the_platform_it_cannot_serve():
     q = qj.quantize(jnp.ones((32, 8)), qj.QuantSpec(axis=0))
     with pytest.raises(NotImplementedError, match=r"backend='pallas' has no kernel for platform 'tpu'"):
         jax.export.export(jax.jit(lambda x, q: qj.qdot(x, q, backend="pallas")), platforms=["tpu"])(jnp.ones((1, 32)), q)
+    table = qj.quantize(jnp.ones((32, 8)), qj.QuantSpec(axis=1))
+    with pytest.raises(NotImplementedError, match=r"qeinsum: backend='pallas' has no kernel for platform 'tpu'"):
+        jax.export.export(jax.jit(lambda x, t: qj.qeinsum("md,vd->mv", x, t, backend="pallas")),
+                          platforms=["tpu"])(jnp.ones((1, 8)), table)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

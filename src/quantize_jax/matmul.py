@@ -414,8 +414,10 @@ def _transposed_impl(platform, x, packed, scale, zero_point, *, backend, **weigh
     """``x @ dequantize(q).T`` (float32) over the weight's packed axis, for ``auto`` and ``pallas``: the
     transposed Pallas kernel where :func:`_transposed_kernel_runs`; else with ``auto``
     :func:`_chunked_transposed` on the CPU and :func:`_dequant_transposed` elsewhere; with ``pallas`` the
-    reference."""
+    reference (a NotImplementedError on platforms other than the CPU and NVIDIA GPUs, as :func:`qdot`'s)."""
     q = _weight(packed, scale, zero_point, **weight)
+    if backend == "pallas" and platform not in ("cpu", "cuda"):
+        raise NotImplementedError(f"qeinsum: backend='pallas' has no kernel for platform {platform!r}; use 'auto'")
     if _transposed_kernel_runs(platform, backend, x, q, x.dtype):
         return _kernel_transposed(x, q, _dot_dtype(x.dtype), interpret=platform != "cuda")
     if backend == "pallas":
