@@ -180,6 +180,28 @@ def test_tied_logits_with_pallas_run_the_transposed_kernel(fmt, layout):
     assert (np.abs(np.asarray(tangent, np.float64) - 2 * x64 @ w_hat.T) <= 2 * bound).all()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_tables_16_bit_backward_pass_runs_the_forward_kernel_over_its_codes(fmt):
+    """The tied logits' backward pass ``c @ table`` over a table scaled per row, bf16, with ``pallas``
+    (interpreted here; ``auto`` on CUDA): ``c * s`` in bf16 times the codes' values (nf4's rounded to
+    bf16), float32 sums, less ``(c s) . z``, returned in bf16: within bf16's rounding of that model, and
+    within 1% of the float64 product."""
+    table = qj.quantize(jax.random.normal(jax.random.key(53), (300, 72)), qj.QuantSpec(format=fmt, axis=1))
+    x = jax.random.normal(jax.random.key(54), (6, 72)).astype(jnp.bfloat16)
+    c = jax.random.normal(jax.random.key(55), (6, 300))
+    _, pullback = jax.vjp(lambda x: qj.qeinsum("md,vd->mv", x, table, backend="pallas"), x)
+    got = np.asarray(pullback(c)[0], np.float64)
+    bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)  # noqa: E731
+    z = None if table.zero_point is None else jnp.zeros_like(table.zero_point)
+    levels = bf16(qj.dequantize(qj.QArray(table.packed, jnp.ones_like(table.scale), z, table.shape, table.dtype,
+                                          table.spec)))  # the codes' values: (c - 0) * 1
+    cs = bf16(bf16(c) * np.asarray(table.scale, np.float64)[:, 0][None, :])
+    want = cs @ levels - (0 if z is None else cs @ np.asarray(table.zero_point, np.float64))
+    np.testing.assert_allclose(got, bf16(want), rtol=8e-3, atol=1e-6)
+    reference = np.asarray(c, np.float64) @ np.asarray(qj.dequantize(table), np.float64)
+    assert np.linalg.norm(got - reference) <= 1e-2 * np.linalg.norm(reference)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_operands_give_zeros_as_jnp_matmul(backend):
     for k, n in [(0, 4), (4, 0)]:  # nothing to contract; no output columns
@@ -358,9 +380,13 @@ def test_tied_logits_on_cuda_take_the_transposed_kernel_up_to_its_rows():
         exp = jax.export.export(f, platforms=["cpu", "cuda"], disabled_checks=[_TRITON])(x)
         assert ("qdot_int4_transposed" in exp.mlir_module()) == (m <= matmul.PALLAS_TRANSPOSED_MAX_M and dtype != jnp.float32)
         np.testing.assert_array_equal(exp.call(x), f(x))
+    # the backward pass c @ table: the forward kernel over the codes, c * s rounded to bf16 (no decoded table)
+    grad = jax.jit(jax.grad(lambda x: f(x).astype(jnp.float32).sum()))
+    x = jnp.ones((matmul.PALLAS_TRANSPOSED_MAX_M, 128), jnp.bfloat16)
+    text = jax.export.export(grad, platforms=["cuda"], disabled_checks=[_TRITON])(x).mlir_module()
+    assert "xla.gpu.triton" in text and "stablehlo.dot_general" not in text
     # a symbolic M (one artifact for every batch) takes XLA's paths, as qdot's auto does, forward and backward
     x = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 128"), jnp.bfloat16)
-    grad = jax.jit(jax.grad(lambda x: f(x).astype(jnp.float32).sum()))
     for fn in (f, grad):
         assert "xla.gpu.triton" not in jax.export.export(fn, platforms=["cpu", "cuda", "tpu"])(x).mlir_module()
 

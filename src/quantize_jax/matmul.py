@@ -54,8 +54,8 @@ rounding, else the reference); the weight gets none. Reverse mode's
 axis, the weight never decoded to memory) with ``pallas``, and with ``auto``
 on NVIDIA GPUs for bf16 / f16 activations up to ``PALLAS_TRANSPOSED_MAX_M``
 rows (``g * s`` rounded to that dtype, as the decoded weight would be);
-forward mode's ``dx @ W`` on NVIDIA GPUs takes the forward product's own
-choice (the kernel at small M).
+forward mode's ``dx @ W`` with ``pallas``, and with ``auto`` on NVIDIA
+GPUs, takes the forward product's own choice (the kernel at small M).
 
 :func:`qeinsum`'s tied logits ``"...d,vd->...v"`` (an embedding table
 ``(vocab, d)`` contracted over its packed axis) take the same transposed
@@ -63,6 +63,9 @@ kernel with ``auto`` on NVIDIA GPUs (bf16 / f16, up to
 ``PALLAS_TRANSPOSED_MAX_M`` rows) and with ``pallas``, for tables scaled
 per row (the embedding default: the codes' product is scaled after the
 kernel) or per column; tables in groups along ``d`` decode as before.
+Their backward pass ``c @ table`` runs the forward kernel over the
+codes (for tables scaled per row: ``c * s`` rounded once to the 16-bit
+dtype, up to ``PALLAS_MAX_M`` rows).
 """
 
 from __future__ import annotations
@@ -331,18 +334,38 @@ def _tangent(dx, q: QArray, backend: str):
 
 
 def _tangent_impl(platform, dx, packed, scale, zero_point, *, backend, **weight):
-    """On NVIDIA GPUs with ``auto`` or ``pallas``, the forward product's own choice (the Pallas kernel at
-    small M); elsewhere :func:`_decoded_product`. On the CPU :func:`_blocked_product`, or for weights
-    scaled along their rows (a table's ``ct @ W``, the tied logits' backward pass) the transpose of
-    :func:`_chunked_transposed`: 32000 x 2048 per row, M = 1 / 8: 10 / 14 ms against 23 / 21 on the
-    project's CPU VM."""
+    """``dx @ dequantize(q)`` (float32). With ``pallas`` (interpreted on the CPU) and with ``auto`` on NVIDIA
+    GPUs, the forward product's own choice (the Pallas kernel at small M); for weights scaled per row (a
+    table's ``ct @ W``, the tied logits' backward pass) :func:`_row_scaled_kernel`, with ``auto`` for bf16 /
+    f16 up to ``PALLAS_MAX_M`` rows. Else :func:`_decoded_product` off the CPU; on the CPU
+    :func:`_blocked_product`, or for weights scaled along their rows the transpose of
+    :func:`_chunked_transposed` (32000 x 2048 per row, M = 1 / 8: 10 / 14 ms against 23 / 21 on the
+    project's CPU VM)."""
     q = _weight(packed, scale, zero_point, **weight)
-    grid = _grid(q)
-    if platform == "cuda" and backend in ("auto", "pallas") and grid is not None and not _at_most(dx.shape[0], 0) and q.size:
-        return _choose(platform, backend, None, dx.shape[0], dx.dtype, grid)(dx, q, grid=grid)
+    grid, m = _grid(q), dx.shape[0]
+    if (backend == "pallas" and platform in ("cpu", "cuda") or backend == "auto" and platform == "cuda") and q.size \
+            and not _at_most(m, 0):
+        if grid is not None:
+            return _choose(platform, backend, None, m, dx.dtype, grid)(dx, q, grid=grid)
+        rows = _row_scales(q)
+        if rows is not None and (backend == "pallas" or _dot_dtype(dx.dtype) != jnp.float32 and _at_most(m, PALLAS_MAX_M)):
+            return _row_scaled_kernel(dx, q, *rows, interpret=platform != "cuda")
     if platform == "cpu" and grid is None and q.size:
         return _transpose_of(_chunked_transposed, dx.astype(jnp.float32), q, q.shape[1], jnp.float32)
     return (_blocked_product if platform == "cpu" else _decoded_product)(dx, q)
+
+
+def _row_scaled_kernel(dx, q: QArray, scale, zero_point, interpret: bool):
+    """``dx @ dequantize(q)`` for ``q`` scaled per row (``scale``, ``zero_point``: ``(1, K)``) by the forward
+    Pallas kernel over the codes alone (unit scales): ``dx * s``, rounded once to dx's dtype (as the
+    transposed kernel rounds ``g * s``), times the codes, less ``(dx s) . z``."""
+    k, n = q.shape
+    xs = (dx.astype(jnp.float32) * scale).astype(dx.dtype)
+    y = pallas_gpu.matmul(xs, q.packed, jnp.ones((1, n), jnp.float32), None, n=n, fmt=q.spec.fmt, group_size=k,
+                          interpret=interpret)
+    if zero_point is None:
+        return y
+    return y - jnp.sum(xs.astype(jnp.float32) * zero_point, axis=1, keepdims=True)
 
 
 def _transposed_tangent_impl(platform, g, packed, scale, zero_point, *, backend, x_dtype, **weight):
