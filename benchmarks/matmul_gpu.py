@@ -216,6 +216,10 @@ def transposed_checks(check, formats):
             row = dict(fmt=fmt, shape="5x200 @ (300x200).T", group="row", dtype="bfloat16", backend=f"{backend} logits")
             check(row, lambda: jax.jit(lambda x, e: qj.qeinsum("md,vd->mv", x, e, backend=backend))(x, table),
                   lambda: reference(x, table, transposed=True))
+            c = jax.random.normal(jax.random.key(16), (5, 300)).astype(jnp.bfloat16)  # the backward pass c @ table
+            row = dict(row, backend=f"{backend} logits grad")
+            check(row, lambda: jax.jit(logits_backward(
+                lambda x, e: qj.qeinsum("md,vd->mv", x, e, backend=backend)))(c, table), lambda: reference(c, table))
 
 
 def kernel_fn_w4a8(x, q):
@@ -353,6 +357,16 @@ def grad_x(f, x):
     return pullback(x.astype(y.dtype))[0]
 
 
+def logits_backward(product):
+    """``c, e -> c @ e``: the tied logits' backward pass at the cotangent ``c`` of shape ``(M, vocab)`` (its
+    primal, ``c``'s first ``d`` columns, is not needed by it)."""
+    def fn(c, e):
+        _, pullback = jax.vjp(lambda x: product(x, e), c[:, : e.shape[1]])
+        return pullback(c.astype(jnp.float32))[0]
+
+    return fn
+
+
 def activations(m, k, count=N_PAIRS):
     return [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(count)]
 
@@ -393,7 +407,8 @@ def main():
     quick = dict(backends=("pallas",), variants=False) if args.quick_checks else {}
     result["checks"] = [] if args.no_checks else checks(log, **quick)
 
-    rounded = ("dequant", "pallas transposed", "auto grad")  # (the scaled weight, or g * s, rounded to bf16)
+    # (the scaled weight, or g * s, rounded to bf16)
+    rounded = ("dequant", "pallas transposed", "auto grad", "pallas logits grad", "auto logits grad")
     bad = [r for r in result["checks"] if "error" in r
            or r["rel_err"] > (5e-3 if r["backend"] in rounded and r["dtype"] == "bfloat16" else 2e-3)]
     print(f"checks: {len(result['checks'])} cases, {len(bad)} failing ({time.time() - start:.0f} s)", flush=True)
@@ -468,16 +483,23 @@ def main():
                 log(f"budget: logits stopped before {vocab} x {d}")
                 break
             tables, bf_tables = make_weights(vocab, d, qj.QuantSpec(axis=1), count=4)
+            products = {"bf16": lambda x, e: jax.lax.dot_general(x, e, (((1,), (1,)), ((), ())),
+                                                                 preferred_element_type=jnp.float32),
+                        # auto: the transposed kernel up to PALLAS_TRANSPOSED_MAX_M rows; dequant: auto before
+                        **{b: functools.partial(lambda x, e, b: qj.qeinsum("md,vd->mv", x, e, backend=b), b=b)
+                           for b in ("auto", "dequant")}}
             for m in [m for m in args.m if m <= 128]:
-                xs = activations(m, d, count=4)
-                row = {"V": vocab, "d": d, "M": m, **timed(lambda x, e: jax.lax.dot_general(
-                    x, e, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32), xs, bf_tables, "bf16_", few=2)}
-                for b in ("auto", "dequant"):  # the transposed kernel up to PALLAS_TRANSPOSED_MAX_M rows; auto before
-                    row.update(timed(lambda x, e, b=b: qj.qeinsum("md,vd->mv", x, e, backend=b), xs, tables, f"{b}_",
-                                     few=2))
-                add_speedups(row, "bf16")
-                logits.append(row)
-                print(row, flush=True)
+                for direction, inputs in (("forward", activations(m, d, count=4)),
+                                          ("backward", activations(m, vocab, count=4) if m <= 64 else None)):
+                    if inputs is None:
+                        continue
+                    row = {"V": vocab, "d": d, "M": m, "pass": direction}
+                    for name, product in products.items():
+                        fn = product if direction == "forward" else logits_backward(product)
+                        row.update(timed(fn, inputs, bf_tables if name == "bf16" else tables, f"{name}_", few=2))
+                    add_speedups(row, "bf16")
+                    logits.append(row)
+                    print(row, flush=True)
             del tables, bf_tables
             write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, logits=logits,
                                       profile_lines=sorted(PROFILE_LINES)))
