@@ -29,7 +29,7 @@ import numpy as np
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
-from quantize_jax.kernels.pallas_gpu import PTX_MAX_M, default_transposed_blocks, matmul_transposed
+from quantize_jax.kernels.pallas_gpu import PTX_MAX_M, default_transposed_blocks, dequantize, matmul_transposed
 from quantize_jax.matmul import PALLAS_MAX_M, _grid, _pallas_kernel, _w4a8_kernel, fake_int8_tokens
 
 N_PAIRS = 16
@@ -190,6 +190,25 @@ def transposed_fn(**blocks):
     return fn
 
 
+def decoded_dot(**blocks):
+    """``x, q -> x @ W`` with ``W`` decoded to x's dtype by ``pallas_gpu.dequantize`` with the given tiles:
+    a candidate for ``dequant``'s decoding (XLA's fusion of it took about 90 us at 8192 x 8192)."""
+    interpret = jax.default_backend() == "cpu"
+
+    def fn(x, q):
+        grid = _grid(q)
+        w = dequantize(q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt,
+                       group_size=grid.group_rows, dtype=x.dtype, interpret=interpret, **blocks)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    return fn
+
+
+# (block_k, block_n, num_warps) of the decoding kernel timed at DECODE_SWEEP_M rows by --decode
+DECODE_SWEEP = ((16, 256, 4), (32, 256, 4), (64, 256, 8), (32, 512, 8), (64, 512, 8), (128, 256, 8))
+DECODE_M, DECODE_SWEEP_M = (128, 256, 1024), 256
+
+
 def transposed_checks(check, formats):
     """The transposed kernel (never run on a GPU before session 15) against float64: every format, groups,
     ragged shapes, bf16 and float32 dots; and ``auto``'s gradient through it."""
@@ -209,6 +228,16 @@ def transposed_checks(check, formats):
     row = dict(fmt="uint4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto grad")
     check(row, lambda: jax.jit(lambda x, g: jax.vjp(lambda x: qj.qdot(x, q), x)[1](g)[0])(x, g),
           lambda: reference(g, q, transposed=True))
+    for fmt in formats:  # the decoding kernel: bit for bit qj.dequantize's (rel_err 0), ragged and grouped
+        q = qj.quantize(jax.random.normal(jax.random.key(17), (200, 37)), qj.QuantSpec(format=fmt, axis=0,
+                                                                                     group_size=64))
+        grid = _grid(q)
+        for dtype in (jnp.bfloat16, jnp.float32):
+            row = dict(fmt=fmt, shape="200x37", group=64, dtype=dtype.__name__, backend="pallas dequantize")
+            check(row, lambda: jax.jit(lambda q: dequantize(
+                q.packed, grid.scale, grid.zero_point, n=37, fmt=q.spec.fmt, group_size=64, dtype=dtype,
+                interpret=jax.default_backend() == "cpu"))(q),
+                  lambda: qj.dequantize(q, dtype))
     for fmt in formats:  # tied logits over tables scaled per row: the codes' product scaled after the kernel
         table = qj.quantize(jax.random.normal(jax.random.key(14), (300, 200)), qj.QuantSpec(format=fmt, axis=1))
         x = jax.random.normal(jax.random.key(15), (5, 200)).astype(jnp.bfloat16)
@@ -388,6 +417,9 @@ def main():
                          "transposed kernel's tiles)")
     ap.add_argument("--logits", nargs="*", default=list(LOGITS_SHAPES), metavar="VOCABxFEATURES",
                     help="--grad-only also times the tied logits x @ E.T over per-row int4 tables of these shapes")
+    ap.add_argument("--decode", action="store_true",
+                    help=f"--grad-only also times dequant's decoding by XLA against pallas_gpu.dequantize at M = "
+                         f"{DECODE_M} (its tiles swept at {DECODE_SWEEP_M})")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--sweep-m", type=int, nargs="*", help="the rows whose tiles are swept (default: every --m)")
@@ -476,6 +508,25 @@ def main():
             grads.append(row)
             print(row, flush=True)
             write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, profile_lines=sorted(PROFILE_LINES)))
+        decode, decode_sweep = [], []
+        for m in DECODE_M if args.decode else ():  # dequant's decoding by XLA against the Pallas kernel
+            if time.time() - start > args.budget:
+                log(f"budget: decode stopped before M={m}")
+                break
+            xs = activations(m, k)
+            row = {"M": m, **timed(bf16_dot, xs, bfs, "bf16_")}
+            row.update(timed(lambda x, q: qj.qdot(x, q, backend="dequant"), xs, qs, "dequant_"))
+            row.update(timed(decoded_dot(), xs, qs, "dequant_pallas_"))
+            for bk, bn, warps in DECODE_SWEEP if m == DECODE_SWEEP_M and not args.no_sweep else ():
+                entry = {"M": m, "block_k": bk, "block_n": bn, "num_warps": warps,
+                         **timed(decoded_dot(block_k=bk, block_n=bn, num_warps=warps), xs, qs)}
+                decode_sweep.append(entry)
+                print(" ", entry, flush=True)
+            add_speedups(row, "bf16")
+            decode.append(row)
+            print(row, flush=True)
+            write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, decode=decode,
+                                      decode_sweep=decode_sweep, profile_lines=sorted(PROFILE_LINES)))
         del qs, bfs
         logits = []
         for vocab, d in (map(int, s.split("x")) for s in args.logits):  # tied logits x @ E.T over per-row int4 tables, 4 of each (none fits the L2)
@@ -501,9 +552,11 @@ def main():
                     logits.append(row)
                     print(row, flush=True)
             del tables, bf_tables
-            write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, logits=logits,
-                                      profile_lines=sorted(PROFILE_LINES)))
+            write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, decode=decode,
+                                      decode_sweep=decode_sweep, logits=logits, profile_lines=sorted(PROFILE_LINES)))
         print_table(grads, list(dict.fromkeys(c for row in grads for c in row)))
+        if decode:
+            print_table(decode, list(dict.fromkeys(c for row in decode for c in row)))
         if logits:
             print_table(logits, list(dict.fromkeys(c for row in logits for c in row)))
         print(f"total {time.time() - start:.0f} s", flush=True)

@@ -320,3 +320,32 @@ def test_transposed_tiles_narrow_for_float32_dots_and_select_chains():
     f32 = pallas_gpu.default_transposed_blocks(16, 8192, 8192, 128, True, jnp.float32)
     levels = pallas_gpu.default_transposed_blocks(16, 8192, 8192, 128, True, jnp.bfloat16, integer=False)
     assert (f32["block_k"], f32["block_n"]) == (64, 128) and (levels["block_k"], levels["block_n"]) == (64, 256)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k, n, group, blocks", [(200, 37, 64, dict()), (256, 96, None, dict(block_k=32, block_n=32)),
+                                                 (130, 50, 32, dict(block_k=16)), (128, 512, 128, dict())])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dequantize_kernel_equals_dequantize_bit_for_bit(fmt, k, n, group, blocks, dtype):
+    """The decoding kernel: ``(c - z) * s`` in float32 rounded once, as ``qj.dequantize`` computes it; ragged
+    rows and columns (odd ``n``), groups that end inside the last block, per channel."""
+    q = qj.quantize(jax.random.normal(jax.random.key(k + n), (k, n)), qj.QuantSpec(format=fmt, axis=0, group_size=group))
+    grid = _grid(q)
+    w = pallas_gpu.dequantize(q.packed, grid.scale, grid.zero_point, n=n, fmt=q.spec.fmt, group_size=grid.group_rows,
+                              dtype=dtype, interpret=True, **blocks)
+    assert w.shape == (k, n) and w.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(w, np.float32), np.asarray(qj.dequantize(q, dtype), np.float32))
+
+
+def test_dequantize_kernel_names_bad_tiles_and_lowers_for_cuda():
+    q = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), qj.QuantSpec(format="uint4", axis=0, group_size=64))
+    grid = _grid(q)
+    decode = lambda q, **blocks: pallas_gpu.dequantize(  # noqa: E731
+        q.packed, grid.scale, grid.zero_point, n=64, fmt=q.spec.fmt, group_size=64, **blocks)
+    with pytest.raises(ValueError, match="block_k 128 must divide group_size 64"):
+        decode(q, block_k=128, interpret=True)
+    with pytest.raises(ValueError, match="block_n must be a multiple of 16 for dequantize, got 24"):
+        decode(q, block_n=24, interpret=True)
+    exported = jax.export.export(jax.jit(decode), platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    assert "dequantize_int4" in exported(q).mlir_module()

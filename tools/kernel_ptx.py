@@ -4,7 +4,8 @@
     python tools/kernel_ptx.py 1,ptx=False 16,ptx=False 1 16 [--kn 8192] [--format uint4] [--dtype float16] [--keep DIR]
 
 Each argument is M followed by ``pallas_gpu.matmul`` tile arguments (``name=value``; ``transposed=True``
-compiles ``pallas_gpu.matmul_transposed``, ``g @ W.T``, with its own tile arguments instead); the weight is
+compiles ``pallas_gpu.matmul_transposed``, ``g @ W.T``, with its own tile arguments instead, ``decode=True``
+``pallas_gpu.dequantize``, the weight decoded to ``--dtype``, M unused); the weight is
 ``kn x kn`` int4 (``--format``) with group 128, the activations bf16 (``--dtype``). The kernel is lowered
 for CUDA through ``jax.export`` (no GPU needed; the Triton IR is taken from Pallas' lowering, a private
 JAX module), compiled by Triton for sm_90, and ``ptxas -v`` reports registers and spills (with Triton's
@@ -62,7 +63,11 @@ def triton_ir(m: int, kn: int, blocks: dict, fmt: str = "int4", dtype=jnp.bfloat
     x = jax.ShapeDtypeStruct((m, kn), dtype)
 
     blocks = dict(blocks)
-    if blocks.pop("transposed", False):  # g @ W.T: float32 gradients, dots in ``dtype``
+    if blocks.pop("decode", False):  # the weight decoded to ``dtype`` (M unused)
+        def product(x, q):
+            return pallas_gpu.dequantize(q.packed, q.scale, q.zero_point, n=kn, fmt=spec.fmt, group_size=128,
+                                         dtype=dtype, **blocks)
+    elif blocks.pop("transposed", False):  # g @ W.T: float32 gradients, dots in ``dtype``
         x = jax.ShapeDtypeStruct((m, kn), jnp.float32)
 
         def product(g, q):
@@ -214,7 +219,7 @@ def main():
             blocks[name] = value == "True" if value in ("True", "False") else int(value)
         ir, params = triton_ir(int(m), args.kn, blocks, args.format, jnp.dtype(args.dtype))
         keep = args.keep / spec.replace(",", "_").replace("=", "-") if args.keep else None
-        facts = report(ir, params["num_warps"] or 4, params["num_stages"] or 3, keep)  # (None: Triton's defaults)
+        facts = report(ir, params.get("num_warps") or 4, params.get("num_stages") or 3, keep)  # (None: Triton's defaults)
         print(f"M={m} {blocks or 'default tiles'}: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
 
 

@@ -695,3 +695,80 @@ def matmul_transposed(g, packed, scale, zero_point, *, n: int, fmt: Format, grou
         **params,
     )(*operands)
     return out.sum(0)[:m, :k]
+
+
+def _dequantize_kernel(p_ref, s_ref, *rest, decode: _PtxDecode, dtype):
+    """One ``(bk, 2 * bnh)`` tile of the decoded weight: the bytes' low and high codes' float32 values (see
+    :class:`_PtxDecode`), less their columns' zero points, times their scales, rounded once to ``dtype``,
+    joined back in column order."""
+    z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
+    v = decode.planes(p_ref[...])
+    if z_ref is not None:
+        v = [vj - zj for vj, zj in zip(v, _plane_rows(z_ref, 0))]
+    o_ref[...] = _column_order([(vj * sj).astype(dtype) for vj, sj in zip(v, _plane_rows(s_ref, 0))])
+
+
+def default_dequantize_blocks(group_size: int, per_group: bool) -> dict:
+    """Tiles for :func:`dequantize`: 32 rows (or the largest divisor of the group up to it) x 256 columns of
+    the decoded weight, 16 KB of bf16 output per program. Not yet timed on a GPU; read offline
+    (``tools/kernel_ptx.py 1,decode=True``, int4 to bf16, 4 warps, sm_90): 95 registers, 5 programs per
+    SM, no spills; 64 rows took 166 registers (3 programs), 128 rows or 512 columns spilled."""
+    return dict(block_k=default_block_k(group_size, per_group, most=32), block_n=256)
+
+
+def dequantize(packed, scale, zero_point, *, n: int, fmt: Format, group_size: int, dtype=jnp.bfloat16,
+               block_k: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+               interpret: bool = False):
+    """The weight ``W`` of shape ``(K, n)`` decoded from its packed codes ``(K, ceil(n / 2))`` to ``dtype``:
+    ``((c - z) * s)`` in float32, rounded once, as :func:`quantize_jax.dequantize` computes it (bit for
+    bit). A candidate for ``dequant``'s decoding on GPUs (XLA's fusion of it took about 90 us for an
+    8192 x 8192 int4 weight on an H200, 1.9 TB/s of bytes read and written); not yet timed.
+
+    Args:
+      packed, scale, zero_point, n, fmt, group_size: as :func:`matmul`.
+      dtype: the decoded weight's dtype.
+      block_k, block_n: rows (dividing the group) and columns (a multiple of 16) per program; ``None``
+        takes :func:`default_dequantize_blocks`.
+      num_warps: Triton's (``None``: its default, 4).
+      interpret: run the kernel in Pallas' interpreter (CPU tests).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, quantize_jax as qj
+      >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (64, 48)), qj.QuantSpec(axis=0, group_size=32))
+      >>> w = dequantize(q.packed, q.scale, None, n=48, fmt=q.spec.fmt, group_size=32, interpret=True)
+      >>> bool((w == qj.dequantize(q, jnp.bfloat16)).all())
+      True
+    """
+    k = packed.shape[0]
+    per_group = scale.shape[0] > 1
+    blocks = default_dequantize_blocks(group_size, per_group)
+    bk, bn = block_k or blocks["block_k"], block_n or blocks["block_n"]
+    if bn % 16:
+        raise ValueError(f"pallas: block_n must be a multiple of 16 for dequantize, got {bn}")
+    if per_group and group_size % bk:
+        raise ValueError(f"pallas: block_k {bk} must divide group_size {group_size}")
+    nh, bnh = (n + 1) // 2, bn // 2
+    nhp = pl.cdiv(nh, bnh) * bnh
+    k_whole = pl.cdiv(k, group_size) * group_size if per_group else k
+    kp = pl.cdiv(k_whole, bk) * bk
+    groups = kp // group_size if per_group else 1
+
+    def group(i, j):  # the scale row of row block i
+        return (i * bk // group_size if per_group else 0, j)
+
+    operands = [_pad(packed, kp, nhp), _pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
+    in_specs = [pl.BlockSpec((bk, bnh), lambda i, j: (i, j)), pl.BlockSpec((1, bn), group)]
+    if zero_point is not None:
+        operands.append(_pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
+        in_specs.append(pl.BlockSpec((1, bn), group))
+    out = pl.pallas_call(
+        functools.partial(_dequantize_kernel, decode=_PtxDecode(fmt, jnp.float32, False, interpret), dtype=dtype),
+        out_shape=jax.ShapeDtypeStruct((kp, 2 * nhp), dtype),
+        grid=(kp // bk, nhp // bnh),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bk, bn), lambda i, j: (i, j)),
+        interpret=interpret,
+        name="dequantize_int4",
+        **({} if interpret else dict(compiler_params=pl_triton.CompilerParams(num_warps=num_warps))),  # (Triton)
+    )(*operands)
+    return out if out.shape == (k, n) else out[:k, :n]
