@@ -158,6 +158,22 @@ def test_pallas_backward_is_the_transposed_kernel():
     np.testing.assert_allclose(batched[:, 0], np.broadcast_to(w_hat.sum(1), x.shape), rtol=1e-5, atol=1e-5)
 
 
+def test_pallas_gradients_of_a_weight_scaled_per_row_run_the_kernels():
+    """``qdot`` over ``W`` with one scale per row (``axis=1``: the forward is the reference), ``pallas``:
+    reverse mode's ``g @ W.T`` is the transposed kernel, forward mode's ``dx @ W`` the forward kernel over
+    the codes (both interpreted here), each with the row scales applied outside it."""
+    q = qj.quantize(jax.random.normal(jax.random.key(60), (96, 40)), qj.QuantSpec(format="uint4", axis=1))
+    x, c = jax.random.normal(jax.random.key(61), (4, 96)), jax.random.normal(jax.random.key(62), (4, 40))
+    f = lambda x: qj.qdot(x, q, backend="pallas")  # noqa: E731
+    w_hat = np.asarray(qj.dequantize(q), np.float64)
+    grad = jax.jit(lambda x, c: jax.vjp(f, x)[1](c)[0])
+    assert "qdot_int4_transposed" in grad.lower(x, c).as_text(debug_info=True)
+    np.testing.assert_allclose(grad(x, c), np.asarray(c, np.float64) @ w_hat.T, rtol=1e-5, atol=1e-5)
+    tangent = jax.jit(lambda x: jax.jvp(f, (x,), (x,))[1])
+    assert "qdot_int4" in tangent.lower(x).as_text(debug_info=True)
+    np.testing.assert_allclose(tangent(x), np.asarray(x, np.float64) @ w_hat, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", ["row", "row_groups", "column_groups", "tensor"])
 def test_tied_logits_with_pallas_run_the_transposed_kernel(fmt, layout):

@@ -376,7 +376,7 @@ def _transposed_tangent_impl(platform, g, packed, scale, zero_point, *, backend,
     (on the CPU block by block over the weight's rows; elsewhere one product over the weight decoded to
     bf16 / f16, in that dtype, or the reference for float32)."""
     q = _weight(packed, scale, zero_point, **weight)
-    if _grid(q) is not None and _transposed_kernel_runs(platform, backend, g, q, x_dtype):
+    if _transposed_kernel_runs(platform, backend, g, q, x_dtype):
         y = _kernel_transposed(g, q, _dot_dtype(x_dtype), interpret=platform != "cuda")
     else:
         y = _transpose_of(_blocked_product if platform == "cpu" else _decoded_product, g, q, q.shape[0], x_dtype)
