@@ -343,12 +343,13 @@ def _tangent_impl(platform, dx, packed, scale, zero_point, *, backend, **weight)
     project's CPU VM)."""
     q = _weight(packed, scale, zero_point, **weight)
     grid, m = _grid(q), dx.shape[0]
-    if (backend == "pallas" and platform in ("cpu", "cuda") or backend == "auto" and platform == "cuda") and q.size \
-            and not _at_most(m, 0):
+    kernels = (backend == "pallas" and platform in ("cpu", "cuda")) or (backend == "auto" and platform == "cuda")
+    if kernels and q.size and not _at_most(m, 0):
         if grid is not None:
             return _choose(platform, backend, None, m, dx.dtype, grid)(dx, q, grid=grid)
         rows = _row_scales(q)
-        if rows is not None and (backend == "pallas" or _dot_dtype(dx.dtype) != jnp.float32 and _at_most(m, PALLAS_MAX_M)):
+        small = _dot_dtype(dx.dtype) != jnp.float32 and _at_most(m, PALLAS_MAX_M)
+        if rows is not None and (backend == "pallas" or small):
             return _row_scaled_kernel(dx, q, *rows, interpret=platform != "cuda")
     if platform == "cpu" and grid is None and q.size:
         return _transpose_of(_chunked_transposed, dx.astype(jnp.float32), q, q.shape[1], jnp.float32)
