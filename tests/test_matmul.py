@@ -75,7 +75,7 @@ def test_w4a8_equals_int8_activations_times_the_dequantized_weight(fmt):
 @settings(max_examples=6)  # each example compiles; CI time (session 14's VM: 15 min at the previous counts)
 @given(m=st.integers(1, 9), vocab=st.integers(1, 700), d=st.integers(1, 70), fmt=st.sampled_from(FORMATS),
        layout=st.sampled_from(["row", "row_groups", "column", "column_groups", "tensor"]),
-       backend=st.sampled_from(["auto", "chunked", "dequant", "xla"]))
+       backend=st.sampled_from(["auto", "chunked", "dequant", "xla", "native"]))
 def test_products_over_the_packed_axis_match_the_reference(m, vocab, d, fmt, layout, backend):
     """``"md,vd->mv"`` (tied embedding logits): the weight contracted over its last, packed axis."""
     spec = {"row": qj.QuantSpec(format=fmt, axis=1), "row_groups": qj.QuantSpec(format=fmt, axis=1, group_size=5),
@@ -346,6 +346,26 @@ def test_qeinsum_bad_subscripts_are_named(subscripts, message):
         qj.qeinsum(subscripts, jnp.ones((2, 8)), q)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_weight_closed_over_by_jit_gives_the_products_of_a_weight_passed_in(fmt):
+    """A jitted function that closes over a QArray makes its bytes compile-time constants. XLA's constant
+    folding of the uint8 -> int4 bitcast (jax 0.10.2) kept only each byte's low nibble: ``native``,
+    ``dequant`` and W4A8 read wrong codes (errors of 40 on products of size 10) until the bytes passed an
+    optimization barrier first."""
+    q = qj.quantize(jax.random.normal(jax.random.key(70), (72, 300)), qj.QuantSpec(format=fmt, axis=0, group_size=36))
+    table = qj.quantize(jax.random.normal(jax.random.key(71), (300, 72)), qj.QuantSpec(format=fmt, axis=1))
+    x = jax.random.normal(jax.random.key(72), (5, 72))
+    products = {b: lambda x, q, b=b: qj.qdot(x, q, backend=b) for b in ("native", "dequant", "auto")}
+    if fmt != "nf4":
+        products["w4a8"] = lambda x, q: qj.qdot(x, q, act_quant="int8", backend="native")
+    for name, product in products.items():  # (the same up to the sums' order: constants compile otherwise)
+        np.testing.assert_allclose(jax.jit(lambda x: product(x, q))(x), jax.jit(product)(x, q), rtol=1e-5, atol=1e-4,
+                                   err_msg=name)
+    tied = lambda x, t: qj.qeinsum("md,vd->mv", x, t, backend="native")  # noqa: E731
+    np.testing.assert_allclose(jax.jit(lambda x: tied(x, table))(x), jax.jit(tied)(x, table), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(jax.jit(lambda: q.as_int4().astype(jnp.int8))(), q.as_int4().astype(jnp.int8))
+
+
 def test_export_for_cpu_and_tpu_reproduces_on_cpu():
     w = jax.random.normal(jax.random.key(9), (64, 32))
     q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=32))
@@ -405,6 +425,18 @@ def test_tied_logits_on_cuda_take_the_transposed_kernel_up_to_its_rows():
     x = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 128"), jnp.bfloat16)
     for fn in (f, grad):
         assert "xla.gpu.triton" not in jax.export.export(fn, platforms=["cpu", "cuda", "tpu"])(x).mlir_module()
+
+
+def test_tied_logits_on_tpu_read_the_int4_table_in_the_dot():
+    """``auto`` on TPU over a table scaled per row: one bf16 dot whose table operand is the int4 codes
+    converted (XLA's native int4, as qdot's there), the row scales after it; tables in groups along d keep
+    the dot over the decoded table."""
+    x = jnp.ones((8, 128), jnp.bfloat16)
+    for spec, native in ((qj.QuantSpec(axis=1), True), (qj.QuantSpec(axis=1, group_size=64), False)):
+        q = qj.quantize(jax.random.normal(jax.random.key(18), (512, 128)), spec)
+        text = jax.export.export(jax.jit(lambda x: qj.qeinsum("md,vd->mv", x, q)), platforms=["tpu"])(x).mlir_module()
+        assert len([line for line in text.splitlines() if "stablehlo.dot_general" in line]) == 1
+        assert ("xi4>" in text) == native
 
 
 def test_forward_mode_on_cuda_takes_the_forward_kernel():

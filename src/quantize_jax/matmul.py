@@ -63,6 +63,8 @@ kernel with ``auto`` on NVIDIA GPUs (bf16 / f16, up to
 ``PALLAS_TRANSPOSED_MAX_M`` rows) and with ``pallas``, for tables scaled
 per row (the embedding default: the codes' product is scaled after the
 kernel) or per column; tables in groups along ``d`` decode as before.
+On TPU (and with ``native`` anywhere) a table scaled per row is read as
+int4 codes inside the dot (XLA's native int4), its row scales after.
 Their backward pass ``c @ table`` runs the forward kernel over the
 codes (for tables scaled per row: ``c * s`` rounded once to the 16-bit
 dtype, up to ``PALLAS_MAX_M`` rows).
@@ -89,7 +91,7 @@ from quantize_jax import _layout
 from quantize_jax.calibrate import true_divide
 from quantize_jax.formats import Format, dequantize_codes
 from quantize_jax.kernels import pallas_gpu
-from quantize_jax.qarray import QArray, dequantize
+from quantize_jax.qarray import QArray, dequantize, int4_view
 
 BACKENDS = ("auto", "xla", "chunked", "native", "dequant", "pallas")
 ACT_QUANT = (None, "int8")
@@ -435,18 +437,39 @@ def _kernel_transposed(x, q: QArray, dtype, interpret: bool):
 
 
 def _transposed_impl(platform, x, packed, scale, zero_point, *, backend, **weight):
-    """``x @ dequantize(q).T`` (float32) over the weight's packed axis, for ``auto`` and ``pallas``: the
-    transposed Pallas kernel where :func:`_transposed_kernel_runs`; else with ``auto``
-    :func:`_chunked_transposed` on the CPU and :func:`_dequant_transposed` elsewhere; with ``pallas`` the
-    reference (a NotImplementedError on platforms other than the CPU and NVIDIA GPUs, as :func:`qdot`'s)."""
+    """``x @ dequantize(q).T`` (float32) over the weight's packed axis, for ``auto``, ``pallas`` and
+    ``native``: the transposed Pallas kernel where :func:`_transposed_kernel_runs`; XLA's int4
+    (:func:`_native_transposed`) with ``native`` for tables scaled per row, and with ``auto`` for them on
+    TPU; else with ``auto`` :func:`_chunked_transposed` on the CPU and :func:`_dequant_transposed`
+    elsewhere; with ``pallas`` or ``native`` the reference (``pallas``: a NotImplementedError on platforms
+    other than the CPU and NVIDIA GPUs, as :func:`qdot`'s)."""
     q = _weight(packed, scale, zero_point, **weight)
     if backend == "pallas" and platform not in ("cpu", "cuda"):
         raise NotImplementedError(f"qeinsum: backend='pallas' has no kernel for platform {platform!r}; use 'auto'")
     if _transposed_kernel_runs(platform, backend, x, q, x.dtype):
         return _kernel_transposed(x, q, _dot_dtype(x.dtype), interpret=platform != "cuda")
+    rows = _row_scales(q)
+    if backend == "native" or (backend == "auto" and platform not in ("cpu", "cuda", "rocm") and rows is not None):
+        if rows is None:
+            return _reference_transposed(x, q)
+        return _native_transposed(x, q, *rows, dtype=jnp.float32 if platform == "cpu" else _dot_dtype(x.dtype))
     if backend == "pallas":
         return _reference_transposed(x, q)
     return _chunked_transposed(x.astype(jnp.float32), q) if platform == "cpu" else _dequant_transposed(x, q)
+
+
+def _native_transposed(x, q: QArray, scale, zero_point, *, dtype):
+    """XLA's int4 for ``x @ W.T`` over a weight scaled per row (``scale``, ``zero_point``: ``(1, K)``): the
+    codes bitcast to int4 and converted to ``dtype`` inside one dot with ``x``, the row scales after it,
+    ``y = (x @ c.T - z sum(x)) s`` (``native`` on any platform; ``auto`` on TPU, where XLA reads the 4-bit
+    table in the dot, as for :func:`qdot`'s ``native``)."""
+    k, n = q.shape
+    codes = _grouped_codes(q, _Grid(jnp.ones((1, n), jnp.float32), None, k), dtype)[0]
+    y = lax.dot_general(x.astype(dtype), codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+    if zero_point is not None:
+        y = y - zero_point * jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+    return y * scale
 
 
 def _transposed_transpose(ct, x, packed, scale, zero_point, **params):
@@ -706,7 +729,7 @@ def _grouped_codes(q: QArray, grid: _Grid, dtype):
     packed = jnp.pad(q.packed, ((0, g * rows - k), (0, 0)))
     fmt = q.spec.fmt
     if fmt.is_integer and n % 2 == 0:
-        int4 = lax.bitcast_convert_type(packed, jnp.int4 if fmt.signed_codes else jnp.uint4).reshape(g * rows, n)
+        int4 = int4_view(packed, fmt.signed_codes).reshape(g * rows, n)
         codes = lax.optimization_barrier(int4).astype(dtype)  # the barrier keeps XLA GPU's int4 dot fusion sound
     else:
         lo, hi = _nibbles(packed, fmt)
@@ -982,7 +1005,7 @@ def _qdot_transposed(x, q: QArray, backend: str):
             y = _chunked_transposed(x2.astype(jnp.float32), q)
         elif backend == "dequant":
             y = _dequant_transposed(x2, q)
-        elif backend in ("auto", "pallas"):
+        elif backend in ("auto", "pallas", "native"):
             y = _bind(_transposed_p, x2, q, backend=backend)
         else:
             y = _reference_transposed(x2, q)

@@ -98,8 +98,7 @@ class QArray:
         free bitcast of the packed bytes (XLA's packed layout). Needs an even last axis."""
         if self.shape[-1] % 2:
             raise ValueError(f"as_int4: the last axis of shape {self.shape} is odd; the bytes hold a padding nibble")
-        dt = jnp.int4 if self.spec.fmt.signed_codes else jnp.uint4
-        return lax.bitcast_convert_type(self.packed, dt).reshape(self.shape)
+        return int4_view(self.packed, self.spec.fmt.signed_codes).reshape(self.shape)
 
     def dequantize(self, dtype=None) -> jax.Array:
         """Same as :func:`dequantize`."""
@@ -136,6 +135,15 @@ def _restacked(shape, spec: QuantSpec, packed, scale, zero_point):
     fits = (lead[-1] == -(-shape[-1] // 2)
             and all(a is None or tuple(getattr(a, "shape", ())) == lay.scale_shape for a in (scale, zero_point)))
     return (new_shape, new_spec) if fits else (shape, spec)
+
+
+def int4_view(packed: jax.Array, signed: bool) -> jax.Array:
+    """Packed bytes ``(..., B)`` as ``jnp.int4`` (``signed``) or ``jnp.uint4`` codes ``(..., B, 2)``, low nibble
+    first: a bitcast. The bytes pass an ``optimization_barrier`` first: XLA's constant folding of a uint8 ->
+    int4 bitcast (jax 0.10.2) keeps only each byte's low nibble, so a jitted function that closed over a
+    QArray (its bytes a compile-time constant) read wrong codes (found in session 16: 245817 of 262144 codes
+    of a 512 x 256 byte array)."""
+    return lax.bitcast_convert_type(lax.optimization_barrier(packed), jnp.int4 if signed else jnp.uint4)
 
 
 def quantize(x: jax.Array, spec: QuantSpec | None = None, *, scale=None, zero_point=None) -> QArray:
