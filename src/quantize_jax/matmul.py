@@ -345,13 +345,11 @@ def _tangent_impl(platform, dx, packed, scale, zero_point, *, backend, **weight)
     project's CPU VM)."""
     q = _weight(packed, scale, zero_point, **weight)
     grid, m = _grid(q), dx.shape[0]
-    kernels = (backend == "pallas" and platform in ("cpu", "cuda")) or (backend == "auto" and platform == "cuda")
-    if kernels and q.size and not _at_most(m, 0):
+    if _kernels_may_run(platform, backend) and q.size and not _at_most(m, 0):
         if grid is not None:
             return _choose(platform, backend, None, m, dx.dtype, grid)(dx, q, grid=grid)
         rows = _row_scales(q)
-        small = _dot_dtype(dx.dtype) != jnp.float32 and _at_most(m, PALLAS_MAX_M)
-        if rows is not None and (backend == "pallas" or small):
+        if rows is not None and (backend == "pallas" or _small_16_bit(m, dx.dtype, PALLAS_MAX_M)):
             return _row_scaled_kernel(dx, q, *rows, interpret=platform != "cuda")
     if platform == "cpu" and grid is None and q.size:
         return _transpose_of(_chunked_transposed, dx.astype(jnp.float32), q, q.shape[1], jnp.float32)
@@ -400,10 +398,19 @@ def _transposed_kernel_runs(platform, backend, x, q: QArray, x_dtype) -> bool:
     ``PALLAS_TRANSPOSED_MAX_M`` rows; where the weight's scales fit it (:func:`_kernel_transposed`)."""
     grid = _grid(q)
     fits = (_pallas_fits(grid) if grid is not None else _row_scales(q) is not None) and q.size > 0
-    return fits and not _at_most(x.shape[0], 0) and (
-        (backend == "pallas" and platform in ("cpu", "cuda"))
-        or (backend == "auto" and platform == "cuda" and _dot_dtype(x_dtype) != jnp.float32
-            and _at_most(x.shape[0], PALLAS_TRANSPOSED_MAX_M)))
+    return fits and not _at_most(x.shape[0], 0) and _kernels_may_run(platform, backend) and (
+        backend == "pallas" or _small_16_bit(x.shape[0], x_dtype, PALLAS_TRANSPOSED_MAX_M))
+
+
+def _kernels_may_run(platform, backend) -> bool:
+    """Whether ``backend`` may take a Pallas kernel on ``platform``: ``pallas`` on the CPU (interpreted) and
+    NVIDIA GPUs, ``auto`` on NVIDIA GPUs (where :func:`_small_16_bit` products take it)."""
+    return (backend == "pallas" and platform in ("cpu", "cuda")) or (backend == "auto" and platform == "cuda")
+
+
+def _small_16_bit(m, dtype, most: int) -> bool:
+    """bf16 / f16 activations of at most ``most`` rows (a known M): what ``auto``'s kernels take."""
+    return _dot_dtype(dtype) != jnp.float32 and _at_most(m, most)
 
 
 def _row_scales(q: QArray):
@@ -428,12 +435,17 @@ def _kernel_transposed(x, q: QArray, dtype, interpret: bool):
     if grid is not None:
         return pallas_gpu.matmul_transposed(x, q.packed, grid.scale, grid.zero_point, n=n, fmt=fmt,
                                             group_size=grid.group_rows, dtype=dtype, interpret=interpret)
-    s, z = _row_scales(q)
     y = pallas_gpu.matmul_transposed(x, q.packed, jnp.ones((1, n), jnp.float32), None, n=n, fmt=fmt, group_size=k,
                                      dtype=dtype, interpret=interpret)
-    if z is not None:
-        y = y - z * jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
-    return y * s
+    return _scaled_rows(y, x, *_row_scales(q))
+
+
+def _scaled_rows(y, x, scale, zero_point):
+    """``x @ c.T`` over a weight's codes ``c`` -> ``x @ W.T`` for ``W`` scaled per row (``scale``,
+    ``zero_point``: ``(1, K)``): ``(y - z sum(x)) s``."""
+    if zero_point is not None:
+        y = y - zero_point * jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
+    return y * scale
 
 
 def _transposed_impl(platform, x, packed, scale, zero_point, *, backend, **weight):
@@ -467,9 +479,7 @@ def _native_transposed(x, q: QArray, scale, zero_point, *, dtype):
     codes = _grouped_codes(q, _Grid(jnp.ones((1, n), jnp.float32), None, k), dtype)[0]
     y = lax.dot_general(x.astype(dtype), codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                         precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
-    if zero_point is not None:
-        y = y - zero_point * jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
-    return y * scale
+    return _scaled_rows(y, x, scale, zero_point)
 
 
 def _transposed_transpose(ct, x, packed, scale, zero_point, **params):
