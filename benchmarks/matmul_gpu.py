@@ -190,16 +190,18 @@ def transposed_fn(**blocks):
     return fn
 
 
-def decoded_dot(**blocks):
-    """``x, q -> x @ W`` with ``W`` decoded to x's dtype by ``pallas_gpu.dequantize`` with the given tiles:
-    a candidate for ``dequant``'s decoding (XLA's fusion of it took about 90 us at 8192 x 8192)."""
-    interpret = jax.default_backend() == "cpu"
+def decoded(q, dtype, **blocks):
+    """``q`` decoded to ``dtype`` by ``pallas_gpu.dequantize`` with the given tiles (interpreted on a CPU)."""
+    grid = _grid(q)
+    return dequantize(q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt, group_size=grid.group_rows,
+                      dtype=dtype, interpret=jax.default_backend() == "cpu", **blocks)
 
+
+def decoded_dot(**blocks):
+    """``x, q -> x @ W`` with ``W`` decoded to x's dtype by :func:`decoded`: a candidate for ``dequant``'s
+    decoding (XLA's fusion of it took about 90 us at 8192 x 8192)."""
     def fn(x, q):
-        grid = _grid(q)
-        w = dequantize(q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt,
-                       group_size=grid.group_rows, dtype=x.dtype, interpret=interpret, **blocks)
-        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return jnp.dot(x, decoded(q, x.dtype, **blocks), preferred_element_type=jnp.float32)
 
     return fn
 
@@ -231,13 +233,9 @@ def transposed_checks(check, formats):
     for fmt in formats:  # the decoding kernel: bit for bit qj.dequantize's (rel_err 0), ragged and grouped
         q = qj.quantize(jax.random.normal(jax.random.key(17), (200, 37)), qj.QuantSpec(format=fmt, axis=0,
                                                                                      group_size=64))
-        grid = _grid(q)
         for dtype in (jnp.bfloat16, jnp.float32):
             row = dict(fmt=fmt, shape="200x37", group=64, dtype=dtype.__name__, backend="pallas dequantize")
-            check(row, lambda: jax.jit(lambda q: dequantize(
-                q.packed, grid.scale, grid.zero_point, n=37, fmt=q.spec.fmt, group_size=64, dtype=dtype,
-                interpret=jax.default_backend() == "cpu"))(q),
-                  lambda: qj.dequantize(q, dtype))
+            check(row, lambda: jax.jit(lambda q: decoded(q, dtype))(q), lambda: qj.dequantize(q, dtype))
     for fmt in formats:  # tied logits over tables scaled per row: the codes' product scaled after the kernel
         table = qj.quantize(jax.random.normal(jax.random.key(14), (300, 200)), qj.QuantSpec(format=fmt, axis=1))
         x = jax.random.normal(jax.random.key(15), (5, 200)).astype(jnp.bfloat16)
