@@ -375,6 +375,15 @@ def _pad(a, rows: int, cols: int, fill=0):
     return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=fill)
 
 
+def _scale_operands(scale, zero_point, groups: int, cols: int, spec: pl.BlockSpec) -> tuple[list, list]:
+    """The kernels' scale operand (padded with ones) and zero-point operand (with zeros, where there is one),
+    float32 ``(groups, cols)``, and their BlockSpecs (``spec`` each)."""
+    operands = [_pad(scale.astype(jnp.float32), groups, cols, 1.0)]
+    if zero_point is not None:
+        operands.append(_pad(zero_point.astype(jnp.float32), groups, cols))
+    return operands, [spec] * len(operands)
+
+
 def default_block_k(group_size: int, per_group: bool, most: int = 128) -> int:
     """The K block: ``most`` rows (a power of two), or the largest divisor of the group up to it."""
     return math.gcd(group_size, most) if per_group else most
@@ -515,16 +524,14 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     mp, nhp = pl.cdiv(m, bm) * bm, pl.cdiv(nh, bnh) * bnh
     groups = pl.cdiv(kp, group_size) if per_group else 1
 
-    operands = [_pad(x, mp, kp), _pad(packed, kp, nhp), _pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
-    row_block = pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j))
+    scales, scale_specs = _scale_operands(scale, zero_point, groups, 2 * nhp,
+                                          pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j)))
+    operands = [_pad(x, mp, kp), _pad(packed, kp, nhp), *scales]
     in_specs = [
         pl.BlockSpec((bm, kp // split_k), lambda i, j, s: (i, s)),
         pl.BlockSpec((kp // split_k, bnh), lambda i, j, s: (s, j)),
-        row_block,
+        *scale_specs,
     ]
-    if zero_point is not None:
-        operands.append(_pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
-        in_specs.append(row_block)
     decode = _PtxDecode(fmt, x.dtype, gemv, interpret)
     if ptx and gemv:
         rows = group_size if per_group else kp // split_k  # the rows of one scale row within a split
@@ -674,11 +681,9 @@ def matmul_transposed(g, packed, scale, zero_point, *, n: int, fmt: Format, grou
 
     g = _pad(g.astype(dtype), mp, 2 * nhp)
     g_block = pl.BlockSpec((bm, cols), lambda i, j, s: (i, s))
-    operands = [g[:, 0::2], g[:, 1::2], _pad(packed, kp, nhp), _pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
-    in_specs = [g_block, g_block, pl.BlockSpec((bk, cols), lambda i, j, s: (j, s)), pl.BlockSpec((1, 2 * cols), group)]
-    if zero_point is not None:
-        operands.append(_pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
-        in_specs.append(pl.BlockSpec((1, 2 * cols), group))
+    scales, scale_specs = _scale_operands(scale, zero_point, groups, 2 * nhp, pl.BlockSpec((1, 2 * cols), group))
+    operands = [g[:, 0::2], g[:, 1::2], _pad(packed, kp, nhp), *scales]
+    in_specs = [g_block, g_block, pl.BlockSpec((bk, cols), lambda i, j, s: (j, s)), *scale_specs]
     params = {}
     if not interpret:
         default_warps = blocks.get("num_warps") if bm == blocks["block_m"] else None  # (for the default tile only)
@@ -756,11 +761,9 @@ def dequantize(packed, scale, zero_point, *, n: int, fmt: Format, group_size: in
     def group(i, j):  # the scale row of row block i
         return (i * bk // group_size if per_group else 0, j)
 
-    operands = [_pad(packed, kp, nhp), _pad(scale.astype(jnp.float32), groups, 2 * nhp, 1.0)]
-    in_specs = [pl.BlockSpec((bk, bnh), lambda i, j: (i, j)), pl.BlockSpec((1, bn), group)]
-    if zero_point is not None:
-        operands.append(_pad(zero_point.astype(jnp.float32), groups, 2 * nhp))
-        in_specs.append(pl.BlockSpec((1, bn), group))
+    scales, scale_specs = _scale_operands(scale, zero_point, groups, 2 * nhp, pl.BlockSpec((1, bn), group))
+    operands = [_pad(packed, kp, nhp), *scales]
+    in_specs = [pl.BlockSpec((bk, bnh), lambda i, j: (i, j)), *scale_specs]
     out = pl.pallas_call(
         functools.partial(_dequantize_kernel, decode=_PtxDecode(fmt, jnp.float32, False, interpret), dtype=dtype),
         out_shape=jax.ShapeDtypeStruct((kp, 2 * nhp), dtype),
