@@ -461,11 +461,10 @@ def _transposed_impl(platform, x, packed, scale, zero_point, *, backend, **weigh
     if _transposed_kernel_runs(platform, backend, x, q, x.dtype):
         return _kernel_transposed(x, q, _dot_dtype(x.dtype), interpret=platform != "cuda")
     rows = _row_scales(q)
-    if backend == "native" or (backend == "auto" and platform not in ("cpu", "cuda", "rocm") and rows is not None):
-        if rows is None:
-            return _reference_transposed(x, q)
+    native = backend == "native" or (backend == "auto" and platform not in ("cpu", "cuda", "rocm"))
+    if native and rows is not None:
         return _native_transposed(x, q, *rows, dtype=jnp.float32 if platform == "cpu" else _dot_dtype(x.dtype))
-    if backend == "pallas":
+    if backend in ("pallas", "native"):
         return _reference_transposed(x, q)
     return _chunked_transposed(x.astype(jnp.float32), q) if platform == "cpu" else _dequant_transposed(x, q)
 
