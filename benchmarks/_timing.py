@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import threading
 import time
 
 import jax
+import numpy as np
 
 
 def median_seconds(fn, *args, repeats: int = 21, warmup: int = 3) -> float:
@@ -22,21 +25,67 @@ def median_seconds(fn, *args, repeats: int = 21, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def interleaved_seconds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int = 3) -> dict:
-    """``{name: median seconds per call}`` for ``{name: (fn, args)}``, timed in interleaved rounds.
-
-    Each round times ``calls`` calls of every entry in turn and keeps their median; the result is the median
-    over rounds. On a shared machine whose speed drifts, the drift hits every entry alike, so their ratios
-    hold better than with each entry timed in one block.
-    """
+def interleaved_rounds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int = 3) -> tuple[dict, list]:
+    """``({name: [median seconds per call, one per round]}, [cross_core_ms() at each round's start])`` for
+    ``{name: (fn, args)}``: each round times ``calls`` calls of every entry in turn and keeps their median.
+    On a shared machine whose speed drifts, the drift hits every entry of a round alike, so their ratios
+    hold better than with each entry timed in one block."""
     for fn, args in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
-    per_round = {name: [] for name in fns}
+    per_round, probes = {name: [] for name in fns}, []
     for _ in range(rounds):
+        probes.append(cross_core_ms())
         for name, (fn, args) in fns.items():
             per_round[name].append(median_seconds(fn, *args, repeats=calls, warmup=0))
+    return per_round, probes
+
+
+def interleaved_seconds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int = 3) -> dict:
+    """``{name: median seconds per call}`` over :func:`interleaved_rounds`."""
+    per_round, _ = interleaved_rounds(fns, rounds, calls, warmup)
     return {name: statistics.median(ts) for name, ts in per_round.items()}
+
+
+def cross_core_ms(nbytes: int = 4 << 20, trips: int = 10) -> float | None:
+    """Milliseconds per trip to write ``nbytes`` on one CPU and read them on another (two threads pinned
+    to the first two CPUs this process may use); ``None`` with fewer than two.
+
+    On the project's 2-core VM this takes about 0.35 ms, but for seconds at a time about 1.8 ms: then the
+    CPU paths that decode a chunk on one core for a dot that reads it on the other run about 5x slower,
+    while a float32 matmul, whose cores read only their own rows, does not change (benchmarks/RESULTS.md).
+    Timing scripts record it to tell such rounds apart.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return None
+    data = np.ones(nbytes // 4, np.float32)  # (its pages touched before timing)
+    written, read, elapsed = threading.Event(), threading.Event(), []
+
+    def reader():
+        os.sched_setaffinity(0, {cpus[1]})  # 0: the calling thread
+        for _ in range(trips):
+            written.wait()
+            written.clear()
+            data.sum()
+            read.set()
+
+    def writer():
+        os.sched_setaffinity(0, {cpus[0]})
+        start = time.perf_counter()
+        for i in range(trips):
+            data.fill(i)
+            written.set()
+            read.wait()
+            read.clear()
+        elapsed.append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return elapsed[0] / trips * 1e3
 
 
 def machine() -> str:
