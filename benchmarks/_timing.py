@@ -47,14 +47,15 @@ def interleaved_seconds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int 
     return {name: statistics.median(ts) for name, ts in per_round.items()}
 
 
-def cross_core_ms(nbytes: int = 4 << 20, trips: int = 10) -> float | None:
+def cross_core_ms(nbytes: int = 4 << 20, trips: int = 10) -> tuple[float, float] | None:
     """Milliseconds per trip to write ``nbytes`` on one CPU and read them on another (two threads pinned
-    to the first two CPUs this process may use); ``None`` with fewer than two.
+    to the first two CPUs this process may use), and to write and read them on one; ``None`` with fewer
+    than two CPUs.
 
-    On the project's 2-core VM this takes about 0.35 ms, but for seconds at a time about 1.8 ms: then the
-    CPU paths that decode a chunk on one core for a dot that reads it on the other run about 5x slower,
-    while a float32 matmul, whose cores read only their own rows, does not change (benchmarks/RESULTS.md).
-    Timing scripts record it to tell such rounds apart.
+    On the project's 2-core VM the two take about 0.35 and 0.24 ms, but for seconds at a time the first
+    takes about 1.8 ms: then the CPU paths that decode a chunk on one core for a dot that reads it on the
+    other run about 5x slower, while a float32 matmul, whose cores read only their own rows, does not
+    change (benchmarks/RESULTS.md). Timing scripts record it to tell such rounds apart.
     """
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) < 2:
@@ -79,13 +80,18 @@ def cross_core_ms(nbytes: int = 4 << 20, trips: int = 10) -> float | None:
             read.wait()
             read.clear()
         elapsed.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for i in range(trips):
+            data.fill(i)
+            data.sum()
+        elapsed.append(time.perf_counter() - start)
 
     threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return elapsed[0] / trips * 1e3
+    return elapsed[0] / trips * 1e3, elapsed[1] / trips * 1e3
 
 
 def machine() -> str:

@@ -17,6 +17,9 @@ import quantize_jax as qj
 from _timing import interleaved_rounds, interleaved_seconds, machine, print_table, write_json
 
 
+# Cross-core over same-core transfer time above which a round counts as slow (measured: about 1.5 in
+# normal rounds, 7-8 in the slow episodes).
+SLOW_TRANSFER = 3.0
 SPECS = {"per-channel": qj.QuantSpec(axis=0), "group 128": qj.QuantSpec(axis=0, group_size=128)}
 
 
@@ -25,17 +28,18 @@ def _qdot(backend, act_quant):
 
 
 def split_rounds(per_round: dict, probes: list) -> tuple[dict, dict, list]:
-    """Medians over the rounds whose cross-core probe stayed within twice its fastest ("normal"), over the
-    others ("slow": this VM's episodes of slow transfers between its cores, in which the chunked paths
-    run about 5x slower and the float32 matmul does not), and each round's probe and verdict."""
-    known = [p for p in probes if p is not None]
-    slow = [p is not None and p > 2 * min(known) for p in probes]
+    """Medians over the "normal" rounds and over the "slow" ones, whose cross-core probe took over
+    ``SLOW_TRANSFER`` times the same bytes on one core (this VM's episodes of slow transfers between its
+    cores, in which the chunked paths run about 5x slower and the float32 matmul does not), and each
+    round's probe and verdict."""
+    slow = [p is not None and p[0] > SLOW_TRANSFER * p[1] for p in probes]
 
     def medians(keep):
         return {name: statistics.median(t for t, s in zip(ts, slow) if s == keep)
                 for name, ts in per_round.items()} if keep in slow else {}
 
-    rounds = [{"cross_core_ms": None if p is None else round(p, 3), "slow": s} for p, s in zip(probes, slow)]
+    rounds = [{"cross_core_ms": None if p is None else [round(v, 3) for v in p], "slow": s}
+              for p, s in zip(probes, slow)]
     return medians(False), medians(True), rounds
 
 
@@ -77,23 +81,23 @@ def cpu(args):
         return [{"method": name, "ms": round(t * 1e3, 3), "vs_float32": round(t / f32, 2) if f32 else None}
                 for name, t in seconds.items()]
 
-    def report(title, key, timed):
+    def report(title, part: dict, timed):
+        """Prints and fills ``part`` with the normal rounds' rows, the slow rounds' and every round's probe."""
         (normal, slow_rounds, rounds), references = timed
-        part = {"rows": rows(normal | references), "slow_rounds": rows(slow_rounds), "rounds": rounds}
+        part |= {"rows": rows(normal | references), "slow_rounds": rows(slow_rounds), "rounds": rounds}
         print(f"\n{title}: cross-core probe per round (ms) {[r['cross_core_ms'] for r in rounds]}")
         print_table(part["rows"], ["method", "ms", "vs_float32"])
         if slow_rounds:
             print(f"{sum(r['slow'] for r in rounds)} slow round(s), apart:")
             print_table(part["slow_rounds"], ["method", "ms", "vs_float32"])
-        result[key] = part
+        return part
 
     result = {"machine": machine(), "shape": [m, k, n], "timing": f"fast paths: median of the normal rounds of "
-              f"{args.rounds} interleaved rounds of 7 calls (slow rounds: cross-core probe over twice its best, "
-              "apart); references: 3 rounds, apart", "llama": {}}
-    report(f"M={m} K={k} N={n} on {machine()}", "main", (timed, references))
+              f"{args.rounds} interleaved rounds of 7 calls (slow rounds: cross-core probe over "
+              f"{SLOW_TRANSFER}x the same-core one, apart); references: 3 rounds, apart", "llama": {}}
+    report(f"M={m} K={k} N={n} on {machine()}", result, (timed, references))
     for lk, ln in () if args.no_llama else ((4096, 14336), (14336, 4096)):
-        report(f"M={m} K={lk} N={ln}", f"{m}x{lk}x{ln}", (fast_paths(m, lk, ln, args.rounds)[0], {}))
-    result["llama"] = {key: result.pop(key) for key in list(result) if key.startswith(f"{m}x")}
+        result["llama"][f"{m}x{lk}x{ln}"] = report(f"M={m} K={lk} N={ln}", {}, (fast_paths(m, lk, ln, args.rounds)[0], {}))
     write_json(args.out, result)
 
 
