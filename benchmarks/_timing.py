@@ -25,17 +25,18 @@ def median_seconds(fn, *args, repeats: int = 21, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def interleaved_rounds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int = 3) -> tuple[dict, list]:
-    """``({name: [median seconds per call, one per round]}, [cross_core_ms() at each round's start])`` for
-    ``{name: (fn, args)}``: each round times ``calls`` calls of every entry in turn and keeps their median.
-    On a shared machine whose speed drifts, the drift hits every entry of a round alike, so their ratios
-    hold better than with each entry timed in one block."""
+def interleaved_rounds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int = 3,
+                       probe: bool = True) -> tuple[dict, list]:
+    """``({name: [median seconds per call, one per round]}, [cross_core_ms() at each round's start, or None
+    without probe])`` for ``{name: (fn, args)}``: each round times ``calls`` calls of every entry in turn
+    and keeps their median. On a shared machine whose speed drifts, the drift hits every entry of a round
+    alike, so their ratios hold better than with each entry timed in one block."""
     for fn, args in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
     per_round, probes = {name: [] for name in fns}, []
     for _ in range(rounds):
-        probes.append(cross_core_ms())
+        probes.append(cross_core_ms() if probe else None)
         for name, (fn, args) in fns.items():
             per_round[name].append(median_seconds(fn, *args, repeats=calls, warmup=0))
     return per_round, probes
@@ -43,7 +44,7 @@ def interleaved_rounds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int =
 
 def interleaved_seconds(fns: dict, rounds: int = 9, calls: int = 7, warmup: int = 3) -> dict:
     """``{name: median seconds per call}`` over :func:`interleaved_rounds`."""
-    per_round, _ = interleaved_rounds(fns, rounds, calls, warmup)
+    per_round, _ = interleaved_rounds(fns, rounds, calls, warmup, probe=False)
     return {name: statistics.median(ts) for name, ts in per_round.items()}
 
 
