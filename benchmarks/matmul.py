@@ -57,34 +57,36 @@ def fast_paths(m, k, n, rounds):
 
 
 def cpu(args):
-    """The fast paths and the float32 matmul timed in interleaved rounds, then the slow references apart (on
-    this VM, 20-50 ms products interleaved with them slowed the float32 matmul to 1.7x and the fast paths up
-    to 2.6x); every ratio is to the float32 time of its shape. Then the Llama-like shapes, fast paths only."""
+    """The fast paths and the float32 matmul timed in interleaved rounds (the rounds of slow transfers
+    between the cores apart, :func:`split_rounds`), then the slow references apart (on this VM, 20-50 ms
+    products interleaved with them slowed the float32 matmul to 1.7x and the fast paths up to 2.6x); every
+    ratio is to the float32 time of its shape. Then the Llama-like shapes, fast paths only."""
     m, k, n = args.m, args.k, args.n
     timed, (x, w) = fast_paths(m, k, n, args.rounds)
-    slow = {}
+    reference_fns = {}
     for label, spec in SPECS.items():
         q = qj.quantize(w, spec)
         for backend in ("xla", "native"):
-            slow[f"qdot {label} backend={backend}"] = (_qdot(backend, None), (x, q))
+            reference_fns[f"qdot {label} backend={backend}"] = (_qdot(backend, None), (x, q))
     try:
         import qwix  # the optional "benchmark" extra
     except ImportError:
         qwix = None
     if qwix is not None:
         qw = jax.jit(lambda w: qwix.quantize(w, jnp.int4, channelwise_axes=(1,), tiled_axes={0: 128}))(w)
-        slow["qwix int4 dot (group 128, prequantized)"] = (jax.jit(qwix.dot), (x, qw))
-    references = interleaved_seconds(slow, rounds=3)
+        reference_fns["qwix int4 dot (group 128, prequantized)"] = (jax.jit(qwix.dot), (x, qw))
+    references = interleaved_seconds(reference_fns, rounds=3)
 
     def rows(seconds):
         f32 = seconds.get("float32 x float32")
         return [{"method": name, "ms": round(t * 1e3, 3), "vs_float32": round(t / f32, 2) if f32 else None}
                 for name, t in seconds.items()]
 
-    def report(title, part: dict, timed):
-        """Prints and fills ``part`` with the normal rounds' rows, the slow rounds' and every round's probe."""
-        (normal, slow_rounds, rounds), references = timed
-        part |= {"rows": rows(normal | references), "slow_rounds": rows(slow_rounds), "rounds": rounds}
+    def report(title, timed, references=None) -> dict:
+        """Prints and returns the normal rounds' rows (with ``references``), the slow rounds' and every
+        round's probe."""
+        normal, slow_rounds, rounds = timed
+        part = {"rows": rows(normal | (references or {})), "slow_rounds": rows(slow_rounds), "rounds": rounds}
         print(f"\n{title}: cross-core probe per round (ms) {[r['cross_core_ms'] for r in rounds]}")
         print_table(part["rows"], ["method", "ms", "vs_float32"])
         if slow_rounds:
@@ -95,9 +97,9 @@ def cpu(args):
     result = {"machine": machine(), "shape": [m, k, n], "timing": f"fast paths: median of the normal rounds of "
               f"{args.rounds} interleaved rounds of 7 calls (slow rounds: cross-core probe over "
               f"{SLOW_TRANSFER}x the same-core one, apart); references: 3 rounds, apart", "llama": {}}
-    report(f"M={m} K={k} N={n} on {machine()}", result, (timed, references))
+    result |= report(f"M={m} K={k} N={n} on {machine()}", timed, references)
     for lk, ln in () if args.no_llama else ((4096, 14336), (14336, 4096)):
-        result["llama"][f"{m}x{lk}x{ln}"] = report(f"M={m} K={lk} N={ln}", {}, (fast_paths(m, lk, ln, args.rounds)[0], {}))
+        result["llama"][f"{m}x{lk}x{ln}"] = report(f"M={m} K={lk} N={ln}", fast_paths(m, lk, ln, args.rounds)[0])
     write_json(args.out, result)
 
 

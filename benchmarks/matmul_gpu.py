@@ -394,6 +394,11 @@ def logits_backward(product):
     return fn
 
 
+def columns(rows: list[dict]) -> list:
+    """Every row's keys, in order of first use."""
+    return list(dict.fromkeys(c for row in rows for c in row))
+
+
 def activations(m, k, count=N_PAIRS):
     return [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.bfloat16) for i in range(count)]
 
@@ -482,7 +487,12 @@ def main():
         write_json(args.out, dict(result, probes=probes, profile_lines=sorted(PROFILE_LINES)))
         return
     if args.grad_only:
-        grads, grad_sweep = [], []
+        parts = {"grads": [], "grad_sweep": [], "decode": [], "decode_sweep": [], "logits": []}  # the JSON's lists
+        grads, grad_sweep, decode, decode_sweep, logits = parts.values()
+
+        def save():
+            write_json(args.out, dict(result, **parts, profile_lines=sorted(PROFILE_LINES)))
+
         for i, m in enumerate(args.m):
             sweep_until = start + args.budget * (0.25 + 0.7 * (i + 1) / len(args.m))
             gs = activations(m, n)  # the cotangents (M, N); K = N
@@ -505,8 +515,7 @@ def main():
             add_speedups(row, "grad_bf16")
             grads.append(row)
             print(row, flush=True)
-            write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, profile_lines=sorted(PROFILE_LINES)))
-        decode, decode_sweep = [], []
+            save()
         for m in DECODE_M if args.decode else ():  # dequant's decoding by XLA against the Pallas kernel
             if time.time() - start > args.budget:
                 log(f"budget: decode stopped before M={m}")
@@ -523,10 +532,8 @@ def main():
             add_speedups(row, "bf16")
             decode.append(row)
             print(row, flush=True)
-            write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, decode=decode,
-                                      decode_sweep=decode_sweep, profile_lines=sorted(PROFILE_LINES)))
+            save()
         del qs, bfs
-        logits = []
         for vocab, d in (map(int, s.split("x")) for s in args.logits):  # tied logits x @ E.T over per-row int4 tables, 4 of each (none fits the L2)
             if time.time() - start > args.budget:
                 log(f"budget: logits stopped before {vocab} x {d}")
@@ -550,13 +557,10 @@ def main():
                     logits.append(row)
                     print(row, flush=True)
             del tables, bf_tables
-            write_json(args.out, dict(result, grads=grads, grad_sweep=grad_sweep, decode=decode,
-                                      decode_sweep=decode_sweep, logits=logits, profile_lines=sorted(PROFILE_LINES)))
-        print_table(grads, list(dict.fromkeys(c for row in grads for c in row)))
-        if decode:
-            print_table(decode, list(dict.fromkeys(c for row in decode for c in row)))
-        if logits:
-            print_table(logits, list(dict.fromkeys(c for row in logits for c in row)))
+            save()
+        for rows in (grads, decode, logits):
+            if rows:
+                print_table(rows, columns(rows))
         print(f"total {time.time() - start:.0f} s", flush=True)
         return
     qwix_ws = None  # (--lean: no Qwix column)
@@ -661,8 +665,7 @@ def main():
         write_json(args.out, result)
 
     print(f"\nK=N={args.kn}, bf16 activations, int4 group 128, microseconds per product, on {result['machine']}")
-    columns = list(dict.fromkeys(c for row in table for c in row))  # every row's, in order of first use
-    print_table(table, [c for c in columns if c != "best_tiles"])
+    print_table(table, [c for c in columns(table) if c != "best_tiles"])
     for m, b in best.items():
         print(f"best tiles M={m}: {b}")
     if llama:
