@@ -22,6 +22,8 @@ hypothesis.settings.register_profile("dev", max_examples=15, deadline=None, phas
 hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 FORMATS = ("int4", "uint4", "nf4", "fp4")
+# The Pallas kernels' custom call, which jax.export checks for unless told it may: exported here without a GPU.
+TRITON_CALL = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 # ``x @ W`` over shapes that are multiples of no block: ``group`` None is per tensor, 0 per output channel.

@@ -12,7 +12,7 @@ import quantize_jax as qj
 from quantize_jax import matmul
 from quantize_jax.matmul import PALLAS_MAX_M, PALLAS_MAX_M_FLOAT32
 
-from .conftest import FORMATS, PRODUCTS, einsums, product_operands
+from .conftest import FORMATS, PRODUCTS, TRITON_CALL, einsums, product_operands
 
 BACKENDS = ("xla", "chunked", "native", "dequant", "pallas", "auto")
 
@@ -376,9 +376,6 @@ def test_export_for_cpu_and_tpu_reproduces_on_cpu():
     np.testing.assert_array_equal(back.call(x, q), f(x, q))
 
 
-_TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-
-
 @pytest.mark.parametrize("act_quant", [None, "int8"])
 def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(act_quant):
     w = jax.random.normal(jax.random.key(13), (256, 48))
@@ -387,7 +384,7 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
     for m, dtype in itertools.product((16, 64, 256), (jnp.bfloat16, jnp.float32)):
         # the Triton kernel on CUDA: up to PALLAS_MAX_M rows (float32: PALLAS_MAX_M_FLOAT32), any M for W4A8
         x = jax.random.normal(jax.random.key(m), (m, 256)).astype(dtype)
-        exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"], disabled_checks=[_TRITON])(x, q)
+        exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"], disabled_checks=[TRITON_CALL])(x, q)
         most = PALLAS_MAX_M if dtype == jnp.bfloat16 else PALLAS_MAX_M_FLOAT32
         assert ("xla.gpu.triton" in exp.mlir_module()) == (m <= most or act_quant is not None)
         np.testing.assert_array_equal(exp.call(x, q), f(x, q))  # the CPU branch, here
@@ -400,7 +397,7 @@ def test_a_16_bit_backward_on_cuda_is_the_transposed_kernel_up_to_its_rows():
     grad = jax.jit(jax.grad(lambda x: qj.qdot(x, q).astype(jnp.float32).sum()))
     for dtype in (jnp.bfloat16, jnp.float32):
         x = jnp.ones((matmul.PALLAS_TRANSPOSED_MAX_M, 256), dtype)
-        text = jax.export.export(grad, platforms=["cuda"], disabled_checks=[_TRITON])(x).mlir_module()
+        text = jax.export.export(grad, platforms=["cuda"], disabled_checks=[TRITON_CALL])(x).mlir_module()
         assert ("qdot_int4_transposed" in text) == (dtype == jnp.bfloat16)
 
 
@@ -413,13 +410,13 @@ def test_tied_logits_on_cuda_take_the_transposed_kernel_up_to_its_rows():
     for m, dtype in [(matmul.PALLAS_TRANSPOSED_MAX_M, jnp.bfloat16), (matmul.PALLAS_TRANSPOSED_MAX_M + 1, jnp.bfloat16),
                      (16, jnp.float32)]:
         x = jax.random.normal(jax.random.key(m), (m, 128)).astype(dtype)
-        exp = jax.export.export(f, platforms=["cpu", "cuda"], disabled_checks=[_TRITON])(x)
+        exp = jax.export.export(f, platforms=["cpu", "cuda"], disabled_checks=[TRITON_CALL])(x)
         assert ("qdot_int4_transposed" in exp.mlir_module()) == (m <= matmul.PALLAS_TRANSPOSED_MAX_M and dtype != jnp.float32)
         np.testing.assert_array_equal(exp.call(x), f(x))
     # the backward pass c @ table: the forward kernel over the codes, c * s rounded to bf16 (no decoded table)
     grad = jax.jit(jax.grad(lambda x: f(x).astype(jnp.float32).sum()))
     x = jnp.ones((matmul.PALLAS_TRANSPOSED_MAX_M, 128), jnp.bfloat16)
-    text = jax.export.export(grad, platforms=["cuda"], disabled_checks=[_TRITON])(x).mlir_module()
+    text = jax.export.export(grad, platforms=["cuda"], disabled_checks=[TRITON_CALL])(x).mlir_module()
     assert "xla.gpu.triton" in text and "stablehlo.dot_general" not in text
     # a symbolic M (one artifact for every batch) takes XLA's paths, as qdot's auto does, forward and backward
     x = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 128"), jnp.bfloat16)
@@ -445,7 +442,7 @@ def test_forward_mode_on_cuda_takes_the_forward_kernel():
     q = qj.quantize(jax.random.normal(jax.random.key(17), (256, 48)), qj.QuantSpec(axis=0, group_size=128))
     jvp = jax.jit(lambda x, dx: jax.jvp(lambda x: qj.qdot(x, q), (x,), (dx,)))
     x = jnp.ones((16, 256), jnp.bfloat16)
-    text = jax.export.export(jvp, platforms=["cuda"], disabled_checks=[_TRITON])(x, x).mlir_module()
+    text = jax.export.export(jvp, platforms=["cuda"], disabled_checks=[TRITON_CALL])(x, x).mlir_module()
     assert text.count("xla.gpu.triton") == 2 and "stablehlo.dot_general" not in text
     symbolic = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 256"), jnp.bfloat16)
     assert "xla.gpu.triton" not in jax.export.export(jvp, platforms=["cuda"])(symbolic, symbolic).mlir_module()
@@ -456,7 +453,7 @@ def test_per_channel_w4a8_past_the_kernels_rows_is_one_int32_dot_on_cuda():
     f = jax.jit(lambda x, q: qj.qdot(x, q, act_quant="int8"))
     for m in (PALLAS_MAX_M, PALLAS_MAX_M + 1):
         x = jnp.ones((m, 256), jnp.bfloat16)
-        text = jax.export.export(f, platforms=["cuda"], disabled_checks=[_TRITON])(x, q).mlir_module()
+        text = jax.export.export(f, platforms=["cuda"], disabled_checks=[TRITON_CALL])(x, q).mlir_module()
         assert ("xla.gpu.triton" in text) == (m <= PALLAS_MAX_M)
         assert bool(re.search(r"dot_general .*xi8>.*xi8>\) -> tensor<[\dx]+xi32>", text)) == (m > PALLAS_MAX_M)
 

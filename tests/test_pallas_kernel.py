@@ -12,7 +12,7 @@ from quantize_jax.kernels import pallas_gpu
 from quantize_jax.matmul import _grid, _pallas_kernel
 
 from . import ptx
-from .conftest import FORMATS, PRODUCTS, product_operands
+from .conftest import FORMATS, PRODUCTS, TRITON_CALL, product_operands
 
 
 def _run(x, q, **blocks):
@@ -222,8 +222,7 @@ def test_ptx_kernel_lowers_for_cuda_on_this_machine(fmt, gemv, dtype):
     q = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), qj.QuantSpec(format=fmt, axis=0, group_size=128))
     x = jnp.ones((3, 256), dtype)
     product = jax.jit(lambda x, q: _pallas_kernel(x, q, grid=_grid(q), interpret=False, ptx=True, gemv=gemv))
-    exported = jax.export.export(product, platforms=["cuda"],
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    exported = jax.export.export(product, platforms=["cuda"], disabled_checks=[TRITON_CALL])
     assert "xla.gpu.triton" in exported(x, q).mlir_module()
 
 
@@ -309,8 +308,7 @@ def test_transposed_kernel_lowers_for_cuda_on_this_machine(fmt, dtype):
     grid = _grid(q)
     product = jax.jit(lambda g, q: pallas_gpu.matmul_transposed(
         g, q.packed, grid.scale, grid.zero_point, n=64, fmt=q.spec.fmt, group_size=128, dtype=dtype))
-    exported = jax.export.export(product, platforms=["cuda"],
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    exported = jax.export.export(product, platforms=["cuda"], disabled_checks=[TRITON_CALL])
     assert "qdot_int4_transposed" in exported(jnp.ones((3, 64)), q).mlir_module()
 
 
@@ -346,6 +344,5 @@ def test_dequantize_kernel_names_bad_tiles_and_lowers_for_cuda():
         decode(q, block_k=128, interpret=True)
     with pytest.raises(ValueError, match="block_n must be a multiple of 16 for dequantize, got 24"):
         decode(q, block_n=24, interpret=True)
-    exported = jax.export.export(jax.jit(decode), platforms=["cuda"],
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+    exported = jax.export.export(jax.jit(decode), platforms=["cuda"], disabled_checks=[TRITON_CALL])
     assert "dequantize_int4" in exported(q).mlir_module()
