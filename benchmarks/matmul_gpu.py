@@ -493,6 +493,12 @@ def main():
         def save():
             write_json(args.out, dict(result, **parts, profile_lines=sorted(PROFILE_LINES)))
 
+        def record(rows, row, base):  # a timed row, with its speed-ups over ``base``, printed and saved
+            add_speedups(row, base)
+            rows.append(row)
+            print(row, flush=True)
+            save()
+
         for i, m in enumerate(args.m):
             sweep_until = start + args.budget * (0.25 + 0.7 * (i + 1) / len(args.m))
             gs = activations(m, n)  # the cotangents (M, N); K = N
@@ -512,10 +518,7 @@ def main():
                 entry.update(timed(transposed_fn(**blocks), gs, qs))
                 grad_sweep.append(entry)
                 print(" ", entry, flush=True)
-            add_speedups(row, "grad_bf16")
-            grads.append(row)
-            print(row, flush=True)
-            save()
+            record(grads, row, "grad_bf16")
         for m in DECODE_M if args.decode else ():  # dequant's decoding by XLA against the Pallas kernel
             if time.time() - start > args.budget:
                 log(f"budget: decode stopped before M={m}")
@@ -529,10 +532,7 @@ def main():
                          **timed(decoded_dot(block_k=bk, block_n=bn, num_warps=warps), xs, qs)}
                 decode_sweep.append(entry)
                 print(" ", entry, flush=True)
-            add_speedups(row, "bf16")
-            decode.append(row)
-            print(row, flush=True)
-            save()
+            record(decode, row, "bf16")
         del qs, bfs
         for vocab, d in (map(int, s.split("x")) for s in args.logits):  # tied logits x @ E.T over per-row int4 tables, 4 of each (none fits the L2)
             if time.time() - start > args.budget:
@@ -553,11 +553,8 @@ def main():
                     for name, product in products.items():
                         fn = product if direction == "forward" else logits_backward(product)
                         row.update(timed(fn, inputs, bf_tables if name == "bf16" else tables, f"{name}_", few=2))
-                    add_speedups(row, "bf16")
-                    logits.append(row)
-                    print(row, flush=True)
+                    record(logits, row, "bf16")
             del tables, bf_tables
-            save()
         for rows in (grads, decode, logits):
             if rows:
                 print_table(rows, columns(rows))
