@@ -29,6 +29,7 @@ import numpy as np
 
 import quantize_jax as qj
 from _timing import machine, median_seconds, print_table, write_json
+from quantize_jax.kernels import mosaic_gpu
 from quantize_jax.kernels.pallas_gpu import PTX_MAX_M, default_transposed_blocks, dequantize, matmul_transposed
 from quantize_jax.matmul import PALLAS_MAX_M, _grid, _pallas_kernel, _w4a8_kernel, fake_int8_tokens
 
@@ -93,6 +94,10 @@ def per_product_us(fn, xs, ws, few: int = 4) -> tuple[float, float | str | None]
         except Exception as e:  # the host-timed number stands without it
             device = f"error: {type(e).__name__}: {str(e)[:200]}"
     return (times[1] - times[0]) / (len(xs) - few) * 1e6, device
+
+
+def bf16_dot(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
 def rel_err(y, ref) -> float:
@@ -357,6 +362,61 @@ INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (5
                   (1024, 32, 16, 8), (256, 128, 16, None), (512, 128, 8, 8), (2048, 16, 16, 8)]
 
 
+# --tma: the Mosaic GPU kernel x @ W.T checked on the device at (M, K, N, group, options), then timed at K = N =
+# --kn against bf16 x @ W and auto over the same 4-bit bytes, its (splits, stages) swept
+TMA_CHECKS = [(1, 8192, 8192, 128, {}), (16, 4096, 1024, 128, dict(splits=2)), (5, 2048, 256, None, {}),
+              (64, 1024, 512, 64, dict(stages=2)), (33, 4096, 4096, 256, dict(splits=8, stages=6))]
+TMA_SWEEP = [dict(splits=s, stages=t) for s in (2, 4, 8, 16) for t in (2, 4, 6)]
+
+
+def tma_run(args, result, timed, log, start, qs, bfs):
+    """``--tma``: :func:`mosaic_gpu.matmul_nt` (TMA copies, WGMMA) checked on the device against float64,
+    then timed per M against bf16 x bf16 and ``auto`` (over ``bfs``, ``qs``): its weight is ``W.T`` quantized along K in groups of
+    128, the same bytes and work as the forward product's, so its time says what a TMA kernel reaches there.
+    Nothing is timed if a check fails or errs. On a CPU (a dry run) the kernel runs interpreted, and checks
+    of over 2**20 weights are left out."""
+    interpret = jax.default_backend() == "cpu"
+    tma = functools.partial(mosaic_gpu.matmul_nt, interpret=interpret)
+    checked = []
+    for m, k, n, group, options in TMA_CHECKS:
+        if interpret and k * n > 2**20:
+            continue
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        q = qj.quantize(jax.random.normal(jax.random.key(k + n), (n, k)), qj.QuantSpec(axis=1, group_size=group))
+        entry = {"M": m, "K": k, "N": n, "group": group, **options}
+        try:
+            entry["rel_err"] = rel_err(tma(x, q, **options), reference(x, q, transposed=True))
+        except Exception as e:
+            log(traceback.format_exc())
+            entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        checked.append(entry)
+        print(" ", entry, flush=True)
+    rows, sweep = [], []
+    save = lambda: write_json(args.out, dict(result, tma_checks=checked, tma=rows, tma_sweep=sweep))  # noqa: E731
+    save()
+    if any("error" in e or e["rel_err"] > 1e-5 for e in checked):
+        print("tma: a check failed; nothing timed", flush=True)
+        return
+    k = n = args.kn
+    qts = make_weights(n, k, qj.QuantSpec(axis=1, group_size=128))[0]  # W.T, (N, K), grouped along K
+    for m in [m for m in args.m if m <= mosaic_gpu.MAX_M]:
+        xs = activations(m, k)
+        row = {"M": m, **timed(bf16_dot, xs, bfs, "bf16_"), **timed(lambda x, q: qj.qdot(x, q), xs, qs, "auto_")}
+        row.update(timed(tma, xs, qts, "tma_"))
+        add_speedups(row, "bf16")
+        rows.append(row)
+        print(row, flush=True)
+        for options in TMA_SWEEP if not args.no_sweep else ():
+            if time.time() - start > args.budget:
+                log(f"budget: tma sweep stopped at M={m} before {options}")
+                break
+            entry = {"M": m, **options, **timed(functools.partial(tma, **options), xs, qts)}
+            sweep.append(entry)
+            print(" ", entry, flush=True)
+        save()
+    print_table(rows, columns(rows))
+
+
 def make_weights(k, n, spec, count=N_PAIRS):
     quantize = jax.jit(functools.partial(qj.quantize, spec=spec))
     qs, bfs = [], []
@@ -423,6 +483,8 @@ def main():
     ap.add_argument("--decode", action="store_true",
                     help=f"--grad-only also times dequant's decoding by XLA against pallas_gpu.dequantize at M = "
                          f"{DECODE_M} (its tiles swept at {DECODE_SWEEP_M})")
+    ap.add_argument("--tma", action="store_true",
+                    help="check and time the Mosaic GPU kernel (TMA, WGMMA) over W.T at every --m up to 64 rows")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--sweep-m", type=int, nargs="*", help="the rows whose tiles are swept (default: every --m)")
@@ -440,7 +502,7 @@ def main():
     result = {"machine": machine(), "group_size": 128, "timing": __doc__.split("Timing: ", 1)[1].strip()}
     print(result["machine"], flush=True)
     quick = dict(backends=("pallas",), variants=False) if args.quick_checks else {}
-    result["checks"] = [] if args.no_checks else checks(log, **quick)
+    result["checks"] = [] if args.no_checks or args.tma else checks(log, **quick)
 
     # (the scaled weight, or g * s, rounded to bf16)
     rounded = ("dequant", "pallas transposed", "auto grad", "pallas logits grad", "auto logits grad")
@@ -470,7 +532,8 @@ def main():
     k = n = args.kn
     spec = qj.QuantSpec(axis=0, group_size=128)
     qs, bfs = make_weights(k, n, spec)
-    bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    if args.tma:
+        return tma_run(args, result, timed, log, start, qs, bfs)
     if args.probes_only:
         xs = activations(1, k)
         probes = [{"bf16": True, **timed(bf16_dot, xs, bfs)}]
