@@ -3,9 +3,9 @@
 # timeout_s of about 420; extra arguments go to matmul_gpu.py): every backend checked on the device, the
 # kernel's tiles swept, everything timed host-side and on the device, results under $OUT. Qwix travels as
 # a wheel in .whl/ (git-ignored; see /work/.library/device/README.md); without it the Qwix rows say
-# "unavailable". Next runs: `--grad-only --decode --m 1 16 32 64 128` (the backward pass's transposed kernel, the tied
-# logits over it and the Pallas decoding against XLA's, never timed),
-# `--probes-only --no-checks` (the load patterns).
+# "unavailable". Next runs: `--tma --m 1 16 64` (the Mosaic GPU kernel: TMA copies and WGMMA, never run on a GPU),
+# `--grad-only --decode --m 1 16 32 64 128` (the backward pass's transposed kernel, the tied logits over it and
+# the Pallas decoding against XLA's, never timed), `--probes-only --no-checks` (the load patterns).
 set -o pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
