@@ -1,9 +1,13 @@
 """The Mosaic GPU (TMA + WGMMA) kernel ``x @ W.T``: in Mosaic GPU's interpreter on CPU, and lowered for CUDA."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import quantize_jax as qj
 from quantize_jax.kernels import mosaic_gpu
@@ -28,6 +32,10 @@ def _reference(x, q):
         (9, 256, 128, None, dict(splits=2)),  # one scale a row
         (8, 192, 64, 64, dict(splits=3, stages=1)),  # groups under 128 columns: a step per group
         (64, 384, 64, 64, dict(stages=3)),
+        (5, 1024, 256, 128, dict(block_rows=128, block_k=256, splits=2)),  # two WGMMAs a sub-step, two groups a step
+        (2, 1024, 128, 256, dict(block_k=512)),  # two groups a step, two sub-steps a group
+        (12, 512, 128, 64, dict(block_rows=128, block_k=256, stages=2)),  # four groups a step
+        (1, 768, 128, None, dict(block_rows=128, block_k=256)),  # one scale a row, three steps
     ],
 )
 def test_matches_the_reference(m, k, n, group, options):
@@ -39,18 +47,56 @@ def test_matches_the_reference(m, k, n, group, options):
     np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max() * np.sqrt(k))
 
 
+@st.composite
+def _problems(draw):
+    """A random product the kernel takes: its rows, row blocks, groups, step widths, splits and stages."""
+    group = draw(st.sampled_from([64, 128, 256, None]))
+    part = 64 if group == 64 else 128  # columns per WGMMA
+    block_k = draw(st.sampled_from([c for c in (64, 128, 256, 512)
+                                    if c % part == 0 and (group is None or group % c == 0 or c % group == 0)]))
+    steps = draw(st.integers(1, 2)) * (group // block_k if group and group > block_k else 1)  # whole groups
+    splits = draw(st.integers(1, 3))
+    m, n = draw(st.integers(1, 64)), draw(st.sampled_from([64, 128])) * draw(st.integers(1, 2))
+    options = dict(block_rows=draw(st.sampled_from([r for r in (64, 128) if n % r == 0])), block_k=block_k,
+                   splits=splits, stages=draw(st.integers(1, 4)))
+    return m, splits * steps * block_k, n, group, options
+
+
+@settings(max_examples=10)
+@given(problem=_problems(), seed=st.integers(0, 2**16))
+def test_random_products_match_the_reference(problem, seed):
+    m, k, n, group, options = problem
+    x, q = _operands(m, k, n, group, seed=seed)
+    y = mosaic_gpu.matmul_nt(x, q, interpret=True, **options)
+    ref = _reference(x, q)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max() * np.sqrt(k))
+
+
 def test_default_splits_fill_the_gpu():
-    assert mosaic_gpu.default_splits(8192, 8192, 128) == 4  # 128 programs of 64 rows, times 4
-    assert mosaic_gpu.default_splits(64, 8192, 128) == 64  # one row block: K split into 64 steps
-    assert mosaic_gpu.default_splits(64, 384, 128) == 1  # three steps do not halve
+    assert mosaic_gpu.default_splits(8192, 8192, 64, 128) == 4  # 128 programs of 64 rows, times 4
+    assert mosaic_gpu.default_splits(8192, 8192, 128, 256) == 8  # 64 programs of 128 rows, times 8
+    assert mosaic_gpu.default_splits(64, 8192, 64, 128) == 64  # one row block: K split into 64 steps
+    assert mosaic_gpu.default_splits(64, 384, 64, 128) == 1  # three steps do not halve
 
 
-@pytest.mark.parametrize("m, k, group", [(1, 8192, 128), (64, 1024, None), (20, 512, 64)])
-def test_lowers_for_cuda(m, k, group):
+def test_pipeline_has_no_races():
+    """The interpreter's happens-before race detector over the TMA copies, the pipeline's barriers and the
+    shared memory the compute reads: two splits, two stages, two WGMMAs and two groups a step."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    x, q = _operands(3, 1024, 256, 128)
+    y = mosaic_gpu.matmul_nt(x, q, block_rows=128, block_k=256, splits=2, stages=2, interpret="races")
+    assert not interpret_pallas_call.get_races().races_found
+    np.testing.assert_allclose(np.asarray(y), _reference(x, q), rtol=0, atol=1e-4 * np.abs(_reference(x, q)).max())
+
+
+@pytest.mark.parametrize("m, k, group, options", [(1, 8192, 128, {}), (64, 1024, None, {}), (20, 512, 64, {}),
+                                                   (16, 8192, 128, dict(block_rows=128, block_k=512))])
+def test_lowers_for_cuda(m, k, group, options):
     """The compiled branch (WGMMA with A in registers, explicit layouts), which the interpreter does not run,
     lowers to a Mosaic GPU custom call on a machine without a GPU."""
     x, q = _operands(m, k, 128, group)
-    exported = jax.export.export(jax.jit(mosaic_gpu.matmul_nt), platforms=["cuda"])(x, q)
+    exported = jax.export.export(jax.jit(functools.partial(mosaic_gpu.matmul_nt, **options)), platforms=["cuda"])(x, q)
     assert "mosaic_gpu" in exported.mlir_module()
     assert exported.out_avals[0].shape == (m, 128)
 
@@ -64,7 +110,7 @@ def test_lowers_for_cuda(m, k, group):
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=0), "axis=1"),
         ((2, 256), jnp.float32, (64, 256), qj.QuantSpec(axis=1), "bfloat16"),
         ((65, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1), "1 to 64 rows"),
-        ((2, 256), jnp.bfloat16, (96, 256), qj.QuantSpec(axis=1), "multiple of 64"),
+        ((2, 256), jnp.bfloat16, (96, 256), qj.QuantSpec(axis=1), "rows a multiple of it"),
         ((2, 200), jnp.bfloat16, (64, 200), qj.QuantSpec(axis=1), "whole steps"),
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1, group_size=48), "whole steps"),
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1, group_size=32), "a multiple of 64"),
