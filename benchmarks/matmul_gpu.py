@@ -121,6 +121,17 @@ def kernel_fn(**blocks):
     return fn
 
 
+def measure_error(row: dict, product, ref, log) -> dict:
+    """``row`` with ``product()``'s relative error against ``ref()``, or its failure (logged), so one failure
+    does not hide the rest."""
+    try:
+        row["rel_err"] = rel_err(product(), ref())
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(traceback.format_exc())
+    return row
+
+
 def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "native", "dequant", "auto"),
            variants=True):
     """Backends against a float64 reference on this device: formats, groups, ragged shapes, dtypes; with
@@ -128,13 +139,7 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
     rows = []
 
     def check(row, product, ref):
-        """Record ``product()``'s relative error, or its failure, so one failure does not hide the rest."""
-        try:
-            row["rel_err"] = rel_err(product(), ref())
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            log(traceback.format_exc())
-        rows.append(row)
+        rows.append(measure_error(row, product, ref, log))
 
     # (24 and 33 rows: auto's 32- and 64-row kernel tiles)
     cases = [(1, 200, 37, 64), (16, 256, 96, 128), (24, 256, 96, 128), (33, 384, 50, None)]
@@ -365,15 +370,22 @@ INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (5
 # --tma: the Mosaic GPU kernel x @ W.T checked on the device at (M, K, N, group, options), then timed at K = N =
 # --kn against bf16 x @ W and auto over the same 4-bit bytes, its (splits, stages) swept
 TMA_CHECKS = [(1, 8192, 8192, 128, {}), (16, 4096, 1024, 128, dict(splits=2)), (5, 2048, 256, None, {}),
-              (64, 1024, 512, 64, dict(stages=2)), (33, 4096, 4096, 256, dict(splits=8, stages=6))]
-TMA_SWEEP = [dict(splits=s, stages=t) for s in (2, 4, 8, 16) for t in (2, 4, 6)]
+              (64, 1024, 512, 64, dict(stages=2)), (33, 4096, 4096, 256, dict(splits=8, stages=6)),
+              (16, 8192, 1024, 128, dict(block_rows=128, block_k=512, stages=3)),
+              (2, 4096, 512, 64, dict(block_rows=128, block_k=256))]
+# (block_rows, block_k, splits, stages) swept at --sweep-m (default: every --m): 4-32 KB of codes a step
+TMA_SWEEP = [dict(block_rows=r, block_k=bk, splits=sp, stages=st) for r, bk, sp, st in (
+    (64, 128, 2, 4), (64, 128, 4, 4), (64, 128, 8, 4), (64, 128, 4, 2), (64, 128, 4, 6), (64, 256, 8, 4),
+    (64, 512, 8, 3), (128, 256, 4, 4), (128, 256, 8, 4), (128, 256, 16, 4), (128, 256, 8, 2), (128, 256, 8, 6),
+    (128, 512, 4, 3), (128, 512, 8, 3), (128, 512, 16, 3))]
 
 
 def tma_run(args, result, timed, log, start, qs, bfs):
     """``--tma``: :func:`mosaic_gpu.matmul_nt` (TMA copies, WGMMA) checked on the device against float64,
-    then timed per M against bf16 x bf16 and ``auto`` (over ``bfs``, ``qs``): its weight is ``W.T`` quantized along K in groups of
-    128, the same bytes and work as the forward product's, so its time says what a TMA kernel reaches there.
-    Nothing is timed if a check fails or errs. On a CPU (a dry run) the kernel runs interpreted, and checks
+    then timed per M against bf16 x bf16 and ``auto`` (over ``bfs``, ``qs``): its weight is ``W.T``
+    quantized along K in groups of 128, the same bytes and work as the forward product's, so its time says
+    what a TMA kernel reaches there; its tiles swept (:data:`TMA_SWEEP`), each entry timed once it matched
+    the reference. Nothing is timed if a check fails or errs. On a CPU (a dry run) the kernel runs interpreted, and checks
     of over 2**20 weights are left out."""
     interpret = jax.default_backend() == "cpu"
     tma = functools.partial(mosaic_gpu.matmul_nt, interpret=interpret)
@@ -383,12 +395,8 @@ def tma_run(args, result, timed, log, start, qs, bfs):
             continue
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         q = qj.quantize(jax.random.normal(jax.random.key(k + n), (n, k)), qj.QuantSpec(axis=1, group_size=group))
-        entry = {"M": m, "K": k, "N": n, "group": group, **options}
-        try:
-            entry["rel_err"] = rel_err(tma(x, q, **options), reference(x, q, transposed=True))
-        except Exception as e:
-            log(traceback.format_exc())
-            entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        entry = measure_error({"M": m, "K": k, "N": n, "group": group, **options}, lambda: tma(x, q, **options),
+                              lambda: reference(x, q, transposed=True), log)
         checked.append(entry)
         print(" ", entry, flush=True)
     rows, sweep = [], []
@@ -406,11 +414,15 @@ def tma_run(args, result, timed, log, start, qs, bfs):
         add_speedups(row, "bf16")
         rows.append(row)
         print(row, flush=True)
-        for options in TMA_SWEEP if not args.no_sweep else ():
+        ref = reference(xs[0], qts[0], transposed=True)
+        for options in TMA_SWEEP if not args.no_sweep and m in (args.sweep_m or args.m) else ():
             if time.time() - start > args.budget:
                 log(f"budget: tma sweep stopped at M={m} before {options}")
                 break
-            entry = {"M": m, **options, **timed(functools.partial(tma, **options), xs, qts)}
+            fn = functools.partial(tma, **options)
+            entry = measure_error({"M": m, **options}, lambda: fn(xs[0], qts[0]), lambda: ref, log)
+            if entry.get("rel_err", 1.0) < 1e-5:  # timed only once it matches the reference
+                entry.update(timed(fn, xs, qts))
             sweep.append(entry)
             print(" ", entry, flush=True)
         save()
