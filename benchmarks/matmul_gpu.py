@@ -367,11 +367,11 @@ INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (5
                   (1024, 32, 16, 8), (256, 128, 16, None), (512, 128, 8, 8), (2048, 16, 16, 8)]
 
 
-# --tma: the Mosaic GPU kernel x @ W.T checked on the device at (M, K, N, group, options), then timed at K = N =
-# --kn against bf16 x @ W and auto over the same 4-bit bytes, its (splits, stages) swept
+# --tma: the Mosaic GPU kernels x @ W and x @ W.T checked on the device at (M, K, N, group, options), then timed
+# at K = N = --kn against bf16 x @ W and auto over the same 4-bit bytes, their tiles swept
 TMA_CHECKS = [(1, 8192, 8192, 128, {}), (16, 4096, 1024, 128, dict(splits=2)), (5, 2048, 256, None, {}),
               (64, 1024, 512, 64, dict(stages=2)), (33, 4096, 4096, 256, dict(splits=8, stages=6)),
-              (16, 8192, 1024, 128, dict(block_rows=128, block_k=512, stages=3)),
+              (16, 8192, 1024, 128, dict(block_rows=128, block_k=256, stages=3)),
               (2, 4096, 512, 64, dict(block_rows=128, block_k=256))]
 # (block_rows, block_k, splits, stages) swept at --sweep-m (default: every --m): 4-32 KB of codes a step
 TMA_SWEEP = [dict(block_rows=r, block_k=bk, splits=sp, stages=st) for r, bk, sp, st in (
@@ -381,51 +381,61 @@ TMA_SWEEP = [dict(block_rows=r, block_k=bk, splits=sp, stages=st) for r, bk, sp,
 
 
 def tma_run(args, result, timed, log, start, qs, bfs):
-    """``--tma``: :func:`mosaic_gpu.matmul_nt` (TMA copies, WGMMA) checked on the device against float64,
-    then timed per M against bf16 x bf16 and ``auto`` (over ``bfs``, ``qs``): its weight is ``W.T``
-    quantized along K in groups of 128, the same bytes and work as the forward product's, so its time says
-    what a TMA kernel reaches there; its tiles swept (:data:`TMA_SWEEP`), each entry timed once it matched
-    the reference. Nothing is timed if a check fails or errs. On a CPU (a dry run) the kernel runs interpreted, and checks
-    of over 2**20 weights are left out."""
+    """``--tma``: the Mosaic GPU kernels (TMA copies, WGMMA) checked on the device against float64, then
+    timed per M against bf16 x bf16 and ``auto`` (over ``bfs``, ``qs``): :func:`mosaic_gpu.matmul` over the
+    same stored weights ``qs`` (``tma_`` columns), and :func:`mosaic_gpu.matmul_nt` over ``W.T`` quantized
+    along K in groups of 128 (``tma_nt_``): the same bytes and work, the codes upcast in registers instead of
+    decoded through shared memory. Their tiles are swept (:data:`TMA_SWEEP`), each entry timed once it
+    matched the reference. A kernel with a failing or erring check is not timed. On a CPU (a dry run) the kernels run
+    interpreted, and checks of over 2**20 weights are left out."""
     interpret = jax.default_backend() == "cpu"
-    tma = functools.partial(mosaic_gpu.matmul_nt, interpret=interpret)
+    kernels = {"tma": functools.partial(mosaic_gpu.matmul, interpret=interpret),
+               "tma_nt": functools.partial(mosaic_gpu.matmul_nt, interpret=interpret)}
     checked = []
-    for m, k, n, group, options in TMA_CHECKS:
-        if interpret and k * n > 2**20:
-            continue
-        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
-        q = qj.quantize(jax.random.normal(jax.random.key(k + n), (n, k)), qj.QuantSpec(axis=1, group_size=group))
-        entry = measure_error({"M": m, "K": k, "N": n, "group": group, **options}, lambda: tma(x, q, **options),
-                              lambda: reference(x, q, transposed=True), log)
-        checked.append(entry)
-        print(" ", entry, flush=True)
+    for name, kernel in kernels.items():
+        for m, k, n, group, options in TMA_CHECKS:
+            if interpret and k * n > 2**20:
+                continue
+            x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+            w = jax.random.normal(jax.random.key(k + n), (n, k))
+            q = qj.quantize(w.T if name == "tma" else w, qj.QuantSpec(axis=0 if name == "tma" else 1, group_size=group))
+            entry = measure_error({"kernel": name, "M": m, "K": k, "N": n, "group": group, **options},
+                                  lambda: kernel(x, q, **options), lambda: reference(x, q, transposed=name != "tma"), log)
+            checked.append(entry)
+            print(" ", entry, flush=True)
     rows, sweep = [], []
     save = lambda: write_json(args.out, dict(result, tma_checks=checked, tma=rows, tma_sweep=sweep))  # noqa: E731
     save()
-    if any("error" in e or e["rel_err"] > 1e-5 for e in checked):
-        print("tma: a check failed; nothing timed", flush=True)
+    failed = {e["kernel"] for e in checked if "error" in e or e["rel_err"] > 1e-5}
+    kernels = {name: kernel for name, kernel in kernels.items() if name not in failed}
+    if failed:
+        print(f"tma: checks failed for {sorted(failed)}: not timed", flush=True)
+    if not kernels:
         return
     k = n = args.kn
-    qts = make_weights(n, k, qj.QuantSpec(axis=1, group_size=128))[0]  # W.T, (N, K), grouped along K
+    weights = {"tma": qs, "tma_nt": make_weights(n, k, qj.QuantSpec(axis=1, group_size=128))[0]}  # W.T: (N, K)
     for m in [m for m in args.m if m <= mosaic_gpu.MAX_M]:
         xs = activations(m, k)
         row = {"M": m, **timed(bf16_dot, xs, bfs, "bf16_"), **timed(lambda x, q: qj.qdot(x, q), xs, qs, "auto_")}
-        row.update(timed(tma, xs, qts, "tma_"))
+        for name, kernel in kernels.items():
+            row.update(timed(kernel, xs, weights[name], f"{name}_"))
         add_speedups(row, "bf16")
         rows.append(row)
         print(row, flush=True)
-        ref = reference(xs[0], qts[0], transposed=True)
-        for options in TMA_SWEEP if not args.no_sweep and m in (args.sweep_m or args.m) else ():
-            if time.time() - start > args.budget:
-                log(f"budget: tma sweep stopped at M={m} before {options}")
-                break
-            fn = functools.partial(tma, **options)
-            entry = measure_error({"M": m, **options}, lambda: fn(xs[0], qts[0]), lambda: ref, log)
-            if entry.get("rel_err", 1.0) < 1e-5:  # timed only once it matches the reference
-                entry.update(timed(fn, xs, qts))
-            sweep.append(entry)
-            print(" ", entry, flush=True)
-        save()
+        for name, kernel in kernels.items():  # (a forward tile over shared memory's 227 KB errs, as recorded)
+            ws = weights[name]
+            ref = reference(xs[0], ws[0], transposed=name != "tma")
+            for options in TMA_SWEEP if not args.no_sweep and m in (args.sweep_m or args.m) else ():
+                if time.time() - start > args.budget:
+                    log(f"budget: tma sweep stopped at {name}, M={m} before {options}")
+                    break
+                fn = functools.partial(kernel, **options)
+                entry = measure_error({"kernel": name, "M": m, **options}, lambda: fn(xs[0], ws[0]), lambda: ref, log)
+                if entry.get("rel_err", 1.0) < 1e-5:  # timed only once it matches the reference
+                    entry.update(timed(fn, xs, ws))
+                sweep.append(entry)
+                print(" ", entry, flush=True)
+            save()
     print_table(rows, columns(rows))
 
 
@@ -496,7 +506,7 @@ def main():
                     help=f"--grad-only also times dequant's decoding by XLA against pallas_gpu.dequantize at M = "
                          f"{DECODE_M} (its tiles swept at {DECODE_SWEEP_M})")
     ap.add_argument("--tma", action="store_true",
-                    help="check and time the Mosaic GPU kernel (TMA, WGMMA) over W.T at every --m up to 64 rows")
+                    help="check and time the Mosaic GPU kernels (TMA, WGMMA) over W and W.T at every --m up to 64 rows")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--sweep-m", type=int, nargs="*", help="the rows whose tiles are swept (default: every --m)")

@@ -1,5 +1,7 @@
-"""The Mosaic GPU (TMA + WGMMA) kernel ``x @ W.T``: in Mosaic GPU's interpreter on CPU, and lowered for CUDA."""
+"""The Mosaic GPU (TMA + WGMMA) kernels ``x @ W`` and ``x @ W.T``: in Mosaic GPU's interpreter on CPU, and
+lowered for CUDA."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,14 +15,30 @@ import quantize_jax as qj
 from quantize_jax.kernels import mosaic_gpu
 
 
-def _operands(m, k, n, group, seed=0):
+PRODUCTS = {"matmul": (mosaic_gpu.matmul, 0), "matmul_nt": (mosaic_gpu.matmul_nt, 1)}  # name: (kernel, contracted axis)
+
+
+def _operands(product, m, k, n, group, seed=0):
+    """Activations ``(m, k)`` and a weight of ``n`` output columns, ``(k, n)`` or ``(n, k)`` as ``product``
+    contracts it, each output column at its own scale."""
+    axis = PRODUCTS[product][1]
     w = jax.random.normal(jax.random.key(seed), (n, k)) * jax.random.uniform(jax.random.key(seed + 1), (n, 1), minval=0.1, maxval=3)
     x = jax.random.normal(jax.random.key(seed + 2), (m, k), jnp.bfloat16)
-    return x, qj.quantize(w, qj.QuantSpec(axis=1, group_size=group))
+    return x, qj.quantize(w if axis else w.T, qj.QuantSpec(axis=axis, group_size=group))
 
 
-def _reference(x, q):
-    return np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q), np.float64).T
+def _reference(product, x, q):
+    w = np.asarray(qj.dequantize(q), np.float64)
+    return np.asarray(x, np.float64) @ (w.T if PRODUCTS[product][1] else w)
+
+
+def _check(product, m, k, n, group, options, seed=0, interpret=True):
+    x, q = _operands(product, m, k, n, group, seed=seed)
+    y = PRODUCTS[product][0](x, q, interpret=interpret, **options)
+    ref = _reference(product, x, q)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    # int4 codes times bf16 activations are exact; only the float32 sums' order differs
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max() * np.sqrt(k))
 
 
 @pytest.mark.parametrize(
@@ -38,13 +56,9 @@ def _reference(x, q):
         (1, 768, 128, None, dict(block_rows=128, block_k=256)),  # one scale a row, three steps
     ],
 )
-def test_matches_the_reference(m, k, n, group, options):
-    x, q = _operands(m, k, n, group, seed=m + k)
-    y = mosaic_gpu.matmul_nt(x, q, interpret=True, **options)
-    ref = _reference(x, q)
-    assert y.shape == (m, n) and y.dtype == jnp.float32
-    # int4 codes times bf16 activations are exact; only the float32 sums' order differs
-    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max() * np.sqrt(k))
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_matches_the_reference(product, m, k, n, group, options):
+    _check(product, m, k, n, group, options, seed=m + k)
 
 
 @st.composite
@@ -63,13 +77,9 @@ def _problems(draw):
 
 
 @settings(max_examples=10)
-@given(problem=_problems(), seed=st.integers(0, 2**16))
-def test_random_products_match_the_reference(problem, seed):
-    m, k, n, group, options = problem
-    x, q = _operands(m, k, n, group, seed=seed)
-    y = mosaic_gpu.matmul_nt(x, q, interpret=True, **options)
-    ref = _reference(x, q)
-    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max() * np.sqrt(k))
+@given(product=st.sampled_from(list(PRODUCTS)), problem=_problems(), seed=st.integers(0, 2**16))
+def test_random_products_match_the_reference(product, problem, seed):
+    _check(product, *problem, seed=seed)
 
 
 def test_default_splits_fill_the_gpu():
@@ -79,46 +89,52 @@ def test_default_splits_fill_the_gpu():
     assert mosaic_gpu.default_splits(64, 384, 64, 128) == 1  # three steps do not halve
 
 
-def test_pipeline_has_no_races():
-    """The interpreter's happens-before race detector over the TMA copies, the pipeline's barriers and the
-    shared memory the compute reads: two splits, two stages, two WGMMAs and two groups a step."""
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_pipeline_has_no_races(product):
+    """The interpreter's happens-before race detector over the TMA copies into the pipeline's buffers and
+    the compute's reads of them: two splits, two stages, two WGMMAs and two groups a step. (It simulates a
+    program's warpgroup as one thread, so it cannot see a missing barrier among the warpgroup's threads:
+    without ``matmul``'s ``commit_smem`` after storing the decoded tile, this still passes.)"""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
-    x, q = _operands(3, 1024, 256, 128)
-    y = mosaic_gpu.matmul_nt(x, q, block_rows=128, block_k=256, splits=2, stages=2, interpret="races")
+    _check(product, 3, 1024, 256, 128, dict(block_rows=128, block_k=256, splits=2, stages=2), interpret="races")
     assert not interpret_pallas_call.get_races().races_found
-    np.testing.assert_allclose(np.asarray(y), _reference(x, q), rtol=0, atol=1e-4 * np.abs(_reference(x, q)).max())
 
 
+@pytest.mark.parametrize("product", PRODUCTS)
 @pytest.mark.parametrize("m, k, group, options", [(1, 8192, 128, {}), (64, 1024, None, {}), (20, 512, 64, {}),
                                                    (16, 8192, 128, dict(block_rows=128, block_k=512))])
-def test_lowers_for_cuda(m, k, group, options):
-    """The compiled branch (WGMMA with A in registers, explicit layouts), which the interpreter does not run,
-    lowers to a Mosaic GPU custom call on a machine without a GPU."""
-    x, q = _operands(m, k, 128, group)
-    exported = jax.export.export(jax.jit(functools.partial(mosaic_gpu.matmul_nt, **options)), platforms=["cuda"])(x, q)
+def test_lowers_for_cuda(product, m, k, group, options):
+    """The compiled branch (WGMMA with A in registers or read transposed from shared memory, explicit
+    layouts), which the interpreter does not run, lowers to a Mosaic GPU custom call without a GPU."""
+    x, q = _operands(product, m, k, 128, group)
+    kernel = functools.partial(PRODUCTS[product][0], **options)
+    exported = jax.export.export(jax.jit(kernel), platforms=["cuda"])(x, q)
     assert "mosaic_gpu" in exported.mlir_module()
     assert exported.out_avals[0].shape == (m, 128)
 
 
 @pytest.mark.parametrize(
-    "x_shape, x_dtype, w_shape, spec, match",
+    "x_shape, x_dtype, w_shape, spec, match",  # (the weight as matmul_nt takes it: (N, K), scaled along K)
     [
         ((2, 256), jnp.bfloat16, (64, 128), qj.QuantSpec(axis=1), "x has 256 columns, q 128"),
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(format="nf4", axis=1), "only int4"),
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(format="uint4", axis=1), "only int4"),
-        ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=0), "axis=1"),
+        ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=0), "scaled along the axis it is contracted over"),
         ((2, 256), jnp.float32, (64, 256), qj.QuantSpec(axis=1), "bfloat16"),
         ((65, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1), "1 to 64 rows"),
-        ((2, 256), jnp.bfloat16, (96, 256), qj.QuantSpec(axis=1), "rows a multiple of it"),
+        ((2, 256), jnp.bfloat16, (96, 256), qj.QuantSpec(axis=1), "the 96 output columns a multiple of it"),
         ((2, 200), jnp.bfloat16, (64, 200), qj.QuantSpec(axis=1), "whole steps"),
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1, group_size=48), "whole steps"),
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1, group_size=32), "a multiple of 64"),
     ],
 )
-def test_bad_input_names_it(x_shape, x_dtype, w_shape, spec, match):
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_bad_input_names_it(product, x_shape, x_dtype, w_shape, spec, match):
     x = jnp.ones(x_shape, x_dtype)
-    q = qj.quantize(jnp.ones(w_shape), spec)
+    forward = PRODUCTS[product][1] == 0  # the same weight transposed, its scale axis flipped
+    w, spec = (jnp.ones(w_shape[::-1]), dataclasses.replace(spec, axis=1 - spec.axis)) if forward else (jnp.ones(w_shape), spec)
+    q = qj.quantize(w, spec)
     with pytest.raises(ValueError, match=match) as info:
-        mosaic_gpu.matmul_nt(x, q, interpret=True)
-    assert "matmul_nt" in str(info.value) and str(x_shape) in str(info.value)
+        PRODUCTS[product][0](x, q, interpret=True)
+    assert product in str(info.value) and str(x_shape) in str(info.value)

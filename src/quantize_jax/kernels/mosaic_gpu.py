@@ -1,41 +1,50 @@
-"""A Hopper kernel (Pallas Mosaic GPU: TMA copies, WGMMA) for ``x @ W.T`` with ``W`` int4, packed along the contraction.
+"""Hopper kernels (Pallas Mosaic GPU: TMA copies, WGMMA) for ``x @ W`` and ``x @ W.T`` with ``W`` int4.
 
-``W`` is a QArray ``(N, K)`` of ``int4`` codes scaled along ``K``, in groups or one scale per row, so its
-bytes are XLA's own ``jnp.int4`` layout of ``(N, K)`` (low nibble first along ``K``). That is the layout
-Hopper's mixed-input WGMMA wants for its A operand: each program takes ``block_rows`` (64 or 128) rows of
-``W`` and copies ``(block_rows, block_k)`` code tiles and ``(M, block_k)`` activation tiles into shared
-memory with the bulk tensor copy engine (TMA, a pipeline of ``stages`` steps in flight). Per 64 rows and
-``sub`` (128, or a group of 64) columns it converts the codes to bf16 in registers (Mosaic GPU's
-``WGMMA_UPCAST_4X`` layout and its int4 -> bf16 bit trick) and multiplies them by the activations (B,
-transposed in shared memory) on the tensor cores, ``M`` padded to a multiple of 8 (the "swapped" product
-``W x^T``: the weight fills WGMMA's 64 rows, so a few activation rows waste no tensor-core work). Each
-such part lies inside one scale group ``g``::
+A QArray's int4 bytes are XLA's own ``jnp.int4`` layout of its shape (low nibble first along the last
+axis). Each program takes ``block_rows`` (64 or 128) output columns and copies its code tiles and
+``(M, block_k)`` activation tiles into shared memory with the bulk tensor copy engine (TMA, a pipeline of
+``stages`` steps in flight). Per 64 output columns and ``sub`` (128, or a group of 64) contracted columns
+one WGMMA multiplies the codes in bf16 (A: WGMMA's 64 rows) by the activations (B, transposed in shared
+memory, ``M`` padded to a multiple of 8): the "swapped" product ``W^T x^T``, in which the weight fills
+WGMMA's rows, so a few activation rows waste no tensor-core work. Each such part lies inside one scale
+group ``g``::
 
-    y^T[n, m] += s[n, g] * sum_{k in part} c[n, k] x[m, k]
+    y^T[n, m] += s[g, n] * sum_{k in part} c[k, n] x[m, k]
 
 the products exact (int4 codes times bf16 activations), summed in float32. The K axis is split over
-``splits`` programs per row block, whose partial sums XLA adds.
+``splits`` programs per column block, whose partial sums XLA adds.
 
-Uses: tied-embedding logits ``x @ E.T`` over a table ``(vocab, d)`` grouped along ``d``, and any weight
-stored transposed, ``(N, K)``: ``x @ W`` then reads the same 4-bit bytes as the forward product. Not used by
-``qdot`` / ``qeinsum``'s ``auto`` until timed on a GPU (``benchmarks/matmul_gpu.py --tma``).
+* :func:`matmul`, ``x @ W`` for ``W`` ``(K, N)`` as stored (``QuantSpec(axis=0)``): the codes run along N,
+  so A would need them transposed, which Mosaic GPU's register loads refuse for packed tiles; each step
+  instead decodes its ``(block_k, block_rows)`` tile to bf16 (Mosaic GPU's int4 -> bf16 bit trick) into
+  shared memory, and the WGMMA reads it transposed from there (a hardware option for 16-bit operands).
+* :func:`matmul_nt`, ``x @ W.T`` for ``W`` ``(N, K)`` (``QuantSpec(axis=1)``): the codes run along K, the
+  layout of Mosaic GPU's mixed-input WGMMA, so they are upcast in registers (``WGMMA_UPCAST_4X``) as A
+  with no trip through shared memory. Uses: tied-embedding logits ``x @ E.T`` over a table grouped along
+  ``d``, and weights stored transposed.
 
-On the CPU it runs in Mosaic GPU's interpreter (``interpret=True``), which simulates the TMA copies, the
-pipeline and shared memory; three steps differ there because the interpreter lacks them: WGMMA with A in
-registers (a ``dot_general`` instead), loads with an explicit register layout and ``layout_cast`` (plain
-reads). ``jax.export(..., platforms=["cuda"])`` lowers the compiled branch on any machine (tested), so its
-layouts are checked without a GPU.
+Neither is used by ``qdot`` / ``qeinsum``'s ``auto`` until timed on a GPU (``benchmarks/matmul_gpu.py
+--tma``).
+
+On the CPU they run in Mosaic GPU's interpreter (``interpret=True``), which simulates the TMA copies, the
+pipeline and shared memory; four steps differ there because the interpreter lacks them: WGMMA with A in
+registers or read through a transposed view (a ``dot_general`` instead), loads with an explicit register
+layout and ``layout_cast`` (plain reads). ``jax.export(..., platforms=["cuda"])`` lowers the compiled
+branch on any machine (tested), so its layouts are checked without a GPU.
 
 Example (interpreted on a CPU)::
 
     >>> import jax, jax.numpy as jnp, quantize_jax as qj
     >>> from quantize_jax.kernels import mosaic_gpu
-    >>> w = jax.random.normal(jax.random.key(0), (64, 256))
-    >>> q = qj.quantize(w, qj.QuantSpec(axis=1, group_size=128))
+    >>> w = jax.random.normal(jax.random.key(0), (256, 64))
+    >>> q = qj.quantize(w, qj.QuantSpec(axis=0, group_size=128))
     >>> x = jax.random.normal(jax.random.key(1), (2, 256), jnp.bfloat16)
-    >>> y = mosaic_gpu.matmul_nt(x, q, interpret=True)
-    >>> ref = x.astype(jnp.float32) @ qj.dequantize(q).T
-    >>> bool(jnp.allclose(y, ref, rtol=1e-4, atol=1e-3))
+    >>> y = mosaic_gpu.matmul(x, q, interpret=True)
+    >>> bool(jnp.allclose(y, x.astype(jnp.float32) @ qj.dequantize(q), rtol=1e-4, atol=1e-3))
+    True
+    >>> q_t = qj.quantize(w.T, qj.QuantSpec(axis=1, group_size=128))
+    >>> y = mosaic_gpu.matmul_nt(x, q_t, interpret=True)
+    >>> bool(jnp.allclose(y, x.astype(jnp.float32) @ qj.dequantize(q_t).T, rtol=1e-4, atol=1e-3))
     True
 """
 
@@ -52,7 +61,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..qarray import QArray, int4_view
 
-WGMMA_ROWS = 64  # one warpgroup's WGMMA tile: the rows of W each tensor-core product covers
+WGMMA_ROWS = 64  # one warpgroup's WGMMA tile: the output columns each tensor-core product covers
 MAX_M = 64  # activation rows: WGMMA's N (a multiple of 8); its float32 accumulators take M / 2 registers a thread
 _SUB = 128  # columns of K per WGMMA (inside one scale group; 64 for groups of 64)
 _PROGRAMS = 528  # about 4 programs per SM of an H100 / H200 (132 SMs)
@@ -76,99 +85,137 @@ def default_splits(n: int, k: int, block_rows: int, block_k: int, programs: int 
 
 
 class _Tiles(NamedTuple):
-    block_rows: int  # rows of W per program (64 or 128: one or two WGMMAs a sub-step)
-    block_k: int  # columns of K per pipeline step (one TMA copy of codes, one of activations)
-    sub: int  # columns per WGMMA, inside one scale group
-    group: int  # columns per scale (all of K for one scale a row)
+    block_rows: int  # output columns (rows of the codes' A operand) per program: one or two WGMMAs a part
+    block_k: int  # contracted columns per pipeline step (one TMA copy of codes, one of activations)
+    sub: int  # contracted columns per WGMMA, inside one scale group
+    group: int  # contracted columns per scale (all of K for one scale per output column)
     splits: int
 
 
-def _tiles(q: QArray, block_rows: int, block_k: int | None, splits: int | None) -> _Tiles:
-    k = q.shape[1]
-    group = q.spec.group_size or k
+def _tiles(k: int, n: int, group_size: int | None, block_rows: int, block_k: int | None, splits: int | None) -> _Tiles:
+    group = group_size or k
     sub = _SUB if group % _SUB == 0 else group
     block_k = block_k or sub
     sub = min(sub, block_k)
-    splits = splits or default_splits(q.shape[0], k, block_rows, block_k)
-    return _Tiles(block_rows, block_k, sub, group, splits)
+    return _Tiles(block_rows, block_k, sub, group, splits or default_splits(n, k, block_rows, block_k))
 
 
-def _check(x, q: QArray, t: _Tiles) -> None:
+def _check(name: str, x, q: QArray, axis: int, t: _Tiles) -> None:
+    """``x`` ``(M, K)`` and ``q`` contracted over its ``axis`` (scaled along it) fit the kernel and ``t``."""
     def bad(why):
-        return ValueError(f"matmul_nt: {why} (x of shape {x.shape} and dtype {x.dtype}, q of shape {q.shape}, "
+        return ValueError(f"{name}: {why} (x of shape {x.shape} and dtype {x.dtype}, q of shape {q.shape}, "
                           f"spec {q.spec}, {t.block_rows} x {t.block_k} blocks, splits={t.splits})")
 
     if not isinstance(q, QArray) or q.ndim != 2 or x.ndim != 2:
-        raise bad("expected x (M, K) and a 2-D QArray q (N, K)")
-    (m, k), (n, kq) = x.shape, q.shape
+        raise bad("expected x (M, K) and a 2-D QArray q")
+    (m, k), kq, n = x.shape, q.shape[axis], q.shape[1 - axis]
     if k != kq:
-        raise bad(f"x has {k} columns, q {kq}")
+        raise bad(f"x has {k} columns, q {kq} along its axis {axis}")
     if q.spec.format != "int4" or q.zero_point is not None:
         raise bad("only int4 codes without zero points are supported")
-    if q.spec.axis not in (1, -1):
-        raise bad("q must be scaled along its last axis (QuantSpec(axis=1)), the one contracted")
+    if q.spec.axis % 2 != axis:
+        raise bad(f"q must be scaled along the axis it is contracted over (QuantSpec(axis={axis}))")
     if x.dtype != jnp.bfloat16:
         raise bad("x must be bfloat16 (WGMMA's operand)")
     if not 1 <= m <= MAX_M:
         raise bad(f"x must have 1 to {MAX_M} rows")
     if t.block_rows not in (64, 128) or n % t.block_rows:
-        raise bad("block_rows must be 64 or 128, and q's rows a multiple of it")
+        raise bad(f"block_rows must be 64 or 128, and the {n} output columns a multiple of it")
     # 64 columns at least: 32 bytes a row of codes, TMA's narrowest swizzle
     if t.sub % 64 or t.block_k % t.sub or (t.block_k > t.group and t.block_k % t.group) or k % (t.splits * t.block_k):
         raise bad(f"K must split into {t.splits} whole steps of {t.block_k} columns, each whole groups of "
                   f"{t.group} or inside one, in parts of a multiple of 64")
 
 
+_OPTIONS_DOC = """``block_rows``: output columns per program (64 or 128); ``block_k``: contracted columns per pipeline
+    step (default 128, or the group for groups of 64), whole groups or inside one; ``splits``: programs per
+    column block along K (default :func:`default_splits`); ``stages``: pipeline steps in flight (TMA copies
+    issued ahead of the compute); ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests;
+    ``"races"`` also runs its race detector). Needs ``M <= 64``, the output columns a multiple of
+    ``block_rows`` and ``K`` a multiple of ``splits`` steps."""
+
+
+def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
+           stages: int = 4, interpret=False) -> jax.Array:
+    """``x @ dequantize(q)`` in float32 for ``x`` ``(M, K)`` bf16 and ``q`` ``(K, N)`` int4 scaled along K
+    (``QuantSpec(axis=0)``, groups or per column): each step's codes decoded to bf16 into shared memory, the
+    WGMMA reading them transposed from there.
+
+    """ + _OPTIONS_DOC
+    t = _tiles(*q.shape, q.spec.group_size, block_rows, block_k, splits)
+    _check("matmul", x, q, 0, t)
+    return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale, tiles=t, stages=stages,
+                    interpret=interpret, forward=True)
+
+
 def matmul_nt(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
               stages: int = 4, interpret=False) -> jax.Array:
-    """``x @ dequantize(q).T`` in float32 for ``x`` ``(M, K)`` bf16 and ``q`` ``(N, K)`` int4 scaled along K.
+    """``x @ dequantize(q).T`` in float32 for ``x`` ``(M, K)`` bf16 and ``q`` ``(N, K)`` int4 scaled along K
+    (``QuantSpec(axis=1)``, groups or per row): each step's codes upcast in registers as WGMMA's A operand.
 
-    ``block_rows``: rows of ``q`` per program (64 or 128); ``block_k``: columns per pipeline step (default
-    128, or the group for groups of 64), whole groups or inside one; ``splits``: programs per row block
-    along K (default :func:`default_splits`); ``stages``: pipeline steps in flight (TMA copies issued ahead
-    of the compute); ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests; ``"races"``
-    also runs its race detector). Needs ``M <= 64``, ``N`` a multiple of ``block_rows`` and ``K`` a
-    multiple of ``splits`` steps.
-    """
-    t = _tiles(q, block_rows, block_k, splits)
-    _check(x, q, t)
-    return _matmul_nt(x, int4_view(q.packed, True).reshape(q.shape), q.scale, tiles=t, stages=stages,
-                      interpret=interpret)
+    """ + _OPTIONS_DOC
+    n, k = q.shape
+    t = _tiles(k, n, q.spec.group_size, block_rows, block_k, splits)
+    _check("matmul_nt", x, q, 1, t)
+    # (G, N): a step's scales are rows (an XLA transpose per call; free for one scale a row)
+    return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale.T, tiles=t, stages=stages,
+                    interpret=interpret, forward=False)
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret"))
-def _matmul_nt(x, codes, scale, *, tiles: _Tiles, stages: int, interpret):
-    (m, k), n = x.shape, codes.shape[0]
+def _swizzled(swizzle: int, bits: int) -> tuple:
+    """The transforms of a shared-memory tile whose rows are ``swizzle`` bytes of ``bits``-bit elements."""
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret", "forward"))
+def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward: bool):
+    """``x @ (codes * scales)``, contracted over ``codes``' axis 0 (``forward``) or 1; ``scale`` ``(G, N)``."""
+    m, k = x.shape
+    n = codes.shape[1 if forward else 0]
     rows, bk, sub, group, splits = tiles
     mp = -(-m // 8) * 8
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
-    scale_t = scale.T.astype(jnp.float32)  # (G, N): a step's scales are rows (a copy per call; free for G = 1)
     k_split = k // splits
     scale_rows = max(1, bk // group)  # scale rows a step reads
     halves = rows // WGMMA_ROWS
-    w_swizzle = plgpu.find_swizzle(sub * 4, "codes")  # a WGMMA's slice of a tile starts on a swizzle tile
-    x_swizzle = plgpu.find_swizzle(sub * 16, "activations")
+    x_swizzle = plgpu.find_swizzle(sub * 16, "activations")  # a WGMMA's slice of a tile starts on a swizzle tile
+    if forward:  # (bk, rows) code tiles, decoded into a (bk, rows) bf16 tile
+        code_block = (bk, rows)
+        code_transforms = _swizzled(plgpu.find_swizzle(rows * 4, "codes"), 4)
+        decoded_transforms = _swizzled(plgpu.find_swizzle(rows * 16, "decoded"), 16)
+        scratch = [plgpu.SMEM((rows, mp), jnp.float32), plgpu.SMEM((bk, rows), jnp.bfloat16, transforms=decoded_transforms)]
+    else:  # (rows, bk) code tiles, upcast in registers
+        code_block = (rows, bk)
+        code_transforms = _swizzled(plgpu.find_swizzle(sub * 4, "codes"), 4)
+        scratch = [plgpu.SMEM((rows, mp), jnp.float32)]
 
-    def kernel(w_gmem, x_gmem, s_gmem, o_gmem, o_smem):
+    def kernel(w_gmem, x_gmem, s_gmem, o_gmem, o_smem, *decoded):
         j, split = lax.axis_index("n"), lax.axis_index("split")
 
         def step(idx, w_smem, x_smem, s_smem, totals):
+            if forward:
+                decoded[0][...] = w_smem[...].astype(jnp.bfloat16)
+                plgpu.commit_smem()  # the WGMMA reads what every thread stored
             totals = list(totals)
             for c in range(bk // sub):
                 cols = pl.ds(c * sub, sub)
                 xs = x_smem.at[:, cols]
                 halves_rows = [pl.ds(h * WGMMA_ROWS, WGMMA_ROWS) for h in range(halves)]
-                # (64, sub) codes per half, exact in bf16
-                codes = [w_smem.at[r, cols][...].astype(jnp.bfloat16) for r in halves_rows]
+                if forward:  # (sub, 64) views of the decoded tile, read transposed
+                    codes = [decoded[0].at[cols, r] for r in halves_rows]
+                else:  # (64, sub) codes in registers, exact in bf16
+                    codes = [w_smem.at[r, cols][...].astype(jnp.bfloat16) for r in halves_rows]
                 srow = c * sub // group  # this part's row of the step's scales
-                if interpret:
+                if interpret:  # (the interpreter reads no transposed views)
+                    codes = [a[...].T for a in codes] if forward else codes
                     parts = [lax.dot_general(a, xs[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                              for a in codes]
                     scales = [s_smem.at[srow, r][...] for r in halves_rows]
                 else:
                     def mma(*accs):  # every half's WGMMA issued, then one wait
                         for acc, a in zip(accs, codes):
-                            plgpu.wgmma(acc, a, plgpu.transpose_ref(xs, (1, 0)))
+                            plgpu.wgmma(acc, plgpu.transpose_ref(a, (1, 0)) if forward else a,
+                                        plgpu.transpose_ref(xs, (1, 0)))
                         plgpu.wgmma_wait(0)
                         return [acc[...] for acc in accs]
 
@@ -181,28 +228,27 @@ def _matmul_nt(x, codes, scale, *, tiles: _Tiles, stages: int, interpret):
 
         zeros = jnp.zeros((WGMMA_ROWS, mp), jnp.float32)
         zeros = zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-        columns = pl.ds(split * k_split, k_split)
+        contracted, produced = pl.ds(split * k_split, k_split), pl.ds(j * rows, rows)
         totals = plgpu.emit_pipeline(
             step, grid=(k_split // bk,), max_concurrent_steps=stages,
             in_specs=[
-                plgpu.BlockSpec((rows, bk), lambda i: (0, i), transforms=(
-                    plgpu.TilingTransform((8, w_swizzle * 2)), plgpu.SwizzleTransform(w_swizzle))),
-                plgpu.BlockSpec((mp, bk), lambda i: (0, i), transforms=(
-                    plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))),
+                plgpu.BlockSpec(code_block, (lambda i: (i, 0)) if forward else (lambda i: (0, i)),
+                                transforms=code_transforms),
+                plgpu.BlockSpec((mp, bk), lambda i: (0, i), transforms=_swizzled(x_swizzle, 16)),
                 plgpu.BlockSpec((scale_rows, rows), lambda i: ((split * k_split + i * bk) // group // scale_rows, j)),
             ],
             init_carry=(zeros,) * halves,
-        )(w_gmem.at[pl.ds(j * rows, rows), columns], x_gmem.at[:, columns], s_gmem)
+        )(w_gmem.at[contracted, produced] if forward else w_gmem.at[produced, contracted], x_gmem.at[:, contracted],
+          s_gmem)
         for h, total in enumerate(totals):
             o_smem[pl.ds(h * WGMMA_ROWS, WGMMA_ROWS)] = total
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, pl.ds(j * rows, rows)])
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, produced])
         plgpu.wait_smem_to_gmem(0)
 
     parts = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
-        grid=(n // rows, splits), grid_names=("n", "split"),
-        scratch_types=[plgpu.SMEM((rows, mp), jnp.float32)],
+        grid=(n // rows, splits), grid_names=("n", "split"), scratch_types=scratch,
         interpret=_interpreter(interpret == "races") if interpret else None,
-    )(codes, xp, scale_t)
+    )(codes, xp, scale.astype(jnp.float32))
     return parts.sum(0)[:, :m].T
