@@ -138,3 +138,15 @@ def test_bad_input_names_it(product, x_shape, x_dtype, w_shape, spec, match):
     with pytest.raises(ValueError, match=match) as info:
         PRODUCTS[product][0](x, q, interpret=True)
     assert product in str(info.value) and str(x_shape) in str(info.value)
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_a_float_weight_or_bad_tiles_are_named(product):
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match=f"{product}: expected x \\(M, K\\) and a 2-D QArray q"):
+        PRODUCTS[product][0](x, jnp.ones((256, 256)), interpret=True)
+    _, q = _operands(product, 2, 256, 128, 128)
+    with pytest.raises(ValueError, match="block_rows must be 64 or 128.*96 x 128 blocks"):
+        PRODUCTS[product][0](x, q, block_rows=96, interpret=True)
+    with pytest.raises(ValueError, match="whole steps of 192 columns"):
+        PRODUCTS[product][0](x, q, block_k=192, interpret=True)

@@ -70,8 +70,10 @@ _PROGRAMS = 528  # about 4 programs per SM of an H100 / H200 (132 SMs)
 def _interpreter(detect_races: bool = False):
     """Mosaic GPU's interpreter's parameters (jax 0.10.2 has no public name for them): out-of-bounds reads
     raise, shared memory starts as NaN; ``detect_races`` adds its happens-before race detector."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:  # a private path, as of jax 0.10.2
+        raise NotImplementedError(f"Mosaic GPU's interpreter was not found in jax {jax.__version__}: {e}") from e
     return InterpretGPUParams(detect_races=detect_races)
 
 
@@ -92,47 +94,39 @@ class _Tiles(NamedTuple):
     splits: int
 
 
-def _tiles(k: int, n: int, group_size: int | None, block_rows: int, block_k: int | None, splits: int | None) -> _Tiles:
-    group = group_size or k
-    sub = _SUB if group % _SUB == 0 else group
-    block_k = block_k or sub
-    sub = min(sub, block_k)
-    return _Tiles(block_rows, block_k, sub, group, splits or default_splits(n, k, block_rows, block_k))
+def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | None, splits: int | None) -> _Tiles:
+    """The tiles for ``x`` ``(M, K)`` times ``q`` contracted over its ``axis`` (and scaled along it), once
+    both fit the kernel; else a ValueError that names them."""
+    def bad(why, t=None):
+        tiles = "" if t is None else f", {t.block_rows} x {t.block_k} blocks, splits={t.splits}"
+        return ValueError(f"{name}: {why} (x of shape {getattr(x, 'shape', None)} and dtype {getattr(x, 'dtype', None)}, "
+                          f"q of shape {getattr(q, 'shape', None)}, spec {getattr(q, 'spec', None)}{tiles})")
 
-
-def _check(name: str, x, q: QArray, axis: int, t: _Tiles) -> None:
-    """``x`` ``(M, K)`` and ``q`` contracted over its ``axis`` (scaled along it) fit the kernel and ``t``."""
-    def bad(why):
-        return ValueError(f"{name}: {why} (x of shape {x.shape} and dtype {x.dtype}, q of shape {q.shape}, "
-                          f"spec {q.spec}, {t.block_rows} x {t.block_k} blocks, splits={t.splits})")
-
-    if not isinstance(q, QArray) or q.ndim != 2 or x.ndim != 2:
+    if not isinstance(q, QArray) or q.ndim != 2 or getattr(x, "ndim", None) != 2:
         raise bad("expected x (M, K) and a 2-D QArray q")
     (m, k), kq, n = x.shape, q.shape[axis], q.shape[1 - axis]
     if k != kq:
         raise bad(f"x has {k} columns, q {kq} along its axis {axis}")
     if q.spec.format != "int4" or q.zero_point is not None:
         raise bad("only int4 codes without zero points are supported")
-    if q.spec.axis % 2 != axis:
+    if q.spec.axis not in (axis, axis - 2):
         raise bad(f"q must be scaled along the axis it is contracted over (QuantSpec(axis={axis}))")
     if x.dtype != jnp.bfloat16:
         raise bad("x must be bfloat16 (WGMMA's operand)")
     if not 1 <= m <= MAX_M:
         raise bad(f"x must have 1 to {MAX_M} rows")
+    group = q.spec.group_size or k
+    sub = _SUB if group % _SUB == 0 else group
+    block_k = block_k or sub
+    sub = min(sub, block_k)
+    t = _Tiles(block_rows, block_k, sub, group, splits or default_splits(n, k, block_rows, block_k))
     if t.block_rows not in (64, 128) or n % t.block_rows:
-        raise bad(f"block_rows must be 64 or 128, and the {n} output columns a multiple of it")
+        raise bad(f"block_rows must be 64 or 128, and the {n} output columns a multiple of it", t)
     # 64 columns at least: 32 bytes a row of codes, TMA's narrowest swizzle
     if t.sub % 64 or t.block_k % t.sub or (t.block_k > t.group and t.block_k % t.group) or k % (t.splits * t.block_k):
         raise bad(f"K must split into {t.splits} whole steps of {t.block_k} columns, each whole groups of "
-                  f"{t.group} or inside one, in parts of a multiple of 64")
-
-
-_OPTIONS_DOC = """``block_rows``: output columns per program (64 or 128); ``block_k``: contracted columns per pipeline
-    step (default 128, or the group for groups of 64), whole groups or inside one; ``splits``: programs per
-    column block along K (default :func:`default_splits`); ``stages``: pipeline steps in flight (TMA copies
-    issued ahead of the compute); ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests;
-    ``"races"`` also runs its race detector). Needs ``M <= 64``, the output columns a multiple of
-    ``block_rows`` and ``K`` a multiple of ``splits`` steps."""
+                  f"{t.group} or inside one, in parts of a multiple of 64", t)
+    return t
 
 
 def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
@@ -141,9 +135,14 @@ def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, sp
     (``QuantSpec(axis=0)``, groups or per column): each step's codes decoded to bf16 into shared memory, the
     WGMMA reading them transposed from there.
 
-    """ + _OPTIONS_DOC
-    t = _tiles(*q.shape, q.spec.group_size, block_rows, block_k, splits)
-    _check("matmul", x, q, 0, t)
+    ``block_rows``: output columns per program (64 or 128); ``block_k``: contracted columns per pipeline
+    step (default 128, or the group for groups of 64), whole groups or inside one; ``splits``: programs per
+    column block along K (default :func:`default_splits`); ``stages``: pipeline steps in flight (TMA copies
+    issued ahead of the compute); ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests;
+    ``"races"`` also runs its race detector). Needs ``M <= 64``, the output columns a multiple of
+    ``block_rows`` and ``K`` a multiple of ``splits`` steps.
+    """
+    t = _plan("matmul", x, q, 0, block_rows, block_k, splits)
     return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale, tiles=t, stages=stages,
                     interpret=interpret, forward=True)
 
@@ -152,11 +151,9 @@ def matmul_nt(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None,
               stages: int = 4, interpret=False) -> jax.Array:
     """``x @ dequantize(q).T`` in float32 for ``x`` ``(M, K)`` bf16 and ``q`` ``(N, K)`` int4 scaled along K
     (``QuantSpec(axis=1)``, groups or per row): each step's codes upcast in registers as WGMMA's A operand.
-
-    """ + _OPTIONS_DOC
-    n, k = q.shape
-    t = _tiles(k, n, q.spec.group_size, block_rows, block_k, splits)
-    _check("matmul_nt", x, q, 1, t)
+    The options and limits are :func:`matmul`'s.
+    """
+    t = _plan("matmul_nt", x, q, 1, block_rows, block_k, splits)
     # (G, N): a step's scales are rows (an XLA transpose per call; free for one scale a row)
     return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale.T, tiles=t, stages=stages,
                     interpret=interpret, forward=False)
