@@ -386,8 +386,8 @@ def tma_run(args, result, timed, log, start, qs, bfs):
     same stored weights ``qs`` (``tma_`` columns), and :func:`mosaic_gpu.matmul_nt` over ``W.T`` quantized
     along K in groups of 128 (``tma_nt_``): the same bytes and work, the codes upcast in registers instead of
     decoded through shared memory. Their tiles are swept (:data:`TMA_SWEEP`), each entry timed once it
-    matched the reference. A kernel with a failing or erring check is not timed. On a CPU (a dry run) the kernels run
-    interpreted, and checks of over 2**20 weights are left out."""
+    matched the reference. A kernel with a failing or erring check is not timed. On a CPU (a dry run) the
+    kernels run interpreted, and checks of over 2**20 weights are left out."""
     interpret = jax.default_backend() == "cpu"
     kernels = {"tma": functools.partial(mosaic_gpu.matmul, interpret=interpret),
                "tma_nt": functools.partial(mosaic_gpu.matmul_nt, interpret=interpret)}
@@ -400,7 +400,8 @@ def tma_run(args, result, timed, log, start, qs, bfs):
             w = jax.random.normal(jax.random.key(k + n), (n, k))
             q = qj.quantize(w.T if name == "tma" else w, qj.QuantSpec(axis=0 if name == "tma" else 1, group_size=group))
             entry = measure_error({"kernel": name, "M": m, "K": k, "N": n, "group": group, **options},
-                                  lambda: kernel(x, q, **options), lambda: reference(x, q, transposed=name != "tma"), log)
+                                  lambda: kernel(x, q, **options),
+                                  lambda: reference(x, q, transposed=name != "tma"), log)
             checked.append(entry)
             print(" ", entry, flush=True)
     rows, sweep = [], []

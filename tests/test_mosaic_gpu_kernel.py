@@ -22,7 +22,8 @@ def _operands(product, m, k, n, group, seed=0):
     """Activations ``(m, k)`` and a weight of ``n`` output columns, ``(k, n)`` or ``(n, k)`` as ``product``
     contracts it, each output column at its own scale."""
     axis = PRODUCTS[product][1]
-    w = jax.random.normal(jax.random.key(seed), (n, k)) * jax.random.uniform(jax.random.key(seed + 1), (n, 1), minval=0.1, maxval=3)
+    column_scales = jax.random.uniform(jax.random.key(seed + 1), (n, 1), minval=0.1, maxval=3)
+    w = jax.random.normal(jax.random.key(seed), (n, k)) * column_scales
     x = jax.random.normal(jax.random.key(seed + 2), (m, k), jnp.bfloat16)
     return x, qj.quantize(w if axis else w.T, qj.QuantSpec(axis=axis, group_size=group))
 
@@ -133,8 +134,9 @@ def test_lowers_for_cuda(product, m, k, group, options):
 def test_bad_input_names_it(product, x_shape, x_dtype, w_shape, spec, match):
     x = jnp.ones(x_shape, x_dtype)
     forward = PRODUCTS[product][1] == 0  # the same weight transposed, its scale axis flipped
-    w, spec = (jnp.ones(w_shape[::-1]), dataclasses.replace(spec, axis=1 - spec.axis)) if forward else (jnp.ones(w_shape), spec)
-    q = qj.quantize(w, spec)
+    if forward:
+        w_shape, spec = w_shape[::-1], dataclasses.replace(spec, axis=1 - spec.axis)
+    q = qj.quantize(jnp.ones(w_shape), spec)
     with pytest.raises(ValueError, match=match) as info:
         PRODUCTS[product][0](x, q, interpret=True)
     assert product in str(info.value) and str(x_shape) in str(info.value)

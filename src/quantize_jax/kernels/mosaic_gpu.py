@@ -99,8 +99,9 @@ def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | No
     both fit the kernel; else a ValueError that names them."""
     def bad(why, t=None):
         tiles = "" if t is None else f", {t.block_rows} x {t.block_k} blocks, splits={t.splits}"
-        return ValueError(f"{name}: {why} (x of shape {getattr(x, 'shape', None)} and dtype {getattr(x, 'dtype', None)}, "
-                          f"q of shape {getattr(q, 'shape', None)}, spec {getattr(q, 'spec', None)}{tiles})")
+        x_is = f"x of shape {getattr(x, 'shape', None)} and dtype {getattr(x, 'dtype', None)}"
+        return ValueError(f"{name}: {why} ({x_is}, q of shape {getattr(q, 'shape', None)}, "
+                          f"spec {getattr(q, 'spec', None)}{tiles})")
 
     if not isinstance(q, QArray) or q.ndim != 2 or getattr(x, "ndim", None) != 2:
         raise bad("expected x (M, K) and a 2-D QArray q")
@@ -180,7 +181,8 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
         code_block = (bk, rows)
         code_transforms = _swizzled(plgpu.find_swizzle(rows * 4, "codes"), 4)
         decoded_transforms = _swizzled(plgpu.find_swizzle(rows * 16, "decoded"), 16)
-        scratch = [plgpu.SMEM((rows, mp), jnp.float32), plgpu.SMEM((bk, rows), jnp.bfloat16, transforms=decoded_transforms)]
+        scratch = [plgpu.SMEM((rows, mp), jnp.float32),
+                   plgpu.SMEM((bk, rows), jnp.bfloat16, transforms=decoded_transforms)]
     else:  # (rows, bk) code tiles, upcast in registers
         code_block = (rows, bk)
         code_transforms = _swizzled(plgpu.find_swizzle(sub * 4, "codes"), 4)
