@@ -83,6 +83,66 @@ def test_random_products_match_the_reference(product, problem, seed):
     _check(product, *problem, seed=seed)
 
 
+@pytest.mark.parametrize(
+    "m, k, n, group, options",
+    [
+        (3, 512, 128, 128, dict(splits=2, stages=2)),
+        (200, 512, 64, 64, dict(block_k=256)),  # four groups a step
+        (120, 1024, 256, 256, dict(block_rows=128, block_k=128, splits=2)),  # two steps a group, 2 stages fit
+        (256, 256, 64, None, dict()),  # one scale a column
+    ],
+)
+def test_scaled_decoding_matches_the_rounded_weight(m, k, n, group, options):
+    """``matmul(exact=False)``: the scaled weight rounded to bf16, as ``dequant`` rounds it, then exact
+    products summed in float32; up to 256 rows."""
+    x, q = _operands("matmul", m, k, n, group, seed=m)
+    y = mosaic_gpu.matmul(x, q, exact=False, interpret=True, **options)
+    ref = np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q, jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max() * np.sqrt(k))
+    exported = jax.export.export(jax.jit(functools.partial(mosaic_gpu.matmul, exact=False, **options)),
+                                 platforms=["cuda"])(x, q)  # the compiled branch lowers too
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_scaled_decoding_takes_up_to_256_rows():
+    x, q = _operands("matmul", 257, 256, 128, 128)
+    with pytest.raises(ValueError, match="1 to 256 rows"):
+        mosaic_gpu.matmul(x, q, exact=False, interpret=True)
+    with pytest.raises(ValueError, match="1 to 128 rows"):  # two accumulators of 128 registers each
+        mosaic_gpu.matmul(x[:200], q, exact=False, block_rows=128, interpret=True)
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        mosaic_gpu.matmul(x[:65], q, interpret=True)
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("m, block_rows, block_k", [(1, 64, 128), (64, 128, 256), (64, 64, 256), (200, 64, 128)])
+def test_smem_bytes_is_what_mosaic_gpu_counts(product, m, block_rows, block_k):
+    """:func:`mosaic_gpu.smem_bytes` against Mosaic GPU's own count, which its lowering checks against the
+    card's shared memory: the default stages lower, one stage more is refused (counted within 512 bytes)."""
+    import re
+
+    forward = PRODUCTS[product][1] == 0
+    if m > mosaic_gpu.MAX_M and not forward:
+        pytest.skip("matmul_nt takes up to 64 rows")
+    x, q = _operands(product, m, 2048, 256, 128)
+    tiles = mosaic_gpu._Tiles(block_rows, block_k, 128, 128, 1)
+    stages = mosaic_gpu.default_stages(tiles, m, forward, most=8)
+    kernel = functools.partial(PRODUCTS[product][0], block_rows=block_rows, block_k=block_k, splits=1,
+                               **({"exact": False} if m > mosaic_gpu.MAX_M else {}))
+    jax.export.export(jax.jit(functools.partial(kernel, stages=stages)), platforms=["cuda"])(x, q)
+    if stages < 8:
+        with pytest.raises(ValueError, match="exceeds available shared memory") as info:
+            jax.export.export(jax.jit(functools.partial(kernel, stages=stages + 1)), platforms=["cuda"])(x, q)
+        counted = int(re.search(r"smem_bytes=(\d+)", str(info.value)).group(1))
+        assert 0 <= counted - mosaic_gpu.smem_bytes(tiles, m, stages + 1, forward) <= 512
+
+
+def test_tiles_over_the_shared_memory_are_named():
+    x, q = _operands("matmul", 64, 2048, 256, 128)
+    with pytest.raises(ValueError, match="matmul: 128 x 512 blocks at 64 rows take 264200 bytes"):
+        mosaic_gpu.matmul(x, q, block_rows=128, block_k=512, interpret=True)
+
+
 def test_default_splits_fill_the_gpu():
     assert mosaic_gpu.default_splits(8192, 8192, 64, 128) == 4  # 128 programs of 64 rows, times 4
     assert mosaic_gpu.default_splits(8192, 8192, 128, 256) == 8  # 64 programs of 128 rows, times 8

@@ -63,6 +63,7 @@ from ..qarray import QArray, int4_view
 
 WGMMA_ROWS = 64  # one warpgroup's WGMMA tile: the output columns each tensor-core product covers
 MAX_M = 64  # activation rows: WGMMA's N (a multiple of 8); its float32 accumulators take M / 2 registers a thread
+MAX_M_SCALED = 256  # matmul(exact=False): WGMMA's largest N, its one accumulator per 64 columns 128 registers
 _SUB = 128  # columns of K per WGMMA (inside one scale group; 64 for groups of 64)
 _PROGRAMS = 528  # about 4 programs per SM of an H100 / H200 (132 SMs)
 
@@ -86,6 +87,24 @@ def default_splits(n: int, k: int, block_rows: int, block_k: int, programs: int 
     return splits
 
 
+SMEM_BYTES = 232448  # shared memory a program may take on an H100 / H200 (227 KB)
+
+
+def smem_bytes(t: "_Tiles", m: int, stages: int, forward: bool) -> int:
+    """Shared memory a program takes, as Mosaic GPU counts it: per stage the buffers of codes, activations
+    and scales and an 8-byte barrier; the output tile; and (``forward``) the decoded tile. Mosaic GPU refuses
+    a kernel over :data:`SMEM_BYTES`."""
+    mp = -(-m // 8) * 8
+    step = t.block_rows * t.block_k // 2 + mp * t.block_k * 2 + max(1, t.block_k // t.group) * t.block_rows * 4 + 8
+    return stages * step + t.block_rows * mp * 4 + (t.block_k * t.block_rows * 2 if forward else 0)
+
+
+def default_stages(t: "_Tiles", m: int, forward: bool, most: int = 4) -> int:
+    """The most pipeline stages, up to ``most``, whose buffers fit :data:`SMEM_BYTES` with a KB to spare
+    (Mosaic GPU aligns some buffers: up to 512 bytes more than :func:`smem_bytes` measured); 0 if none."""
+    return max([s for s in range(1, most + 1) if smem_bytes(t, m, s, forward) + 1024 <= SMEM_BYTES] or [0])
+
+
 class _Tiles(NamedTuple):
     block_rows: int  # output columns (rows of the codes' A operand) per program: one or two WGMMAs a part
     block_k: int  # contracted columns per pipeline step (one TMA copy of codes, one of activations)
@@ -94,7 +113,8 @@ class _Tiles(NamedTuple):
     splits: int
 
 
-def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | None, splits: int | None) -> _Tiles:
+def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | None, splits: int | None,
+          max_m: int = MAX_M) -> _Tiles:
     """The tiles for ``x`` ``(M, K)`` times ``q`` contracted over its ``axis`` (and scaled along it), once
     both fit the kernel; else a ValueError that names them."""
     def bad(why, t=None):
@@ -114,8 +134,8 @@ def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | No
         raise bad(f"q must be scaled along the axis it is contracted over (QuantSpec(axis={axis}))")
     if x.dtype != jnp.bfloat16:
         raise bad("x must be bfloat16 (WGMMA's operand)")
-    if not 1 <= m <= MAX_M:
-        raise bad(f"x must have 1 to {MAX_M} rows")
+    if not 1 <= m <= max_m:
+        raise bad(f"x must have 1 to {max_m} rows")
     group = q.spec.group_size or k
     sub = _SUB if group % _SUB == 0 else group
     block_k = block_k or sub
@@ -131,33 +151,49 @@ def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | No
 
 
 def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
-           stages: int = 4, interpret=False) -> jax.Array:
+           stages: int | None = None, exact: bool = True, interpret=False) -> jax.Array:
     """``x @ dequantize(q)`` in float32 for ``x`` ``(M, K)`` bf16 and ``q`` ``(K, N)`` int4 scaled along K
     (``QuantSpec(axis=0)``, groups or per column): each step's codes decoded to bf16 into shared memory, the
     WGMMA reading them transposed from there.
 
+    ``exact=False`` (up to ``MAX_M_SCALED`` rows, half that with 128-column blocks): the scales multiply
+    the decoded codes, rounded once to bf16 as ``qdot(..., backend="dequant")`` rounds its weight, and one
+    float32 accumulator per 64 columns takes every part, so no per-part product lives in registers.
+
     ``block_rows``: output columns per program (64 or 128); ``block_k``: contracted columns per pipeline
     step (default 128, or the group for groups of 64), whole groups or inside one; ``splits``: programs per
     column block along K (default :func:`default_splits`); ``stages``: pipeline steps in flight (TMA copies
-    issued ahead of the compute); ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests;
+    issued ahead of the compute; default :func:`default_stages`: up to 4 in the shared memory); ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests;
     ``"races"`` also runs its race detector). Needs ``M <= 64``, the output columns a multiple of
     ``block_rows`` and ``K`` a multiple of ``splits`` steps.
     """
-    t = _plan("matmul", x, q, 0, block_rows, block_k, splits)
-    return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale, tiles=t, stages=stages,
-                    interpret=interpret, forward=True)
+    max_m = MAX_M if exact else MAX_M_SCALED * WGMMA_ROWS // max(block_rows, WGMMA_ROWS)
+    t = _plan("matmul", x, q, 0, block_rows, block_k, splits, max_m)
+    return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale, tiles=t,
+                    stages=_stages("matmul", stages, t, x.shape[0], True), interpret=interpret, forward=True,
+                    exact=exact)
 
 
 def matmul_nt(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
-              stages: int = 4, interpret=False) -> jax.Array:
+              stages: int | None = None, interpret=False) -> jax.Array:
     """``x @ dequantize(q).T`` in float32 for ``x`` ``(M, K)`` bf16 and ``q`` ``(N, K)`` int4 scaled along K
     (``QuantSpec(axis=1)``, groups or per row): each step's codes upcast in registers as WGMMA's A operand.
     The options and limits are :func:`matmul`'s.
     """
     t = _plan("matmul_nt", x, q, 1, block_rows, block_k, splits)
     # (G, N): a step's scales are rows (an XLA transpose per call; free for one scale a row)
-    return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale.T, tiles=t, stages=stages,
-                    interpret=interpret, forward=False)
+    return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale.T, tiles=t,
+                    stages=_stages("matmul_nt", stages, t, x.shape[0], False), interpret=interpret, forward=False)
+
+
+def _stages(name: str, stages: int | None, t: _Tiles, m: int, forward: bool) -> int:
+    """``stages``, or :func:`default_stages`; a ValueError where not even one stage fits."""
+    stages = stages or default_stages(t, m, forward)
+    if not stages:
+        raise ValueError(f"{name}: {t.block_rows} x {t.block_k} blocks at {m} rows take "
+                         f"{smem_bytes(t, m, 1, forward)} bytes of shared memory with one stage, over "
+                         f"{SMEM_BYTES}; take smaller blocks")
+    return stages
 
 
 def _swizzled(swizzle: int, bits: int) -> tuple:
@@ -165,9 +201,11 @@ def _swizzled(swizzle: int, bits: int) -> tuple:
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret", "forward"))
-def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward: bool):
-    """``x @ (codes * scales)``, contracted over ``codes``' axis 0 (``forward``) or 1; ``scale`` ``(G, N)``."""
+@functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret", "forward", "exact"))
+def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward: bool, exact: bool = True):
+    """``x @ (codes * scales)``, contracted over ``codes``' axis 0 (``forward``) or 1; ``scale`` ``(G, N)``.
+    ``exact``: each part's product scaled in float32; else (``forward`` only) the scales multiply the decoded
+    tile, rounded once to bf16, and one accumulator per 64 output columns takes every part."""
     m, k = x.shape
     n = codes.shape[1 if forward else 0]
     rows, bk, sub, group, splits = tiles
@@ -187,19 +225,33 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
         code_block = (rows, bk)
         code_transforms = _swizzled(plgpu.find_swizzle(sub * 4, "codes"), 4)
         scratch = [plgpu.SMEM((rows, mp), jnp.float32)]
+    accumulate = not exact and not interpret  # WGMMAs into accumulators that live through the pipeline
 
     def kernel(w_gmem, x_gmem, s_gmem, o_gmem, o_smem, *decoded):
         j, split = lax.axis_index("n"), lax.axis_index("split")
+        halves_rows = [pl.ds(h * WGMMA_ROWS, WGMMA_ROWS) for h in range(halves)]
 
-        def step(idx, w_smem, x_smem, s_smem, totals):
-            if forward:
+        def decode(w_smem, s_smem):  # the step's codes (exact) or weights (scaled), bf16, into shared memory
+            if exact:
                 decoded[0][...] = w_smem[...].astype(jnp.bfloat16)
-                plgpu.commit_smem()  # the WGMMA reads what every thread stored
+            for c in range(0 if exact else bk // sub):  # a part inside one group: one row of scales
+                cols = pl.ds(c * sub, sub)
+                if interpret:
+                    w, s = w_smem.at[cols][...].astype(jnp.float32), s_smem[c * sub // group]
+                else:  # (the int4 -> bf16 bit trick, then exact to float32)
+                    w = plgpu.load(w_smem.at[cols], (), layout=plgpu.Layout.WGMMA).astype(jnp.bfloat16)
+                    w = w.astype(jnp.float32)
+                    s = plgpu.load(s_smem.at[c * sub // group], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                decoded[0].at[cols][...] = (w * lax.broadcast_in_dim(s, (sub, rows), (1,))).astype(jnp.bfloat16)
+            plgpu.commit_smem()  # the WGMMA reads what every thread stored
+
+        def step(idx, w_smem, x_smem, s_smem, totals, accs=()):
+            if forward:
+                decode(w_smem, s_smem)
             totals = list(totals)
             for c in range(bk // sub):
                 cols = pl.ds(c * sub, sub)
                 xs = x_smem.at[:, cols]
-                halves_rows = [pl.ds(h * WGMMA_ROWS, WGMMA_ROWS) for h in range(halves)]
                 if forward:  # (sub, 64) views of the decoded tile, read transposed
                     codes = [decoded[0].at[cols, r] for r in halves_rows]
                 else:  # (64, sub) codes in registers, exact in bf16
@@ -210,6 +262,10 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                     parts = [lax.dot_general(a, xs[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                              for a in codes]
                     scales = [s_smem.at[srow, r][...] for r in halves_rows]
+                elif accumulate:
+                    for acc, a in zip(accs, codes):
+                        plgpu.wgmma(acc, plgpu.transpose_ref(a, (1, 0)), plgpu.transpose_ref(xs, (1, 0)))
+                    continue
                 else:
                     def mma(*accs):  # every half's WGMMA issued, then one wait
                         for acc, a in zip(accs, codes):
@@ -222,23 +278,34 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                     scales = [plgpu.load(s_smem.at[srow, r], (), layout=plgpu.Layout.WGMMA.reduce(1))
                               for r in halves_rows]
                 for h, (part, s) in enumerate(zip(parts, scales)):
-                    totals[h] = totals[h] + part * lax.broadcast_in_dim(s, (WGMMA_ROWS, mp), (0,))
+                    totals[h] = totals[h] + (part * lax.broadcast_in_dim(s, (WGMMA_ROWS, mp), (0,)) if exact else part)
+            if accumulate:
+                plgpu.wgmma_wait(0)  # before the next step's decoding overwrites the tile
             return tuple(totals)
 
-        zeros = jnp.zeros((WGMMA_ROWS, mp), jnp.float32)
-        zeros = zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
         contracted, produced = pl.ds(split * k_split, k_split), pl.ds(j * rows, rows)
-        totals = plgpu.emit_pipeline(
-            step, grid=(k_split // bk,), max_concurrent_steps=stages,
-            in_specs=[
-                plgpu.BlockSpec(code_block, (lambda i: (i, 0)) if forward else (lambda i: (0, i)),
-                                transforms=code_transforms),
-                plgpu.BlockSpec((mp, bk), lambda i: (0, i), transforms=_swizzled(x_swizzle, 16)),
-                plgpu.BlockSpec((scale_rows, rows), lambda i: ((split * k_split + i * bk) // group // scale_rows, j)),
-            ],
-            init_carry=(zeros,) * halves,
-        )(w_gmem.at[contracted, produced] if forward else w_gmem.at[produced, contracted], x_gmem.at[:, contracted],
-          s_gmem)
+
+        def pipeline(*accs):
+            zeros = jnp.zeros((WGMMA_ROWS, mp), jnp.float32)
+            zeros = zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
+            totals = plgpu.emit_pipeline(
+                lambda *refs: step(*refs, accs=accs), grid=(k_split // bk,), max_concurrent_steps=stages,
+                in_specs=[
+                    plgpu.BlockSpec(code_block, (lambda i: (i, 0)) if forward else (lambda i: (0, i)),
+                                    transforms=code_transforms),
+                    plgpu.BlockSpec((mp, bk), lambda i: (0, i), transforms=_swizzled(x_swizzle, 16)),
+                    plgpu.BlockSpec((scale_rows, rows),
+                                    lambda i: ((split * k_split + i * bk) // group // scale_rows, j)),
+                ],
+                init_carry=() if accumulate else (zeros,) * halves,
+            )(w_gmem.at[contracted, produced] if forward else w_gmem.at[produced, contracted],
+              x_gmem.at[:, contracted], s_gmem)
+            return [acc[...] for acc in accs] if accumulate else totals
+
+        if accumulate:
+            totals = pl.run_scoped(pipeline, *[plgpu.ACC((WGMMA_ROWS, mp), jnp.float32)] * halves)
+        else:
+            totals = pipeline()
         for h, total in enumerate(totals):
             o_smem[pl.ds(h * WGMMA_ROWS, WGMMA_ROWS)] = total
         plgpu.commit_smem()
