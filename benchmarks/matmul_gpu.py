@@ -105,9 +105,10 @@ def rel_err(y, ref) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
-def reference(x, q, transposed=False):
-    """``x @ dequantize(q)`` (``transposed``: ``x @ dequantize(q).T``) in float64."""
-    w = np.asarray(qj.dequantize(q, jnp.float32), np.float64)
+def reference(x, q, transposed=False, weight_dtype=jnp.float32):
+    """``x @ dequantize(q)`` (``transposed``: ``x @ dequantize(q).T``) in float64, the weight rounded to
+    ``weight_dtype`` first."""
+    w = np.asarray(qj.dequantize(q, weight_dtype), np.float64)
     return np.asarray(x.astype(jnp.float32), np.float64) @ (w.T if transposed else w)
 
 
@@ -367,12 +368,17 @@ INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (5
                   (1024, 32, 16, 8), (256, 128, 16, None), (512, 128, 8, 8), (2048, 16, 16, 8)]
 
 
-# --tma: the Mosaic GPU kernels x @ W and x @ W.T checked on the device at (M, K, N, group, options), then timed
-# at K = N = --kn against bf16 x @ W and auto over the same 4-bit bytes, their tiles swept
+# --tma: the Mosaic GPU kernels x @ W (exact, and with the scales in the decoded weight: "scaled") and x @ W.T
+# checked on the device at (M, K, N, group, options), then timed at K = N = --kn against bf16 x @ W and auto over
+# the same 4-bit bytes, their tiles swept. The kernels: name -> (function, weight stored transposed, most rows)
+TMA_KERNELS = {"tma": (mosaic_gpu.matmul, False, mosaic_gpu.MAX_M),
+               "tma_scaled": (functools.partial(mosaic_gpu.matmul, exact=False), False, mosaic_gpu.MAX_M_SCALED),
+               "tma_nt": (mosaic_gpu.matmul_nt, True, mosaic_gpu.MAX_M)}
 TMA_CHECKS = [(1, 8192, 8192, 128, {}), (16, 4096, 1024, 128, dict(splits=2)), (5, 2048, 256, None, {}),
               (64, 1024, 512, 64, dict(stages=2)), (33, 4096, 4096, 256, dict(splits=8, stages=6)),
               (16, 8192, 1024, 128, dict(block_rows=128, block_k=256, stages=3)),
-              (2, 4096, 512, 64, dict(block_rows=128, block_k=256))]
+              (2, 4096, 512, 64, dict(block_rows=128, block_k=256)),
+              (200, 4096, 1024, 128, {}), (256, 2048, 512, None, {}), (96, 1024, 512, 64, dict(block_k=256))]
 # (block_rows, block_k, splits, stages) swept at --sweep-m (default: every --m): 4-32 KB of codes a step
 TMA_SWEEP = [dict(block_rows=r, block_k=bk, splits=sp, stages=st) for r, bk, sp, st in (
     (64, 128, 2, 4), (64, 128, 4, 4), (64, 128, 8, 4), (64, 128, 4, 2), (64, 128, 4, 6), (64, 256, 8, 4),
@@ -381,29 +387,36 @@ TMA_SWEEP = [dict(block_rows=r, block_k=bk, splits=sp, stages=st) for r, bk, sp,
 
 
 def tma_run(args, result, timed, log, start, qs, bfs):
-    """``--tma``: the Mosaic GPU kernels (TMA copies, WGMMA) checked on the device against float64, then
-    timed per M against bf16 x bf16 and ``auto`` (over ``bfs``, ``qs``): :func:`mosaic_gpu.matmul` over the
-    same stored weights ``qs`` (``tma_`` columns), and :func:`mosaic_gpu.matmul_nt` over ``W.T`` quantized
-    along K in groups of 128 (``tma_nt_``): the same bytes and work, the codes upcast in registers instead of
-    decoded through shared memory. Their tiles are swept (:data:`TMA_SWEEP`), each entry timed once it
-    matched the reference. A kernel with a failing or erring check is not timed. On a CPU (a dry run) the
-    kernels run interpreted, and checks of over 2**20 weights are left out."""
+    """``--tma``: the Mosaic GPU kernels (TMA copies, WGMMA) checked on the device against float64 (the
+    scaled one against the weight rounded to bf16, as it rounds it), then timed per M against bf16 x bf16
+    and ``auto`` (over ``bfs``, ``qs``): :func:`mosaic_gpu.matmul` over the same stored weights ``qs``
+    (``tma_``: exact, up to 64 rows; ``tma_scaled_``: up to 256), and :func:`mosaic_gpu.matmul_nt` over
+    ``W.T`` quantized along K in groups of 128 (``tma_nt_``): the same bytes and work, the codes upcast in
+    registers instead of decoded through shared memory. Their tiles are swept (:data:`TMA_SWEEP`) at
+    ``--sweep-m``, each entry timed once it matched the reference. A kernel with a failing or erring check is not
+    timed. On a CPU (a dry run) the kernels run interpreted, and checks of over 2**20 weights are left out."""
     interpret = jax.default_backend() == "cpu"
-    kernels = {"tma": functools.partial(mosaic_gpu.matmul, interpret=interpret),
-               "tma_nt": functools.partial(mosaic_gpu.matmul_nt, interpret=interpret)}
+    kernels = {name: functools.partial(fn, interpret=interpret) for name, (fn, _, _) in TMA_KERNELS.items()}
+
+    def ref(name, x, q):  # float64; the scaled kernel's weight rounded to bf16, as it rounds it
+        rounded = jnp.bfloat16 if name == "tma_scaled" else jnp.float32
+        return reference(x, q, TMA_KERNELS[name][1], rounded)
+
+    def error(entry, kernel, x, q, expected, **options):  # ``entry`` with the kernel's relative error
+        return measure_error(entry, lambda: kernel(x, q, **options), lambda: expected, log)
+
     checked = []
     for name, kernel in kernels.items():
+        transposed, most = TMA_KERNELS[name][1:]
         for m, k, n, group, options in TMA_CHECKS:
-            if interpret and k * n > 2**20:
+            if (interpret and k * n > 2**20) or m > most:
                 continue
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
             w = jax.random.normal(jax.random.key(k + n), (n, k))
-            q = qj.quantize(w.T if name == "tma" else w, qj.QuantSpec(axis=0 if name == "tma" else 1, group_size=group))
-            entry = measure_error({"kernel": name, "M": m, "K": k, "N": n, "group": group, **options},
-                                  lambda: kernel(x, q, **options),
-                                  lambda: reference(x, q, transposed=name != "tma"), log)
-            checked.append(entry)
-            print(" ", entry, flush=True)
+            q = qj.quantize(w if transposed else w.T, qj.QuantSpec(axis=1 if transposed else 0, group_size=group))
+            entry = {"kernel": name, "M": m, "K": k, "N": n, "group": group, **options}
+            checked.append(error(entry, kernel, x, q, ref(name, x, q), **options))
+            print(" ", checked[-1], flush=True)
     rows, sweep = [], []
     save = lambda: write_json(args.out, dict(result, tma_checks=checked, tma=rows, tma_sweep=sweep))  # noqa: E731
     save()
@@ -414,26 +427,27 @@ def tma_run(args, result, timed, log, start, qs, bfs):
     if not kernels:
         return
     k = n = args.kn
-    weights = {"tma": qs, "tma_nt": make_weights(n, k, qj.QuantSpec(axis=1, group_size=128))[0]}  # W.T: (N, K)
-    for m in [m for m in args.m if m <= mosaic_gpu.MAX_M]:
+    transposed_ws = make_weights(n, k, qj.QuantSpec(axis=1, group_size=128))[0]  # W.T: (N, K)
+    for m in [m for m in args.m if m <= mosaic_gpu.MAX_M_SCALED]:
         xs = activations(m, k)
         row = {"M": m, **timed(bf16_dot, xs, bfs, "bf16_"), **timed(lambda x, q: qj.qdot(x, q), xs, qs, "auto_")}
-        for name, kernel in kernels.items():
-            row.update(timed(kernel, xs, weights[name], f"{name}_"))
+        fits = {name: kernel for name, kernel in kernels.items() if m <= TMA_KERNELS[name][2]}
+        for name, kernel in fits.items():
+            row.update(timed(kernel, xs, transposed_ws if TMA_KERNELS[name][1] else qs, f"{name}_"))
         add_speedups(row, "bf16")
         rows.append(row)
         print(row, flush=True)
-        for name, kernel in kernels.items():  # (a forward tile over shared memory's 227 KB errs, as recorded)
-            ws = weights[name]
-            ref = reference(xs[0], ws[0], transposed=name != "tma")
-            for options in TMA_SWEEP if not args.no_sweep and m in (args.sweep_m or args.m) else ():
+        for name, kernel in fits.items():  # (tiles over the shared memory err, as recorded)
+            ws = transposed_ws if TMA_KERNELS[name][1] else qs
+            swept = TMA_SWEEP if not args.no_sweep and m in (args.sweep_m or args.m) else ()
+            expected = ref(name, xs[0], ws[0]) if swept else None
+            for options in swept:
                 if time.time() - start > args.budget:
                     log(f"budget: tma sweep stopped at {name}, M={m} before {options}")
                     break
-                fn = functools.partial(kernel, **options)
-                entry = measure_error({"kernel": name, "M": m, **options}, lambda: fn(xs[0], ws[0]), lambda: ref, log)
+                entry = error({"kernel": name, "M": m, **options}, kernel, xs[0], ws[0], expected, **options)
                 if entry.get("rel_err", 1.0) < 1e-5:  # timed only once it matches the reference
-                    entry.update(timed(fn, xs, ws))
+                    entry.update(timed(functools.partial(kernel, **options), xs, ws))
                 sweep.append(entry)
                 print(" ", entry, flush=True)
             save()
@@ -507,7 +521,8 @@ def main():
                     help=f"--grad-only also times dequant's decoding by XLA against pallas_gpu.dequantize at M = "
                          f"{DECODE_M} (its tiles swept at {DECODE_SWEEP_M})")
     ap.add_argument("--tma", action="store_true",
-                    help="check and time the Mosaic GPU kernels (TMA, WGMMA) over W and W.T at every --m up to 64 rows")
+                    help="check and time the Mosaic GPU kernels (TMA, WGMMA) over W and W.T at every --m up to 256 "
+                         "rows (the exact ones up to 64)")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--sweep-m", type=int, nargs="*", help="the rows whose tiles are swept (default: every --m)")
