@@ -3,7 +3,8 @@
 # timeout_s of about 420; extra arguments go to matmul_gpu.py): every backend checked on the device, the
 # kernel's tiles swept, everything timed host-side and on the device, results under $OUT. Qwix travels as
 # a wheel in .whl/ (git-ignored; see /work/.library/device/README.md); without it the Qwix rows say
-# "unavailable". Next runs: `--tma --m 1 16 64 --sweep-m 1 16` (the Mosaic GPU kernels: TMA and WGMMA, never run on a GPU),
+# "unavailable". Next runs: `--tma --m 1 16 64 128 256 --sweep-m 1 16` (BUDGET=400; the Mosaic GPU kernels: TMA and
+# WGMMA, never run on a GPU),
 # `--grad-only --decode --m 1 16 32 64 128` (the backward pass's transposed kernel, the tied logits over it and
 # the Pallas decoding against XLA's, never timed), `--probes-only --no-checks` (the load patterns).
 set -o pipefail
