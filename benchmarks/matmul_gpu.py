@@ -388,18 +388,19 @@ TMA_SWEEP = [dict(block_rows=r, block_k=bk, splits=sp, stages=st) for r, bk, sp,
 
 def tma_run(args, result, timed, log, start, qs, bfs):
     """``--tma``: the Mosaic GPU kernels (TMA copies, WGMMA) checked on the device against float64 (the
-    scaled one against the weight rounded to bf16, as it rounds it), then timed per M against bf16 x bf16
-    and ``auto`` (over ``bfs``, ``qs``): :func:`mosaic_gpu.matmul` over the same stored weights ``qs``
-    (``tma_``: exact, up to 64 rows; ``tma_scaled_``: up to 256), and :func:`mosaic_gpu.matmul_nt` over
-    ``W.T`` quantized along K in groups of 128 (``tma_nt_``): the same bytes and work, the codes upcast in
-    registers instead of decoded through shared memory. Their tiles are swept (:data:`TMA_SWEEP`) at
-    ``--sweep-m``, each entry timed once it matched the reference. A kernel with a failing or erring check is not
-    timed. On a CPU (a dry run) the kernels run interpreted, and checks of over 2**20 weights are left out."""
+    scaled one over groups against the weight rounded to bf16, as it rounds it), then timed per M against
+    bf16 x bf16 and ``auto`` (over ``bfs``, ``qs``): :func:`mosaic_gpu.matmul` over the same stored weights
+    ``qs`` (``tma_``: exact, up to 64 rows; ``tma_scaled_``: up to 256), and :func:`mosaic_gpu.matmul_nt`
+    over ``W.T`` quantized along K in groups of 128 (``tma_nt_``): the same bytes and work, the codes upcast
+    in registers instead of decoded through shared memory. Their tiles are swept (:data:`TMA_SWEEP`) at
+    ``--sweep-m``, each entry timed once it matched the reference. A kernel with a failing or erring check
+    is not timed. On a CPU (a dry run) the kernels run interpreted, and checks of over 2**20 weights are
+    left out."""
     interpret = jax.default_backend() == "cpu"
     kernels = {name: functools.partial(fn, interpret=interpret) for name, (fn, _, _) in TMA_KERNELS.items()}
 
-    def ref(name, x, q):  # float64; the scaled kernel's weight rounded to bf16, as it rounds it
-        rounded = jnp.bfloat16 if name == "tma_scaled" else jnp.float32
+    def ref(name, x, q):  # float64; the scaled kernel's grouped weight rounded to bf16, as it rounds it
+        rounded = jnp.bfloat16 if name == "tma_scaled" and q.scale.shape[0] > 1 else jnp.float32
         return reference(x, q, TMA_KERNELS[name][1], rounded)
 
     def error(entry, kernel, x, q, expected, **options):  # ``entry`` with the kernel's relative error

@@ -89,7 +89,7 @@ def test_random_products_match_the_reference(product, problem, seed):
         (3, 512, 128, 128, dict(splits=2, stages=2)),
         (200, 512, 64, 64, dict(block_k=256)),  # four groups a step
         (120, 1024, 256, 256, dict(block_rows=128, block_k=128, splits=2)),  # two steps a group, 2 stages fit
-        (256, 256, 64, None, dict()),  # one scale a column
+        (256, 256, 64, 128, dict()),
     ],
 )
 def test_scaled_decoding_matches_the_rounded_weight(m, k, n, group, options):
@@ -102,6 +102,18 @@ def test_scaled_decoding_matches_the_rounded_weight(m, k, n, group, options):
     exported = jax.export.export(jax.jit(functools.partial(mosaic_gpu.matmul, exact=False, **options)),
                                  platforms=["cuda"])(x, q)  # the compiled branch lowers too
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("m, k, n, options", [(200, 512, 128, dict(splits=2)), (256, 256, 64, dict(stages=2)),
+                                              (100, 384, 256, dict(block_rows=128))])
+def test_one_scale_per_column_is_exact_up_to_256_rows(product, m, k, n, options):
+    """One scale per output column: the kernel sums the codes' products (one accumulator per 64 columns) and
+    XLA scales the sums, exact for ``exact=True`` past 64 rows; lowered for CUDA too."""
+    _check(product, m, k, n, None, options, seed=m)
+    x, q = _operands(product, m, k, n, None)
+    kernel = functools.partial(PRODUCTS[product][0], **options)
+    assert "mosaic_gpu" in jax.export.export(jax.jit(kernel), platforms=["cuda"])(x, q).mlir_module()
 
 
 def test_scaled_decoding_takes_up_to_256_rows():
@@ -183,7 +195,8 @@ def test_lowers_for_cuda(product, m, k, group, options):
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(format="uint4", axis=1), "only int4"),
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=0), "scaled along the axis it is contracted over"),
         ((2, 256), jnp.float32, (64, 256), qj.QuantSpec(axis=1), "bfloat16"),
-        ((65, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1), "1 to 64 rows"),
+        ((65, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1, group_size=128), "1 to 64 rows"),
+        ((257, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1), "1 to 256 rows"),
         ((2, 256), jnp.bfloat16, (96, 256), qj.QuantSpec(axis=1), "the 96 output columns a multiple of it"),
         ((2, 200), jnp.bfloat16, (64, 200), qj.QuantSpec(axis=1), "whole steps"),
         ((2, 256), jnp.bfloat16, (64, 256), qj.QuantSpec(axis=1, group_size=48), "whole steps"),

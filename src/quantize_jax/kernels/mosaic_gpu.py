@@ -92,19 +92,20 @@ def default_splits(n: int, k: int, block_rows: int, block_k: int, programs: int 
 SMEM_BYTES = 232448  # shared memory a program may take on an H100 / H200 (227 KB)
 
 
-def smem_bytes(t: "_Tiles", m: int, stages: int, forward: bool) -> int:
+def smem_bytes(t: "_Tiles", m: int, stages: int, forward: bool, scales: bool = True) -> int:
     """Shared memory a program takes, as Mosaic GPU counts it: per stage the buffers of codes, activations
-    and scales and an 8-byte barrier; the output tile; and (``forward``) the decoded tile. Mosaic GPU refuses
-    a kernel over :data:`SMEM_BYTES`."""
+    and (``scales``: in the kernel) scales and an 8-byte barrier; the output tile; and (``forward``) the
+    decoded tile. Mosaic GPU refuses a kernel over :data:`SMEM_BYTES`."""
     mp = -(-m // 8) * 8
-    step = t.block_rows * t.block_k // 2 + mp * t.block_k * 2 + max(1, t.block_k // t.group) * t.block_rows * 4 + 8
+    scale_bytes = max(1, t.block_k // t.group) * t.block_rows * 4 if scales else 0
+    step = t.block_rows * t.block_k // 2 + mp * t.block_k * 2 + scale_bytes + 8
     return stages * step + t.block_rows * mp * 4 + (t.block_k * t.block_rows * 2 if forward else 0)
 
 
-def default_stages(t: "_Tiles", m: int, forward: bool, most: int = 4) -> int:
+def default_stages(t: "_Tiles", m: int, forward: bool, most: int = 4, scales: bool = True) -> int:
     """The most pipeline stages, up to ``most``, whose buffers fit :data:`SMEM_BYTES` with a KB to spare
     (Mosaic GPU aligns some buffers: up to 512 bytes more than :func:`smem_bytes` measured); 0 if none."""
-    return max([s for s in range(1, most + 1) if smem_bytes(t, m, s, forward) + 1024 <= SMEM_BYTES] or [0])
+    return max([s for s in range(1, most + 1) if smem_bytes(t, m, s, forward, scales) + 1024 <= SMEM_BYTES] or [0])
 
 
 class _Tiles(NamedTuple):
@@ -116,9 +117,9 @@ class _Tiles(NamedTuple):
 
 
 def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | None, splits: int | None,
-          max_m: int = MAX_M) -> _Tiles:
-    """The tiles for ``x`` ``(M, K)`` times ``q`` contracted over its ``axis`` (and scaled along it), once
-    both fit the kernel; else a ValueError that names them."""
+          exact: bool = True) -> tuple[_Tiles, str]:
+    """The tiles and the mode (:func:`_product`) for ``x`` ``(M, K)`` times ``q`` contracted over its
+    ``axis`` (and scaled along it), once both fit the kernel; else a ValueError that names them."""
     def bad(why, t=None):
         tiles = "" if t is None else f", {t.block_rows} x {t.block_k} blocks, splits={t.splits}"
         x_is = f"x of shape {getattr(x, 'shape', None)} and dtype {getattr(x, 'dtype', None)}"
@@ -136,6 +137,8 @@ def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | No
         raise bad(f"q must be scaled along the axis it is contracted over (QuantSpec(axis={axis}))")
     if x.dtype != jnp.bfloat16:
         raise bad("x must be bfloat16 (WGMMA's operand)")
+    mode = "after" if q.scale.shape[axis] == 1 else ("parts" if exact else "decoded")
+    max_m = MAX_M if mode == "parts" else MAX_M_SCALED * WGMMA_ROWS // max(block_rows, WGMMA_ROWS)
     if not 1 <= m <= max_m:
         raise bad(f"x must have 1 to {max_m} rows")
     group = q.spec.group_size or k
@@ -149,7 +152,7 @@ def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | No
     if t.sub % 64 or t.block_k % t.sub or (t.block_k > t.group and t.block_k % t.group) or k % (t.splits * t.block_k):
         raise bad(f"K must split into {t.splits} whole steps of {t.block_k} columns, each whole groups of "
                   f"{t.group} or inside one, in parts of a multiple of 64", t)
-    return t
+    return t, mode
 
 
 def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
@@ -158,42 +161,45 @@ def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, sp
     (``QuantSpec(axis=0)``, groups or per column): each step's codes decoded to bf16 into shared memory, the
     WGMMA reading them transposed from there.
 
-    ``exact=False`` (up to ``MAX_M_SCALED`` rows, half that with 128-column blocks): the scales multiply
-    the decoded codes, rounded once to bf16 as ``qdot(..., backend="dequant")`` rounds its weight, and one
-    float32 accumulator per 64 columns takes every part, so no per-part product lives in registers.
+    With groups, each part's product is scaled in registers (up to ``MAX_M`` rows); ``exact=False`` takes
+    up to ``MAX_M_SCALED`` rows (half that with 128-column blocks): the scales multiply the decoded codes,
+    rounded once to bf16 as ``qdot(..., backend="dequant")`` rounds its weight, and one float32 accumulator
+    per 64 columns takes every part. With one scale per column the product is exact up to ``MAX_M_SCALED``
+    rows either way: the kernel sums the codes' products and XLA scales the sums.
 
     ``block_rows``: output columns per program (64 or 128); ``block_k``: contracted columns per pipeline
     step (default 128, or the group for groups of 64), whole groups or inside one; ``splits``: programs per
     column block along K (default :func:`default_splits`); ``stages``: pipeline steps in flight (TMA copies
-    issued ahead of the compute; default :func:`default_stages`: up to 4 in the shared memory); ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests;
-    ``"races"`` also runs its race detector). Needs ``M <= 64``, the output columns a multiple of
-    ``block_rows`` and ``K`` a multiple of ``splits`` steps.
+    issued ahead of the compute; default :func:`default_stages`: up to 4 in the shared memory);
+    ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests; ``"races"`` also runs its race
+    detector). Needs the output columns a multiple of ``block_rows`` and ``K`` of ``splits`` steps.
     """
-    max_m = MAX_M if exact else MAX_M_SCALED * WGMMA_ROWS // max(block_rows, WGMMA_ROWS)
-    t = _plan("matmul", x, q, 0, block_rows, block_k, splits, max_m)
+    t, mode = _plan("matmul", x, q, 0, block_rows, block_k, splits, exact)
     return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale, tiles=t,
-                    stages=_stages("matmul", stages, t, x.shape[0], True), interpret=interpret, forward=True,
-                    exact=exact)
+                    stages=_stages("matmul", stages, t, x.shape[0], True, mode), interpret=interpret, forward=True,
+                    mode=mode)
 
 
 def matmul_nt(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
               stages: int | None = None, interpret=False) -> jax.Array:
     """``x @ dequantize(q).T`` in float32 for ``x`` ``(M, K)`` bf16 and ``q`` ``(N, K)`` int4 scaled along K
     (``QuantSpec(axis=1)``, groups or per row): each step's codes upcast in registers as WGMMA's A operand.
-    The options and limits are :func:`matmul`'s.
+    The options and limits are :func:`matmul`'s (always exact).
     """
-    t = _plan("matmul_nt", x, q, 1, block_rows, block_k, splits)
+    t, mode = _plan("matmul_nt", x, q, 1, block_rows, block_k, splits)
     # (G, N): a step's scales are rows (an XLA transpose per call; free for one scale a row)
     return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale.T, tiles=t,
-                    stages=_stages("matmul_nt", stages, t, x.shape[0], False), interpret=interpret, forward=False)
+                    stages=_stages("matmul_nt", stages, t, x.shape[0], False, mode), interpret=interpret,
+                    forward=False, mode=mode)
 
 
-def _stages(name: str, stages: int | None, t: _Tiles, m: int, forward: bool) -> int:
+def _stages(name: str, stages: int | None, t: _Tiles, m: int, forward: bool, mode: str) -> int:
     """``stages``, or :func:`default_stages`; a ValueError where not even one stage fits."""
-    stages = stages or default_stages(t, m, forward)
+    scales = mode != "after"
+    stages = stages or default_stages(t, m, forward, scales=scales)
     if not stages:
         raise ValueError(f"{name}: {t.block_rows} x {t.block_k} blocks at {m} rows take "
-                         f"{smem_bytes(t, m, 1, forward)} bytes of shared memory with one stage, over "
+                         f"{smem_bytes(t, m, 1, forward, scales)} bytes of shared memory with one stage, over "
                          f"{SMEM_BYTES}; take smaller blocks")
     return stages
 
@@ -203,11 +209,14 @@ def _swizzled(swizzle: int, bits: int) -> tuple:
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret", "forward", "exact"))
-def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward: bool, exact: bool = True):
+@functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret", "forward", "mode"))
+def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward: bool, mode: str):
     """``x @ (codes * scales)``, contracted over ``codes``' axis 0 (``forward``) or 1; ``scale`` ``(G, N)``.
-    ``exact``: each part's product scaled in float32; else (``forward`` only) the scales multiply the decoded
-    tile, rounded once to bf16, and one accumulator per 64 output columns takes every part."""
+
+    ``mode``: ``"parts"``, each part's product scaled in float32 in registers; ``"decoded"`` (``forward``
+    only), the scales multiply the decoded tile (rounded once to bf16); ``"after"`` (one scale per output
+    column), the kernel sums the codes' products and XLA scales the sums. The last two accumulate every
+    part in one WGMMA accumulator per 64 columns."""
     m, k = x.shape
     n = codes.shape[1 if forward else 0]
     rows, bk, sub, group, splits = tiles
@@ -227,16 +236,18 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
         code_block = (rows, bk)
         code_transforms = _swizzled(plgpu.find_swizzle(sub * 4, "codes"), 4)
         scratch = [plgpu.SMEM((rows, mp), jnp.float32)]
-    accumulate = not exact and not interpret  # WGMMAs into accumulators that live through the pipeline
+    scales_in = mode != "after"  # the scales travel through the pipeline
+    accumulate = mode != "parts" and not interpret  # WGMMAs into accumulators that live through the pipeline
 
-    def kernel(w_gmem, x_gmem, s_gmem, o_gmem, o_smem, *decoded):
+    def kernel(w_gmem, x_gmem, *refs):
+        s_gmem, (o_gmem, o_smem, *decoded) = (refs[0], refs[1:]) if scales_in else (None, refs)
         j, split = lax.axis_index("n"), lax.axis_index("split")
         halves_rows = [pl.ds(h * WGMMA_ROWS, WGMMA_ROWS) for h in range(halves)]
 
-        def decode(w_smem, s_smem):  # the step's codes (exact) or weights (scaled), bf16, into shared memory
-            if exact:
+        def decode(w_smem, s_smem):  # the step's codes, or (decoded) scaled weights, bf16, into shared memory
+            if mode != "decoded":
                 decoded[0][...] = w_smem[...].astype(jnp.bfloat16)
-            for c in range(0 if exact else bk // sub):  # a part inside one group: one row of scales
+            for c in range(bk // sub if mode == "decoded" else 0):  # a part inside one group: a row of scales
                 cols = pl.ds(c * sub, sub)
                 if interpret:
                     w, s = w_smem.at[cols][...].astype(jnp.float32), s_smem[c * sub // group]
@@ -247,10 +258,10 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                 decoded[0].at[cols][...] = (w * lax.broadcast_in_dim(s, (sub, rows), (1,))).astype(jnp.bfloat16)
             plgpu.commit_smem()  # the WGMMA reads what every thread stored
 
-        def step(idx, w_smem, x_smem, s_smem, totals, accs=()):
+        def step(idx, w_smem, x_smem, *rest, accs=()):
+            s_smem, totals = (rest[0] if scales_in else None), list(rest[-1])
             if forward:
                 decode(w_smem, s_smem)
-            totals = list(totals)
             for c in range(bk // sub):
                 cols = pl.ds(c * sub, sub)
                 xs = x_smem.at[:, cols]
@@ -263,10 +274,13 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                     codes = [a[...].T for a in codes] if forward else codes
                     parts = [lax.dot_general(a, xs[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                              for a in codes]
-                    scales = [s_smem.at[srow, r][...] for r in halves_rows]
+                    if mode == "parts":
+                        parts = [part * lax.broadcast_in_dim(s_smem.at[srow, r][...], (WGMMA_ROWS, mp), (0,))
+                                 for part, r in zip(parts, halves_rows)]
                 elif accumulate:
                     for acc, a in zip(accs, codes):
-                        plgpu.wgmma(acc, plgpu.transpose_ref(a, (1, 0)), plgpu.transpose_ref(xs, (1, 0)))
+                        a = plgpu.transpose_ref(a, (1, 0)) if forward else a
+                        plgpu.wgmma(acc, a, plgpu.transpose_ref(xs, (1, 0)))
                     continue
                 else:
                     def mma(*accs):  # every half's WGMMA issued, then one wait
@@ -279,29 +293,30 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                     parts = pl.run_scoped(mma, *[plgpu.ACC((WGMMA_ROWS, mp), jnp.float32)] * halves)
                     scales = [plgpu.load(s_smem.at[srow, r], (), layout=plgpu.Layout.WGMMA.reduce(1))
                               for r in halves_rows]
-                for h, (part, s) in enumerate(zip(parts, scales)):
-                    totals[h] = totals[h] + (part * lax.broadcast_in_dim(s, (WGMMA_ROWS, mp), (0,)) if exact else part)
+                    parts = [part * lax.broadcast_in_dim(s, (WGMMA_ROWS, mp), (0,)) for part, s in zip(parts, scales)]
+                totals = [total + part for total, part in zip(totals, parts)]
             if accumulate:
-                plgpu.wgmma_wait(0)  # before the next step's decoding overwrites the tile
+                plgpu.wgmma_wait(0)  # before the next step overwrites what the WGMMAs read
             return tuple(totals)
 
         contracted, produced = pl.ds(split * k_split, k_split), pl.ds(j * rows, rows)
+        in_specs = [
+            plgpu.BlockSpec(code_block, (lambda i: (i, 0)) if forward else (lambda i: (0, i)),
+                            transforms=code_transforms),
+            plgpu.BlockSpec((mp, bk), lambda i: (0, i), transforms=_swizzled(x_swizzle, 16)),
+        ]
+        if scales_in:
+            in_specs.append(plgpu.BlockSpec((scale_rows, rows),
+                                            lambda i: ((split * k_split + i * bk) // group // scale_rows, j)))
 
         def pipeline(*accs):
             zeros = jnp.zeros((WGMMA_ROWS, mp), jnp.float32)
             zeros = zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
             totals = plgpu.emit_pipeline(
                 lambda *refs: step(*refs, accs=accs), grid=(k_split // bk,), max_concurrent_steps=stages,
-                in_specs=[
-                    plgpu.BlockSpec(code_block, (lambda i: (i, 0)) if forward else (lambda i: (0, i)),
-                                    transforms=code_transforms),
-                    plgpu.BlockSpec((mp, bk), lambda i: (0, i), transforms=_swizzled(x_swizzle, 16)),
-                    plgpu.BlockSpec((scale_rows, rows),
-                                    lambda i: ((split * k_split + i * bk) // group // scale_rows, j)),
-                ],
-                init_carry=() if accumulate else (zeros,) * halves,
+                in_specs=in_specs, init_carry=() if accumulate else (zeros,) * halves,
             )(w_gmem.at[contracted, produced] if forward else w_gmem.at[produced, contracted],
-              x_gmem.at[:, contracted], s_gmem)
+              x_gmem.at[:, contracted], *([s_gmem] if scales_in else []))
             return [acc[...] for acc in accs] if accumulate else totals
 
         if accumulate:
@@ -318,5 +333,6 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
         kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
         grid=(n // rows, splits), grid_names=("n", "split"), scratch_types=scratch,
         interpret=_interpreter(interpret == "races") if interpret else None,
-    )(codes, xp, scale.astype(jnp.float32))
-    return parts.sum(0)[:, :m].T
+    )(codes, xp, *([scale.astype(jnp.float32)] if scales_in else []))
+    y = parts.sum(0)[:, :m].T
+    return y if scales_in else y * scale.astype(jnp.float32)  # (1, N): one scale per output column
