@@ -19,7 +19,8 @@ the products exact (int4 codes times bf16 activations), summed in float32. The K
   instead decodes its ``(block_k, block_rows)`` tile to bf16 (Mosaic GPU's int4 -> bf16 bit trick) into
   shared memory, and the WGMMA reads it transposed from there (a hardware option for 16-bit operands).
   With ``exact=False`` the scales multiply the decoded codes instead (the weight rounded once to bf16),
-  and one accumulator per 64 columns takes every part: up to 256 rows.
+  and one accumulator per 64 columns takes every part: up to 256 rows. With one scale per output column
+  (either kernel) the kernel sums the codes' products that way and XLA scales the sums: exact, 256 rows.
 * :func:`matmul_nt`, ``x @ W.T`` for ``W`` ``(N, K)`` (``QuantSpec(axis=1)``): the codes run along K, the
   layout of Mosaic GPU's mixed-input WGMMA, so they are upcast in registers (``WGMMA_UPCAST_4X``) as A
   with no trip through shared memory. Uses: tied-embedding logits ``x @ E.T`` over a table grouped along
