@@ -62,7 +62,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ..qarray import QArray, int4_view
+from ..qarray import QArray
 
 WGMMA_ROWS = 64  # one warpgroup's WGMMA tile: the output columns each tensor-core product covers
 MAX_M = 64  # activation rows: WGMMA's N (a multiple of 8); its float32 accumulators take M / 2 registers a thread
@@ -90,25 +90,6 @@ def default_splits(n: int, k: int, block_rows: int, block_k: int, programs: int 
     return splits
 
 
-SMEM_BYTES = 232448  # shared memory a program may take on an H100 / H200 (227 KB)
-
-
-def smem_bytes(t: "_Tiles", m: int, stages: int, forward: bool, scales: bool = True) -> int:
-    """Shared memory a program takes, as Mosaic GPU counts it: per stage the buffers of codes, activations
-    and (``scales``: in the kernel) scales and an 8-byte barrier; the output tile; and (``forward``) the
-    decoded tile. Mosaic GPU refuses a kernel over :data:`SMEM_BYTES`."""
-    mp = -(-m // 8) * 8
-    scale_bytes = max(1, t.block_k // t.group) * t.block_rows * 4 if scales else 0
-    step = t.block_rows * t.block_k // 2 + mp * t.block_k * 2 + scale_bytes + 8
-    return stages * step + t.block_rows * mp * 4 + (t.block_k * t.block_rows * 2 if forward else 0)
-
-
-def default_stages(t: "_Tiles", m: int, forward: bool, most: int = 4, scales: bool = True) -> int:
-    """The most pipeline stages, up to ``most``, whose buffers fit :data:`SMEM_BYTES` with a KB to spare
-    (Mosaic GPU aligns some buffers: up to 512 bytes more than :func:`smem_bytes` measured); 0 if none."""
-    return max([s for s in range(1, most + 1) if smem_bytes(t, m, s, forward, scales) + 1024 <= SMEM_BYTES] or [0])
-
-
 class _Tiles(NamedTuple):
     block_rows: int  # output columns (rows of the codes' A operand) per program: one or two WGMMAs a part
     block_k: int  # contracted columns per pipeline step (one TMA copy of codes, one of activations)
@@ -116,11 +97,41 @@ class _Tiles(NamedTuple):
     group: int  # contracted columns per scale (all of K for one scale per output column)
     splits: int
 
+    @property
+    def scale_rows(self) -> int:
+        """Rows of scales a pipeline step reads (one per group it spans)."""
+        return max(1, self.block_k // self.group)
+
+
+def _padded(m: int) -> int:
+    """Activation rows padded to WGMMA's N, a multiple of 8."""
+    return -(-m // 8) * 8
+
+
+SMEM_BYTES = 232448  # shared memory a program may take on an H100 / H200 (227 KB)
+
+
+def smem_bytes(t: _Tiles, m: int, stages: int, forward: bool, scales: bool = True) -> int:
+    """Shared memory a program takes, as Mosaic GPU counts it: per stage the buffers of codes, activations
+    and (``scales``: in the kernel) scales and an 8-byte barrier; the output tile; and (``forward``) the
+    decoded tile. Mosaic GPU refuses a kernel over :data:`SMEM_BYTES`."""
+    mp = _padded(m)
+    scale_bytes = t.scale_rows * t.block_rows * 4 if scales else 0
+    step = t.block_rows * t.block_k // 2 + mp * t.block_k * 2 + scale_bytes + 8
+    return stages * step + t.block_rows * mp * 4 + (t.block_k * t.block_rows * 2 if forward else 0)
+
+
+def default_stages(t: _Tiles, m: int, forward: bool, most: int = 4, scales: bool = True) -> int:
+    """The most pipeline stages, up to ``most``, whose buffers fit :data:`SMEM_BYTES` with a KB to spare
+    (Mosaic GPU aligns some buffers: up to 512 bytes more than :func:`smem_bytes` measured); 0 if none."""
+    return max([s for s in range(1, most + 1) if smem_bytes(t, m, s, forward, scales) + 1024 <= SMEM_BYTES] or [0])
+
 
 def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | None, splits: int | None,
-          exact: bool = True) -> tuple[_Tiles, str]:
-    """The tiles and the mode (:func:`_product`) for ``x`` ``(M, K)`` times ``q`` contracted over its
-    ``axis`` (and scaled along it), once both fit the kernel; else a ValueError that names them."""
+          stages: int | None, exact: bool = True) -> tuple[_Tiles, str, int]:
+    """The tiles, the mode (:func:`_product`) and the pipeline stages (default :func:`default_stages`) for
+    ``x`` ``(M, K)`` times ``q`` contracted over its ``axis`` (and scaled along it), once both fit the
+    kernel and its shared memory; else a ValueError that names them."""
     def bad(why, t=None):
         tiles = "" if t is None else f", {t.block_rows} x {t.block_k} blocks, splits={t.splits}"
         x_is = f"x of shape {getattr(x, 'shape', None)} and dtype {getattr(x, 'dtype', None)}"
@@ -153,7 +164,13 @@ def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | No
     if t.sub % 64 or t.block_k % t.sub or (t.block_k > t.group and t.block_k % t.group) or k % (t.splits * t.block_k):
         raise bad(f"K must split into {t.splits} whole steps of {t.block_k} columns, each whole groups of "
                   f"{t.group} or inside one, in parts of a multiple of 64", t)
-    return t, mode
+    forward, scales = axis == 0, mode != "after"
+    stages = stages or default_stages(t, m, forward, scales=scales)
+    if not stages:
+        raise ValueError(f"{name}: {t.block_rows} x {t.block_k} blocks at {m} rows take "
+                         f"{smem_bytes(t, m, 1, forward, scales)} bytes of shared memory with one stage, over "
+                         f"{SMEM_BYTES}; take smaller blocks")
+    return t, mode, stages
 
 
 def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
@@ -175,10 +192,8 @@ def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, sp
     ``interpret``: run in Mosaic GPU's interpreter (any machine, for tests; ``"races"`` also runs its race
     detector). Needs the output columns a multiple of ``block_rows`` and ``K`` of ``splits`` steps.
     """
-    t, mode = _plan("matmul", x, q, 0, block_rows, block_k, splits, exact)
-    return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale, tiles=t,
-                    stages=_stages("matmul", stages, t, x.shape[0], True, mode), interpret=interpret, forward=True,
-                    mode=mode)
+    t, mode, stages = _plan("matmul", x, q, 0, block_rows, block_k, splits, stages, exact)
+    return _product(x, q.as_int4(), q.scale, tiles=t, stages=stages, interpret=interpret, forward=True, mode=mode)
 
 
 def matmul_nt(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
@@ -187,22 +202,10 @@ def matmul_nt(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None,
     (``QuantSpec(axis=1)``, groups or per row): each step's codes upcast in registers as WGMMA's A operand.
     The options and limits are :func:`matmul`'s (always exact).
     """
-    t, mode = _plan("matmul_nt", x, q, 1, block_rows, block_k, splits)
+    t, mode, stages = _plan("matmul_nt", x, q, 1, block_rows, block_k, splits, stages)
     # (G, N): a step's scales are rows (an XLA transpose per call; free for one scale a row)
-    return _product(x, int4_view(q.packed, True).reshape(q.shape), q.scale.T, tiles=t,
-                    stages=_stages("matmul_nt", stages, t, x.shape[0], False, mode), interpret=interpret,
-                    forward=False, mode=mode)
-
-
-def _stages(name: str, stages: int | None, t: _Tiles, m: int, forward: bool, mode: str) -> int:
-    """``stages``, or :func:`default_stages`; a ValueError where not even one stage fits."""
-    scales = mode != "after"
-    stages = stages or default_stages(t, m, forward, scales=scales)
-    if not stages:
-        raise ValueError(f"{name}: {t.block_rows} x {t.block_k} blocks at {m} rows take "
-                         f"{smem_bytes(t, m, 1, forward, scales)} bytes of shared memory with one stage, over "
-                         f"{SMEM_BYTES}; take smaller blocks")
-    return stages
+    return _product(x, q.as_int4(), q.scale.T, tiles=t, stages=stages, interpret=interpret, forward=False,
+                    mode=mode)
 
 
 def _swizzled(swizzle: int, bits: int) -> tuple:
@@ -221,10 +224,10 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
     m, k = x.shape
     n = codes.shape[1 if forward else 0]
     rows, bk, sub, group, splits = tiles
-    mp = -(-m // 8) * 8
+    mp = _padded(m)
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
     k_split = k // splits
-    scale_rows = max(1, bk // group)  # scale rows a step reads
+    scale_rows = tiles.scale_rows
     halves = rows // WGMMA_ROWS
     x_swizzle = plgpu.find_swizzle(sub * 16, "activations")  # a WGMMA's slice of a tile starts on a swizzle tile
     if forward:  # (bk, rows) code tiles, decoded into a (bk, rows) bf16 tile
@@ -248,7 +251,9 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
         def decode(w_smem, s_smem):  # the step's codes, or (decoded) scaled weights, bf16, into shared memory
             if mode != "decoded":
                 decoded[0][...] = w_smem[...].astype(jnp.bfloat16)
-            for c in range(bk // sub if mode == "decoded" else 0):  # a part inside one group: a row of scales
+                plgpu.commit_smem()  # the WGMMA reads what every thread stored
+                return
+            for c in range(bk // sub):  # a part inside one group: a row of scales
                 cols = pl.ds(c * sub, sub)
                 if interpret:
                     w, s = w_smem.at[cols][...].astype(jnp.float32), s_smem[c * sub // group]
@@ -258,6 +263,10 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                     s = plgpu.load(s_smem.at[c * sub // group], (), layout=plgpu.Layout.WGMMA.reduce(0))
                 decoded[0].at[cols][...] = (w * lax.broadcast_in_dim(s, (sub, rows), (1,))).astype(jnp.bfloat16)
             plgpu.commit_smem()  # the WGMMA reads what every thread stored
+
+        def issue(accs, codes, xs):  # one WGMMA per 64 columns: the codes (A) times the activations (B)
+            for acc, a in zip(accs, codes):
+                plgpu.wgmma(acc, plgpu.transpose_ref(a, (1, 0)) if forward else a, plgpu.transpose_ref(xs, (1, 0)))
 
         def step(idx, w_smem, x_smem, *rest, accs=()):
             s_smem, totals = (rest[0] if scales_in else None), list(rest[-1])
@@ -279,15 +288,11 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                         parts = [part * lax.broadcast_in_dim(s_smem.at[srow, r][...], (WGMMA_ROWS, mp), (0,))
                                  for part, r in zip(parts, halves_rows)]
                 elif accumulate:
-                    for acc, a in zip(accs, codes):
-                        a = plgpu.transpose_ref(a, (1, 0)) if forward else a
-                        plgpu.wgmma(acc, a, plgpu.transpose_ref(xs, (1, 0)))
+                    issue(accs, codes, xs)
                     continue
                 else:
                     def mma(*accs):  # every half's WGMMA issued, then one wait
-                        for acc, a in zip(accs, codes):
-                            plgpu.wgmma(acc, plgpu.transpose_ref(a, (1, 0)) if forward else a,
-                                        plgpu.transpose_ref(xs, (1, 0)))
+                        issue(accs, codes, xs)
                         plgpu.wgmma_wait(0)
                         return [acc[...] for acc in accs]
 
