@@ -13,6 +13,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-out="${OUT:-benchmarks/results}"
+out="${OUT:-benchmarks/results}" name="${NAME:-matmul_gpu}"  # NAME: the output files' stem
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
-python3 benchmarks/matmul_gpu.py --budget "${BUDGET:-330}" --quick-checks --out "$out/matmul_gpu.json" "$@" 2>&1 | tee "$out/run.log"
+python3 benchmarks/matmul_gpu.py --budget "${BUDGET:-330}" --quick-checks --out "$out/$name.json" "$@" 2>&1 | tee "$out/${name}_run.log"

@@ -39,35 +39,38 @@ LOGITS_SHAPES = ("128256x4096", "256000x2304")
 PROFILE_LINES = set()  # the (plane, line) names the device traces held, recorded in the JSON
 
 
-def device_busy_us(f, args, runs: int = 3) -> float:
+def device_busy_us(f, args, runs: int = 3) -> tuple[float, dict]:
     """GPU-busy microseconds per call of the jitted ``f(*args)``, from the profiler's device trace: the union
-    of the kernel intervals on the GPU planes' stream lines (all lines if none is named ``Stream...``)."""
+    of the kernel intervals on the GPU planes' stream lines (all lines if none is named ``Stream...``); and
+    each kernel's microseconds per call by name (its first 60 characters), the busiest first."""
     jax.block_until_ready(f(*args))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(runs):
                 jax.block_until_ready(f(*args))
         data = jax.profiler.ProfileData.from_file(str(next(pathlib.Path(d).rglob("*.xplane.pb"))))
-    spans = []
+    spans, kernels = [], {}
     for plane in data.planes:
         if plane.name.startswith("/device:GPU"):
             lines = list(plane.lines)
             PROFILE_LINES.update((plane.name, line.name) for line in lines)
             lines = [line for line in lines if line.name.startswith("Stream")] or lines
-            spans += [(e.start_ns, e.end_ns) for line in lines for e in line.events]
+            for e in (e for line in lines for e in line.events):
+                spans.append((e.start_ns, e.end_ns))
+                kernels[e.name[:60]] = kernels.get(e.name[:60], 0.0) + (e.end_ns - e.start_ns) / runs / 1e3
     if not spans:
         raise RuntimeError("the profile holds no GPU events")
     busy, end = 0.0, float("-inf")
     for s, e in sorted(spans):
         if e > end:
             busy, end = busy + e - max(s, end), e
-    return busy / runs / 1e3
+    return busy / runs / 1e3, dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
 
 
-def per_product_us(fn, xs, ws, few: int = 4) -> tuple[float, float | str | None]:
+def per_product_us(fn, xs, ws, few: int = 4) -> tuple[float, float | str | None, dict]:
     """Microseconds per ``fn(x, w)``: host-timed, (time of all pairs - time of the first ``few``) / the
-    difference; and device-timed (:func:`device_busy_us` of all pairs / their number; None on a CPU,
-    the error where the trace failed).
+    difference; device-timed (:func:`device_busy_us` of all pairs / their number; None on a CPU, the error
+    where the trace failed); and the device time per product of each kernel by name (empty on a CPU).
 
     Every product has its own activations and weight (``xs[i]``, ``ws[i]``): no two share an operand,
     so XLA cannot merge them into one larger product.
@@ -87,13 +90,14 @@ def per_product_us(fn, xs, ws, few: int = 4) -> tuple[float, float | str | None]
         while time.perf_counter() < busy_until:
             jax.block_until_ready(f(*args))
         times.append(median_seconds(f, *args, repeats=21, warmup=1))
-    device = None
+    device, kernels = None, {}
     if jax.default_backend() != "cpu":
         try:
-            device = device_busy_us(f, (xs, ws)) / len(xs)
+            device, kernels = device_busy_us(f, (xs, ws))
+            device, kernels = device / len(xs), {k: round(v / len(xs), 2) for k, v in kernels.items()}
         except Exception as e:  # the host-timed number stands without it
             device = f"error: {type(e).__name__}: {str(e)[:200]}"
-    return (times[1] - times[0]) / (len(xs) - few) * 1e6, device
+    return (times[1] - times[0]) / (len(xs) - few) * 1e6, device, kernels
 
 
 def bf16_dot(x, w):
@@ -393,8 +397,9 @@ def tma_run(args, result, timed, log, start, qs, bfs):
     ``qs`` (``tma_``: exact, up to 64 rows; ``tma_scaled_``: up to 256), and :func:`mosaic_gpu.matmul_nt`
     over ``W.T`` quantized along K in groups of 128 (``tma_nt_``): the same bytes and work, the codes upcast
     in registers instead of decoded through shared memory. Their tiles are swept (:data:`TMA_SWEEP`) at
-    ``--sweep-m``, each entry timed once it matched the reference. A kernel with a failing or erring check
-    is not timed. On a CPU (a dry run) the kernels run interpreted, and checks of over 2**20 weights are
+    ``--sweep-m``, each entry timed once it matched the reference; then the tied logits ``x @ E.T`` at
+    ``--logits`` shapes over tables scaled per row or in groups of 128 along ``d``: bf16, ``auto`` and
+    :func:`mosaic_gpu.matmul_nt`. A kernel with a failing or erring check is not timed. On a CPU (a dry run) the kernels run interpreted, and checks of over 2**20 weights are
     left out."""
     interpret = jax.default_backend() == "cpu"
     kernels = {name: functools.partial(fn, interpret=interpret) for name, (fn, _, _) in TMA_KERNELS.items()}
@@ -453,6 +458,29 @@ def tma_run(args, result, timed, log, start, qs, bfs):
                 print(" ", entry, flush=True)
             save()
     print_table(rows, columns(rows))
+    logits = []
+    for vocab, d in (map(int, s.split("x")) for s in args.logits):  # tied logits x @ E.T, E per row or grouped
+        for group in (None, 128):
+            if time.time() - start > args.budget:
+                log(f"budget: tma logits stopped before {vocab} x {d}, group {group}")
+                break
+            tables, bf_tables = make_weights(vocab, d, qj.QuantSpec(axis=1, group_size=group), count=4)
+            for m in [m for m in args.m if m <= mosaic_gpu.MAX_M]:
+                xs = activations(m, d, count=4)
+                row = {"V": vocab, "d": d, "M": m, "group": group or "row",
+                       **timed(lambda x, e: jax.lax.dot_general(x, e, (((1,), (1,)), ((), ())),
+                                                                preferred_element_type=jnp.float32),
+                               xs, bf_tables, "bf16_", few=2),
+                       **timed(lambda x, e: qj.qeinsum("md,vd->mv", x, e), xs, tables, "auto_", few=2)}
+                if "tma_nt" in kernels:
+                    row.update(timed(kernels["tma_nt"], xs, tables, "tma_nt_", few=2))
+                add_speedups(row, "bf16")
+                logits.append(row)
+                print(row, flush=True)
+                write_json(args.out, dict(result, tma_checks=checked, tma=rows, tma_sweep=sweep, tma_logits=logits))
+            del tables, bf_tables
+    if logits:
+        print_table(logits, columns(logits))
 
 
 def make_weights(k, n, spec, count=N_PAIRS):
@@ -493,8 +521,8 @@ def logits_backward(product):
 
 
 def columns(rows: list[dict]) -> list:
-    """Every row's keys, in order of first use."""
-    return list(dict.fromkeys(c for row in rows for c in row))
+    """Every row's keys, in order of first use (not the per-kernel breakdowns: the JSON has them)."""
+    return list(dict.fromkeys(c for row in rows for c in row if not c.endswith("kernels")))
 
 
 def activations(m, k, count=N_PAIRS):
@@ -517,13 +545,16 @@ def main():
                     help="time the backward pass g @ W.T at every --m (bf16's, auto's, the decoded product's, the "
                          "transposed kernel's tiles)")
     ap.add_argument("--logits", nargs="*", default=list(LOGITS_SHAPES), metavar="VOCABxFEATURES",
-                    help="--grad-only also times the tied logits x @ E.T over per-row int4 tables of these shapes")
+                    help="--grad-only also times the tied logits x @ E.T over per-row int4 tables of these shapes; "
+                         "--tma over tables per row and in groups of 128 along d, with matmul_nt too")
     ap.add_argument("--decode", action="store_true",
                     help=f"--grad-only also times dequant's decoding by XLA against pallas_gpu.dequantize at M = "
                          f"{DECODE_M} (its tiles swept at {DECODE_SWEEP_M})")
     ap.add_argument("--tma", action="store_true",
                     help="check and time the Mosaic GPU kernels (TMA, WGMMA) over W and W.T at every --m up to 256 "
                          "rows (the exact ones up to 64)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="record each timing's device time per product by kernel (the JSON's *_kernels)")
     ap.add_argument("--no-checks", action="store_true", help="time only (the kernel was checked on the device)")
     ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only")
     ap.add_argument("--sweep-m", type=int, nargs="*", help="the rows whose tiles are swept (default: every --m)")
@@ -555,9 +586,10 @@ def main():
     def timed(fn, xs, ws, name="", few=4) -> dict:
         """``{name_us: host-timed, name_dev_us: device-timed}`` per product (or the error)."""
         try:
-            host, device = per_product_us(fn, xs, ws, few)
+            host, device, kernels = per_product_us(fn, xs, ws, few)
             device = round(device, 1) if isinstance(device, float) else device
-            return {f"{name}us": round(host, 1), f"{name}dev_us": device}
+            return {f"{name}us": round(host, 1), f"{name}dev_us": device,
+                    **({f"{name}kernels": kernels} if args.kernels and kernels else {})}
         except Exception as e:
             log(traceback.format_exc())
             return {f"{name}us": f"error: {type(e).__name__}: {str(e)[:200]}"}

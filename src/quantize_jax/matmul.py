@@ -359,14 +359,18 @@ def _tangent_impl(platform, dx, packed, scale, zero_point, *, backend, **weight)
 def _row_scaled_kernel(dx, q: QArray, scale, zero_point, interpret: bool):
     """``dx @ dequantize(q)`` for ``q`` scaled per row (``scale``, ``zero_point``: ``(1, K)``) by the forward
     Pallas kernel over the codes alone (unit scales): ``dx * s``, rounded once to dx's dtype (as the
-    transposed kernel rounds ``g * s``), times the codes, less ``(dx s) . z``."""
+    transposed kernel rounds ``g * s``), times the codes, less ``(dx s) . z``. The zero points' share takes
+    the same rounded ``dx s`` by ``lax.reduce_precision``, which XLA keeps: a plain round trip through
+    dx's dtype, fused into the sum, may be skipped on GPUs (XLA's excess precision), and the share's
+    difference from the kernel's then cancels badly (seen on an H200: 5.5e-3 relative error for uint4)."""
     k, n = q.shape
-    xs = (dx.astype(jnp.float32) * scale).astype(dx.dtype)
-    y = pallas_gpu.matmul(xs, q.packed, jnp.ones((1, n), jnp.float32), None, n=n, fmt=q.spec.fmt, group_size=k,
-                          interpret=interpret)
+    info = jnp.finfo(dx.dtype)
+    xs = lax.reduce_precision(dx.astype(jnp.float32) * scale, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    y = pallas_gpu.matmul(xs.astype(dx.dtype), q.packed, jnp.ones((1, n), jnp.float32), None, n=n, fmt=q.spec.fmt,
+                          group_size=k, interpret=interpret)
     if zero_point is None:
         return y
-    return y - jnp.sum(xs.astype(jnp.float32) * zero_point, axis=1, keepdims=True)
+    return y - jnp.sum(xs * zero_point, axis=1, keepdims=True)
 
 
 def _transposed_tangent_impl(platform, g, packed, scale, zero_point, *, backend, x_dtype, **weight):

@@ -582,18 +582,21 @@ def _transposed_kernel(ge_ref, go_ref, p_ref, s_ref, *rest, decode: _PtxDecode, 
 
         acc.T += v_low @ (g_e * s_e).T + v_high @ (g_o * s_o).T
 
-    and the zero points' share, ``sum_n g s z`` per row (float32), is taken off once, at the end."""
+    and the zero points' share, ``sum_n g s z`` per row over the same rounded ``g s`` (so the two shares
+    cancel exactly where ``c = z``; unrounded, uint4's error doubled), is taken off once, at the end."""
     z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
     bm, bk = ge_ref.shape[0], p_ref.shape[0]
 
     def block(c, carry):
         acc, shift = carry
         cols, half = pl.ds(c * 2 * bnh, 2 * bnh), pl.ds(c * bnh, bnh)
-        scaled = [r[:, half].astype(jnp.float32) * sj for r, sj in zip((ge_ref, go_ref), _planes(s_ref[:, cols]))]
+        scaled = [(r[:, half].astype(jnp.float32) * sj).astype(decode.dtype)  # (the zero points' share too)
+                  for r, sj in zip((ge_ref, go_ref), _planes(s_ref[:, cols]))]
         v = decode.planes(p_ref[:, half])
-        acc = acc + sum(_dot(a.astype(decode.dtype), vj, decode.fmt, transposed=True) for a, vj in zip(scaled, v))
+        acc = acc + sum(_dot(a, vj, decode.fmt, transposed=True) for a, vj in zip(scaled, v))
         if z_ref is not None:
-            shift = shift + sum(jnp.sum(a * zj, axis=1, keepdims=True) for a, zj in zip(scaled, _planes(z_ref[:, cols])))
+            shift = shift + sum(jnp.sum(a.astype(jnp.float32) * zj, axis=1, keepdims=True)
+                                for a, zj in zip(scaled, _planes(z_ref[:, cols])))
         return acc, shift
 
     acc, shift = lax.fori_loop(0, nn, block, (jnp.zeros((bk, bm), jnp.float32), jnp.zeros((bm, 1), jnp.float32)))
