@@ -424,6 +424,31 @@ def test_tied_logits_on_cuda_take_the_transposed_kernel_up_to_its_rows():
         assert "xla.gpu.triton" not in jax.export.export(fn, platforms=["cpu", "cuda", "tpu"])(x).mlir_module()
 
 
+@pytest.mark.parametrize("spec", [qj.QuantSpec(axis=1), qj.QuantSpec(axis=1, group_size=128),
+                                  qj.QuantSpec(format="uint4", axis=1)], ids=["row", "group128", "uint4"])
+def test_tied_logits_lowered_beside_a_hopper_gpu_take_the_mosaic_gpu_kernel(monkeypatch, spec):
+    """Where a Hopper GPU is present (faked here), ``auto``'s tied logits on CUDA over int4 tables without zero
+    points, scaled per row or in groups along d, take Mosaic GPU's ``matmul_nt`` for bf16 up to
+    MOSAIC_LOGITS_MAX_M rows; past them, for f16, or over uint4 tables, what they took before (the Triton
+    kernel, or the dot over the decoded table). This machine has none, and takes none."""
+    q = qj.quantize(jax.random.normal(jax.random.key(19), (512, 256)), spec)
+    f = jax.jit(lambda x: qj.qeinsum("md,vd->mv", x, q))
+
+    def lowered(m, dtype):
+        x = jnp.ones((m, 256), dtype)
+        return jax.export.export(f, platforms=["cuda"], disabled_checks=[TRITON_CALL])(x).mlir_module()
+
+    mosaic_call = "custom_call @mosaic_gpu"  # (the text's locations name this test)
+    assert not matmul._hopper_present() and mosaic_call not in lowered(16, jnp.bfloat16)
+    monkeypatch.setattr(matmul, "_hopper_present", lambda: True)
+    most = matmul.MOSAIC_LOGITS_MAX_M
+    for m, dtype in [(1, jnp.bfloat16), (most, jnp.bfloat16), (most + 1, jnp.bfloat16), (16, jnp.float16)]:
+        text = lowered(m, dtype)
+        mosaic = spec.format == "int4" and m <= most and dtype == jnp.bfloat16
+        assert (mosaic_call in text) == mosaic, (m, dtype)
+        assert ("xla.gpu.triton" in text) == (not mosaic and spec.group_size is None and m <= matmul.PALLAS_TRANSPOSED_MAX_M)
+
+
 def test_tied_logits_on_tpu_read_the_int4_table_in_the_dot():
     """``auto`` on TPU over a table scaled per row: one bf16 dot whose table operand is the int4 codes
     converted (XLA's native int4, as qdot's there), the row scales after it; tables in groups along d keep

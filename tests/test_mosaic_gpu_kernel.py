@@ -213,6 +213,14 @@ def test_bad_input_names_it(product, x_shape, x_dtype, w_shape, spec, match):
     with pytest.raises(ValueError, match=match) as info:
         PRODUCTS[product][0](x, q, interpret=True)
     assert product in str(info.value) and str(x_shape) in str(info.value)
+    assert not mosaic_gpu.fits(x, q, transposed=not forward)  # what qeinsum's auto asks
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("m, group", [(1, None), (64, 128), (256, None)])
+def test_fits_the_operands_the_kernel_takes(product, m, group):
+    x, q = _operands(product, m, 256, 128, group)
+    assert mosaic_gpu.fits(x, q, transposed=PRODUCTS[product][1] == 1)
 
 
 @pytest.mark.parametrize("product", PRODUCTS)

@@ -63,6 +63,10 @@ kernel with ``auto`` on NVIDIA GPUs (bf16 / f16, up to
 ``PALLAS_TRANSPOSED_MAX_M`` rows) and with ``pallas``, for tables scaled
 per row (the embedding default: the codes' product is scaled after the
 kernel) or per column; tables in groups along ``d`` decode as before.
+Lowered on a machine with a Hopper GPU (H100, H200), ``auto`` takes Mosaic
+GPU's TMA + WGMMA kernel instead (:func:`quantize_jax.kernels.mosaic_gpu.matmul_nt`)
+for int4 tables without zero points, per row or in groups of 64 or more
+along ``d``, and bf16 activations up to ``MOSAIC_LOGITS_MAX_M`` rows.
 On TPU (and with ``native`` anywhere) a table scaled per row is read as
 int4 codes inside the dot (XLA's native int4), its row scales after.
 Their backward pass ``c @ table`` runs the forward kernel over the
@@ -90,7 +94,7 @@ from jax.sharding import PartitionSpec
 from quantize_jax import _layout
 from quantize_jax.calibrate import true_divide
 from quantize_jax.formats import Format, dequantize_codes
-from quantize_jax.kernels import pallas_gpu
+from quantize_jax.kernels import mosaic_gpu, pallas_gpu
 from quantize_jax.qarray import QArray, dequantize, int4_view
 
 BACKENDS = ("auto", "xla", "chunked", "native", "dequant", "pallas")
@@ -106,10 +110,16 @@ NATIVE_MAX_M = 32
 # before, which spilled registers) were never timed; they keep the first bound.
 PALLAS_MAX_M_FLOAT32 = 16
 # Rows up to which auto's reverse mode on NVIDIA GPUs multiplies ``g @ W.T`` by the transposed kernel (bf16 /
-# f16 activations). Not yet timed: the decoded product it replaces took 208 us at M = 64 (H200, K = N = 8192;
-# bf16 x bf16's own backward 60.8), about dequant's decoding (99-100 us) plus a GEMM, where the forward
-# kernel, which reads the same bytes, took 22.8-36.4 up to 64 rows.
-PALLAS_TRANSPOSED_MAX_M = 64
+# f16 activations). On an H200 (session 19, K = N = 8192, groups of 128, device time) it took 23.4, 25.2,
+# 29.8, 50.9 and 84.7 us at M = 1, 16, 32, 64 and 128, where the decoded product it replaces took 200-204
+# at every M and bf16 x bf16's own backward 36.8-107.3 (the kernel 1.19-1.65x faster); past 128 rows untimed.
+PALLAS_TRANSPOSED_MAX_M = 128
+# Rows up to which auto's tied logits on Hopper GPUs take Mosaic GPU's TMA + WGMMA kernel (int4 tables
+# without zero points, bf16; :func:`_mosaic_logits_fit`). On an H200 (session 19; 128256 x 4096 and 256000 x
+# 2304 tables, device time) it took 113-210 us at M = 1-64 over tables scaled per row, 1.16-1.75x faster
+# than the transposed Triton kernel, and 132-236 us over tables in groups of 128 along d, 7-12x faster
+# than the decoded dot those took (1493-1711 us); bf16 x bf16 took 246-312.
+MOSAIC_LOGITS_MAX_M = 64
 # The CPU paths unpack the weight one chunk of _CHUNK_ROWS K rows at a time (512 x 4096 float32 = 8 MiB
 # over two dots); the float32 path cuts packed rows over 2 * _COL_BLOCK bytes (4096 columns) into tiles of
 # _COL_BLOCK bytes.
@@ -462,6 +472,8 @@ def _transposed_impl(platform, x, packed, scale, zero_point, *, backend, **weigh
     q = _weight(packed, scale, zero_point, **weight)
     if backend == "pallas" and platform not in ("cpu", "cuda"):
         raise NotImplementedError(f"qeinsum: backend='pallas' has no kernel for platform {platform!r}; use 'auto'")
+    if backend == "auto" and platform == "cuda" and _mosaic_logits_fit(x, q):
+        return mosaic_gpu.matmul_nt(x, q)
     if _transposed_kernel_runs(platform, backend, x, q, x.dtype):
         return _kernel_transposed(x, q, _dot_dtype(x.dtype), interpret=platform != "cuda")
     rows = _row_scales(q)
@@ -471,6 +483,26 @@ def _transposed_impl(platform, x, packed, scale, zero_point, *, backend, **weigh
     if backend in ("pallas", "native"):
         return _reference_transposed(x, q)
     return _chunked_transposed(x.astype(jnp.float32), q) if platform == "cpu" else _dequant_transposed(x, q)
+
+
+def _mosaic_logits_fit(x, q: QArray) -> bool:
+    """Whether ``auto``'s ``x @ W.T`` on CUDA takes :func:`mosaic_gpu.matmul_nt`: when lowered on a machine
+    with a Hopper GPU (:func:`_hopper_present`; its WGMMA exists on no other generation), for bf16 ``x`` of
+    at most ``MOSAIC_LOGITS_MAX_M`` rows (known) and tables the kernel takes with its default tiles (int4
+    without zero points, scaled per row or in groups of 64 or more along ``d``; vocab a multiple of 64)."""
+    if x.dtype != jnp.bfloat16 or not _at_most(x.shape[0], MOSAIC_LOGITS_MAX_M) or not _hopper_present():
+        return False
+    return mosaic_gpu.fits(x, q, transposed=True)
+
+
+@functools.cache
+def _hopper_present() -> bool:
+    """Whether this process sees a CUDA GPU of compute capability 9.x (H100, H200)."""
+    try:
+        devices = jax.devices("cuda")
+    except RuntimeError:  # no CUDA backend
+        return False
+    return any(str(getattr(d, "compute_capability", "")).startswith("9.") for d in devices)
 
 
 def _native_transposed(x, q: QArray, scale, zero_point, *, dtype):
@@ -916,7 +948,9 @@ def qeinsum(subscripts: str, x: jax.Array, q: QArray, *, backend: str = "auto", 
     block's nibbles decoded straight into two dots; on NVIDIA GPUs
     (``auto``, bf16 / f16, up to ``PALLAS_TRANSPOSED_MAX_M`` rows; or
     ``pallas``) through the transposed Pallas kernel where the table is
-    scaled per row or per column; otherwise (``auto`` or ``dequant``) as
+    scaled per row or per column (with ``auto`` on Hopper GPUs, int4 tables
+    and bf16 up to ``MOSAIC_LOGITS_MAX_M`` rows: Mosaic GPU's kernel, also for
+    tables in groups along ``d``); otherwise (``auto`` or ``dequant``) as
     one dot over ``W`` decoded to x's dtype (as ``dequant`` does; its
     gradient too, with the decoding recomputed in the backward pass). For every other layout, or ``backend="xla"``, it
     is the reference ``jnp.einsum`` over the dequantized weight. As in ``jnp.einsum``, ``x``'s

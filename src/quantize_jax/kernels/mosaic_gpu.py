@@ -26,8 +26,11 @@ the products exact (int4 codes times bf16 activations), summed in float32. The K
   with no trip through shared memory. Uses: tied-embedding logits ``x @ E.T`` over a table grouped along
   ``d``, and weights stored transposed.
 
-Neither is used by ``qdot`` / ``qeinsum``'s ``auto`` until timed on a GPU (``benchmarks/matmul_gpu.py
---tma``).
+Timed on an H200 (session 19, ``benchmarks/matmul_gpu.py --tma``, K = N = 8192, groups of 128, the
+kernel alone): :func:`matmul` 22.1 / 23.6 / 46.7 us at M = 1 / 16 / 64, slower than the Triton PTX
+kernel ``qdot`` takes (19.3 / 19.4 / 32.9), so ``qdot`` does not use it; :func:`matmul_nt` 16.0 / 17.0 /
+26.3, the fastest of all, is what :func:`quantize_jax.qeinsum`'s ``auto`` takes for tied logits on Hopper
+GPUs (bf16, up to 64 rows; :func:`fits`).
 
 On the CPU they run in Mosaic GPU's interpreter (``interpret=True``), which simulates the TMA copies, the
 pipeline and shared memory; four steps differ there because the interpreter lacks them: WGMMA with A in
@@ -171,6 +174,16 @@ def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | No
                          f"{smem_bytes(t, m, 1, forward, scales)} bytes of shared memory with one stage, over "
                          f"{SMEM_BYTES}; take smaller blocks")
     return t, mode, stages
+
+
+def fits(x, q: QArray, *, transposed: bool = False, exact: bool = True) -> bool:
+    """Whether :func:`matmul` (``transposed``: :func:`matmul_nt`) takes ``x`` and ``q`` with its default tiles
+    (where it would raise the ValueError that names why not)."""
+    try:
+        _plan("fits", x, q, 1 if transposed else 0, 64, None, None, None, exact)
+    except ValueError:
+        return False
+    return True
 
 
 def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
