@@ -112,6 +112,7 @@ def _padded(m: int) -> int:
 
 
 SMEM_BYTES = 232448  # shared memory a program may take on an H100 / H200 (227 KB)
+_SMEM_SLACK = 1024  # for Mosaic GPU's alignment of some buffers (up to 512 bytes more than smem_bytes measured)
 
 
 def smem_bytes(t: _Tiles, m: int, stages: int, forward: bool, scales: bool = True) -> int:
@@ -127,7 +128,8 @@ def smem_bytes(t: _Tiles, m: int, stages: int, forward: bool, scales: bool = Tru
 def default_stages(t: _Tiles, m: int, forward: bool, most: int = 4, scales: bool = True) -> int:
     """The most pipeline stages, up to ``most``, whose buffers fit :data:`SMEM_BYTES` with a KB to spare
     (Mosaic GPU aligns some buffers: up to 512 bytes more than :func:`smem_bytes` measured); 0 if none."""
-    return max([s for s in range(1, most + 1) if smem_bytes(t, m, s, forward, scales) + 1024 <= SMEM_BYTES] or [0])
+    return max([s for s in range(1, most + 1) if smem_bytes(t, m, s, forward, scales) + _SMEM_SLACK <= SMEM_BYTES]
+               or [0])
 
 
 def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | None, splits: int | None,
@@ -168,11 +170,12 @@ def _plan(name: str, x, q: QArray, axis: int, block_rows: int, block_k: int | No
         raise bad(f"K must split into {t.splits} whole steps of {t.block_k} columns, each whole groups of "
                   f"{t.group} or inside one, in parts of a multiple of 64", t)
     forward, scales = axis == 0, mode != "after"
-    stages = stages or default_stages(t, m, forward, scales=scales)
-    if not stages:
+    steps = k // (t.splits * t.block_k)  # (the pipeline keeps no more stages than it has steps)
+    stages = min(stages or default_stages(t, m, forward, scales=scales) or 1, steps)
+    if smem_bytes(t, m, stages, forward, scales) + _SMEM_SLACK > SMEM_BYTES:
         raise ValueError(f"{name}: {t.block_rows} x {t.block_k} blocks at {m} rows take "
-                         f"{smem_bytes(t, m, 1, forward, scales)} bytes of shared memory with one stage, over "
-                         f"{SMEM_BYTES}; take smaller blocks")
+                         f"{smem_bytes(t, m, stages, forward, scales)} bytes of shared memory with {stages} "
+                         f"stage(s), over {SMEM_BYTES - _SMEM_SLACK}; take smaller blocks or fewer stages")
     return t, mode, stages
 
 
