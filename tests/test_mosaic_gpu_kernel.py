@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import quantize_jax as qj
@@ -80,6 +80,13 @@ def _problems(draw):
 @settings(max_examples=10)
 @given(product=st.sampled_from(list(PRODUCTS)), problem=_problems(), seed=st.integers(0, 2**16))
 def test_random_products_match_the_reference(product, problem, seed):
+    m, k, n, group, options = problem
+    x, q = _operands(product, m, k, n, group)
+    try:  # (tiles whose stages overflow an SM's shared memory are refused, as on a GPU)
+        mosaic_gpu._plan(product, x, q, PRODUCTS[product][1], **options)
+    except ValueError as e:
+        assert "bytes of shared memory" in str(e)
+        assume(False)
     _check(product, *problem, seed=seed)
 
 
