@@ -55,6 +55,7 @@ def _check(product, m, k, n, group, options, seed=0, interpret=True):
         (2, 1024, 128, 256, dict(block_k=512)),  # two groups a step, two sub-steps a group
         (12, 512, 128, 64, dict(block_rows=128, block_k=256, stages=2)),  # four groups a step
         (1, 768, 128, None, dict(block_rows=128, block_k=256)),  # one scale a row, three steps
+        (3, 576, 64, 64, dict(block_k=192, splits=3)),  # three groups a step: matmul_nt's 12-group boxes past G = 9
     ],
 )
 @pytest.mark.parametrize("product", PRODUCTS)
@@ -199,7 +200,8 @@ def test_pipeline_has_no_races(product):
 
 @pytest.mark.parametrize("product", PRODUCTS)
 @pytest.mark.parametrize("m, k, group, options", [(1, 8192, 128, {}), (64, 1024, None, {}), (20, 512, 64, {}),
-                                                   (16, 8192, 128, dict(block_rows=128, block_k=512))])
+                                                   (16, 8192, 128, dict(block_rows=128, block_k=512)),
+                                                   (3, 576, 64, dict(block_k=192, splits=3))])
 def test_lowers_for_cuda(product, m, k, group, options):
     """The compiled branch (WGMMA with A in registers or read transposed from shared memory, explicit
     layouts), which the interpreter does not run, lowers to a Mosaic GPU custom call without a GPU."""
@@ -208,6 +210,18 @@ def test_lowers_for_cuda(product, m, k, group, options):
     exported = jax.export.export(jax.jit(kernel), platforms=["cuda"])(x, q)
     assert "mosaic_gpu" in exported.mlir_module()
     assert exported.out_avals[0].shape == (m, 128)
+
+
+@pytest.mark.parametrize("group", [64, 128, 256])
+def test_matmul_nt_reads_the_scales_as_stored(group):
+    """matmul_nt's TMA boxes read the ``(N, G)`` scales in place: the lowered program hands the kernel the
+    scales argument itself (before, an XLA transpose to ``(G, N)`` ran per call: 2.3 us of 22 on an H200)."""
+    x, q = _operands("matmul_nt", 16, 8192, 256, group)
+    module = jax.export.export(jax.jit(mosaic_gpu.matmul_nt), platforms=["cuda"])(x, q).mlir_module()
+    header, body = module[module.rindex("func.func", 0, module.index("custom_call @mosaic_gpu")):].split("\n", 1)
+    assert f"%arg2: tensor<256x{8192 // group}xf32>" in header  # the function's third argument: the scales
+    call = next(line for line in body.splitlines() if "custom_call @mosaic_gpu" in line)
+    assert call.split("(", 1)[1].split(")")[0].split(", ")[-1] == "%arg2"  # handed to the kernel untouched
 
 
 @pytest.mark.parametrize(

@@ -23,14 +23,19 @@ the products exact (int4 codes times bf16 activations), summed in float32. The K
   (either kernel) the kernel sums the codes' products that way and XLA scales the sums: exact, 256 rows.
 * :func:`matmul_nt`, ``x @ W.T`` for ``W`` ``(N, K)`` (``QuantSpec(axis=1)``): the codes run along K, the
   layout of Mosaic GPU's mixed-input WGMMA, so they are upcast in registers (``WGMMA_UPCAST_4X``) as A
-  with no trip through shared memory. Uses: tied-embedding logits ``x @ E.T`` over a table grouped along
-  ``d``, and weights stored transposed.
+  with no trip through shared memory. Its scales ``(N, G)`` are read as stored: each step's TMA box is
+  ``block_rows`` rows of its groups, widened to 16 bytes (4 groups: TMA's unit), and each part's scales
+  are a column of it. Uses: tied-embedding logits ``x @ E.T`` over a table grouped along ``d``, and weights
+  stored transposed.
 
 Timed on an H200 (session 19, ``benchmarks/matmul_gpu.py --tma``, K = N = 8192, groups of 128, the
 kernel alone): :func:`matmul` 22.1 / 23.6 / 46.7 us at M = 1 / 16 / 64, slower than the Triton PTX
 kernel ``qdot`` takes (19.3 / 19.4 / 32.9), so ``qdot`` does not use it; :func:`matmul_nt` 16.0 / 17.0 /
 26.3, the fastest of all, is what :func:`quantize_jax.qeinsum`'s ``auto`` takes for tied logits on Hopper
-GPUs (bf16, up to 64 rows; :func:`fits`).
+GPUs (bf16, up to 64 rows; :func:`fits`). Those timings had XLA transpose its scales to ``(G, N)`` first
+(2.3 us a call at that shape, 8.4 over a 128256 x 4096 table); the boxes that read them as stored are
+lowered and interpreted here, not yet run on a GPU. Where ``G`` is not a multiple of the boxes' width
+(256000 x 2304 in groups of 128: 18), XLA still pads the scales once a call.
 
 On the CPU they run in Mosaic GPU's interpreter (``interpret=True``), which simulates the TMA copies, the
 pipeline and shared memory; four steps differ there because the interpreter lacks them: WGMMA with A in
@@ -57,6 +62,7 @@ Example (interpreted on a CPU)::
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -102,8 +108,14 @@ class _Tiles(NamedTuple):
 
     @property
     def scale_rows(self) -> int:
-        """Rows of scales a pipeline step reads (one per group it spans)."""
+        """Groups a pipeline step spans: rows of scales :func:`matmul` reads a step."""
         return max(1, self.block_k // self.group)
+
+    @property
+    def scale_cols(self) -> int:
+        """Columns of the stored ``(N, G)`` scales :func:`matmul_nt` reads a step: its groups in a box a
+        whole number of 16 bytes wide (TMA's unit), the box holding whole steps."""
+        return math.lcm(self.scale_rows, 4)
 
 
 def _padded(m: int) -> int:
@@ -120,7 +132,7 @@ def smem_bytes(t: _Tiles, m: int, stages: int, forward: bool, scales: bool = Tru
     and (``scales``: in the kernel) scales and an 8-byte barrier; the output tile; and (``forward``) the
     decoded tile. Mosaic GPU refuses a kernel over :data:`SMEM_BYTES`."""
     mp = _padded(m)
-    scale_bytes = t.scale_rows * t.block_rows * 4 if scales else 0
+    scale_bytes = (t.scale_rows if forward else t.scale_cols) * t.block_rows * 4 if scales else 0
     step = t.block_rows * t.block_k // 2 + mp * t.block_k * 2 + scale_bytes + 8
     return stages * step + t.block_rows * mp * 4 + (t.block_k * t.block_rows * 2 if forward else 0)
 
@@ -219,8 +231,7 @@ def matmul_nt(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None,
     The options and limits are :func:`matmul`'s (always exact).
     """
     t, mode, stages = _plan("matmul_nt", x, q, 1, block_rows, block_k, splits, stages)
-    # (G, N): a step's scales are rows (an XLA transpose per call; free for one scale a row)
-    return _product(x, q.as_int4(), q.scale.T, tiles=t, stages=stages, interpret=interpret, forward=False,
+    return _product(x, q.as_int4(), q.scale, tiles=t, stages=stages, interpret=interpret, forward=False,
                     mode=mode)
 
 
@@ -231,7 +242,8 @@ def _swizzled(swizzle: int, bits: int) -> tuple:
 
 @functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret", "forward", "mode"))
 def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward: bool, mode: str):
-    """``x @ (codes * scales)``, contracted over ``codes``' axis 0 (``forward``) or 1; ``scale`` ``(G, N)``.
+    """``x @ (codes * scales)``, contracted over ``codes``' axis 0 (``forward``) or 1, ``scale`` as stored
+    (``(G, N)`` or ``(N, G)``).
 
     ``mode``: ``"parts"``, each part's product scaled in float32 in registers; ``"decoded"`` (``forward``
     only), the scales multiply the decoded tile (rounded once to bf16); ``"after"`` (one scale per output
@@ -243,7 +255,7 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
     mp = _padded(m)
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
     k_split = k // splits
-    scale_rows = tiles.scale_rows
+    scale_rows, scale_cols = tiles.scale_rows, tiles.scale_cols
     halves = rows // WGMMA_ROWS
     x_swizzle = plgpu.find_swizzle(sub * 16, "activations")  # a WGMMA's slice of a tile starts on a swizzle tile
     if forward:  # (bk, rows) code tiles, decoded into a (bk, rows) bf16 tile
@@ -284,6 +296,14 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
             for acc, a in zip(accs, codes):
                 plgpu.wgmma(acc, plgpu.transpose_ref(a, (1, 0)) if forward else a, plgpu.transpose_ref(xs, (1, 0)))
 
+        def part_scales(s_smem, idx, c, r):
+            """Part ``c``'s scales of the columns ``r``: a row of :func:`matmul`'s ``(G, N)`` step, or a column of
+            :func:`matmul_nt`'s ``(N, G)`` box (which may start groups before the step's first)."""
+            g = c * sub // group
+            if forward:
+                return s_smem.at[g, r]
+            return s_smem.at[r, (split * k_split + idx[0] * bk) // group % scale_cols + g]
+
         def step(idx, w_smem, x_smem, *rest, accs=()):
             s_smem, totals = (rest[0] if scales_in else None), list(rest[-1])
             if forward:
@@ -295,13 +315,12 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                     codes = [decoded[0].at[cols, r] for r in halves_rows]
                 else:  # (64, sub) codes in registers, exact in bf16
                     codes = [w_smem.at[r, cols][...].astype(jnp.bfloat16) for r in halves_rows]
-                srow = c * sub // group  # this part's row of the step's scales
                 if interpret:  # (the interpreter reads no transposed views)
                     codes = [a[...].T for a in codes] if forward else codes
                     parts = [lax.dot_general(a, xs[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                              for a in codes]
                     if mode == "parts":
-                        parts = [part * lax.broadcast_in_dim(s_smem.at[srow, r][...], (WGMMA_ROWS, mp), (0,))
+                        parts = [part * lax.broadcast_in_dim(part_scales(s_smem, idx, c, r)[...], (WGMMA_ROWS, mp), (0,))
                                  for part, r in zip(parts, halves_rows)]
                 elif accumulate:
                     issue(accs, codes, xs)
@@ -313,8 +332,9 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                         return [acc[...] for acc in accs]
 
                     parts = pl.run_scoped(mma, *[plgpu.ACC((WGMMA_ROWS, mp), jnp.float32)] * halves)
-                    scales = [plgpu.load(s_smem.at[srow, r], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                              for r in halves_rows]
+                    # (matmul_nt's: a strided column, loaded element by element; 64 values a part)
+                    scales = [plgpu.load(part_scales(s_smem, idx, c, r), (), layout=plgpu.Layout.WGMMA.reduce(1),
+                                         optimized=forward) for r in halves_rows]
                     parts = [part * lax.broadcast_in_dim(s, (WGMMA_ROWS, mp), (0,)) for part, s in zip(parts, scales)]
                 totals = [total + part for total, part in zip(totals, parts)]
             if accumulate:
@@ -327,9 +347,12 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                             transforms=code_transforms),
             plgpu.BlockSpec((mp, bk), lambda i: (0, i), transforms=_swizzled(x_swizzle, 16)),
         ]
-        if scales_in:
+        if scales_in and forward:
             in_specs.append(plgpu.BlockSpec((scale_rows, rows),
                                             lambda i: ((split * k_split + i * bk) // group // scale_rows, j)))
+        elif scales_in:
+            in_specs.append(plgpu.BlockSpec((rows, scale_cols),
+                                            lambda i: (j, (split * k_split + i * bk) // group // scale_cols)))
 
         def pipeline(*accs):
             zeros = jnp.zeros((WGMMA_ROWS, mp), jnp.float32)
@@ -355,6 +378,13 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
         kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
         grid=(n // rows, splits), grid_names=("n", "split"), scratch_types=scratch,
         interpret=_interpreter(interpret == "races") if interpret else None,
-    )(codes, xp, *([scale.astype(jnp.float32)] if scales_in else []))
+    )(codes, xp, *([scale.astype(jnp.float32) if forward else _whole_boxes(scale.astype(jnp.float32), scale_cols)]
+                   if scales_in else []))
     y = parts.sum(0)[:, :m].T
-    return y if scales_in else y * scale.astype(jnp.float32)  # (1, N): one scale per output column
+    return y if scales_in else y * scale.reshape(1, n).astype(jnp.float32)  # one scale per output column
+
+
+def _whole_boxes(scale, box: int):
+    """:func:`matmul_nt`'s scales ``(N, G)`` with ``G`` padded to a multiple of its boxes' ``box`` columns (a
+    multiple of 4: TMA reads rows that start on 16 bytes); an XLA copy only where ``G`` is not one."""
+    return jnp.pad(scale, ((0, 0), (0, -scale.shape[1] % box))) if scale.shape[1] % box else scale
