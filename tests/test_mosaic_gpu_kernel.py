@@ -212,16 +212,18 @@ def test_lowers_for_cuda(product, m, k, group, options):
     assert exported.out_avals[0].shape == (m, 128)
 
 
-@pytest.mark.parametrize("group", [64, 128, 256])
-def test_matmul_nt_reads_the_scales_as_stored(group):
-    """matmul_nt's TMA boxes read the ``(N, G)`` scales in place: the lowered program hands the kernel the
-    scales argument itself (before, an XLA transpose to ``(G, N)`` ran per call: 2.3 us of 22 on an H200)."""
-    x, q = _operands("matmul_nt", 16, 8192, 256, group)
+@pytest.mark.parametrize("m, group", [(1, 128), (5, 64), (16, 256)])
+def test_matmul_nt_reads_its_operands_as_stored(m, group):
+    """matmul_nt's TMA boxes read the activations and the ``(N, G)`` scales in place: the lowered program
+    hands the kernel those arguments themselves. (Before, XLA padded the activations to 8 rows and
+    transposed the scales to ``(G, N)``: 1.4 and 2.3 us of 22.2 a call on an H200.)"""
+    x, q = _operands("matmul_nt", m, 8192, 256, group)
     module = jax.export.export(jax.jit(mosaic_gpu.matmul_nt), platforms=["cuda"])(x, q).mlir_module()
     header, body = module[module.rindex("func.func", 0, module.index("custom_call @mosaic_gpu")):].split("\n", 1)
-    assert f"%arg2: tensor<256x{8192 // group}xf32>" in header  # the function's third argument: the scales
+    assert f"%arg0: tensor<{m}x8192xbf16>" in header and f"%arg2: tensor<256x{8192 // group}xf32>" in header
     call = next(line for line in body.splitlines() if "custom_call @mosaic_gpu" in line)
-    assert call.split("(", 1)[1].split(")")[0].split(", ")[-1] == "%arg2"  # handed to the kernel untouched
+    codes, activations, scales = call.split("(", 1)[1].split(")")[0].split(", ")
+    assert (activations, scales) == ("%arg0", "%arg2")  # handed to the kernel untouched
 
 
 @pytest.mark.parametrize(

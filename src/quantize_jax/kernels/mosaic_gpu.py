@@ -5,7 +5,7 @@ axis). Each program takes ``block_rows`` (64 or 128) output columns and copies i
 ``(M, block_k)`` activation tiles into shared memory with the bulk tensor copy engine (TMA, a pipeline of
 ``stages`` steps in flight). Per 64 output columns and ``sub`` (128, or a group of 64) contracted columns
 one WGMMA multiplies the codes in bf16 (A: WGMMA's 64 rows) by the activations (B, transposed in shared
-memory, ``M`` padded to a multiple of 8): the "swapped" product ``W^T x^T``, in which the weight fills
+memory, ``M`` padded to a multiple of 8, under 8 rows by TMA's zero fill): the "swapped" product ``W^T x^T``, in which the weight fills
 WGMMA's rows, so a few activation rows waste no tensor-core work. Each such part lies inside one scale
 group ``g``::
 
@@ -80,14 +80,15 @@ _SUB = 128  # columns of K per WGMMA (inside one scale group; 64 for groups of 6
 _PROGRAMS = 528  # about 4 programs per SM of an H100 / H200 (132 SMs)
 
 
-def _interpreter(detect_races: bool = False):
+def _interpreter(detect_races: bool = False, read_past: bool = False):
     """Mosaic GPU's interpreter's parameters (jax 0.10.2 has no public name for them): out-of-bounds reads
-    raise, shared memory starts as NaN; ``detect_races`` adds its happens-before race detector."""
+    raise (``read_past``: read NaN, where TMA would read zeros), shared memory starts as NaN;
+    ``detect_races`` adds its happens-before race detector."""
     try:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except ImportError as e:  # a private path, as of jax 0.10.2
         raise NotImplementedError(f"Mosaic GPU's interpreter was not found in jax {jax.__version__}: {e}") from e
-    return InterpretGPUParams(detect_races=detect_races)
+    return InterpretGPUParams(detect_races=detect_races, out_of_bounds_reads="uninitialized" if read_past else "raise")
 
 
 def default_splits(n: int, k: int, block_rows: int, block_k: int, programs: int = _PROGRAMS) -> int:
@@ -253,7 +254,10 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
     n = codes.shape[1 if forward else 0]
     rows, bk, sub, group, splits = tiles
     mp = _padded(m)
-    xp = jnp.pad(x, ((0, mp - m), (0, 0)))
+    # Under 8 rows TMA reads the missing rows as zeros (a box may run past a dimension shorter than its
+    # 8-row tile); XLA pads the activations where Mosaic GPU tiles them (over 8 rows, not a multiple of 8)
+    read_past = m < 8
+    xp = x if read_past or m == mp else jnp.pad(x, ((0, mp - m), (0, 0)))
     k_split = k // splits
     scale_rows, scale_cols = tiles.scale_rows, tiles.scale_cols
     halves = rows // WGMMA_ROWS
@@ -377,7 +381,7 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
     parts = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
         grid=(n // rows, splits), grid_names=("n", "split"), scratch_types=scratch,
-        interpret=_interpreter(interpret == "races") if interpret else None,
+        interpret=_interpreter(interpret == "races", read_past) if interpret else None,
     )(codes, xp, *([scale.astype(jnp.float32) if forward else _whole_boxes(scale.astype(jnp.float32), scale_cols)]
                    if scales_in else []))
     y = parts.sum(0)[:, :m].T
