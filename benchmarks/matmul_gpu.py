@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import pathlib
 import tempfile
 import time
@@ -360,6 +361,57 @@ def load_probe(block_n, block_k, split_k, num_warps=None, num_stages=None, fold_
     return fn
 
 
+def tma_probe(block_rows, block_k, splits, stages, specialized=False):
+    """A diagnostic Mosaic GPU kernel with :func:`mosaic_gpu.matmul_nt`'s grid and TMA pipeline over the
+    ``(N, K)`` codes but an empty body: no register loads, no WGMMA, no scales, only each step's copy waited
+    for. Its time bounds what that pipeline streams. ``specialized``: a warpgroup of its own issues the
+    copies (``plgpu.emit_pipeline_warp_specialized``, as Hopper GEMMs do) while another takes the steps,
+    instead of one warpgroup issuing each copy between its steps."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def fn(x, q):
+        codes = q.as_int4()
+        n, k = codes.shape
+        k_split = k // splits
+        swizzle = plgpu.find_swizzle(min(block_k, 128) * 4, "codes")  # matmul_nt's: a WGMMA part's 128 columns
+        spec = plgpu.BlockSpec((block_rows, block_k), lambda i: (0, i),
+                               transforms=(plgpu.TilingTransform((8, swizzle * 2)), plgpu.SwizzleTransform(swizzle)))
+        steps = dict(grid=(k_split // block_k,), max_concurrent_steps=stages, in_specs=[spec])
+
+        def kernel(w_gmem, o_gmem, o_smem):
+            j, split = jax.lax.axis_index("n"), jax.lax.axis_index("split")
+            w = w_gmem.at[pl.ds(j * block_rows, block_rows), pl.ds(split * k_split, k_split)]
+            if specialized:
+                plgpu.emit_pipeline_warp_specialized(lambda idx, w_smem: None, memory_registers=40, wg_axis="wg",
+                                                     num_compute_wgs=1, **steps)(w)
+            else:
+                plgpu.emit_pipeline(lambda idx, w_smem: None, **steps)(w)
+
+            @pl.when(jax.lax.axis_index("wg") == 0 if specialized else True)
+            def _():
+                o_smem[...] = jnp.zeros((block_rows, 8), jnp.float32)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, pl.ds(j * block_rows, block_rows)])
+                plgpu.wait_smem_to_gmem(0)
+
+        parts = plgpu.kernel(
+            kernel, out_type=jax.ShapeDtypeStruct((splits, n, 8), jnp.float32), grid=(n // block_rows, splits),
+            grid_names=("n", "split"), scratch_types=[plgpu.SMEM((block_rows, 8), jnp.float32)],
+            interpret=mosaic_gpu._interpreter() if jax.default_backend() == "cpu" else None,
+            **(dict(num_threads=2, thread_name="wg") if specialized else {}),
+        )(codes)
+        return parts.sum(0)[:, :1].T + x[:, :1].astype(jnp.float32)
+
+    return fn
+
+
+# --probes-only, the TMA pipelines: (block_rows, block_k, splits, stages); each also warp-specialized. The
+# first is matmul_nt's default at K = N = 8192, the second its best tile in session 19's sweep
+TMA_PROBES = [(64, 128, 4, 4), (128, 256, 8, 2), (64, 128, 8, 4), (128, 256, 8, 4), (64, 256, 8, 4),
+              (128, 512, 8, 3), (256, 256, 8, 4), (128, 256, 4, 6)]
+
+
 # load patterns to learn which reaches the card's bandwidth (--probes-only): (block_n, block_k, split_k,
 # num_warps, num_stages, fold_rows); the first is the kernel's own pattern of the sweeps
 PROBES = [(128, 128, 16, None, None, False), (128, 128, 16, None, None, True), (256, 128, 16, None, None, True),
@@ -540,7 +592,8 @@ def main():
                     help="time bf16, auto, the kernels and W4A8 only (not native, dequant below 64 rows, Qwix, "
                          "the magic decode, the gradients or per-channel W4A8)")
     ap.add_argument("--probes-only", action="store_true",
-                    help="time bf16 and the load probes (INTEGER_PROBES, PROBES) at M = 1")
+                    help="time bf16, matmul_nt, the TMA pipeline probes (TMA_PROBES) and the Triton load probes "
+                         "(INTEGER_PROBES, PROBES) at M = 1")
     ap.add_argument("--grad-only", action="store_true",
                     help="time the backward pass g @ W.T at every --m (bf16's, auto's, the decoded product's, the "
                          "transposed kernel's tiles)")
@@ -612,6 +665,19 @@ def main():
                     for bn, bk, split, warps in INTEGER_PROBES]
         patterns += [dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages, fold_rows=fold)
                      for bn, bk, split, warps, stages, fold in PROBES]
+        nt_ws = make_weights(n, k, qj.QuantSpec(axis=1, group_size=128))[0]  # matmul_nt's layout, (N, K)
+        row_ws = make_weights(n, k, qj.QuantSpec(axis=1))[0]
+        for name, ws in (("matmul_nt", nt_ws), ("matmul_nt_per_row", row_ws)):  # the kernels the TMA probes bound
+            probes.append({name: True, **timed(mosaic_gpu.matmul_nt, xs, ws)})
+            print(" ", probes[-1], flush=True)
+        for (rows, bk, splits, stages), specialized in itertools.product(TMA_PROBES, (False, True)):
+            entry = dict(tma=True, block_rows=rows, block_k=bk, splits=splits, stages=stages, specialized=specialized)
+            entry.update(timed(tma_probe(rows, bk, splits, stages, specialized), xs, nt_ws))
+            entry["dev_TB_per_s"] = round(k * n / 2 / entry["dev_us"] / 1e6, 2) if isinstance(
+                entry.get("dev_us"), float) else None
+            probes.append(entry)
+            print(" ", entry, flush=True)
+            write_json(args.out, dict(result, probes=probes, profile_lines=sorted(PROFILE_LINES)))
         for entry in patterns:
             entry.update(timed(load_probe(**entry), xs, qs))
             entry["dev_TB_per_s"] = round(k * n / 2 / entry["dev_us"] / 1e6, 2) if isinstance(
