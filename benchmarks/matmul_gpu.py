@@ -429,7 +429,8 @@ INTEGER_PROBES = [(256, 16, 16, None), (512, 16, 16, 8), (256, 64, 16, None), (5
 # the same 4-bit bytes, their tiles swept. The kernels: name -> (function, weight stored transposed, most rows)
 TMA_KERNELS = {"tma": (mosaic_gpu.matmul, False, mosaic_gpu.MAX_M),
                "tma_scaled": (functools.partial(mosaic_gpu.matmul, exact=False), False, mosaic_gpu.MAX_M_SCALED),
-               "tma_nt": (mosaic_gpu.matmul_nt, True, mosaic_gpu.MAX_M)}
+               "tma_nt": (mosaic_gpu.matmul_nt, True, mosaic_gpu.MAX_M),
+               "tma_nt_ws": (functools.partial(mosaic_gpu.matmul_nt, specialized=True), True, mosaic_gpu.MAX_M)}
 TMA_CHECKS = [(1, 8192, 8192, 128, {}), (16, 4096, 1024, 128, dict(splits=2)), (5, 2048, 256, None, {}),
               (64, 1024, 512, 64, dict(stages=2)), (33, 4096, 4096, 256, dict(splits=8, stages=6)),
               (16, 8192, 1024, 128, dict(block_rows=128, block_k=256, stages=3)),
@@ -448,11 +449,12 @@ def tma_run(args, result, timed, log, start, qs, bfs):
     bf16 x bf16 and ``auto`` (over ``bfs``, ``qs``): :func:`mosaic_gpu.matmul` over the same stored weights
     ``qs`` (``tma_``: exact, up to 64 rows; ``tma_scaled_``: up to 256), and :func:`mosaic_gpu.matmul_nt`
     over ``W.T`` quantized along K in groups of 128 (``tma_nt_``): the same bytes and work, the codes upcast
-    in registers instead of decoded through shared memory. Their tiles are swept (:data:`TMA_SWEEP`) at
+    in registers instead of decoded through shared memory, and warp-specialized (``tma_nt_ws_``: a warpgroup
+    issuing the copies, one computing per 64 columns). Their tiles are swept (:data:`TMA_SWEEP`) at
     ``--sweep-m``, each entry timed once it matched the reference; then the tied logits ``x @ E.T`` at
     ``--logits`` shapes over tables scaled per row or in groups of 128 along ``d``: bf16, ``auto`` and
-    :func:`mosaic_gpu.matmul_nt`. A kernel with a failing or erring check is not timed. On a CPU (a dry run) the kernels run interpreted, and checks of over 2**20 weights are
-    left out."""
+    :func:`mosaic_gpu.matmul_nt` (both pipelines). A kernel with a failing or erring check is not timed. On
+    a CPU (a dry run) the kernels run interpreted, and checks of over 2**20 weights are left out."""
     interpret = jax.default_backend() == "cpu"
     kernels = {name: functools.partial(fn, interpret=interpret) for name, (fn, _, _) in TMA_KERNELS.items()}
 
@@ -524,8 +526,9 @@ def tma_run(args, result, timed, log, start, qs, bfs):
                                                                 preferred_element_type=jnp.float32),
                                xs, bf_tables, "bf16_", few=2),
                        **timed(lambda x, e: qj.qeinsum("md,vd->mv", x, e), xs, tables, "auto_", few=2)}
-                if "tma_nt" in kernels:
-                    row.update(timed(kernels["tma_nt"], xs, tables, "tma_nt_", few=2))
+                for name in ("tma_nt", "tma_nt_ws"):
+                    if name in kernels:
+                        row.update(timed(kernels[name], xs, tables, f"{name}_", few=2))
                 add_speedups(row, "bf16")
                 logits.append(row)
                 print(row, flush=True)

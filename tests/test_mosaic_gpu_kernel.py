@@ -186,6 +186,29 @@ def test_default_splits_fill_the_gpu():
     assert mosaic_gpu.default_splits(64, 384, 64, 128) == 1  # three steps do not halve
 
 
+@pytest.mark.parametrize(
+    "m, k, n, group, options",
+    [
+        (3, 512, 128, 128, dict(splits=2, stages=2)),  # one computing warpgroup
+        (5, 1024, 256, 128, dict(block_rows=128, block_k=256, splits=2)),  # two, each its 64 columns
+        (9, 256, 128, None, dict(block_rows=128, splits=2)),  # one scale a row
+        (12, 576, 128, 64, dict(block_k=192, splits=3)),  # three groups a step
+    ],
+)
+def test_warp_specialized_matmul_nt_matches_the_reference(m, k, n, group, options):
+    _check("matmul_nt", m, k, n, group, dict(options, specialized=True))
+
+
+@pytest.mark.parametrize("group", [128, None])
+def test_warp_specialized_matmul_nt_lowers_for_cuda(group):
+    """Its compiled branch (a memory warpgroup and two computing ones; WGMMAs into accumulators that live
+    through the pipeline for one scale a row), which the interpreter does not run in full."""
+    x, q = _operands("matmul_nt", 16, 8192, 256, group)
+    kernel = functools.partial(mosaic_gpu.matmul_nt, block_rows=128, specialized=True)
+    exported = jax.export.export(jax.jit(kernel), platforms=["cuda"])(x, q)
+    assert "mosaic_gpu" in exported.mlir_module() and exported.out_avals[0].shape == (16, 256)
+
+
 @pytest.mark.parametrize("product", PRODUCTS)
 def test_pipeline_has_no_races(product):
     """The interpreter's happens-before race detector over the TMA copies into the pipeline's buffers and
@@ -196,6 +219,10 @@ def test_pipeline_has_no_races(product):
 
     _check(product, 3, 1024, 256, 128, dict(block_rows=128, block_k=256, splits=2, stages=2), interpret="races")
     assert not interpret_pallas_call.get_races().races_found
+    if product == "matmul_nt":  # and warp-specialized: a warpgroup copying, two computing
+        _check(product, 3, 1024, 256, 128, dict(block_rows=128, block_k=256, splits=2, stages=2, specialized=True),
+               interpret="races")
+        assert not interpret_pallas_call.get_races().races_found
 
 
 @pytest.mark.parametrize("product", PRODUCTS)

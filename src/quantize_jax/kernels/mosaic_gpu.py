@@ -226,14 +226,17 @@ def matmul(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, sp
 
 
 def matmul_nt(x, q: QArray, *, block_rows: int = 64, block_k: int | None = None, splits: int | None = None,
-              stages: int | None = None, interpret=False) -> jax.Array:
+              stages: int | None = None, specialized: bool = False, interpret=False) -> jax.Array:
     """``x @ dequantize(q).T`` in float32 for ``x`` ``(M, K)`` bf16 and ``q`` ``(N, K)`` int4 scaled along K
     (``QuantSpec(axis=1)``, groups or per row): each step's codes upcast in registers as WGMMA's A operand.
-    The options and limits are :func:`matmul`'s (always exact).
+    The options and limits are :func:`matmul`'s (always exact). ``specialized``: a warpgroup of the program
+    only issues the TMA copies, and each 64 output columns have a warpgroup of their own that computes (a
+    warp-specialized pipeline, as Hopper GEMMs have), instead of one warpgroup issuing the copies between
+    its steps (lowered and interpreted, not yet timed on a GPU).
     """
     t, mode, stages = _plan("matmul_nt", x, q, 1, block_rows, block_k, splits, stages)
     return _product(x, q.as_int4(), q.scale, tiles=t, stages=stages, interpret=interpret, forward=False,
-                    mode=mode)
+                    mode=mode, specialized=specialized)
 
 
 def _swizzled(swizzle: int, bits: int) -> tuple:
@@ -241,15 +244,20 @@ def _swizzled(swizzle: int, bits: int) -> tuple:
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret", "forward", "mode"))
-def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward: bool, mode: str):
+@functools.partial(jax.jit, static_argnames=("tiles", "stages", "interpret", "forward", "mode", "specialized"))
+def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward: bool, mode: str,
+             specialized: bool = False):
     """``x @ (codes * scales)``, contracted over ``codes``' axis 0 (``forward``) or 1, ``scale`` as stored
     (``(G, N)`` or ``(N, G)``).
 
     ``mode``: ``"parts"``, each part's product scaled in float32 in registers; ``"decoded"`` (``forward``
     only), the scales multiply the decoded tile (rounded once to bf16); ``"after"`` (one scale per output
     column), the kernel sums the codes' products and XLA scales the sums. The last two accumulate every
-    part in one WGMMA accumulator per 64 columns."""
+    part in one WGMMA accumulator per 64 columns.
+
+    ``specialized`` (not ``forward``): a warpgroup of its own issues the TMA copies and each 64 columns
+    have a computing warpgroup of their own (``plgpu.emit_pipeline_warp_specialized``), instead of one
+    warpgroup issuing each step's copies after computing every column of its previous step."""
     m, k = x.shape
     n = codes.shape[1 if forward else 0]
     rows, bk, sub, group, splits = tiles
@@ -278,7 +286,10 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
     def kernel(w_gmem, x_gmem, *refs):
         s_gmem, (o_gmem, o_smem, *decoded) = (refs[0], refs[1:]) if scales_in else (None, refs)
         j, split = lax.axis_index("n"), lax.axis_index("split")
-        halves_rows = [pl.ds(h * WGMMA_ROWS, WGMMA_ROWS) for h in range(halves)]
+        if specialized:  # this warpgroup's 64 columns
+            mine = [pl.ds(pl.multiple_of(lax.axis_index("wg") * WGMMA_ROWS, WGMMA_ROWS), WGMMA_ROWS)]
+        else:
+            mine = [pl.ds(h * WGMMA_ROWS, WGMMA_ROWS) for h in range(halves)]
 
         def decode(w_smem, s_smem):  # the step's codes, or (decoded) scaled weights, bf16, into shared memory
             if mode != "decoded":
@@ -316,16 +327,16 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                 cols = pl.ds(c * sub, sub)
                 xs = x_smem.at[:, cols]
                 if forward:  # (sub, 64) views of the decoded tile, read transposed
-                    codes = [decoded[0].at[cols, r] for r in halves_rows]
+                    codes = [decoded[0].at[cols, r] for r in mine]
                 else:  # (64, sub) codes in registers, exact in bf16
-                    codes = [w_smem.at[r, cols][...].astype(jnp.bfloat16) for r in halves_rows]
+                    codes = [w_smem.at[r, cols][...].astype(jnp.bfloat16) for r in mine]
                 if interpret:  # (the interpreter reads no transposed views)
                     codes = [a[...].T for a in codes] if forward else codes
                     parts = [lax.dot_general(a, xs[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                              for a in codes]
                     if mode == "parts":
                         parts = [part * lax.broadcast_in_dim(part_scales(s_smem, idx, c, r)[...], (WGMMA_ROWS, mp), (0,))
-                                 for part, r in zip(parts, halves_rows)]
+                                 for part, r in zip(parts, mine)]
                 elif accumulate:
                     issue(accs, codes, xs)
                     continue
@@ -335,10 +346,10 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
                         plgpu.wgmma_wait(0)
                         return [acc[...] for acc in accs]
 
-                    parts = pl.run_scoped(mma, *[plgpu.ACC((WGMMA_ROWS, mp), jnp.float32)] * halves)
+                    parts = pl.run_scoped(mma, *[plgpu.ACC((WGMMA_ROWS, mp), jnp.float32)] * len(mine))
                     # (matmul_nt's: a strided column, loaded element by element; 64 values a part)
                     scales = [plgpu.load(part_scales(s_smem, idx, c, r), (), layout=plgpu.Layout.WGMMA.reduce(1),
-                                         optimized=forward) for r in halves_rows]
+                                         optimized=forward) for r in mine]
                     parts = [part * lax.broadcast_in_dim(s, (WGMMA_ROWS, mp), (0,)) for part, s in zip(parts, scales)]
                 totals = [total + part for total, part in zip(totals, parts)]
             if accumulate:
@@ -358,30 +369,53 @@ def _product(x, codes, scale, *, tiles: _Tiles, stages: int, interpret, forward:
             in_specs.append(plgpu.BlockSpec((rows, scale_cols),
                                             lambda i: (j, (split * k_split + i * bk) // group // scale_cols)))
 
+        operands = (w_gmem.at[contracted, produced] if forward else w_gmem.at[produced, contracted],
+                    x_gmem.at[:, contracted], *([s_gmem] if scales_in else []))
+        steps = dict(grid=(k_split // bk,), max_concurrent_steps=stages, in_specs=in_specs)
+        accumulators = [plgpu.ACC((WGMMA_ROWS, mp), jnp.float32)] * len(mine)
+
+        def zeros():
+            z = jnp.zeros((WGMMA_ROWS, mp), jnp.float32)
+            return [z if interpret else plgpu.layout_cast(z, plgpu.Layout.WGMMA)] * len(mine)
+
+        def store(totals):  # each warpgroup's columns, through shared memory
+            for r, total in zip(mine, totals):
+                o_smem[r] = total
+            plgpu.commit_smem()
+            for r in mine:
+                plgpu.copy_smem_to_gmem(o_smem.at[r], o_gmem.at[split, produced].at[r])
+            plgpu.wait_smem_to_gmem(0)
+
+        if specialized:  # the body's carry: the accumulators' refs, or the totals in registers
+            def body(idx, *refs):  # the step's buffers, then the carry
+                *buffers, carry = refs
+                if accumulate:
+                    step(idx, *buffers, (), accs=carry)
+                    return carry
+                return step(idx, *buffers, carry)
+
+            def context(run):
+                if accumulate:
+                    pl.run_scoped(lambda *accs: store([acc[...] for acc in run(accs)]), *accumulators)
+                else:
+                    store(run(tuple(zeros())))
+
+            plgpu.emit_pipeline_warp_specialized(body, memory_registers=40, wg_axis="wg", num_compute_wgs=halves,
+                                                 compute_context=context, **steps)(*operands)
+            return
+
         def pipeline(*accs):
-            zeros = jnp.zeros((WGMMA_ROWS, mp), jnp.float32)
-            zeros = zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
-            totals = plgpu.emit_pipeline(
-                lambda *refs: step(*refs, accs=accs), grid=(k_split // bk,), max_concurrent_steps=stages,
-                in_specs=in_specs, init_carry=() if accumulate else (zeros,) * halves,
-            )(w_gmem.at[contracted, produced] if forward else w_gmem.at[produced, contracted],
-              x_gmem.at[:, contracted], *([s_gmem] if scales_in else []))
+            totals = plgpu.emit_pipeline(lambda *refs: step(*refs, accs=accs), init_carry=() if accumulate else
+                                         tuple(zeros()), **steps)(*operands)
             return [acc[...] for acc in accs] if accumulate else totals
 
-        if accumulate:
-            totals = pl.run_scoped(pipeline, *[plgpu.ACC((WGMMA_ROWS, mp), jnp.float32)] * halves)
-        else:
-            totals = pipeline()
-        for h, total in enumerate(totals):
-            o_smem[pl.ds(h * WGMMA_ROWS, WGMMA_ROWS)] = total
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, produced])
-        plgpu.wait_smem_to_gmem(0)
+        store(pl.run_scoped(pipeline, *accumulators) if accumulate else pipeline())
 
     parts = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
         grid=(n // rows, splits), grid_names=("n", "split"), scratch_types=scratch,
         interpret=_interpreter(interpret == "races", read_past) if interpret else None,
+        **(dict(num_threads=halves + 1, thread_name="wg") if specialized else {}),
     )(codes, xp, *([scale.astype(jnp.float32) if forward else _whole_boxes(scale.astype(jnp.float32), scale_cols)]
                    if scales_in else []))
     y = parts.sum(0)[:, :m].T
