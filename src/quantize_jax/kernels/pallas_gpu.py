@@ -344,34 +344,46 @@ def _ptx_gemv_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, bl
         o_ref[pl.ds(r, 1), :] = _column_order([jnp.sum(a, axis=0, keepdims=True) for a in acc[r * 2:r * 2 + 2]])
 
 
-def _ptx_dot_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, nk: int, group_rows: int):
+def _ptx_dot_kernel(x_ref, p_ref, s_ref, *rest, decode: _PtxDecode, bk: int, nk: int, group_rows: int,
+                    m: int | None = None):
     """The PTX kernel through ``tl.dot``: per K block, two ``(bm, bk) @ (bk, bnh)`` dots, one per plane,
     less the zero points times the block's activation row sums, scaled by the block's group (see
     :class:`_PtxDecode` for the decode). One flat loop over the split's ``nk`` blocks, loads where they are
     used: Triton pipelines them itself (``cp.async``; offline it also took fewer registers and
-    instructions than tiles carried through the loop)."""
+    instructions than tiles carried through the loop). ``m``: the activations' rows, where the last row
+    block runs past them (not padded: its rows past ``m`` load as zeros, and their outputs are not stored)."""
     z_ref, o_ref = rest[0] if len(rest) == 2 else None, rest[-1]
     bm, bnh = x_ref.shape[0], p_ref.shape[1]
     split = pl.program_id(2)
+    live = None if m is None else pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < m
 
     def block(k, acc):
         rows = pl.ds(k * bk, bk)
         g = (split * nk + k) * bk // group_rows
-        x, v, scales = x_ref[:, rows], decode.planes(p_ref[rows, :]), _plane_rows(s_ref, g)
+        x = x_ref[:, rows] if live is None else pl_triton.load(x_ref.at[:, rows], mask=jnp.broadcast_to(live, (bm, bk)),
+                                                               other=0)
+        v, scales = decode.planes(p_ref[rows, :]), _plane_rows(s_ref, g)
         part = [_dot(x, vj, decode.fmt) for vj in v]
         if z_ref is not None:
             rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
             part = [pj - rowsum * zj for pj, zj in zip(part, _plane_rows(z_ref, g))]
         return tuple(a + pj * sj for a, pj, sj in zip(acc, part, scales))
 
-    o_ref[...] = _column_order(lax.fori_loop(0, nk, block, (jnp.zeros((bm, bnh), jnp.float32),) * 2))
+    y = _column_order(lax.fori_loop(0, nk, block, (jnp.zeros((bm, bnh), jnp.float32),) * 2))
+    if live is None:
+        o_ref[...] = y
+    else:
+        pl_triton.store(o_ref, y, mask=jnp.broadcast_to(live, y.shape))
 
 
 MIN_BLOCK_K = 16  # the fewest K rows a Triton dot takes
 
 
 def _pad(a, rows: int, cols: int, fill=0):
-    """A 2-D array filled with ``fill`` to ``(rows, cols)`` (whole blocks for the kernels)."""
+    """A 2-D array filled with ``fill`` to ``(rows, cols)`` (whole blocks for the kernels); ``a`` itself if it
+    has that shape."""
+    if a.shape == (rows, cols):
+        return a
     return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])), constant_values=fill)
 
 
@@ -523,10 +535,12 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
     kp = pl.cdiv(k_whole, unit * split_k) * unit * split_k
     mp, nhp = pl.cdiv(m, bm) * bm, pl.cdiv(nh, bnh) * bnh
     groups = pl.cdiv(kp, group_size) if per_group else 1
+    masked = ptx and not gemv and m < mp  # the PTX dot masks the rows past m: x not padded, y not sliced
+    xm = m if masked else mp
 
     scales, scale_specs = _scale_operands(scale, zero_point, groups, 2 * nhp,
                                           pl.BlockSpec((groups, 2 * bnh), lambda i, j, s: (0, j)))
-    operands = [_pad(x, mp, kp), _pad(packed, kp, nhp), *scales]
+    operands = [_pad(x, xm, kp), _pad(packed, kp, nhp), *scales]
     in_specs = [
         pl.BlockSpec((bm, kp // split_k), lambda i, j, s: (i, s)),
         pl.BlockSpec((kp // split_k, bnh), lambda i, j, s: (s, j)),
@@ -539,7 +553,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
                                    groups=kp // split_k // rows, ahead=ahead)
     elif ptx:
         kernel = functools.partial(_ptx_dot_kernel, decode=decode, bk=bk, nk=kp // split_k // bk,
-                                   group_rows=group_size)
+                                   group_rows=group_size, m=m if masked else None)
     else:
         kernel = functools.partial(
             _kernel, fmt=fmt, bk=bk, nk=kp // split_k // bk, group_rows=group_size, per_group=per_group,
@@ -556,7 +570,7 @@ def matmul(x, packed, scale, zero_point, *, n: int, fmt: Format, group_size: int
         out_shape = jax.ShapeDtypeStruct((mp, 2 * nhp), jnp.float32)
     else:
         out_block = pl.BlockSpec((None, bm, 2 * bnh), lambda i, j, s: (s, i, j))
-        out_shape = jax.ShapeDtypeStruct((split_k, mp, 2 * nhp), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((split_k, xm, 2 * nhp), jnp.float32)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
