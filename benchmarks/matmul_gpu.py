@@ -435,7 +435,8 @@ TMA_CHECKS = [(1, 8192, 8192, 128, {}), (16, 4096, 1024, 128, dict(splits=2)), (
               (64, 1024, 512, 64, dict(stages=2)), (33, 4096, 4096, 256, dict(splits=8, stages=6)),
               (16, 8192, 1024, 128, dict(block_rows=128, block_k=256, stages=3)),
               (2, 4096, 512, 64, dict(block_rows=128, block_k=256)),
-              (200, 4096, 1024, 128, {}), (256, 2048, 512, None, {}), (96, 1024, 512, 64, dict(block_k=256))]
+              (200, 4096, 1024, 128, {}), (256, 2048, 512, None, {}), (96, 1024, 512, 64, dict(block_k=256)),
+              (3, 2304, 512, 128, {}), (7, 576, 256, 64, dict(block_k=192, splits=3))]  # (matmul_nt: G = 18, 9)
 # (block_rows, block_k, splits, stages) swept at --sweep-m (default: every --m): 4-32 KB of codes a step
 TMA_SWEEP = [dict(block_rows=r, block_k=bk, splits=sp, stages=st) for r, bk, sp, st in (
     (64, 128, 2, 4), (64, 128, 4, 4), (64, 128, 8, 4), (64, 128, 4, 2), (64, 128, 4, 6), (64, 256, 8, 4),
