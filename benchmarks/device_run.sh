@@ -3,12 +3,12 @@
 # timeout_s of about 420; extra arguments go to matmul_gpu.py): every backend checked on the device, the
 # kernel's tiles swept, everything timed host-side and on the device, results under $OUT. Qwix travels as
 # a wheel in .whl/ (git-ignored; see /work/.library/device/README.md); without it the Qwix rows say
-# "unavailable". Next runs (session 20's changes, built offline: lowered, interpreted, compiled for sm_90
-# where Triton, never run on a GPU): `--quick-checks --lean --m 1 5 16 --no-sweep --no-llama` (BUDGET=150:
-# the PTX dot masking the rows past M, checked on the device then timed), `--tma --kernels --m 1 16 64
-# --sweep-m 1` (BUDGET=240: matmul_nt reading its scales and a few activation rows in place, its
-# warp-specialized pipeline tma_nt_ws), `--probes-only --no-checks` (the TMA pipeline probes: what holds
-# matmul_nt at 2.1 TB/s).
+# "unavailable". Next runs (session 20's changes, built offline and never run on a GPU):
+#   1. `--quick-checks --lean --m 1 5 16 256 --no-sweep --no-llama` (BUDGET=150): the PTX dot masking the
+#      rows past M, and auto's dequant over the Pallas decoding kernel past 128 rows, checked then timed;
+#   2. `--tma --kernels --m 1 16 64 --sweep-m 1` (BUDGET=240): matmul_nt reading its scales and a few
+#      activation rows in place, and its warp-specialized pipeline (tma_nt_ws);
+#   3. `--probes-only --no-checks`: the TMA pipeline probes, what holds matmul_nt at 2.1 TB/s.
 set -o pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

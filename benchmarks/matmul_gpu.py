@@ -166,6 +166,12 @@ def checks(log, formats=("int4", "uint4", "nf4", "fp4"), backends=("pallas", "na
     row = dict(fmt="int4", shape="16x512x256", group=128, dtype="bfloat16", backend="auto W4A8")
     check(row, lambda: jax.jit(functools.partial(qj.qdot, act_quant="int8"))(x, q),
           lambda: reference(fake_int8_tokens(x.astype(jnp.float32)), q))
+    for fmt in formats:  # auto past the kernel's rows: XLA's dot over the weight the Pallas kernel decodes
+        q = qj.quantize(jax.random.normal(jax.random.key(11), (384, 96)), qj.QuantSpec(format=fmt, axis=0, group_size=64))
+        for dtype in (jnp.float32, jnp.bfloat16):
+            x = jax.random.normal(jax.random.key(12), (160, 384)).astype(dtype)
+            row = dict(fmt=fmt, shape="160x384x96", group=64, dtype=dtype.__name__, backend="auto dequant")
+            check(row, lambda: jax.jit(qj.qdot)(x, q), lambda: reference(x, q))
     x = jax.random.normal(jax.random.key(9), (160, 512)).astype(jnp.bfloat16)  # per channel: XLA's int32 dot
     q = qj.quantize(jax.random.normal(jax.random.key(10), (512, 256)), qj.QuantSpec(axis=0))
     row = dict(fmt="int4", shape="160x512x256", group="channel", dtype="bfloat16", backend="auto W4A8")
@@ -632,7 +638,7 @@ def main():
     result["checks"] = [] if args.no_checks or args.tma else checks(log, **quick)
 
     # (the scaled weight, or g * s, rounded to bf16)
-    rounded = ("dequant", "pallas transposed", "auto grad", "pallas logits grad", "auto logits grad")
+    rounded = ("dequant", "auto dequant", "pallas transposed", "auto grad", "pallas logits grad", "auto logits grad")
     bad = [r for r in result["checks"] if "error" in r
            or r["rel_err"] > (5e-3 if r["backend"] in rounded and r["dtype"] == "bfloat16" else 2e-3)]
     print(f"checks: {len(result['checks'])} cases, {len(bad)} failing ({time.time() - start:.0f} s)", flush=True)

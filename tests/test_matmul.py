@@ -386,8 +386,24 @@ def test_auto_exports_cpu_cuda_and_tpu_together_with_the_kernel_for_cuda_alone(a
         x = jax.random.normal(jax.random.key(m), (m, 256)).astype(dtype)
         exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"], disabled_checks=[TRITON_CALL])(x, q)
         most = PALLAS_MAX_M if dtype == jnp.bfloat16 else PALLAS_MAX_M_FLOAT32
-        assert ("xla.gpu.triton" in exp.mlir_module()) == (m <= most or act_quant is not None)
+        text = exp.mlir_module()
+        kernel = m <= most or act_quant is not None
+        assert ('name = "qdot_int4' in text) == kernel  # past it, dequant: the Pallas decoding kernel, XLA's dot
+        assert ('name = "dequantize_int4"' in text) == (not kernel)
         np.testing.assert_array_equal(exp.call(x, q), f(x, q))  # the CPU branch, here
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group", [32, 128, None])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_dequant_over_the_decoding_kernel_is_dequant_bit_for_bit(fmt, group, dtype):
+    """``auto`` past the kernel's rows on CUDA: the weight decoded by the Pallas decoding kernel (interpreted
+    here), then XLA's dot; the same weight as XLA's decoding, so the same product, bit for bit."""
+    q = qj.quantize(jax.random.normal(jax.random.key(25), (256, 40)), qj.QuantSpec(format=fmt, axis=0, group_size=group))
+    x = jax.random.normal(jax.random.key(26), (3, 256)).astype(dtype)
+    grid = matmul._grid(q)
+    np.testing.assert_array_equal(matmul._dequant(x, q, grid=grid, kernel=True, interpret=True),
+                                  matmul._dequant(x, q, grid=grid))
 
 
 def test_a_16_bit_backward_on_cuda_is_the_transposed_kernel_up_to_its_rows():
