@@ -398,8 +398,11 @@ def _transposed_tangent_impl(platform, g, packed, scale, zero_point, *, backend,
     q = _weight(packed, scale, zero_point, **weight)
     if _transposed_kernel_runs(platform, backend, g, q, x_dtype):
         y = _kernel_transposed(g, q, _dot_dtype(x_dtype), interpret=platform != "cuda")
-    else:
-        y = _transpose_of(_blocked_product if platform == "cpu" else _decoded_product, g, q, q.shape[0], x_dtype)
+    elif platform == "cpu":
+        y = _transpose_of(_blocked_product, g, q, q.shape[0], x_dtype)
+    else:  # on CUDA the weight decoded by the Pallas kernel, as qdot's dequant (a symbolic M: by XLA)
+        kernel = platform == "cuda" and _grid(q) is not None and not jax.export.is_symbolic_dim(g.shape[0])
+        y = _transpose_of(functools.partial(_decoded_product, kernel=kernel), g, q, q.shape[0], x_dtype)
     return y.astype(x_dtype)
 
 
@@ -605,16 +608,18 @@ def _qdot2d_jvp(backend, act_quant, primals, tangents):
     return _qdot2d(x, q, backend, act_quant), _tangent(tangents[0], q, backend)
 
 
-def _decoded_product(x, q: QArray):
+def _decoded_product(x, q: QArray, kernel: bool = False, interpret: bool = False):
     """Off the CPU, :func:`qdot`'s tangent ``x @ dequantize(q)``. bf16 / f16 tangents multiply the weight
     decoded to their own dtype, in that dtype (float32 sums inside the dot, rounded once at the end), so
     that reverse mode transposes it into ``g @ W.T`` on the tensor cores, as a bf16 model's backward pass
     runs: about 2**-9 relative per weight, the size of the bf16 gradient's own rounding. float32 tangents
-    take the reference (float32 at the highest precision)."""
+    take the reference (float32 at the highest precision). ``kernel``: the weight (scaled along K) decoded
+    by :func:`_kernel_decoded` instead of by XLA, the same bit for bit."""
     dtype = _dot_dtype(x.dtype)
     if dtype == jnp.float32:
         return _reference(x, q)
-    return jnp.dot(x.astype(dtype), dequantize(q, dtype)).astype(jnp.float32)
+    w = _kernel_decoded(q, _grid(q), dtype, interpret) if kernel else dequantize(q, dtype)
+    return jnp.dot(x.astype(dtype), w).astype(jnp.float32)
 
 
 def _grid(q: QArray) -> _Grid | None:
@@ -799,13 +804,19 @@ def _native(x, q, *, grid: _Grid, dtype=None):
     return _group_sum(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
 
 
+def _kernel_decoded(q, grid: _Grid, dtype, interpret: bool = False):
+    """``dequantize(q, dtype)`` for a weight scaled along K (``grid``), decoded by :func:`pallas_gpu.dequantize`:
+    the same weight, bit for bit (``interpret``: in Pallas' interpreter, for tests)."""
+    return pallas_gpu.dequantize(q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt,
+                                 group_size=grid.group_rows, dtype=dtype, interpret=interpret)
+
+
 def _dequant(x, q, *, grid: _Grid, kernel: bool = False, interpret: bool = False):
     """The scaled weight in x's dtype, one dot accumulating in float32; ``kernel``: the weight decoded by
-    :func:`pallas_gpu.dequantize` (the same, bit for bit; ``interpret`` for tests) instead of by XLA."""
+    :func:`_kernel_decoded` instead of by XLA."""
     dtype = _dot_dtype(x.dtype)
     if kernel:
-        w = pallas_gpu.dequantize(q.packed, grid.scale, grid.zero_point, n=q.shape[1], fmt=q.spec.fmt,
-                                  group_size=grid.group_rows, dtype=dtype, interpret=interpret)
+        w = _kernel_decoded(q, grid, dtype, interpret)
     else:
         codes = _grouped_codes(q, grid, jnp.float32)
         if grid.zero_point is not None:
