@@ -269,12 +269,10 @@ def _choose(platform: str, backend: str, act_quant, m, dtype, grid: _Grid):
         most = PALLAS_MAX_M if jnp.dtype(dtype).itemsize <= 2 else PALLAS_MAX_M_FLOAT32
         if _at_most(m, most) and _pallas_fits(grid):  # bound by the weight's bytes (one or two passes)
             return functools.partial(_pallas_kernel, interpret=False)
-        # above: bound by the arithmetic, XLA's GEMM over the weight decoded by pallas_gpu.dequantize: the same
-        # weight, bit for bit, decoded faster (H200, session 19, K = N = 8192: the dot over it 89.8 / 100.9 us at
-        # 128 / 256 rows against 99.9 / 107.7 over XLA's decoding); a symbolic M keeps XLA's own (no Triton call)
+        # above: bound by the arithmetic, XLA's GEMM (over the weight decoded as _kernel_decodes says)
         if _at_most(m, NATIVE_MAX_M) and _native_is_smaller(m, dtype, grid):
             return _native
-        return _dequant if jax.export.is_symbolic_dim(m) else functools.partial(_dequant, kernel=True)
+        return functools.partial(_dequant, kernel=_kernel_decodes(platform, m, grid))
     if act_quant:
         return _w4a8
     return _native if _native_is_smaller(m, dtype, grid) else _dequant
@@ -400,8 +398,8 @@ def _transposed_tangent_impl(platform, g, packed, scale, zero_point, *, backend,
         y = _kernel_transposed(g, q, _dot_dtype(x_dtype), interpret=platform != "cuda")
     elif platform == "cpu":
         y = _transpose_of(_blocked_product, g, q, q.shape[0], x_dtype)
-    else:  # on CUDA the weight decoded by the Pallas kernel, as qdot's dequant (a symbolic M: by XLA)
-        kernel = platform == "cuda" and _grid(q) is not None and not jax.export.is_symbolic_dim(g.shape[0])
+    else:
+        kernel = _kernel_decodes(platform, g.shape[0], _grid(q))
         y = _transpose_of(functools.partial(_decoded_product, kernel=kernel), g, q, q.shape[0], x_dtype)
     return y.astype(x_dtype)
 
@@ -802,6 +800,15 @@ def _native(x, q, *, grid: _Grid, dtype=None):
     applied per group."""
     dtype = dtype or _dot_dtype(x.dtype)
     return _group_sum(x.astype(dtype), _grouped_codes(q, grid, dtype), grid, jnp.float32)
+
+
+def _kernel_decodes(platform: str, m, grid: _Grid | None) -> bool:
+    """Whether products over the decoded weight (``dequant``, and the backward pass's past the transposed
+    kernel's rows) decode it by :func:`_kernel_decoded` rather than by XLA: on CUDA, for a weight scaled
+    along K (``grid``) and a known M (a symbolic one keeps XLA's decoding: no Triton call in a
+    shape-polymorphic export). The same weight, bit for bit, decoded faster: on an H200 (session 19, K = N
+    = 8192) the dot over it took 89.8 / 100.9 us at 128 / 256 rows against 99.9 / 107.7 over XLA's."""
+    return platform == "cuda" and grid is not None and not jax.export.is_symbolic_dim(m)
 
 
 def _kernel_decoded(q, grid: _Grid, dtype, interpret: bool = False):
